@@ -1,0 +1,348 @@
+"""The typed config tree: one YAML recipe maps 1:1 onto it, and `--section.key value` overrides any field.
+
+Every field has a docstring (shown by `python train.py --help`). Unknown keys are errors that name the
+closest valid key; cross-field checks run before anything heavy starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from fittune.errors import FittuneError
+
+BUILTIN_MODEL = "builtin:tiny-qwen2"
+BUILTIN_DATA = "builtin:ai-research-qa"
+
+
+class _Section(BaseModel):
+    # extra="forbid": a typo in a recipe must fail loudly, not be silently ignored
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class TinyModelConfig(_Section):
+    """Shape of the built-in tiny Qwen2 model used by the offline demo and the tests."""
+
+    hidden_size: int = 128
+    """Hidden size of the built-in tiny model."""
+    intermediate_size: int = 256
+    """MLP width of the built-in tiny model."""
+    num_layers: int = 2
+    """Number of decoder layers of the built-in tiny model."""
+    num_heads: int = 4
+    """Attention heads of the built-in tiny model."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention, as in Qwen2.5)."""
+    vocab_size: int = 2048
+    """Byte-level BPE vocabulary trained offline on the demo corpus (special tokens added on top)."""
+
+
+class ModelConfig(_Section):
+    name_or_path: str = BUILTIN_MODEL
+    """Hub id (e.g. `Qwen/Qwen2.5-3B-Instruct`) or local directory loaded with `from_pretrained`.
+    `builtin:tiny-qwen2` builds a tiny Qwen2-architecture model and tokenizer offline into
+    `<output_dir>/base_model` and then loads it through the same `from_pretrained` path."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype the weights are loaded in. `auto`: float32 for full fine-tuning (fp32 master weights under
+    mixed precision), the mixed-precision dtype for the frozen base of a LoRA run."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers (`sdpa`, `eager`, `flash_attention_2`)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repository to run. Off unless you trust the repository."""
+    tiny: TinyModelConfig = TinyModelConfig()
+    """Shape of the built-in tiny model (used only with `builtin:tiny-qwen2`)."""
+
+
+class LoraConfig(_Section):
+    enabled: bool = False
+    """Train a LoRA adapter (PEFT) instead of all weights."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules that get adapters: `all-linear` (every linear layer but the output head) or a list of names
+    such as `[q_proj, v_proj]`."""
+
+    @model_validator(mode="after")
+    def _check(self) -> LoraConfig:
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1 (got {self.r}); to train all weights set lora.enabled: false")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1) (got {self.dropout})")
+        return self
+
+
+class DataConfig(_Section):
+    path: str = BUILTIN_DATA
+    """Training data: a .jsonl/.json/.csv/.parquet file, a `datasets.save_to_disk` directory, or a hub dataset
+    name. `builtin:ai-research-qa` is the demo set shipped with fittune."""
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "disk", "hub"] = "auto"
+    """How to read `path`; `auto` decides from the extension (a directory is `disk`, anything else `hub`)."""
+    hub_split: str = "train"
+    """Split to read when `path` is a hub dataset."""
+    csv_header: bool = True
+    """Whether the first CSV row holds column names. With `false`, name the columns in `column_names`."""
+    column_names: list[str] | None = None
+    """Column names for a CSV file without a header row (e.g. MMLU: [question, A, B, C, D, answer])."""
+    id_column: str | None = None
+    """Column with a unique example id; default: the row number in the file."""
+    question_column: str = "question"
+    """Column holding the prompt / question."""
+    answer_column: str | None = "answer"
+    """Column holding the target answer. May be null when `label_column` is set: the label is the answer."""
+    choices_column: str | list[str] | None = None
+    """Candidate answers for label metrics: one column holding a list, or a list of columns (one choice each)."""
+    answer_format: Literal["text", "letter", "index"] = "text"
+    """How the answer refers to a choice: its text, a letter (A, B, ...) or a 0-based index."""
+    label_column: str | None = None
+    """Class label column: stratifies the split; without choices, the classes are the candidates."""
+    messages_column: str | None = None
+    """Column with chat `messages` ([{role, content}, ...]); the last assistant turn is the target."""
+    system_prompt: str | None = None
+    """System message put before every question."""
+    max_length: int = 512
+    """Longest tokenized example. Longer prompts are cut from the left (the answer is kept); rows whose
+    answer alone does not fit are dropped and counted."""
+    train_on_prompt: bool = False
+    """Also compute the loss on prompt tokens (default: only on answer tokens)."""
+    test_path: str | None = None
+    """Explicit held-out file; when unset, `test_size` of `path` is held out."""
+    test_size: float = 0.1
+    """Fraction of the data held out for evaluation (deterministic by seed, stratified by label)."""
+    group_by_length: bool = True
+    """Put examples of similar length in the same micro-batch to waste little compute on padding."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if not 0.0 < self.test_size < 1.0:
+            raise ValueError(f"data.test_size must be in (0, 1) (got {self.test_size})")
+        if self.max_length < 8:
+            raise ValueError(f"data.max_length must be >= 8 (got {self.max_length})")
+        if not self.csv_header and not self.column_names:
+            raise ValueError("data.csv_header is false but data.column_names is empty: name the CSV columns")
+        if self.answer_column is None and self.label_column is None and self.messages_column is None:
+            raise ValueError("set data.answer_column, data.label_column or data.messages_column: nothing to learn")
+        return self
+
+
+class TrainConfig(_Section):
+    micro_batch_size: int = 8
+    """Examples per forward pass on each process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated before each optimizer step. Global batch = micro x accum x processes."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 means use `epochs`."""
+    epochs: float = 1.0
+    """Passes over the training split (when `max_steps` is 0)."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps with linear warmup."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """`auto` follows the accelerate launch config; `fp16` keeps trainable weights in fp32 with loss scaling."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (non-reentrant) to save memory."""
+    log_every: int = 1
+    """Write a train_log.jsonl row (and a tracker point) every N steps."""
+    eval_every: int = 0
+    """Validation loss on `val_examples` held-out rows every N steps; 0 disables."""
+    val_examples: int = 64
+    """How many held-out rows the periodic validation loss uses."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.micro_batch_size < 1:
+            raise ValueError(f"train.micro_batch_size must be >= 1 (got {self.micro_batch_size})")
+        if self.grad_accum < 1:
+            raise ValueError(f"train.grad_accum must be >= 1 (got {self.grad_accum})")
+        if self.max_steps < 0:
+            raise ValueError(f"train.max_steps must be >= 0 (got {self.max_steps})")
+        if self.max_steps == 0 and self.epochs <= 0:
+            raise ValueError("train.max_steps is 0 and train.epochs <= 0: set one of them")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0 (got {self.lr})")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"train.warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if self.log_every < 1:
+            raise ValueError(f"train.log_every must be >= 1 (got {self.log_every})")
+        return self
+
+
+class EvalConfig(_Section):
+    batch_size: int = 8
+    """Examples per evaluation forward pass on each process."""
+    before_training: bool = False
+    """Also evaluate the untrained model, to show what fine-tuning changed."""
+    length_normalize: bool = False
+    """Rank choices by mean log-probability per token instead of the total."""
+    max_new_tokens: int = 64
+    """Generation length for open answers (rows without choices or labels)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size must be >= 1 (got {self.batch_size})")
+        return self
+
+
+class Config(_Section):
+    """A whole fittune run."""
+
+    output_dir: str = "outputs/demo"
+    """Where the run writes config.yaml, train_log.jsonl, final/, eval/ and the plots."""
+    seed: int = 42
+    """Seed for the split, the data order and the initialisation."""
+    log_with: Literal["tensorboard", "none"] = "tensorboard"
+    """Experiment tracker used through accelerate (TensorBoard logs under output_dir/tensorboard)."""
+    model: ModelConfig = ModelConfig()
+    """What model to fine-tune."""
+    lora: LoraConfig = LoraConfig()
+    """LoRA adapter settings."""
+    data: DataConfig = DataConfig()
+    """Where the data comes from and how it becomes prompts and answers."""
+    train: TrainConfig = TrainConfig()
+    """Optimisation and loop settings."""
+    eval: EvalConfig = EvalConfig()
+    """Held-out evaluation settings."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: YAML file + dotted CLI overrides -> validated Config
+
+
+def all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the config tree (sections and leaves)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        keys.append(key)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(all_keys(ann, key + "."))
+    return keys
+
+
+def _unknown_key_error(key: str) -> FittuneError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid top-level keys: {', '.join(Config.model_fields)}"
+    return FittuneError(f"unknown config key '{key}'{hint}")
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise FittuneError(f"config key '{key}': '{p}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.append(key)
+        if isinstance(v, dict):
+            out.extend(_flatten(v, key + "."))
+    return out
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """Turn `--a.b value` / `--a.b=value` pairs into {"a.b": parsed value} (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise FittuneError(f"unexpected argument '{arg}': overrides look like --train.lr 2e-4")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise FittuneError(f"option '--{key}' needs a value, e.g. --{key} VALUE")
+            value = argv[i + 1]
+            i += 1
+        try:
+            out[key] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            out[key] = value  # not YAML: keep the raw string (paths, prompts)
+        i += 1
+    return out
+
+
+def build_config(config_file: str | None, overrides: dict[str, Any]) -> Config:
+    """Load an optional YAML recipe, apply dotted overrides, validate. Raises FittuneError on any problem."""
+    tree: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FittuneError(f"config file not found: {config_file}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise FittuneError(f"config file {config_file} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise FittuneError(f"config file {config_file} must hold a mapping of keys, not {type(tree).__name__}")
+    valid = set(all_keys())
+    for key in _flatten(tree):
+        if key not in valid:
+            raise _unknown_key_error(key)
+    for key, value in overrides.items():
+        if key not in valid:
+            raise _unknown_key_error(key)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise FittuneError(_format_validation_error(e)) from None
+
+
+def _format_validation_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int))
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid config: " + "; ".join(parts)
+
+
+def to_yaml(cfg: Config, extra: dict[str, Any] | None = None) -> str:
+    """The resolved config as YAML (plus run facts such as world size under `run:`)."""
+    data = cfg.model_dump(mode="json")
+    if extra:
+        data["run"] = extra
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def help_text() -> str:
+    """Every key with its default and docstring, for `--help`."""
+    lines = []
+
+    def walk(model: type[BaseModel], prefix: str, instance: BaseModel) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            value = getattr(instance, name)
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, prefix + name + ".", value)
+                continue
+            doc = " ".join((field.description or "").split())
+            lines.append(f"  --{prefix}{name} (default: {value!r})\n      {doc}")
+
+    walk(Config, "", Config())
+    return "\n".join(lines)

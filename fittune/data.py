@@ -1,0 +1,502 @@
+"""Data: read rows from any supported source, map columns, build chat prompts, tokenize with answer-only
+labels, split deterministically, and plan length-grouped global batches.
+
+Rows are small Python dicts: fine-tuning sets are thousands to a few hundred thousand rows, and keeping them
+as plain lists lets every rank compute the same batch plan (and the global target-token count used to
+normalise the loss) without any communication.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import string
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fittune.config import BUILTIN_DATA, DataConfig
+from fittune.errors import FittuneError
+from fittune.tiny import DEMO_DATA
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def resolve_data_path(path: str) -> str:
+    """Map the built-in demo name to its file inside the package."""
+    return str(DEMO_DATA) if path == BUILTIN_DATA else path
+
+
+def _detect_format(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    p = Path(path)
+    if p.is_dir():
+        return "disk"
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix in (".json", ".csv", ".parquet"):
+        return suffix[1:]
+    if p.exists() or suffix in (".txt", ".tsv", ".arrow"):
+        raise FittuneError(f"cannot tell the format of {path}: use .jsonl, .json, .csv or .parquet, or set data.format")
+    if "/" in path and not path.startswith((".", "/")) and len(path.split("/")) == 2:
+        return "hub"
+    raise FittuneError(f"data file not found: {path} (set data.path to a .jsonl/.json/.csv/.parquet file, "
+                       f"a save_to_disk directory or a hub dataset name)")
+
+
+def read_rows(path: str, cfg: DataConfig) -> list[dict[str, Any]]:
+    """Read every row of a data source as a dict. Raises FittuneError naming the file (and line) on problems."""
+    path = resolve_data_path(path)
+    fmt = _detect_format(path, cfg.format)
+    if fmt != "hub" and not Path(path).exists():
+        raise FittuneError(f"data file not found: {path}")
+    if fmt == "jsonl":
+        rows = _read_jsonl(path)
+    elif fmt == "json":
+        rows = _read_json(path)
+    elif fmt == "csv":
+        import pandas as pd
+
+        try:
+            frame = pd.read_csv(path, header=0 if cfg.csv_header else None, names=cfg.column_names,
+                                dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise FittuneError(f"{path}: not a readable CSV file ({str(e).strip()})") from None
+        rows = frame.to_dict(orient="records")
+    elif fmt == "parquet":
+        import pandas as pd
+
+        try:
+            rows = pd.read_parquet(path).to_dict(orient="records")
+        except Exception as e:  # pyarrow raises several unrelated types for a broken file
+            raise FittuneError(f"{path}: not a readable Parquet file ({e})") from None
+    elif fmt == "disk":
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(path)
+        except FileNotFoundError as e:
+            raise FittuneError(f"{path}: not a datasets.save_to_disk directory ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if cfg.hub_split not in ds:
+                raise FittuneError(f"{path} has splits {list(ds)}, not '{cfg.hub_split}': set data.hub_split")
+            ds = ds[cfg.hub_split]
+        rows = ds.to_list()
+    else:
+        import datasets
+
+        try:
+            rows = datasets.load_dataset(path, split=cfg.hub_split).to_list()
+        except Exception as e:  # network, missing dataset, missing split: all the user's to fix
+            raise FittuneError(f"cannot load hub dataset '{path}' split '{cfg.hub_split}' "
+                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                               f"check the name and your network, or point data.path at a local file") from None
+    if not rows:
+        raise FittuneError(f"{path} holds no rows: add examples or point data.path at another file")
+    return rows
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FittuneError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                                   f"fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise FittuneError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: str) -> list[dict]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise FittuneError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise FittuneError(f"{path}: expected a list of records (or an object holding one list)")
+        data = lists[0]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise FittuneError(f"{path}: expected a list of JSON objects")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Column mapping
+
+
+@dataclass
+class Example:
+    """One row after column mapping: chat prompt, target answer, optional candidates and gold index."""
+
+    id: str
+    messages: list[dict[str, str]]
+    answer: str
+    choices: list[str] | None = None
+    gold: int | None = None
+    label: str | None = None
+
+
+def _as_list(value: Any, where: str) -> list:
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            try:  # a Python-list string, as in MMLU-Redux's CSV
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                raise FittuneError(f"{where}: expected a list, got the string {value[:60]!r}") from None
+    if hasattr(value, "tolist"):  # numpy arrays from parquet
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise FittuneError(f"{where}: expected a list, got {type(value).__name__}")
+    return list(value)
+
+
+def map_columns(rows: list[dict], cfg: DataConfig, source: str, classes: list[str] | None = None) -> list[Example]:
+    """Apply the config's column mapping. Missing columns and malformed rows are FittuneErrors.
+
+    `classes`: the label set of a classification task (default: the labels found in `rows`).
+    """
+    columns = list(rows[0].keys())
+    wanted = [("data.id_column", cfg.id_column), ("data.label_column", cfg.label_column)]
+    if cfg.messages_column:
+        wanted.append(("data.messages_column", cfg.messages_column))
+    else:
+        wanted += [("data.question_column", cfg.question_column), ("data.answer_column", cfg.answer_column)]
+    choice_cols = cfg.choices_column if isinstance(cfg.choices_column, list) else [cfg.choices_column]
+    wanted += [("data.choices_column", c) for c in choice_cols]
+    for key, col in wanted:
+        if col is not None and col not in columns:
+            raise FittuneError(f"{source}: column '{col}' ({key}) not found; the columns are: {', '.join(map(str, columns))}")
+
+    if is_class_task(cfg) and classes is None:
+        classes = class_labels(rows, cfg)
+    if not is_class_task(cfg):
+        classes = None
+
+    examples, seen = [], set()
+    for i, row in enumerate(rows):
+        where = f"{source} row {i + 1}"
+        ex_id = str(row[cfg.id_column]) if cfg.id_column else str(i)
+        if ex_id in seen:
+            raise FittuneError(f"{where}: duplicate id '{ex_id}' in column '{cfg.id_column}'; ids must be unique")
+        seen.add(ex_id)
+        label = None if cfg.label_column is None else str(row[cfg.label_column])
+        if cfg.messages_column:
+            messages, answer = _split_messages(_as_list(row[cfg.messages_column], where), where)
+            if cfg.system_prompt and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": cfg.system_prompt}] + messages
+        else:
+            question = row[cfg.question_column]
+            if not isinstance(question, str) or not question.strip():
+                raise FittuneError(f"{where}: empty or non-text question in column '{cfg.question_column}'")
+            messages = [{"role": "user", "content": question}]
+            if cfg.system_prompt:
+                messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+            answer = row[cfg.answer_column] if cfg.answer_column else label
+        if answer is None or (isinstance(answer, str) and not answer.strip()):
+            raise FittuneError(f"{where}: empty answer in column '{cfg.answer_column}'")
+
+        choices, gold = None, None
+        if cfg.choices_column:
+            if isinstance(cfg.choices_column, list):
+                choices = [str(row[c]) for c in cfg.choices_column]
+            else:
+                choices = [str(c) for c in _as_list(row[cfg.choices_column], where)]
+            if len(choices) < 2:
+                raise FittuneError(f"{where}: needs at least 2 choices, got {len(choices)}")
+            gold = _resolve_gold(answer, choices, cfg.answer_format, where)
+            answer = choices[gold]
+        elif classes is not None:
+            if label not in classes:
+                raise FittuneError(f"{where}: label {label!r} is not one of the known classes {classes}")
+            choices, gold = classes, classes.index(label)
+        examples.append(Example(ex_id, messages, str(answer), choices, gold, label))
+    return examples
+
+
+def class_labels(rows: list[dict], cfg: DataConfig) -> list[str]:
+    """Sorted distinct labels of a classification task."""
+    return sorted({str(r[cfg.label_column]) for r in rows if cfg.label_column in r})
+
+
+def is_class_task(cfg: DataConfig) -> bool:
+    """A classification set: the label is the answer and the set of labels is every row's candidates."""
+    return bool(cfg.label_column and not cfg.choices_column and cfg.answer_column in (None, cfg.label_column))
+
+
+def _split_messages(messages: list, where: str) -> tuple[list[dict], str]:
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise FittuneError(f"{where}: each message needs 'role' and 'content'")
+    if not messages or messages[-1]["role"] != "assistant":
+        raise FittuneError(f"{where}: the last message must be the assistant's answer")
+    if len(messages) < 2:
+        raise FittuneError(f"{where}: needs at least one message before the assistant's answer")
+    return [dict(role=m["role"], content=str(m["content"])) for m in messages[:-1]], str(messages[-1]["content"])
+
+
+def _resolve_gold(answer: Any, choices: list[str], fmt: str, where: str) -> int:
+    if fmt == "text":
+        if str(answer) not in choices:
+            raise FittuneError(f"{where}: answer {str(answer)[:60]!r} is not among the choices; "
+                               f"fix the row or set data.answer_format to letter/index")
+        return choices.index(str(answer))
+    if fmt == "letter":
+        letter = str(answer).strip().upper()
+        letters = string.ascii_uppercase[: len(choices)]
+        if len(letter) != 1 or letter not in letters:
+            raise FittuneError(f"{where}: answer {answer!r} is not a choice letter ({', '.join(letters)})")
+        return letters.index(letter)
+    try:
+        idx = int(answer)
+    except (TypeError, ValueError):
+        raise FittuneError(f"{where}: answer {answer!r} is not a choice index") from None
+    if not 0 <= idx < len(choices):
+        raise FittuneError(f"{where}: answer index {idx} is out of range for {len(choices)} choices")
+    return idx
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Split
+
+
+def split_heldout(examples: list[Example], test_size: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Deterministic train / held-out split by seed, stratified by label when every class can be split."""
+    from sklearn.model_selection import train_test_split
+
+    n_test = max(1, round(len(examples) * test_size))
+    if len(examples) - n_test < 1:
+        raise FittuneError(f"only {len(examples)} examples: too few to hold out {test_size:.0%}; add data")
+    labels = [e.label if e.label is not None else None for e in examples]
+    stratify = None
+    if all(lb is not None for lb in labels):
+        counts = Counter(labels)
+        if min(counts.values()) >= 2 and n_test >= len(counts) and len(examples) - n_test >= len(counts):
+            stratify = labels
+    idx = list(range(len(examples)))
+    train_idx, test_idx = train_test_split(idx, test_size=n_test, random_state=seed, stratify=stratify)
+    return [examples[i] for i in sorted(train_idx)], [examples[i] for i in sorted(test_idx)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts and tokenization
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The chat prompt up to the start of the assistant's answer.
+
+    Uses the tokenizer's chat template (Qwen's ChatML for Qwen). Fallback for tokenizers without one:
+    ChatML written out (`<|im_start|>role\\ncontent<|im_end|>\\n` per turn, then `<|im_start|>assistant\\n`).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return turns + "<|im_start|>assistant\n"
+
+
+def end_of_turn(tokenizer) -> str:
+    """Text that closes the assistant's answer: ChatML's <|im_end|>, or the tokenizer's EOS."""
+    if getattr(tokenizer, "chat_template", None) and "<|im_end|>" not in tokenizer.chat_template:
+        return tokenizer.eos_token or ""
+    return "<|im_end|>"
+
+
+@dataclass
+class TokExample:
+    """A tokenized example: prompt ids, answer ids (with the end-of-turn token) and candidate ids."""
+
+    id: str
+    prompt_ids: list[int]
+    answer_ids: list[int]
+    candidates: list[list[int]] | None = None
+    gold: int | None = None
+    label: str | None = None
+    choices: list[str] | None = None
+    answer: str = ""
+    train_on_prompt: bool = False
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt_ids + self.answer_ids
+
+    @property
+    def labels(self) -> list[int]:
+        prompt_labels = self.prompt_ids if self.train_on_prompt else [IGNORE_INDEX] * len(self.prompt_ids)
+        return prompt_labels + self.answer_ids
+
+    @property
+    def n_targets(self) -> int:
+        # the first token is never a target (nothing predicts it)
+        return len(self.answer_ids) + (len(self.prompt_ids) - 1 if self.train_on_prompt else 0)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.answer_ids)
+
+
+@dataclass
+class TokenizeStats:
+    rows: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    dropped_ids: list[str] = field(default_factory=list)
+
+
+def tokenize_examples(examples: list[Example], tokenizer, cfg: DataConfig) -> tuple[list[TokExample], TokenizeStats]:
+    """Tokenize prompts and answers; cut prompts from the left to fit `max_length`, drop rows that cannot fit."""
+    end = end_of_turn(tokenizer)
+    prompts = tokenizer([render_prompt(tokenizer, e.messages) for e in examples], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([e.answer + end for e in examples], add_special_tokens=False)["input_ids"]
+    out, stats = [], TokenizeStats(rows=len(examples))
+    for e, p, a in zip(examples, prompts, answers):
+        cands = None
+        if e.choices is not None:
+            cands = tokenizer([c + end for c in e.choices], add_special_tokens=False)["input_ids"]
+        longest = max([len(a)] + [len(c) for c in cands or []])
+        budget = cfg.max_length - longest
+        if budget < 1:
+            stats.dropped += 1
+            stats.dropped_ids.append(e.id)
+            continue
+        if len(p) > budget:
+            p = p[-budget:]  # keep the end of the prompt, next to the answer
+            stats.truncated += 1
+        out.append(TokExample(e.id, p, a, cands, e.gold, e.label, e.choices, e.answer, cfg.train_on_prompt))
+    return out, stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batch plan
+
+
+def plan_global_batches(lengths: list[int], global_size: int, seed: int, epoch: int,
+                        group_by_length: bool) -> list[list[int]]:
+    """Split one epoch into global batches (one optimizer step each) of `global_size` example indices.
+
+    The plan depends only on the global batch size, never on how it is split into micro-batches, processes
+    or accumulation steps; that is what makes 4x1, 2x2 and 1x4 (and 1 vs 2 processes) the same update.
+    Length grouping sorts within windows of 32 global batches, then shuffles the batch order.
+    The incomplete last global batch is dropped (a different one each epoch, as the order changes).
+    """
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    n_batches = len(perm) // global_size
+    if group_by_length:
+        window = global_size * 32
+        grouped = []
+        for i in range(0, len(perm), window):
+            grouped += sorted(perm[i:i + window], key=lambda j: -lengths[j])
+        batches = [grouped[b * global_size:(b + 1) * global_size] for b in range(n_batches)]
+        order = torch.randperm(n_batches, generator=g).tolist()
+        return [batches[i] for i in order]
+    return [perm[b * global_size:(b + 1) * global_size] for b in range(n_batches)]
+
+
+def micro_batches_for_rank(global_batch: list[int], lengths: list[int], micro: int, accum: int,
+                           world: int, rank: int) -> list[list[int]]:
+    """The `accum` micro-batches this rank runs for one global batch.
+
+    Sorted by length so each micro-batch holds similar lengths; micro-batch m goes to rank m % world at
+    accumulation step m // world, so the ranks get similar work at every step.
+    """
+    ordered = sorted(global_batch, key=lambda j: (-lengths[j], j))
+    return [ordered[(a * world + rank) * micro:(a * world + rank + 1) * micro] for a in range(accum)]
+
+
+def collate_train(items: list[TokExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask / labels for a training micro-batch."""
+    width = max(len(x) for x in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, x in enumerate(items):
+        n = len(x)
+        ids[i, :n] = torch.tensor(x.input_ids)
+        labels[i, :n] = torch.tensor(x.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_aligned(prompts: list[list[int]], conts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Batch (prompt, continuation) pairs so every continuation starts at the same column.
+
+    Prompts are left-padded to a common end P and continuations right-padded, so the logits needed to score
+    the continuations are exactly the columns P-1 .. P+C-2: the model computes only those (`logits_to_keep`),
+    never a full-vocabulary row for every prompt position.
+    """
+    P = max(len(p) for p in prompts)
+    C = max(len(c) for c in conts)
+    B = len(prompts)
+    ids = torch.full((B, P + C), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, P + C), dtype=torch.long)
+    targets = torch.full((B, C), IGNORE_INDEX, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, conts)):
+        ids[i, P - len(p):P] = torch.tensor(p)
+        ids[i, P:P + len(c)] = torch.tensor(c)
+        mask[i, P - len(p):P + len(c)] = 1
+        targets[i, :len(c)] = torch.tensor(c)
+    # positions count real tokens only, so a left-padded row sees the positions it would see alone
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids,
+            "logits_to_keep": torch.arange(P - 1, P + C - 1), "targets": targets}
+
+
+def padding_fraction(batch_lengths: list[list[int]]) -> float:
+    """Share of padded slots over micro-batches given as lists of example lengths."""
+    slots = sum(max(b) * len(b) for b in batch_lengths if b)
+    real = sum(sum(b) for b in batch_lengths)
+    return 0.0 if slots == 0 else 1.0 - real / slots
+
+
+def count_steps(n_examples: int, global_size: int, max_steps: int, epochs: float) -> tuple[int, int]:
+    """(optimizer steps for the run, steps per epoch)."""
+    per_epoch = n_examples // global_size
+    if per_epoch < 1:
+        raise FittuneError(f"the training split has {n_examples} examples, fewer than one global batch "
+                           f"({global_size} = micro_batch_size x grad_accum x processes); lower them or add data")
+    total = max_steps if max_steps > 0 else max(1, math.ceil(per_epoch * epochs))
+    return total, per_epoch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole pipeline up to tokenization
+
+
+def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example]]:
+    """Read, map and split: (train examples, held-out examples). No tokenizer needed, so errors come fast."""
+    rows = read_rows(cfg.path, cfg)
+    test_rows = read_rows(cfg.test_path, cfg) if cfg.test_path else []
+    classes = class_labels(rows + test_rows, cfg) if is_class_task(cfg) else None
+    examples = map_columns(rows, cfg, resolve_data_path(cfg.path), classes)
+    if cfg.test_path:
+        return examples, map_columns(test_rows, cfg, cfg.test_path, classes)
+    return split_heldout(examples, cfg.test_size, seed)
+
+
+def select_ids(examples: list[Example], ids: list[str], source: str) -> list[Example]:
+    """The examples with these ids, in this order; an id that is gone means the data changed."""
+    by_id = {e.id: e for e in examples}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise FittuneError(f"{len(missing)} held-out ids (e.g. '{missing[0]}') are not in {source}: the data "
+                           f"changed since training; pass --data.path/--data.test_path to evaluate other data")
+    return [by_id[i] for i in ids]

@@ -1,0 +1,245 @@
+"""Distributed evaluation: every rank scores its share, results are gathered and merged by example id.
+
+Guarantees (tested with 1, 2 and 3 processes and several batch sizes):
+  * no duplicated or missing examples: work is split by whole batches, ranks that run out of work repeat a
+    dummy job whose results are thrown away, and the merged ids are checked against the evaluated set;
+  * no hang under ZeRO-3 / FSDP: every rank makes the same number of forward (or generate) calls, agreed
+    through one all-reduce before scoring, and generation runs with synced GPUs;
+  * the same numbers for any process count: per-example sums are gathered and reduced on the main process.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fittune.data import IGNORE_INDEX, TokExample, collate_aligned
+
+
+@dataclass
+class _Job:
+    kind: str  # "answer" | "cands" | "gen"
+    keys: list[tuple[int, int]]  # (example index, candidate index or -1)
+    prompts: list[list[int]]
+    conts: list[list[int]]
+
+
+def _make_jobs(examples: list[TokExample], idx: list[int], batch_size: int, generate: bool,
+               loss_only: bool) -> list[_Job]:
+    jobs = []
+    by_len = sorted(idx, key=lambda i: -len(examples[i]))
+    for s in range(0, len(by_len), batch_size):
+        chunk = by_len[s:s + batch_size]
+        jobs.append(_Job("answer", [(i, -1) for i in chunk], [examples[i].prompt_ids for i in chunk],
+                         [examples[i].answer_ids for i in chunk]))
+    if loss_only:
+        return jobs
+    pairs = [(i, k) for i in idx if examples[i].candidates for k in range(len(examples[i].candidates))]
+    pairs.sort(key=lambda p: -(len(examples[p[0]].prompt_ids) + len(examples[p[0]].candidates[p[1]])))
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        jobs.append(_Job("cands", chunk, [examples[i].prompt_ids for i, _ in chunk],
+                         [examples[i].candidates[k] for i, k in chunk]))
+    if generate:
+        open_idx = [i for i in by_len if not examples[i].candidates]
+        for s in range(0, len(open_idx), batch_size):
+            chunk = open_idx[s:s + batch_size]
+            jobs.append(_Job("gen", [(i, -1) for i in chunk], [examples[i].prompt_ids for i in chunk], []))
+    return jobs
+
+
+def _shard_examples(examples: list[TokExample], batch_size: int, world: int, rank: int) -> list[int]:
+    """This rank's example indices: whole length-sorted batches dealt round-robin."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]), examples[i].id))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    return [i for b in batches[rank::world] for i in b]
+
+
+def _score(model, job: _Job, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: summed log-prob of the continuation, its token count, and argmax-correct tokens."""
+    batch = collate_aligned(job.prompts, job.conts, pad_id)
+    targets = batch.pop("targets").to(device)
+    logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+    nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    valid = targets != IGNORE_INDEX
+    correct = (logits.argmax(-1) == targets) & valid
+    return -nll.sum(-1).double().cpu(), valid.sum(-1).cpu(), correct.sum(-1).cpu()
+
+
+def _generate(model, job: _Job, tokenizer, max_new_tokens: int, device, synced: bool) -> list[str]:
+    width = max(len(p) for p in job.prompts)
+    ids = torch.full((len(job.prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(job.prompts):  # left padding: generation continues every row from its last token
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    eos = [t for t in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+           if isinstance(t, int) and t != tokenizer.unk_token_id]
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                         use_cache=True, synced_gpus=synced)
+    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def run_evaluation(model, accelerator, examples: list[TokExample], tokenizer, batch_size: int,
+                   max_new_tokens: int, length_normalize: bool, loss_only: bool = False) -> list[dict]:
+    """Score every example on every rank's share; returns the merged per-example records (on all ranks).
+
+    `loss_only` skips choice scoring and generation (the quick periodic validation loss).
+    """
+    from accelerate.utils import gather_object
+
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    jobs = _make_jobs(examples, _shard_examples(examples, batch_size, world, rank), batch_size,
+                      generate=max_new_tokens > 0, loss_only=loss_only)
+    # agree on the number of calls of each kind, so collective engines (ZeRO-3, FSDP) never wait forever
+    counts = torch.tensor([sum(j.kind == k for j in jobs) for k in ("answer", "cands", "gen")], device=device)
+    if world > 1:
+        counts = accelerator.reduce(counts, reduction="max")
+    dummy = _Job("answer", [(0, -1)], [examples[0].prompt_ids], [examples[0].answer_ids])
+    dummy_gen = _Job("gen", [(0, -1)], [examples[0].prompt_ids], [])
+    padded = []
+    for kind, n in zip(("answer", "cands", "gen"), counts.tolist()):
+        mine = [j for j in jobs if j.kind == kind]
+        filler = dummy_gen if kind == "gen" else dummy
+        padded += [(j, True) for j in mine] + [(filler, False)] * (int(n) - len(mine))
+
+    was_training = model.training
+    model.eval()
+    unwrapped = accelerator.unwrap_model(model)
+    synced = world > 1 and accelerator.distributed_type.value in ("DEEPSPEED", "FSDP")
+    records: dict[str, dict] = {}
+    for job, real in padded:
+        with accelerator.autocast():
+            if job.kind == "gen":
+                texts = _generate(unwrapped, job, tokenizer, max_new_tokens, device, synced)
+            else:
+                lp, ntok, ncorr = _score(model, job, tokenizer.pad_token_id, device)
+        if not real:
+            continue
+        for r, (i, k) in enumerate(job.keys):
+            rec = records.setdefault(examples[i].id, {"id": examples[i].id})
+            if job.kind == "answer":
+                rec.update(nll=-lp[r].item(), n_tokens=int(ntok[r]), n_correct=int(ncorr[r]))
+            elif job.kind == "cands":
+                score = lp[r].item() / max(1, int(ntok[r])) if length_normalize else lp[r].item()
+                rec.setdefault("scores", {})[k] = score
+            else:
+                rec["generated"] = texts[r].strip()
+    model.train(was_training)
+
+    merged: dict[str, dict] = {}
+    for part in gather_object([list(records.values())]):
+        for rec in part:
+            merged.setdefault(rec["id"], rec)  # a repeated id is a padded duplicate: keep one
+    if len(merged) != len(examples) or set(merged) != {e.id for e in examples}:
+        raise RuntimeError(f"evaluation gathered {len(merged)} examples for a set of {len(examples)}")
+    out = []
+    for e in examples:
+        rec = merged[e.id]
+        if e.candidates and "scores" in rec:
+            rec["scores"] = [rec["scores"][k] for k in range(len(e.candidates))]
+        out.append(rec)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def class_name(example: TokExample, index: int, class_task: bool) -> str:
+    """Label used by the label metrics: the class itself, or the choice letter for multiple choice."""
+    return example.choices[index] if class_task else string.ascii_uppercase[index]
+
+
+def _normalize(text: str) -> str:
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def token_f1(pred: str, gold: str) -> float:
+    """SQuAD-style token F1 after normalisation."""
+    p, g = _normalize(pred).split(), _normalize(gold).split()
+    common = sum((Counter(p) & Counter(g)).values())
+    if not p or not g:
+        return float(p == g)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def build_predictions(examples: list[TokExample], records: list[dict], class_task: bool) -> list[dict]:
+    """One row per example: id, gold, pred, correct, and the choice scores or generated text."""
+    rows = []
+    for e, rec in zip(examples, records):
+        row = {"id": e.id, "nll": rec["nll"], "n_tokens": rec["n_tokens"], "n_correct_tokens": rec["n_correct"]}
+        if e.candidates and "scores" in rec:
+            best = max(range(len(rec["scores"])), key=lambda k: (rec["scores"][k], -k))
+            row.update(gold=class_name(e, e.gold, class_task), pred=class_name(e, best, class_task),
+                       correct=best == e.gold, gold_text=e.choices[e.gold], pred_text=e.choices[best],
+                       scores=rec["scores"])
+        elif "generated" in rec:
+            row.update(gold=e.answer, pred=rec["generated"], correct=_normalize(rec["generated"]) == _normalize(e.answer))
+        rows.append(row)
+    return rows
+
+
+def compute_metrics(predictions: list[dict]) -> dict:
+    """Loss, perplexity, token accuracy; label metrics (scikit-learn) and open-answer metrics when present."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    n_tok = sum(p["n_tokens"] for p in predictions)
+    loss = sum(p["nll"] for p in predictions) / max(1, n_tok)
+    metrics = {
+        "num_examples": len(predictions),
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "token_accuracy": sum(p["n_correct_tokens"] for p in predictions) / max(1, n_tok),
+    }
+    labeled = [p for p in predictions if "scores" in p]
+    if labeled:
+        gold = [p["gold"] for p in labeled]
+        pred = [p["pred"] for p in labeled]
+        classes = sorted(set(gold) | set(pred))
+        prec, rec, f1, support = precision_recall_fscore_support(gold, pred, labels=classes, zero_division=0)
+        metrics.update(
+            accuracy=accuracy_score(gold, pred),
+            f1_weighted=f1_score(gold, pred, average="weighted", zero_division=0),
+            f1_macro=f1_score(gold, pred, average="macro", zero_division=0),
+            num_labeled=len(labeled),
+            per_class={c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
+                           "support": int(support[i])} for i, c in enumerate(classes)},
+            confusion_matrix={"labels": classes,
+                              "matrix": confusion_matrix(gold, pred, labels=classes).tolist()},
+        )
+    open_rows = [p for p in predictions if "scores" not in p and "pred" in p]
+    if open_rows:
+        metrics.update(
+            exact_match=sum(p["correct"] for p in open_rows) / len(open_rows),
+            token_f1=sum(token_f1(p["pred"], p["gold"]) for p in open_rows) / len(open_rows),
+            num_open=len(open_rows),
+        )
+    return metrics
+
+
+def majority_baseline(train_classes: list[str], test_gold: list[str]) -> dict:
+    """Accuracy and F1 of always predicting the training split's most frequent class."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    if not train_classes or not test_gold:
+        return {}
+    top = Counter(train_classes).most_common(1)[0][0]
+    pred = [top] * len(test_gold)
+    return {"majority_class": top, "accuracy": accuracy_score(test_gold, pred),
+            "f1_weighted": f1_score(test_gold, pred, average="weighted", zero_division=0),
+            "f1_macro": f1_score(test_gold, pred, average="macro", zero_division=0)}

@@ -1,0 +1,121 @@
+"""Model and tokenizer loading (always through `from_pretrained`), LoRA, gradient checkpointing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fittune.config import BUILTIN_MODEL, Config
+from fittune.errors import FittuneError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(cfg: Config) -> str:
+    """Where the base model is loaded from (the built-in tiny model lives in `<output_dir>/base_model`)."""
+    if cfg.model.name_or_path == BUILTIN_MODEL:
+        return str(Path(cfg.output_dir).resolve() / "base_model")
+    return cfg.model.name_or_path
+
+
+def prepare_builtin_model(cfg: Config, accelerator) -> None:
+    """Build the tiny demo model once (main process first), so every rank then loads the same files."""
+    if cfg.model.name_or_path != BUILTIN_MODEL:
+        return
+    from fittune.tiny import build_tiny_model_dir
+
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            build_tiny_model_dir(resolve_model_path(cfg), cfg.model.tiny, cfg.seed)
+
+
+def weights_dtype(cfg: Config, mixed_precision: str) -> torch.dtype:
+    """fp32 master weights for full fine-tuning; a LoRA run's frozen base may sit in the half dtype."""
+    if cfg.model.dtype != "auto":
+        return DTYPES[cfg.model.dtype]
+    if cfg.lora.enabled and mixed_precision in ("bf16", "fp16"):
+        return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.float32
+
+
+def _load_error(path: str, e: Exception) -> FittuneError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        return FittuneError(f"model not found: '{path}' is not a local directory nor a hub id "
+                            f"(like Qwen/Qwen2.5-3B-Instruct); fix model.name_or_path")
+    return FittuneError(f"cannot load model '{path}': {first} (check model.name_or_path; hub ids need network)")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """Load the tokenizer; right padding for training; a pad token when the model has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(path, e) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # loss masks pads by label, so sharing EOS is safe
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(path: str, cfg: Config, dtype: torch.dtype):
+    """`from_pretrained` with the configured dtype and attention kernel."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation=cfg.model.attn_implementation,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error(path, e) from None
+    model.config.use_cache = False  # the KV cache is useless while training and costs memory
+    return model
+
+
+def apply_lora(model, cfg: Config):
+    """Wrap the model with a PEFT LoRA adapter (trainable adapters in fp32, frozen base)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        # autocast_adapter_dtype (default): adapters stay fp32 even on a bf16/fp16 base
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        raise FittuneError(f"cannot apply LoRA: {e} (check lora.target_modules)") from None
+
+
+def enable_gradient_checkpointing(model, lora: bool) -> None:
+    """Non-reentrant checkpointing; with LoRA, make the embeddings' output require grad so gradients flow."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        model.enable_input_require_grads()
+
+
+def build_model(cfg: Config, mixed_precision: str):
+    """The model to train: loaded, optionally LoRA-wrapped, optionally checkpointed."""
+    path = resolve_model_path(cfg)
+    model = load_model(path, cfg, weights_dtype(cfg, mixed_precision))
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model, cfg.lora.enabled)
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

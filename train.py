@@ -1,0 +1,23 @@
+"""Fine-tune a causal LM with fittune.
+
+    accelerate launch [--config_file accelerate_configs/X.yaml] train.py [--config configs/Y.yaml] [--key value ...]
+
+With no arguments it runs the offline demo (tiny Qwen2 model, built-in AI-research QA set).
+`python train.py --help` lists every config key with its default and meaning.
+"""
+
+import sys
+
+from fittune.cli import parse_args
+from fittune.errors import run_cli
+
+
+def main() -> None:
+    cfg = parse_args(sys.argv[1:], prog="train.py")
+    from fittune.train_loop import train
+
+    train(cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main)
