@@ -237,8 +237,18 @@ def all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+# names users bring from HF TrainingArguments / PEFT, mapped to ours
+_ALIASES = {"learning_rate": "lr", "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size":
+            "micro_batch_size", "batch_size": "micro_batch_size", "num_train_epochs": "epochs",
+            "num_epochs": "epochs", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+            "model_name_or_path": "name_or_path", "warmup": "warmup_ratio", "max_seq_length": "max_length"}
+
+
 def _unknown_key_error(key: str) -> FittuneError:
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    valid = all_keys()
+    section, _, leaf = key.rpartition(".")
+    alias = f"{section}.{_ALIASES[leaf]}" if section and leaf in _ALIASES else _ALIASES.get(leaf)
+    close = [alias] if alias in valid else difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid top-level keys: {', '.join(Config.model_fields)}"
     return FittuneError(f"unknown config key '{key}'{hint}")
 
@@ -287,7 +297,10 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
 
 
 def build_config(config_file: str | None, overrides: dict[str, Any]) -> Config:
-    """Load an optional YAML recipe, apply dotted overrides, validate. Raises FittuneError on any problem."""
+    """Load an optional YAML recipe, apply dotted overrides, validate. Raises FittuneError on any problem.
+
+    A run's saved config.yaml loads too: its `run:` section (facts recorded at training time) is skipped.
+    """
     tree: dict[str, Any] = {}
     if config_file:
         path = Path(config_file)
@@ -299,6 +312,7 @@ def build_config(config_file: str | None, overrides: dict[str, Any]) -> Config:
             raise FittuneError(f"config file {config_file} is not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise FittuneError(f"config file {config_file} must hold a mapping of keys, not {type(tree).__name__}")
+        tree.pop("run", None)
     valid = set(all_keys())
     for key in _flatten(tree):
         if key not in valid:

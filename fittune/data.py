@@ -334,6 +334,7 @@ class TokExample:
     choices: list[str] | None = None
     answer: str = ""
     train_on_prompt: bool = False
+    cand_prompt_ids: list[int] | None = None  # the prompt cut further, if needed, to fit the longest choice
 
     @property
     def input_ids(self) -> list[int]:
@@ -362,7 +363,11 @@ class TokenizeStats:
 
 
 def tokenize_examples(examples: list[Example], tokenizer, cfg: DataConfig) -> tuple[list[TokExample], TokenizeStats]:
-    """Tokenize prompts and answers; cut prompts from the left to fit `max_length`, drop rows that cannot fit."""
+    """Tokenize prompts and answers; cut prompts from the left to fit `max_length`, drop rows that cannot fit.
+
+    A row counts as truncated when its prompt had to be cut to fit the answer; scoring a longer choice may
+    cut the prompt further (`cand_prompt_ids`) without touching what the model trains on.
+    """
     end = end_of_turn(tokenizer)
     prompts = tokenizer([render_prompt(tokenizer, e.messages) for e in examples], add_special_tokens=False)["input_ids"]
     answers = tokenizer([e.answer + end for e in examples], add_special_tokens=False)["input_ids"]
@@ -371,16 +376,17 @@ def tokenize_examples(examples: list[Example], tokenizer, cfg: DataConfig) -> tu
         cands = None
         if e.choices is not None:
             cands = tokenizer([c + end for c in e.choices], add_special_tokens=False)["input_ids"]
-        longest = max([len(a)] + [len(c) for c in cands or []])
-        budget = cfg.max_length - longest
-        if budget < 1:
+        budget = cfg.max_length - len(a)
+        cand_budget = cfg.max_length - max([len(c) for c in cands or []] + [len(a)])
+        if cand_budget < 1:
             stats.dropped += 1
             stats.dropped_ids.append(e.id)
             continue
         if len(p) > budget:
-            p = p[-budget:]  # keep the end of the prompt, next to the answer
             stats.truncated += 1
-        out.append(TokExample(e.id, p, a, cands, e.gold, e.label, e.choices, e.answer, cfg.train_on_prompt))
+        # keep the end of the prompt, next to the answer
+        out.append(TokExample(e.id, p[-budget:], a, cands, e.gold, e.label, e.choices, e.answer,
+                              cfg.train_on_prompt, p[-cand_budget:]))
     return out, stats
 
 

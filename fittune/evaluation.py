@@ -41,10 +41,10 @@ def _make_jobs(examples: list[TokExample], idx: list[int], batch_size: int, gene
     if loss_only:
         return jobs
     pairs = [(i, k) for i in idx if examples[i].candidates for k in range(len(examples[i].candidates))]
-    pairs.sort(key=lambda p: -(len(examples[p[0]].prompt_ids) + len(examples[p[0]].candidates[p[1]])))
+    pairs.sort(key=lambda p: -(len(examples[p[0]].cand_prompt_ids) + len(examples[p[0]].candidates[p[1]])))
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s:s + batch_size]
-        jobs.append(_Job("cands", chunk, [examples[i].prompt_ids for i, _ in chunk],
+        jobs.append(_Job("cands", chunk, [examples[i].cand_prompt_ids for i, _ in chunk],
                          [examples[i].candidates[k] for i, k in chunk]))
     if generate:
         open_idx = [i for i in by_len if not examples[i].candidates]
@@ -150,6 +150,22 @@ def run_evaluation(model, accelerator, examples: list[TokExample], tokenizer, ba
     return out
 
 
+def evaluate_and_report(model, accelerator, cfg, tokenizer, examples: list[TokExample], class_task: bool,
+                        out_dir, title: str, compare: dict | None = None) -> dict:
+    """Evaluate on `examples`, write eval files (main process), return the metrics (all ranks)."""
+    records = run_evaluation(model, accelerator, examples, tokenizer, cfg.eval.batch_size,
+                             cfg.eval.max_new_tokens, cfg.eval.length_normalize)
+    predictions = build_predictions(examples, records, class_task)
+    metrics = compute_metrics(predictions)
+    if accelerator.is_main_process:
+        columns = dict(compare or {})
+        columns[title] = metrics
+        from fittune.reports import write_eval_outputs
+
+        write_eval_outputs(out_dir, metrics, predictions, title, columns)
+    return metrics
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Metrics
 
@@ -243,3 +259,96 @@ def majority_baseline(train_classes: list[str], test_gold: list[str]) -> dict:
     return {"majority_class": top, "accuracy": accuracy_score(test_gold, pred),
             "f1_weighted": f1_score(test_gold, pred, average="weighted", zero_division=0),
             "f1_macro": f1_score(test_gold, pred, average="macro", zero_division=0)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluate.py
+
+
+def evaluate_checkpoint(checkpoint: str, cfg, out_dir: str | None, info=None) -> dict:
+    """Evaluate a saved model/adapter on the run's held-out rows (or on the configured data); write reports."""
+    from pathlib import Path
+
+    from fittune import data as D
+    from fittune.distributed import make_accelerator
+    from fittune.model import load_tokenizer, load_trained_model, resolve_model_path, weights_dtype
+    from fittune.reports import metrics_table
+    from fittune.train_loop import resolve_mixed_precision
+
+    mixed = resolve_mixed_precision(cfg)
+    accelerator = make_accelerator(mixed, 1, None, cfg.output_dir)
+    weights = info.weights_dir
+    out = Path(out_dir) if out_dir else (info.run_dir or weights) / "eval"
+
+    # the run's own held-out rows when the data is the run's; otherwise the configured test file or all rows
+    heldout = info.heldout_ids if info.config_file is not None else None
+    saved = _saved_data(info)
+    same_data = heldout is not None and saved is not None and saved == cfg.data.model_dump()
+    if same_data and not cfg.data.test_path:
+        rows = D.read_rows(cfg.data.path, cfg.data)
+        examples = D.map_columns(rows, cfg.data, D.resolve_data_path(cfg.data.path))
+        test_examples = D.select_ids(examples, heldout, cfg.data.path)
+        held = set(heldout)
+        train_examples = [e for e in examples if e.id not in held]
+    elif cfg.data.test_path:
+        train_examples, test_examples = D.load_splits(cfg.data, cfg.seed)
+    else:
+        rows = D.read_rows(cfg.data.path, cfg.data)
+        train_examples, test_examples = [], D.map_columns(rows, cfg.data, D.resolve_data_path(cfg.data.path))
+    class_task = D.is_class_task(cfg.data)
+
+    tok_dir = weights if (weights / "tokenizer_config.json").is_file() else resolve_model_path(cfg)
+    tokenizer = load_tokenizer(str(tok_dir), cfg.model.trust_remote_code)
+    test_set, stats = D.tokenize_examples(test_examples, tokenizer, cfg.data)
+    if stats.dropped:
+        accelerator.print(f"fittune: {stats.dropped} rows do not fit data.max_length and are not evaluated")
+    if not test_set:
+        raise FittuneError("no example to evaluate fits data.max_length")
+    model = load_trained_model(weights, cfg, weights_dtype(cfg, mixed))
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+
+    compare = {}
+    if train_examples and any(x.candidates for x in test_set):
+        train_set, _ = D.tokenize_examples(train_examples, tokenizer, cfg.data)
+        compare["majority"] = majority_baseline([class_name(x, x.gold, class_task) for x in train_set if x.candidates],
+                                                [class_name(x, x.gold, class_task) for x in test_set if x.candidates])
+    metrics = evaluate_and_report(model, accelerator, cfg, tokenizer, test_set, class_task, out, "model", compare)
+    accelerator.print(f"fittune: evaluated {weights} on {len(test_set)} examples "
+                      f"with {accelerator.num_processes} process(es)\n" + metrics_table({**compare, "model": metrics}))
+    accelerator.print(f"fittune: wrote {out}/ (metrics.json, predictions.jsonl, report.md)")
+    accelerator.end_training()
+    return metrics
+
+
+def _saved_data(info) -> dict | None:
+    import yaml
+
+    if info.config_file is None:
+        return None
+    saved = yaml.safe_load(info.config_file.read_text()) or {}
+    return saved.get("data")
+
+
+def evaluate_main(argv: list[str]) -> None:
+    """evaluate.py: `--checkpoint DIR [--config FILE] [--output_dir DIR] [--key value ...]`."""
+    from fittune.checkpoints import resolve_checkpoint
+    from fittune.cli import split_flag
+    from fittune.config import build_config, parse_overrides
+
+    if "-h" in argv or "--help" in argv:
+        print("usage: accelerate launch evaluate.py --checkpoint DIR [--config FILE] [--output_dir DIR] "
+              "[--section.key VALUE ...]\n  DIR: a training output dir, its final/, or a model/adapter dir.\n"
+              "  Without --config the run's saved config.yaml and held-out ids are used.")
+        return
+    checkpoint, rest = split_flag(argv, "checkpoint")
+    if checkpoint is None:
+        raise FittuneError("--checkpoint DIR is required (a training output dir, its final/, or a model dir)")
+    out_dir, rest = split_flag(rest, "output_dir")
+    config_file, rest = split_flag(rest, "config")
+    info = resolve_checkpoint(checkpoint)
+    if config_file is None:
+        if info.config_file is None:
+            raise FittuneError(f"{checkpoint} has no saved fittune config: pass --config FILE describing the data")
+        config_file = str(info.config_file)
+    cfg = build_config(config_file, parse_overrides(rest))
+    evaluate_checkpoint(checkpoint, cfg, out_dir, info)

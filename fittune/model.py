@@ -119,3 +119,31 @@ def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+def load_trained_model(checkpoint: Path, cfg: Config, dtype: torch.dtype):
+    """Load a saved adapter (onto the config's base model) or a full model directory, for evaluation."""
+    if (checkpoint / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_path = resolve_model_path(cfg)
+        base = load_model(base_path, cfg, dtype)
+        try:
+            return PeftModel.from_pretrained(base, str(checkpoint), is_trainable=False)
+        except RuntimeError as e:  # size mismatch: the adapter was trained on another base model
+            first = str(e).strip().splitlines()
+            detail = next((ln.strip() for ln in first if "size mismatch" in ln), first[0] if first else "")
+            raise FittuneError(f"adapter {checkpoint} does not fit base model {base_path} ({detail}); "
+                               f"point --model.name_or_path at the model it was trained on") from None
+        except (OSError, ValueError) as e:
+            raise FittuneError(f"cannot load adapter {checkpoint}: {str(e).splitlines()[0]}") from None
+    if not (checkpoint / "config.json").is_file():
+        raise FittuneError(f"{checkpoint} holds neither a model (config.json) nor an adapter "
+                           f"(adapter_config.json): pass a training output dir or its final/")
+    try:
+        return load_model(str(checkpoint), cfg, dtype)
+    except FittuneError:
+        raise
+    except Exception as e:  # a truncated or corrupt safetensors file raises safetensors' own error types
+        raise FittuneError(f"cannot load model from {checkpoint}: {type(e).__name__}: {str(e).splitlines()[0]} "
+                           f"(the checkpoint is damaged or incomplete)") from None

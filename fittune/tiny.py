@@ -90,6 +90,7 @@ def build_tiny_model_dir(target: str | os.PathLike, shape: TinyModelConfig, seed
         rope_theta=1e6,
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,  # as in Qwen2.5-3B
+        initializer_range=0.1,  # larger than 0.02 so a tiny random model has usable logits (LoRA can move them)
         bos_token_id=None,
         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tok.pad_token_id,

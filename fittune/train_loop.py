@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import time
@@ -15,10 +14,11 @@ from fittune import data as D
 from fittune.config import Config, to_yaml
 from fittune.distributed import make_accelerator, strategy_name, sum_across_ranks
 from fittune.errors import FittuneError
-from fittune.evaluation import build_predictions, class_name, compute_metrics, majority_baseline, run_evaluation
+from fittune.evaluation import (build_predictions, class_name, compute_metrics, evaluate_and_report,
+                                majority_baseline, run_evaluation)
 from fittune.loss import nll_sum
 from fittune.model import build_model, count_parameters, load_tokenizer, prepare_builtin_model, resolve_model_path
-from fittune.reports import metrics_table, plot_loss_curve, write_eval_outputs
+from fittune.reports import metrics_table, plot_loss_curve
 
 
 def resolve_mixed_precision(cfg: Config) -> str:
@@ -42,20 +42,6 @@ def peak_memory_gib(device: torch.device) -> float:
 
 def _log(accelerator, msg: str) -> None:
     accelerator.print(f"fittune: {msg}", flush=True)
-
-
-def evaluate_and_report(model, accelerator, cfg: Config, tokenizer, examples, class_task: bool,
-                        out_dir: Path, title: str, compare: dict | None = None) -> dict:
-    """Evaluate on `examples`, write eval files (main process), return the metrics (all ranks)."""
-    records = run_evaluation(model, accelerator, examples, tokenizer, cfg.eval.batch_size,
-                             cfg.eval.max_new_tokens, cfg.eval.length_normalize)
-    predictions = build_predictions(examples, records, class_task)
-    metrics = compute_metrics(predictions)
-    if accelerator.is_main_process:
-        columns = dict(compare or {})
-        columns[title] = metrics
-        write_eval_outputs(out_dir, metrics, predictions, title, columns)
-    return metrics
 
 
 def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str) -> Path:
@@ -158,6 +144,7 @@ def train(cfg: Config) -> dict:
     model.train()
     plan, plan_epoch = None, -1
     skipped_overflow, pad_slots, real_tokens = 0, 0, 0
+    rank_report = {"rank": rank, "world_size": world, "examples_seen": 0, "first_step_ids": None}
     t_last, tokens_since = time.perf_counter(), 0
     for step in range(total_steps):
         epoch = step // steps_per_epoch
@@ -169,6 +156,9 @@ def train(cfg: Config) -> dict:
         micro_batches = D.micro_batches_for_rank(batch_ids, lengths, cfg.train.micro_batch_size,
                                                  cfg.train.grad_accum, world, rank)
         step_nll, step_tokens, grad_norm = 0.0, 0, None
+        rank_report["examples_seen"] += sum(len(m) for m in micro_batches)
+        if rank_report["first_step_ids"] is None:
+            rank_report["first_step_ids"] = [train_set[j].id for m in micro_batches for j in m]
         for micro in micro_batches:
             batch = {k: v.to(accelerator.device) for k, v in D.collate_train([train_set[j] for j in micro],
                                                                             tokenizer.pad_token_id).items()}
@@ -215,6 +205,11 @@ def train(cfg: Config) -> dict:
         _log(accelerator, f"{skipped_overflow} steps skipped for fp16 overflow (loss scale lowered)")
 
     # ---- save and evaluate --------------------------------------------------------------------------------
+    from accelerate.utils import gather_object
+
+    ranks = gather_object([rank_report])  # which rows each rank trained on: proof the ranks are real
+    if accelerator.is_main_process:
+        (out / "ranks.json").write_text(json.dumps(ranks, indent=1))
     save_final(model, accelerator, tokenizer, out, config_yaml)
     metrics = evaluate_and_report(model, accelerator, cfg, tokenizer, test_set, class_task, out / "eval",
                                   "fine-tuned", compare)

@@ -1,0 +1,22 @@
+"""Evaluate a fine-tuned model (or adapter) on held-out data, across all processes.
+
+    accelerate launch [--config_file accelerate_configs/X.yaml] evaluate.py --checkpoint DIR [--config FILE]
+        [--output_dir DIR] [--key value ...]
+
+DIR is a training output dir, its final/, or any model/adapter directory. Without --config the run's saved
+config.yaml and held-out ids are reused; --data.path evaluates another file.
+"""
+
+import sys
+
+from fittune.errors import run_cli
+
+
+def main() -> None:
+    from fittune.evaluation import evaluate_main
+
+    evaluate_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    run_cli(main)

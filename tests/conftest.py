@@ -1,0 +1,100 @@
+"""Shared helpers: run the real entry points (`accelerate launch train.py / evaluate.py`) on tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+              "vocab_size": 512}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(threads: int = 1) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def launch(script: str, args: list[str], nproc: int = 1, config_file: str | None = None, check: bool = True,
+           timeout: int = 600, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch [--config_file F] script args` as a subprocess, from the repo root."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config_file:
+        cmd += ["--config_file", str(ROOT / config_file)]
+    elif nproc > 1:
+        cmd += ["--config_file", str(ROOT / "accelerate_configs/cpu_2proc.yaml"), "--num_processes", str(nproc)]
+    else:
+        cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--main_process_port", str(free_port()), str(ROOT / script)] + [str(a) for a in args]
+    env = child_env(1 if nproc > 1 else 2)
+    env.update(extra_env or {})
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode})\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+                             f"STDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_python(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python script args` (no launcher), for the quick bad-input checks."""
+    return subprocess.run([sys.executable, str(ROOT / script)] + [str(a) for a in args], cwd=ROOT,
+                          env=child_env(2), capture_output=True, text=True, timeout=timeout)
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "train_log.jsonl").read_text().splitlines() if line]
+
+
+def write_config(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen2 model + tokenizer saved with save_pretrained, as a user's local model directory."""
+    from fittune.config import TinyModelConfig
+    from fittune.tiny import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny-qwen2", TinyModelConfig(**TINY_SHAPE), 0)
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_model_dir):
+    """Write a tiny fp32 recipe on the built-in data; returns a function(overrides...) -> config path."""
+
+    def make(name: str = "tiny.yaml", **sections) -> Path:
+        tree = {
+            "output_dir": str(tmp_path / "run"),
+            "seed": 0,
+            "log_with": "none",
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"path": "builtin:ai-research-qa", "choices_column": "choices", "label_column": "topic",
+                     "max_length": 96},
+            "train": {"micro_batch_size": 4, "grad_accum": 1, "max_steps": 6, "lr": 1e-3, "warmup_ratio": 0.0,
+                      "log_every": 1},
+            "eval": {"batch_size": 8},
+        }
+        for section, values in sections.items():
+            if isinstance(values, dict):
+                tree.setdefault(section, {}).update(values)
+            else:
+                tree[section] = values
+        return write_config(tmp_path / name, tree)
+
+    return make

@@ -1,0 +1,90 @@
+"""Config tree: YAML + dotted overrides, unknown keys, cross-field checks, the saved config round trip."""
+
+import os
+
+import pytest
+import yaml
+
+from fittune.config import Config, build_config, parse_overrides, to_yaml
+from fittune.errors import FittuneError
+
+
+def test_yaml_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"train": {"lr": 1e-3, "micro_batch_size": 2}, "lora": {"enabled": True}}))
+    cfg = build_config(str(recipe), parse_overrides(["--train.lr", "2e-4", "--lora.r=8", "--data.path", "x.jsonl",
+                                                     "--lora.target_modules", "[q_proj, v_proj]"]))
+    assert cfg.train.lr == pytest.approx(2e-4)
+    assert cfg.train.micro_batch_size == 2  # from the file
+    assert cfg.lora.enabled and cfg.lora.r == 8
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.data.path == "x.jsonl"
+    assert cfg.data.test_size == 0.1  # default held-out fraction
+
+
+@pytest.mark.parametrize("key, suggestion", [("trian.lr", "train.lr"), ("train.learning_rate", "train.lr"),
+                                             ("lora.rank", "lora.r"), ("data.pth", "data.path")])
+def test_unknown_key_suggests_closest(key, suggestion):
+    with pytest.raises(FittuneError, match=f"unknown config key '{key}'.*did you mean '{suggestion}'"):
+        build_config(None, {key: 1})
+
+
+def test_unknown_key_in_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  micro_batch: 4\n")
+    with pytest.raises(FittuneError, match="train.micro_batch.*did you mean 'train.micro_batch_size'"):
+        build_config(str(recipe), {})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"lora.r": 0}, "lora.r must be >= 1"),
+    ({"train.micro_batch_size": 0}, "micro_batch_size must be >= 1"),
+    ({"train.grad_accum": 0}, "grad_accum must be >= 1"),
+    ({"data.test_size": 1.5}, "test_size must be in"),
+    ({"train.mixed_precision": "fp8"}, "mixed_precision"),
+    ({"train.lr": "fast"}, "train.lr"),
+    ({"data.csv_header": False}, "column_names"),
+])
+def test_cross_field_checks(overrides, message):
+    with pytest.raises(FittuneError, match=message):
+        build_config(None, overrides)
+
+
+def test_precision_conflict_with_launcher(monkeypatch):
+    from fittune.train_loop import resolve_mixed_precision
+
+    cfg = build_config(None, {"train.mixed_precision": "fp16"})
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(FittuneError, match="fp16.*bf16"):
+        resolve_mixed_precision(cfg)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert resolve_mixed_precision(cfg) == "fp16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert resolve_mixed_precision(build_config(None, {})) == "bf16"  # auto follows the launcher
+
+
+def test_saved_config_round_trip(tmp_path):
+    cfg = build_config(None, {"train.lr": 5e-5, "lora.enabled": True})
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(cfg, {"world_size": 2, "strategy": "ddp"}))
+    again = build_config(str(saved), {})
+    assert again == cfg
+
+
+def test_bad_override_syntax():
+    with pytest.raises(FittuneError, match="needs a value"):
+        parse_overrides(["--train.lr"])
+    with pytest.raises(FittuneError, match="unexpected argument"):
+        parse_overrides(["train.lr", "1"])
+
+
+def test_every_field_documented():
+    from pydantic import BaseModel
+
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no docstring"
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation)
+
+    walk(Config)

@@ -1,0 +1,179 @@
+"""End to end through `accelerate launch train.py`: learning, reloadable outputs, accumulation and
+process-count equivalence, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import TINY_SHAPE, launch, read_log, run_python
+
+
+def independent_nll(model, tokenizer, run_dir: Path) -> dict[str, float]:
+    """Per held-out example: summed NLL of the answer given the chat prompt, computed here with plain
+    transformers on each unpadded sequence (no fittune code involved)."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    rows = {str(i): json.loads(line) for i, line in
+            enumerate((Path(__file__).parents[1] / "fittune/demo/ai_research_qa.jsonl").read_text().splitlines())}
+    out = {}
+    for ex_id in json.loads((run_dir / "heldout_ids.json").read_text())["ids"]:
+        row = rows[ex_id]
+        msgs = ([{"role": "system", "content": cfg["data"]["system_prompt"]}] if cfg["data"]["system_prompt"] else [])
+        msgs.append({"role": "user", "content": row["question"]})
+        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a = tokenizer(row["answer"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([p + a])).logits[0].float().log_softmax(-1)
+        out[ex_id] = -sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(a))
+    return out
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_end_to_end_learns_and_final_reloads_without_fittune(tmp_path, method):
+    run = tmp_path / "run"
+    shape = [f"--model.tiny.{k}={v}" for k, v in TINY_SHAPE.items()]
+    args = ["--output_dir", run, "--log_with", "none", "--seed", "1", "--data.max_length", "128",
+            "--train.max_steps", "60", "--train.micro_batch_size", "8", "--train.log_every", "1",
+            "--train.lr", "1e-2" if method == "lora" else "2e-3", "--eval.before_training", "false", *shape]
+    if method == "lora":
+        args += ["--lora.enabled", "true", "--lora.r", "16", "--lora.dropout", "0.0"]
+    proc = launch("train.py", args)  # the built-in demo recipe, made smaller
+    assert "held-out metrics" in proc.stdout
+
+    losses = [r["loss"] for r in read_log(run)]
+    assert len(losses) == 60
+    # it learns: a random tiny model starts near log(vocab); LoRA on it moves slower than full fine-tuning
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.25, losses
+    for f in ["config.yaml", "heldout_ids.json", "loss_curve.png", "eval/metrics.json", "eval/predictions.jsonl",
+              "eval/report.md", "eval/confusion_matrix.png", "final/tokenizer_config.json"]:
+        assert (run / f).is_file(), f
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["run"]["world_size"] == 1 and saved["train"]["max_steps"] == 60
+
+    # final/ loads with plain transformers / peft and reproduces the in-memory model's per-example NLL
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    if method == "lora":
+        from peft import AutoPeftModelForCausalLM
+
+        assert (run / "final/adapter_model.safetensors").is_file()
+        model = AutoPeftModelForCausalLM.from_pretrained(run / "final")
+    else:
+        assert (run / "final/model.safetensors").is_file()
+        model = AutoModelForCausalLM.from_pretrained(run / "final")
+    model.eval()
+    expected = independent_nll(model, tokenizer, run)
+    preds = {json.loads(line)["id"]: json.loads(line) for line in (run / "eval/predictions.jsonl").read_text().splitlines()}
+    assert set(preds) == set(expected)
+    for ex_id, nll in expected.items():
+        assert preds[ex_id]["nll"] == pytest.approx(nll, rel=1e-4, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def split_runs(tmp_path_factory, tiny_model_dir):
+    """The same global batch of 4 split as 4x1, 2x2, 1x4 (1 process) and 2x1, 1x2 (2 processes)."""
+    root = tmp_path_factory.mktemp("splits")
+    recipe = root / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "seed": 0, "log_with": "none", "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"path": "builtin:ai-research-qa", "max_length": 96},
+        "train": {"max_steps": 5, "lr": 1e-3, "warmup_ratio": 0.0, "max_grad_norm": 1.0},
+        "eval": {"batch_size": 8}}))
+    runs = {}
+    for name, micro, accum, nproc in [("4x1", 4, 1, 1), ("2x2", 2, 2, 1), ("1x4", 1, 4, 1), ("2proc-2x1", 2, 1, 2),
+                                      ("2proc-1x2", 1, 2, 2)]:
+        out = root / name
+        launch("train.py", ["--config", recipe, "--output_dir", out, "--train.micro_batch_size", micro,
+                            "--train.grad_accum", accum], nproc=nproc)
+        runs[name] = out
+    return runs
+
+
+def _compare(runs, a, b, tol=1e-5):
+    la, lb = [r["loss"] for r in read_log(runs[a])], [r["loss"] for r in read_log(runs[b])]
+    assert len(la) == len(lb) == 5
+    assert la == pytest.approx(lb, abs=tol, rel=tol), (a, b)
+    wa, wb = load_file(runs[a] / "final/model.safetensors"), load_file(runs[b] / "final/model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=tol, rtol=tol, msg=f"{a} vs {b}: {k}")
+    # the weights really moved, so equality is not trivial
+    start = load_file(Path(yaml.safe_load((runs[a] / "config.yaml").read_text())["run"]["model_path"]) / "model.safetensors")
+    assert max((wa[k] - start[k]).abs().max().item() for k in wa) > 1e-3
+
+
+@pytest.mark.parametrize("other", ["2x2", "1x4"])
+def test_gradient_accumulation_equivalence(split_runs, other):
+    """micro-batch x accumulation 4x1 = 2x2 = 1x4 in fp32: same losses and weights (1e-5) after 5 steps,
+    on batches whose answers have different lengths (the loss is normalised by the global token count)."""
+    _compare(split_runs, "4x1", other)
+
+
+@pytest.mark.parametrize("other", ["2proc-2x1", "2proc-1x2"])
+def test_two_processes_match_one(split_runs, other):
+    _compare(split_runs, "4x1", other)
+
+
+def test_ranks_are_real_and_see_their_own_shard(split_runs):
+    ranks = json.loads((split_runs["2proc-2x1"] / "ranks.json").read_text())
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+    a, b = (set(r["first_step_ids"]) for r in ranks)
+    assert len(a) == len(b) == 2 and not a & b  # each rank trains on its own half of the global batch
+    single = json.loads((split_runs["4x1"] / "ranks.json").read_text())
+    assert a | b == set(single[0]["first_step_ids"])  # together: the global batch of the 1-process run
+    assert yaml.safe_load((split_runs["2proc-2x1"] / "config.yaml").read_text())["run"]["world_size"] == 2
+
+
+@pytest.mark.parametrize("case", ["missing_file", "empty", "missing_column", "malformed_line", "unknown_model",
+                                  "unknown_key", "conflict"])
+def test_bad_input_one_clear_error(tmp_path, case):
+    run = tmp_path / "run"
+    data = tmp_path / "d.jsonl"
+    good = '{"question": "q", "answer": "a"}\n' * 10
+    args = ["--output_dir", run, "--data.choices_column", "null", "--data.label_column", "null", "--data.path", data]
+    expect = {"missing_file": "data file not found", "empty": "holds no rows",
+              "missing_column": "column 'answer' (data.answer_column) not found; the columns are: question, reply",
+              "malformed_line": "d.jsonl:4: malformed JSON", "unknown_model": "model not found",
+              "unknown_key": "did you mean 'train.lr'", "conflict": "lora.r must be >= 1"}[case]
+    if case == "empty":
+        data.write_text("")
+    elif case == "missing_column":
+        data.write_text('{"question": "q", "reply": "a"}\n')
+    elif case == "malformed_line":
+        data.write_text(good[:99] + '{"question": "q", "answer": \n' + good)
+    elif case != "missing_file":
+        data.write_text(good)
+    if case == "unknown_model":
+        args += ["--model.name_or_path", str(tmp_path / "no-such-model")]
+    if case == "unknown_key":
+        args += ["--train.learning_rate", "1e-4"]
+    if case == "conflict":
+        args += ["--lora.enabled", "true", "--lora.r", "0"]
+    proc = run_python("train.py", args)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fittune: error:")]
+    assert len(errors) == 1 and expect in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (run / "final").exists()
+
+
+def test_demo_beats_untrained_and_majority(tmp_path):
+    """The offline demo (no recipe): fine-tuning beats the untrained model and the majority class."""
+    run = tmp_path / "demo"
+    proc = launch("train.py", ["--output_dir", run, "--log_with", "none"])
+    assert "held-out metrics" in proc.stdout and "fine-tuned" in proc.stdout
+    tuned = json.loads((run / "eval/metrics.json").read_text())
+    untrained = json.loads((run / "eval_untrained/metrics.json").read_text())
+    assert tuned["num_examples"] == 40
+    for metric in ("accuracy", "f1_weighted"):
+        assert tuned[metric] > untrained[metric] + 0.2
+    from collections import Counter
+
+    preds = [json.loads(x) for x in (run / "eval/predictions.jsonl").read_text().splitlines()]
+    majority = Counter(p["gold"] for p in preds).most_common(1)[0][1] / len(preds)  # best any constant guess gets
+    assert tuned["accuracy"] > majority + 0.2
