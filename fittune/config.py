@@ -153,8 +153,9 @@ class TrainConfig(_Section):
     """Learning-rate decay after warmup."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    """`auto` follows the accelerate launch config; `fp16` keeps trainable weights in fp32 with loss scaling."""
+    mixed_precision: Literal["auto", "best", "no", "fp16", "bf16"] = "auto"
+    """`auto` follows the accelerate launch config; `best` picks bf16 where the GPU has it, fp16 on older GPUs
+    (T4, V100) and no mixed precision on the CPU; `fp16` keeps trainable weights in fp32 with loss scaling."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (non-reentrant) to save memory."""
     log_every: int = 1

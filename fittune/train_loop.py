@@ -27,6 +27,11 @@ def resolve_mixed_precision(cfg: Config) -> str:
     wanted = cfg.train.mixed_precision
     if wanted == "auto":
         return launcher
+    if wanted == "best":
+        if not torch.cuda.is_available():
+            wanted = "no"
+        else:
+            wanted = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if launcher not in ("no", wanted):
         raise FittuneError(f"train.mixed_precision is '{wanted}' but the accelerate launch config says "
                            f"'{launcher}': make them agree (or set train.mixed_precision: auto)")
