@@ -280,17 +280,20 @@ def evaluate_checkpoint(checkpoint: str, cfg, out_dir: str | None, info=None) ->
     weights = info.weights_dir
     out = Path(out_dir) if out_dir else (info.run_dir or weights) / "eval"
 
-    # the run's own held-out rows when the data is the run's; otherwise the configured test file or all rows
-    heldout = info.heldout_ids if info.config_file is not None else None
-    saved = _saved_data(info)
-    same_data = heldout is not None and saved is not None and saved == cfg.data.model_dump()
-    if same_data and not cfg.data.test_path:
+    # the run's own held-out rows while the source and split are the run's (column mappings may change);
+    # an explicit test file; or every row of another data file
+    saved = _saved_config(info)
+    split_keys = ("path", "test_path", "test_size")
+    same_source = saved is not None and saved.get("seed") == cfg.seed and all(
+        saved.get("data", {}).get(k) == getattr(cfg.data, k) for k in split_keys)
+    heldout = info.heldout_ids if same_source else None
+    if heldout is not None and not cfg.data.test_path:
         rows = D.read_rows(cfg.data.path, cfg.data)
         examples = D.map_columns(rows, cfg.data, D.resolve_data_path(cfg.data.path))
         test_examples = D.select_ids(examples, heldout, cfg.data.path)
         held = set(heldout)
         train_examples = [e for e in examples if e.id not in held]
-    elif cfg.data.test_path:
+    elif same_source or cfg.data.test_path:
         train_examples, test_examples = D.load_splits(cfg.data, cfg.seed)
     else:
         rows = D.read_rows(cfg.data.path, cfg.data)
@@ -320,13 +323,12 @@ def evaluate_checkpoint(checkpoint: str, cfg, out_dir: str | None, info=None) ->
     return metrics
 
 
-def _saved_data(info) -> dict | None:
+def _saved_config(info) -> dict | None:
     import yaml
 
     if info.config_file is None:
         return None
-    saved = yaml.safe_load(info.config_file.read_text()) or {}
-    return saved.get("data")
+    return yaml.safe_load(info.config_file.read_text()) or {}
 
 
 def evaluate_main(argv: list[str]) -> None:

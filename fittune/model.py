@@ -135,8 +135,9 @@ def load_trained_model(checkpoint: Path, cfg: Config, dtype: torch.dtype):
             detail = next((ln.strip() for ln in first if "size mismatch" in ln), first[0] if first else "")
             raise FittuneError(f"adapter {checkpoint} does not fit base model {base_path} ({detail}); "
                                f"point --model.name_or_path at the model it was trained on") from None
-        except (OSError, ValueError) as e:
-            raise FittuneError(f"cannot load adapter {checkpoint}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # a truncated or corrupt safetensors file raises safetensors' own error types
+            raise FittuneError(f"cannot load adapter {checkpoint}: {type(e).__name__}: {str(e).splitlines()[0]} "
+                               f"(the checkpoint is damaged or incomplete)") from None
     if not (checkpoint / "config.json").is_file():
         raise FittuneError(f"{checkpoint} holds neither a model (config.json) nor an adapter "
                            f"(adapter_config.json): pass a training output dir or its final/")

@@ -39,8 +39,9 @@ def test_end_to_end_learns_and_final_reloads_without_fittune(tmp_path, method):
     args = ["--output_dir", run, "--log_with", "none", "--seed", "1", "--data.max_length", "128",
             "--train.max_steps", "60", "--train.micro_batch_size", "8", "--train.log_every", "1",
             "--train.lr", "1e-2" if method == "lora" else "2e-3", "--eval.before_training", "false", *shape]
-    if method == "lora":
-        args += ["--lora.enabled", "true", "--lora.r", "16", "--lora.dropout", "0.0"]
+    if method == "lora":  # with non-reentrant gradient checkpointing (and the input-grad hook LoRA needs)
+        args += ["--lora.enabled", "true", "--lora.r", "16", "--lora.dropout", "0.0",
+                 "--train.gradient_checkpointing", "true"]
     proc = launch("train.py", args)  # the built-in demo recipe, made smaller
     assert "held-out metrics" in proc.stdout
 
@@ -165,8 +166,10 @@ def test_bad_input_one_clear_error(tmp_path, case):
 def test_demo_beats_untrained_and_majority(tmp_path):
     """The offline demo (no recipe): fine-tuning beats the untrained model and the majority class."""
     run = tmp_path / "demo"
-    proc = launch("train.py", ["--output_dir", run, "--log_with", "none"])
+    proc = launch("train.py", ["--output_dir", run])
     assert "held-out metrics" in proc.stdout and "fine-tuned" in proc.stdout
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))  # TensorBoard on by default
+    assert any("val_loss" in r for r in read_log(run))  # periodic validation loss
     tuned = json.loads((run / "eval/metrics.json").read_text())
     untrained = json.loads((run / "eval_untrained/metrics.json").read_text())
     assert tuned["num_examples"] == 40
@@ -177,3 +180,16 @@ def test_demo_beats_untrained_and_majority(tmp_path):
     preds = [json.loads(x) for x in (run / "eval/predictions.jsonl").read_text().splitlines()]
     majority = Counter(p["gold"] for p in preds).most_common(1)[0][1] / len(preds)  # best any constant guess gets
     assert tuned["accuracy"] > majority + 0.2
+
+
+def test_bf16_lora_keeps_adapters_fp32(tmp_path, tiny_config):
+    """bf16 mixed precision (CPU autocast): frozen base loaded in bf16, LoRA weights trained and saved in fp32."""
+    run = tmp_path / "run"
+    recipe = tiny_config(lora={"enabled": True, "r": 4, "dropout": 0.0},
+                         train={"mixed_precision": "bf16", "max_steps": 4, "gradient_checkpointing": True})
+    launch("train.py", ["--config", recipe, "--output_dir", run])
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["run"]["mixed_precision"] == "bf16"
+    adapter = load_file(run / "final/adapter_model.safetensors")
+    assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
+    assert all(r["loss"] == r["loss"] for r in read_log(run))  # finite

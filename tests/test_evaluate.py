@@ -1,0 +1,137 @@
+"""evaluate.py: the same numbers for any process count and batch size, metrics that match an independent
+scikit-learn computation, adapters that reproduce the in-memory model, one clear error for bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+from conftest import TINY_SHAPE, launch
+
+
+def load_preds(d: Path) -> list[dict]:
+    return [json.loads(line) for line in (d / "predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir):
+    """A short LoRA run whose held-out split has 37 rows (prime: never divisible by processes x batch)."""
+    run = tmp_path_factory.mktemp("eval") / "run"
+    launch("train.py", ["--output_dir", run, "--log_with", "none", "--seed", "3",
+                        "--model.name_or_path", tiny_model_dir, "--data.test_size", "0.0925", "--data.max_length", "128",
+                        "--lora.enabled", "true", "--lora.r", "8", "--lora.dropout", "0.0",
+                        "--train.max_steps", "40", "--train.micro_batch_size", "8", "--train.lr", "1e-2",
+                        "--train.eval_every", "0", "--eval.before_training", "false", "--eval.batch_size", "5"])
+    return run
+
+
+@pytest.fixture(scope="module")
+def grid(lora_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid")
+    out = {}
+    for nproc in (1, 2, 3):
+        for bs in (1, 3, 8):
+            d = root / f"p{nproc}-b{bs}"
+            launch("evaluate.py", ["--checkpoint", lora_run, "--output_dir", d, "--eval.batch_size", bs], nproc=nproc)
+            out[(nproc, bs)] = d
+    return out
+
+
+def test_same_results_for_any_process_count_and_batch_size(grid):
+    ref = load_preds(grid[(1, 1)])
+    ref_metrics = json.loads((grid[(1, 1)] / "metrics.json").read_text())
+    assert len(ref) == ref_metrics["num_examples"] == 37
+    assert len({p["id"] for p in ref}) == 37
+    for key, d in grid.items():
+        preds = load_preds(d)
+        metrics = json.loads((d / "metrics.json").read_text())
+        assert [p["id"] for p in preds] == [p["id"] for p in ref], key  # no duplicate, none missing
+        assert [p["pred"] for p in preds] == [p["pred"] for p in ref], key
+        for m in ("accuracy", "f1_weighted", "f1_macro", "num_examples", "confusion_matrix", "per_class"):
+            assert metrics[m] == ref_metrics[m], (key, m)
+        assert metrics["loss"] == pytest.approx(ref_metrics["loss"], abs=1e-6), key
+        for p, r in zip(preds, ref):
+            assert p["nll"] == pytest.approx(r["nll"], abs=1e-4, rel=1e-6)
+
+
+def test_metrics_equal_independent_recomputation(grid):
+    d = grid[(2, 3)]
+    preds = load_preds(d)
+    metrics = json.loads((d / "metrics.json").read_text())
+    gold = [p["gold"] for p in preds]
+    # the prediction is the best-scoring choice: recompute it from the scores too
+    pred = ["ABCD"[max(range(4), key=lambda k: p["scores"][k])] for p in preds]
+    assert pred == [p["pred"] for p in preds]
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(gold, pred))
+    assert metrics["f1_weighted"] == pytest.approx(f1_score(gold, pred, average="weighted", zero_division=0))
+    assert metrics["f1_macro"] == pytest.approx(f1_score(gold, pred, average="macro", zero_division=0))
+    labels = metrics["confusion_matrix"]["labels"]
+    assert metrics["confusion_matrix"]["matrix"] == confusion_matrix(gold, pred, labels=labels).tolist()
+    prec, rec, f1, sup = precision_recall_fscore_support(gold, pred, labels=labels, zero_division=0)
+    for i, c in enumerate(labels):
+        assert metrics["per_class"][c]["f1"] == pytest.approx(f1[i]) and metrics["per_class"][c]["support"] == sup[i]
+    n_tok = sum(p["n_tokens"] for p in preds)
+    assert metrics["loss"] == pytest.approx(sum(p["nll"] for p in preds) / n_tok)
+    assert metrics["token_accuracy"] == pytest.approx(sum(p["n_correct_tokens"] for p in preds) / n_tok)
+    assert (d / "report.md").is_file() and (d / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_saved_adapter_matches_in_memory_model(lora_run, grid):
+    """Predictions of the in-memory model at the end of training == the saved adapter's (evaluate.py)."""
+    in_memory = load_preds(lora_run / "eval")
+    reloaded = load_preds(grid[(1, 8)])
+    by_id = {p["id"]: p for p in reloaded}
+    assert len(in_memory) == 37
+    for p in in_memory:
+        q = by_id[p["id"]]
+        assert q["pred"] == p["pred"]
+        assert q["scores"] == pytest.approx(p["scores"], abs=1e-4)
+
+
+def test_open_answers_generate_the_same_text_on_two_processes(lora_run, tmp_path):
+    """Rows without choices are answered by greedy generation: exact_match / token_f1, same on 1 and 2 ranks."""
+    outs = []
+    for nproc in (1, 2):
+        d = tmp_path / f"gen{nproc}"
+        launch("evaluate.py", ["--checkpoint", lora_run, "--output_dir", d, "--data.choices_column", "null",
+                               "--data.test_size", "0.0925", "--eval.max_new_tokens", "8", "--eval.batch_size", "3"],
+               nproc=nproc)
+        outs.append(d)
+    a, b = load_preds(outs[0]), load_preds(outs[1])
+    assert len(a) == 37 and [p["pred"] for p in a] == [p["pred"] for p in b]
+    m = json.loads((outs[0] / "metrics.json").read_text())
+    assert m["num_open"] == 37 and 0.0 <= m["token_f1"] <= 1.0 and "exact_match" in m and "accuracy" not in m
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "other_base", "label_not_in_choices"])
+def test_bad_checkpoint_or_data_one_clear_error(lora_run, tmp_path, case):
+    args = ["--output_dir", tmp_path / "ev"]
+    if case == "missing":
+        args = ["--checkpoint", tmp_path / "nope"] + args
+        expect = "checkpoint not found"
+    elif case == "corrupt":
+        broken = tmp_path / "broken"
+        shutil.copytree(lora_run, broken, ignore=shutil.ignore_patterns("eval*", "base_model"))
+        weights = broken / "final/adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+        args = ["--checkpoint", broken] + args
+        expect = "cannot load adapter"
+    elif case == "other_base":
+        from fittune.config import TinyModelConfig
+        from fittune.tiny import build_tiny_model_dir
+
+        other = build_tiny_model_dir(tmp_path / "wide", TinyModelConfig(**{**TINY_SHAPE, "hidden_size": 64}), 0)
+        args = ["--checkpoint", lora_run, "--model.name_or_path", other] + args
+        expect = "does not fit base model"
+    else:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"question": "q", "answer": "z", "choices": ["x", "y"], "topic": "t"}\n')
+        args = ["--checkpoint", lora_run, "--data.path", bad] + args
+        expect = "row 1: answer 'z' is not among the choices"
+    proc = launch("evaluate.py", args, check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fittune: error:")]
+    assert len(errors) == 1 and expect in errors[0], proc.stderr[-3000:]
+    assert not (tmp_path / "ev" / "metrics.json").exists()
