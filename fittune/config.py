@@ -164,6 +164,12 @@ class TrainConfig(_Section):
     """Validation loss on `val_examples` held-out rows every N steps; 0 disables."""
     val_examples: int = 64
     """How many held-out rows the periodic validation loss uses."""
+    save_steps: int = 0
+    """Write a resumable checkpoint every N optimizer steps and at the end; 0 disables checkpoints."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -181,6 +187,8 @@ class TrainConfig(_Section):
             raise ValueError(f"train.warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
         if self.log_every < 1:
             raise ValueError(f"train.log_every must be >= 1 (got {self.log_every})")
+        if self.save_steps < 0 or self.keep_checkpoints < 1 or self.max_bad_steps < 1:
+            raise ValueError("train.save_steps must be >= 0, train.keep_checkpoints and train.max_bad_steps >= 1")
         return self
 
 
@@ -210,6 +218,9 @@ class Config(_Section):
     """Seed for the split, the data order and the initialisation."""
     log_with: Literal["tensorboard", "none"] = "tensorboard"
     """Experiment tracker used through accelerate (TensorBoard logs under output_dir/tensorboard)."""
+    resume: str | None = None
+    """`auto`: continue from the newest complete checkpoint in output_dir (or start fresh and say so);
+    a path: continue from that checkpoint directory."""
     model: ModelConfig = ModelConfig()
     """What model to fine-tune."""
     lora: LoraConfig = LoraConfig()

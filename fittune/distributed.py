@@ -74,3 +74,50 @@ def sum_across_ranks(accelerator: Accelerator, values: list[float]) -> list[floa
     if accelerator.num_processes > 1:
         t = accelerator.reduce(t, reduction="sum")
     return t.tolist()
+
+
+def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_accum: int, max_grad_norm: float) -> None:
+    """Fill the DeepSpeed config's "auto" values from the training recipe, before the engine is built.
+
+    The recipe owns micro-batch, accumulation, global batch and clipping; an explicit JSON value that
+    disagrees is an error (silently training with another batch size is worse). The optimizer and the
+    schedule come from `train.*`, so a DeepSpeed `optimizer` / `scheduler` section is refused.
+    Precision ("auto" under bf16/fp16) is filled by accelerate from the resolved mixed precision.
+    """
+    from fittune.errors import FittuneError
+
+    plugin = accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise FittuneError(f"the DeepSpeed config has a '{section}' section: remove it; fittune builds the "
+                               f"optimizer and schedule from train.lr / train.lr_scheduler (CPU Adam with offload)")
+    owned = {
+        "train_micro_batch_size_per_gpu": (micro_batch, "train.micro_batch_size"),
+        "gradient_accumulation_steps": (grad_accum, "train.grad_accum"),
+        "train_batch_size": (micro_batch * grad_accum * accelerator.num_processes,
+                             "train.micro_batch_size x train.grad_accum x processes"),
+        # DeepSpeed reads 0 as "no clipping", as fittune does
+        "gradient_clipping": (max_grad_norm, "train.max_grad_norm"),
+    }
+    for key, (value, source) in owned.items():
+        current = ds.get(key, "auto")
+        if current == "auto":
+            ds[key] = value
+        elif float(current) != float(value):
+            raise FittuneError(f"the DeepSpeed config sets {key}={current} but the recipe gives {value} "
+                               f"({source}): set it to \"auto\" in the JSON (fittune fills it) or change the recipe")
+    zero = ds.get("zero_optimization", {})
+    if accelerator.device.type == "cpu" and zero.get("overlap_comm") and grad_accum > 1:
+        # overlap_comm overlaps reduction with backward on a side CUDA stream. DeepSpeed's CPU accelerator has
+        # no streams, and with accumulation the reused buckets corrupt gradients (seen on gloo: the grad norm
+        # 3.7% off DDP's at step 1, accumulation 2). Off on the CPU; GPUs keep it.
+        zero["overlap_comm"] = False
+    plugin.set_deepspeed_weakref()  # ZeRO-3 model loading (zero.Init) reads the filled copy
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    """The ZeRO stage in use (0 when not running under DeepSpeed)."""
+    if accelerator.distributed_type.value != "DEEPSPEED":
+        return 0
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))

@@ -270,7 +270,7 @@ def evaluate_checkpoint(checkpoint: str, cfg, out_dir: str | None, info=None) ->
     from pathlib import Path
 
     from fittune import data as D
-    from fittune.distributed import make_accelerator
+    from fittune.distributed import configure_deepspeed, make_accelerator
     from fittune.model import load_tokenizer, load_trained_model, resolve_model_path, weights_dtype
     from fittune.reports import metrics_table
     from fittune.train_loop import resolve_mixed_precision
@@ -308,7 +308,12 @@ def evaluate_checkpoint(checkpoint: str, cfg, out_dir: str | None, info=None) ->
     if not test_set:
         raise FittuneError("no example to evaluate fits data.max_length")
     model = load_trained_model(weights, cfg, weights_dtype(cfg, mixed))
-    model = accelerator.prepare_model(model, evaluation_mode=True)
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        # ZeRO-3 loaded the weights partitioned: only the engine's hooks gather them for a forward pass
+        configure_deepspeed(accelerator, cfg.eval.batch_size, 1, 0.0)
+        model = accelerator.prepare(model)
+    else:
+        model = accelerator.prepare_model(model, evaluation_mode=True)
 
     compare = {}
     if train_examples and any(x.candidates for x in test_set):

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
+import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from fittune import data as D
+from fittune.checkpoints import (check_compatible, complete_checkpoints, find_resume_checkpoint, load_checkpoint,
+                                 partial_checkpoints, read_state, save_checkpoint)
 from fittune.config import Config, to_yaml
-from fittune.distributed import make_accelerator, strategy_name, sum_across_ranks
+from fittune.distributed import configure_deepspeed, make_accelerator, strategy_name, sum_across_ranks
 from fittune.errors import FittuneError
 from fittune.evaluation import (build_predictions, class_name, compute_metrics, evaluate_and_report,
                                 majority_baseline, run_evaluation)
 from fittune.loss import nll_sum
 from fittune.model import build_model, count_parameters, load_tokenizer, prepare_builtin_model, resolve_model_path
 from fittune.reports import metrics_table, plot_loss_curve
+from fittune.signals import StopRequest
 
 
 def resolve_mixed_precision(cfg: Config) -> str:
@@ -50,14 +57,17 @@ def _log(accelerator, msg: str) -> None:
 
 
 def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str) -> Path:
-    """Save `final/` (adapter or full model + tokenizer) loadable without fittune; atomic rename."""
-    final, tmp = out / "final", out / "final.tmp"
-    state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3: every rank calls it
-    if accelerator.is_main_process:
-        import shutil
+    """Save `final/` (adapter or full model + tokenizer) loadable without fittune; verified, then renamed."""
+    import shutil
 
+    final, tmp = out / "final", out / "final.tmp"
+    # gathered from every rank's shards under ZeRO-3 (a collective: every rank calls it)
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        verify_export(tmp, unwrapped, state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / "fittune_config.yaml").write_text(config_yaml)
         shutil.rmtree(final, ignore_errors=True)
@@ -66,11 +76,40 @@ def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str) -> Pa
     return final
 
 
+def verify_export(directory: Path, unwrapped, state_dict: dict) -> None:
+    """Check the saved weights against the live (gathered) ones: the classic ZeRO-3 failure is an empty or
+    partial adapter_model.safetensors that loads silently. Raises RuntimeError, and final/ is not written."""
+    from safetensors.torch import load_file
+
+    if hasattr(unwrapped, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        expected = get_peft_model_state_dict(unwrapped, state_dict=state_dict)
+        files = [directory / "adapter_model.safetensors"]
+    else:
+        expected = state_dict
+        files = sorted(directory.glob("model*.safetensors"))
+    saved = {}
+    for f in files:
+        if not f.is_file():
+            raise RuntimeError(f"export check failed: {f.name} was not written")
+        saved.update(load_file(f))
+    problems = [k for k, v in saved.items() if v.numel() == 0 or k not in expected
+                or v.shape != expected[k].shape or not torch.equal(v.cpu(), expected[k].detach().cpu().to(v.dtype))]
+    tied = {"lm_head.weight"} if getattr(getattr(unwrapped, "config", None), "tie_word_embeddings", False) else set()
+    missing = [k for k in expected if k not in saved and k not in tied]
+    if problems or missing or not saved:
+        raise RuntimeError(f"export check failed in {directory}: {len(problems)} saved tensors are empty or differ "
+                           f"from the live weights (e.g. {problems[:3]}), {len(missing)} are missing "
+                           f"(e.g. {missing[:3]}); final/ was not written")
+
+
 def train(cfg: Config) -> dict:
     """Run one fine-tuning job end to end; returns the final held-out metrics."""
     # ---- setup -------------------------------------------------------------------------------------------
     mixed = resolve_mixed_precision(cfg)
     out = Path(cfg.output_dir)
+    resume_from = find_resume_checkpoint(out, cfg.resume)
     try:
         accelerator = make_accelerator(mixed, cfg.train.grad_accum,
                                        None if cfg.log_with == "none" else cfg.log_with, str(out))
@@ -95,6 +134,8 @@ def train(cfg: Config) -> dict:
         raise FittuneError("no held-out example fits data.max_length: raise it or check the data")
     lengths = [len(x) for x in train_set]
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        configure_deepspeed(accelerator, cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.max_grad_norm)
     total_steps, steps_per_epoch = D.count_steps(len(train_set), global_batch, cfg.train.max_steps, cfg.train.epochs)
 
     facts = {
@@ -104,17 +145,24 @@ def train(cfg: Config) -> dict:
         "train_examples": len(train_set), "heldout_examples": len(test_set),
         "truncated_rows": train_stats.truncated + test_stats.truncated,
         "dropped_rows": train_stats.dropped + test_stats.dropped,
+        "resumed_from": str(resume_from) if resume_from else None,
     }
     config_yaml = to_yaml(cfg, facts)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        for partial in partial_checkpoints(out):  # a save that a crash cut short: never resumed from
+            _log(accelerator, f"removing incomplete checkpoint {partial}")
+            shutil.rmtree(partial, ignore_errors=True)
         (out / "config.yaml").write_text(config_yaml)
         (out / "heldout_ids.json").write_text(json.dumps({"ids": [x.id for x in test_set]}, indent=0))
-        (out / "train_log.jsonl").write_text("")
+        if resume_from is None:
+            (out / "train_log.jsonl").write_text("")
         _log(accelerator, "resolved config\n" + config_yaml.rstrip())
         if facts["dropped_rows"]:
             _log(accelerator, f"dropped {facts['dropped_rows']} rows whose answer does not fit data.max_length "
                               f"(e.g. {(train_stats.dropped_ids + test_stats.dropped_ids)[0]})")
+        if cfg.resume == "auto" and resume_from is None:
+            _log(accelerator, f"--resume auto: no complete checkpoint in {out}, starting fresh")
 
     # ---- model and optimizer ------------------------------------------------------------------------------
     model = build_model(cfg, mixed)
@@ -130,6 +178,19 @@ def train(cfg: Config) -> dict:
                               num_training_steps=total_steps)
     # the scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it per process)
     model, optimizer = accelerator.prepare(model, optimizer)
+    fingerprint = {"model": model_path, "lora": cfg.lora.model_dump() if cfg.lora.enabled else None,
+                   "trainable_parameters": n_trainable, "global_batch_size": global_batch, "seed": cfg.seed,
+                   "data": cfg.data.path, "total_steps": total_steps}
+    counters = {"step": 0, "optimizer_steps": 0, "skipped_overflow": 0, "skipped_nonfinite": 0,
+                "pad_slots": 0, "real_tokens": 0}
+    if resume_from is not None:
+        state = read_state(resume_from)
+        check_compatible(state, fingerprint, resume_from)
+        how = load_checkpoint(accelerator, model, optimizer, scheduler, resume_from, state, cfg.lora.enabled)
+        counters.update({k: state[k] for k in counters})
+        if accelerator.is_main_process:
+            _truncate_log(out / "train_log.jsonl", counters["step"])
+        _log(accelerator, f"resumed from {resume_from} at step {counters['step']} ({how} restore)")
     if cfg.log_with != "none":
         accelerator.init_trackers("tensorboard", config={k: v for k, v in _flat(cfg.model_dump()).items()
                                                          if isinstance(v, (int, float, str, bool))})
@@ -138,20 +199,30 @@ def train(cfg: Config) -> dict:
     if class_task or any(x.candidates for x in test_set):
         compare["majority"] = majority_baseline([class_name(x, x.gold, class_task) for x in train_set if x.candidates],
                                                 [class_name(x, x.gold, class_task) for x in test_set if x.candidates])
-    if cfg.eval.before_training:
+    if cfg.eval.before_training and resume_from is None:
         compare["untrained"] = evaluate_and_report(model, accelerator, cfg, tokenizer, test_set, class_task,
                                                    out / "eval_untrained", "untrained", compare)
+
+    def checkpoint(step: int) -> Path:
+        state = {**counters, "step": step, "world_size": world, "strategy": strategy_name(accelerator),
+                 "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
+                 "micro_batch_size": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum,
+                 "fingerprint": fingerprint}
+        path = save_checkpoint(accelerator, model, optimizer, scheduler, out, step, state, config_yaml,
+                               cfg.train.keep_checkpoints, cfg.lora.enabled)
+        _log(accelerator, f"saved checkpoint {path}")
+        return path
 
     # ---- the loop -----------------------------------------------------------------------------------------
     from tqdm.auto import tqdm
 
-    progress = tqdm(total=total_steps, disable=not accelerator.is_main_process, desc="training", dynamic_ncols=True)
+    stop = StopRequest()
+    progress = tqdm(total=total_steps, initial=counters["step"], disable=not accelerator.is_main_process,
+                    desc="training", dynamic_ncols=True)
     model.train()
-    plan, plan_epoch = None, -1
-    skipped_overflow, pad_slots, real_tokens = 0, 0, 0
-    rank_report = {"rank": rank, "world_size": world, "examples_seen": 0, "first_step_ids": None}
+    plan, plan_epoch, bad_in_a_row = None, -1, 0
     t_last, tokens_since = time.perf_counter(), 0
-    for step in range(total_steps):
+    for step in range(counters["step"], total_steps):
         epoch = step // steps_per_epoch
         if epoch != plan_epoch:
             plan = D.plan_global_batches(lengths, global_batch, cfg.seed, epoch, cfg.data.group_by_length)
@@ -160,15 +231,12 @@ def train(cfg: Config) -> dict:
         n_targets = sum(train_set[j].n_targets for j in batch_ids)  # same on every rank: no communication
         micro_batches = D.micro_batches_for_rank(batch_ids, lengths, cfg.train.micro_batch_size,
                                                  cfg.train.grad_accum, world, rank)
-        step_nll, step_tokens, grad_norm = 0.0, 0, None
-        rank_report["examples_seen"] += sum(len(m) for m in micro_batches)
-        if rank_report["first_step_ids"] is None:
-            rank_report["first_step_ids"] = [train_set[j].id for m in micro_batches for j in m]
+        step_nll, step_tokens, grad_norm, stepped = 0.0, 0, None, False
         for micro in micro_batches:
             batch = {k: v.to(accelerator.device) for k, v in D.collate_train([train_set[j] for j in micro],
                                                                             tokenizer.pad_token_id).items()}
-            pad_slots += batch["input_ids"].numel()
-            real_tokens += int(batch["attention_mask"].sum())
+            counters["pad_slots"] += batch["input_ids"].numel()
+            counters["real_tokens"] += int(batch["attention_mask"].sum())
             step_tokens += int(batch["attention_mask"].sum())
             with accelerator.accumulate(model):
                 loss_sum, _ = nll_sum(model, batch)
@@ -178,24 +246,36 @@ def train(cfg: Config) -> dict:
                 step_nll += loss_sum.item()
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    if accelerator.optimizer_step_was_skipped:
-                        skipped_overflow += 1  # fp16 loss-scale overflow: no update, schedule waits
-                    else:
-                        scheduler.step()
+                    # the norm is computed from all-reduced gradients, so every rank takes the same branch
+                    finite = grad_norm is None or math.isfinite(float(grad_norm)) or mixed == "fp16"
+                    if finite:
+                        optimizer.step()
+                        stepped = not accelerator.optimizer_step_was_skipped
+                        if accelerator.optimizer_step_was_skipped:
+                            counters["skipped_overflow"] += 1  # fp16 loss-scale overflow: no update
+                        else:
+                            scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-        total_nll, total_tokens = sum_across_ranks(accelerator, [step_nll, step_tokens])
+        total_nll, total_tokens, stop_flag = sum_across_ranks(accelerator, [step_nll, step_tokens, stop.requested])
+        loss = total_nll / n_targets
+        if stepped and math.isfinite(loss):
+            counters["optimizer_steps"] += 1
+            bad_in_a_row = 0
+        elif mixed != "fp16" or not math.isfinite(loss):
+            counters["skipped_nonfinite"] += 1  # skipped, weights untouched (the data moves on)
+            bad_in_a_row += 1
+        counters["step"] = step + 1
         tokens_since += total_tokens
         progress.update(1)
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps or bad_in_a_row:
             now = time.perf_counter()
-            row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": total_nll / n_targets,
+            row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": loss,
                    "lr": scheduler.get_last_lr()[0],
                    "grad_norm": None if grad_norm is None else float(grad_norm),
                    "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
                    "peak_mem_gib": peak_memory_gib(accelerator.device),
-                   "padding_frac": 1 - real_tokens / max(1, pad_slots), "overflow_skipped": skipped_overflow}
+                   "padding_frac": 1 - counters["real_tokens"] / max(1, counters["pad_slots"]),
+                   "overflow_skipped": counters["skipped_overflow"], "nonfinite_skipped": counters["skipped_nonfinite"]}
             t_last, tokens_since = now, 0
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
                 val = compute_metrics(build_predictions(
@@ -205,14 +285,43 @@ def train(cfg: Config) -> dict:
                 row["val_loss"] = val["loss"]
             _write_log(accelerator, out, row)
             progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+        if bad_in_a_row >= cfg.train.max_bad_steps:
+            progress.close()
+            deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
+            # without DeepSpeed the bad steps were skipped, so the weights are the last good ones: save them
+            saved = checkpoint(step + 1) if cfg.train.save_steps and not deepspeed else None
+            last = saved or (complete_checkpoints(out)[-1] if complete_checkpoints(out) else None)
+            raise FittuneError(f"training diverged: {bad_in_a_row} consecutive steps with a non-finite loss or "
+                               f"gradient (step {step + 1}, loss {loss}, grad norm {grad_norm}); last good checkpoint: "
+                               f"{last or 'none (set train.save_steps)'}; lower train.lr, keep train.max_grad_norm "
+                               f"on, or use bf16 instead of fp16")
+        if stop_flag:
+            progress.close()
+            path = checkpoint(step + 1)
+            code = 128 + int(stop.requested or signal.SIGTERM)
+            _log(accelerator, f"stopped by signal after step {step + 1}: checkpoint {path}; "
+                              f"continue with --resume auto (exit code {code})")
+            accelerator.end_training()
+            sys.exit(code)
+        if cfg.train.save_steps and (step + 1) % cfg.train.save_steps == 0 and step + 1 < total_steps:
+            checkpoint(step + 1)
     progress.close()
-    if skipped_overflow:
-        _log(accelerator, f"{skipped_overflow} steps skipped for fp16 overflow (loss scale lowered)")
+    stop.restore()
+    if counters["skipped_overflow"]:
+        _log(accelerator, f"{counters['skipped_overflow']} steps skipped for fp16 overflow (loss scale lowered)")
+    if counters["skipped_nonfinite"]:
+        _log(accelerator, f"{counters['skipped_nonfinite']} steps skipped for a non-finite loss or gradient")
+    if cfg.train.save_steps and counters["step"] == total_steps:
+        checkpoint(total_steps)
 
     # ---- save and evaluate --------------------------------------------------------------------------------
     from accelerate.utils import gather_object
 
-    ranks = gather_object([rank_report])  # which rows each rank trained on: proof the ranks are real
+    first = D.micro_batches_for_rank(D.plan_global_batches(lengths, global_batch, cfg.seed, 0, cfg.data.group_by_length)[0],
+                                     lengths, cfg.train.micro_batch_size, cfg.train.grad_accum, world, rank)
+    report = {"rank": rank, "world_size": world, "examples_seen": total_steps * cfg.train.micro_batch_size * cfg.train.grad_accum,
+              "first_step_ids": [train_set[j].id for m in first for j in m]}
+    ranks = gather_object([report])  # which rows each rank trains on: proof the ranks are real
     if accelerator.is_main_process:
         (out / "ranks.json").write_text(json.dumps(ranks, indent=1))
     save_final(model, accelerator, tokenizer, out, config_yaml)
@@ -220,12 +329,20 @@ def train(cfg: Config) -> dict:
                                   "fine-tuned", compare)
     if accelerator.is_main_process:
         plot_loss_curve(out / "train_log.jsonl", out / "loss_curve.png")
-        _log(accelerator, f"padding: {1 - real_tokens / max(1, pad_slots):.1%} of micro-batch slots were padding")
+        _log(accelerator, f"padding: {1 - counters['real_tokens'] / max(1, counters['pad_slots']):.1%} of "
+                          f"micro-batch slots were padding")
         _log(accelerator, f"held-out metrics ({len(test_set)} examples)\n"
              + metrics_table({**compare, "fine-tuned": metrics}))
         _log(accelerator, f"outputs in {out}/ (final/, eval/, config.yaml, train_log.jsonl, loss_curve.png)")
     accelerator.end_training()
     return metrics
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows written after the checkpoint we resume from (the crashed run got further)."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
 
 
 def _write_log(accelerator, out: Path, row: dict) -> None:

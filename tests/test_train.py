@@ -9,27 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import TINY_SHAPE, launch, read_log, run_python
-
-
-def independent_nll(model, tokenizer, run_dir: Path) -> dict[str, float]:
-    """Per held-out example: summed NLL of the answer given the chat prompt, computed here with plain
-    transformers on each unpadded sequence (no fittune code involved)."""
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    rows = {str(i): json.loads(line) for i, line in
-            enumerate((Path(__file__).parents[1] / "fittune/demo/ai_research_qa.jsonl").read_text().splitlines())}
-    out = {}
-    for ex_id in json.loads((run_dir / "heldout_ids.json").read_text())["ids"]:
-        row = rows[ex_id]
-        msgs = ([{"role": "system", "content": cfg["data"]["system_prompt"]}] if cfg["data"]["system_prompt"] else [])
-        msgs.append({"role": "user", "content": row["question"]})
-        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a = tokenizer(row["answer"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logp = model(input_ids=torch.tensor([p + a])).logits[0].float().log_softmax(-1)
-        out[ex_id] = -sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(a))
-    return out
+from conftest import TINY_SHAPE, independent_nll, launch, read_log, run_python
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -1,0 +1,178 @@
+"""Checkpoints and exact resume: a run killed at a random step and resumed ends exactly like an
+uninterrupted run; SIGTERM saves and exits; partial checkpoints are skipped; incompatible ones refused."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, child_env, free_port, launch, read_log
+
+STEPS = 24
+
+
+def recipe(tmp_path, tiny_model_dir, lora=False, **train):
+    tree = {"seed": 0, "log_with": "none", "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"path": "builtin:ai-research-qa", "max_length": 96},
+            "lora": {"enabled": lora, "r": 4, "dropout": 0.0},
+            "train": {"micro_batch_size": 2, "grad_accum": 2, "max_steps": STEPS, "lr": 2e-3, "log_every": 1,
+                      "save_steps": 4, "keep_checkpoints": 2, **train},
+            "eval": {"batch_size": 8}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def launch_cmd(nproc: int, accel: str | None, args: list) -> list[str]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if accel:
+        cmd += ["--config_file", str(ROOT / accel), "--num_processes", str(nproc)]
+    elif nproc > 1:
+        cmd += ["--config_file", str(ROOT / "accelerate_configs/cpu_2proc.yaml"), "--num_processes", str(nproc)]
+    else:
+        cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return cmd + ["--main_process_port", str(free_port()), str(ROOT / "train.py")] + [str(a) for a in args]
+
+
+def kill_when_logged(cmd: list[str], log: Path, at_row: int, sig=signal.SIGKILL) -> int:
+    """Start a run; once `at_row` steps are logged, send `sig` to it and every process below it (torchrun puts
+    its workers in their own sessions, so a process-group kill would miss them)."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len([x for x in log.read_text().splitlines() if x.strip()]) >= at_row:
+            root = psutil.Process(proc.pid)
+            for p in [root] + root.children(recursive=True):
+                try:
+                    p.send_signal(sig)
+                except psutil.NoSuchProcess:
+                    pass
+            break
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=300)
+    if sig == signal.SIGKILL:
+        time.sleep(0.5)  # let the kernel reap the workers before the test looks at their files
+    assert proc.returncode != 0, f"the run finished before it could be killed at step {at_row}\n{err[-2000:]}"
+    return proc.returncode
+
+
+def final_weights(run: Path) -> dict:
+    f = run / "final" / ("adapter_model.safetensors" if (run / "final/adapter_model.safetensors").exists()
+                         else "model.safetensors")
+    return load_file(f)
+
+
+def assert_same_run(a: Path, b: Path, tol=1e-6):
+    la, lb = [r["loss"] for r in read_log(a)], [r["loss"] for r in read_log(b)]
+    assert [r["step"] for r in read_log(b)] == list(range(1, STEPS + 1))
+    assert la == pytest.approx(lb, abs=tol, rel=tol)
+    wa, wb = final_weights(a), final_weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=tol, rtol=tol)
+
+
+CASES = [("1proc", 1, None, False), ("ddp", 2, None, False), ("zero2", 2, "accelerate_configs/deepspeed_zero2.yaml", False),
+         ("zero3", 2, "accelerate_configs/deepspeed_zero3.yaml", True)]
+
+
+@pytest.mark.parametrize("name, nproc, accel, lora", CASES, ids=[c[0] for c in CASES])
+def test_sigkill_then_resume_auto_matches_uninterrupted(tmp_path, tiny_model_dir, name, nproc, accel, lora):
+    cfg = recipe(tmp_path, tiny_model_dir, lora=lora)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    subprocess.run(launch_cmd(nproc, accel, ["--config", cfg, "--output_dir", ref]), cwd=ROOT, env=child_env(1),
+                   check=True, capture_output=True)
+    at = random.Random(name).randint(6, 15)  # a random step, reproducible per case
+    kill_when_logged(launch_cmd(nproc, accel, ["--config", cfg, "--output_dir", run]), run / "train_log.jsonl", at)
+    done = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*") if not p.name.endswith(".tmp")]
+    assert done and max(done) < STEPS  # it really died mid-run, after at least one checkpoint
+    proc = subprocess.run(launch_cmd(nproc, accel, ["--config", cfg, "--output_dir", run, "--resume", "auto"]),
+                          cwd=ROOT, env=child_env(1), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints'}" in proc.stdout
+    assert_same_run(ref, run)
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == [f"step-{STEPS - 4:08d}", f"step-{STEPS:08d}"]  # the newest two (keep_checkpoints: 2)
+
+
+def test_sigterm_saves_and_resume_completes(tmp_path, tiny_model_dir):
+    cfg = recipe(tmp_path, tiny_model_dir, save_steps=0)  # no periodic checkpoints: the signal alone saves
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    launch("train.py", ["--config", cfg, "--output_dir", ref])
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(cfg), "--output_dir", str(run)]
+    code = kill_when_logged(cmd, run / "train_log.jsonl", 5, sig=signal.SIGTERM)
+    assert code == 143  # 128 + SIGTERM, so a scheduler requeues the job
+    (ckpt,) = list((run / "checkpoints").iterdir())
+    assert 5 <= int(ckpt.name.split("-")[1]) < STEPS and not (run / "final").exists()
+    launch("train.py", ["--config", cfg, "--output_dir", run, "--resume", "auto"])
+    assert_same_run(ref, run)
+
+
+def test_partial_checkpoint_is_skipped(tmp_path, tiny_model_dir):
+    cfg = recipe(tmp_path, tiny_model_dir, max_steps=8)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    launch("train.py", ["--config", cfg, "--output_dir", ref])
+    launch("train.py", ["--config", cfg, "--output_dir", run])
+    # simulate a crash in the middle of saving step 8: its directory never got its final name, and a file
+    # in it is cut short; the run's end (final/, eval/) never happened
+    ckpts = run / "checkpoints"
+    (ckpts / "step-00000008").rename(ckpts / "step-00000008.tmp")
+    weights = ckpts / "step-00000008.tmp" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    for d in ("final", "eval"):
+        __import__("shutil").rmtree(run / d)
+    proc = launch("train.py", ["--config", cfg, "--output_dir", run, "--resume", "auto"])
+    assert f"resumed from {ckpts / 'step-00000004'}" in proc.stdout
+    assert not (ckpts / "step-00000008.tmp").exists()  # cleaned up, never resumed from
+    la, lb = [r["loss"] for r in read_log(ref)], [r["loss"] for r in read_log(run)]
+    assert la == pytest.approx(lb, abs=1e-6)
+    for k, v in final_weights(ref).items():
+        torch.testing.assert_close(final_weights(run)[k], v, atol=1e-6, rtol=1e-6)
+
+
+def test_incompatible_checkpoint_refused(tmp_path, tiny_model_dir):
+    cfg = recipe(tmp_path, tiny_model_dir, max_steps=4)
+    run = tmp_path / "run"
+    launch("train.py", ["--config", cfg, "--output_dir", run, "--train.max_steps", "4"])
+    proc = launch("train.py", ["--config", cfg, "--output_dir", run, "--train.max_steps", "4", "--resume", "auto",
+                               "--lora.enabled", "true"], check=False)
+    assert proc.returncode != 0
+    assert "belongs to a different run setup" in proc.stderr and "lora" in proc.stderr
+    fresh = launch("train.py", ["--config", cfg, "--output_dir", run, "--train.max_steps", "4"], check=False)
+    assert fresh.returncode != 0 and "pass --resume auto" in fresh.stderr  # never mixes two runs in one dir
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny_model_dir):
+    """A learning rate that makes the weights blow up: bad steps are skipped and counted; after
+    max_bad_steps in a row the run stops with a diagnostic and a last good checkpoint."""
+    cfg = recipe(tmp_path, tiny_model_dir, lr=1e12, max_grad_norm=0.0, max_bad_steps=3, warmup_ratio=0.0)
+    run = tmp_path / "run"
+    proc = launch("train.py", ["--config", cfg, "--output_dir", run], check=False)
+    assert proc.returncode != 0 and "training diverged: 3 consecutive steps" in proc.stderr, proc.stderr[-2000:]
+    rows = read_log(run)
+    assert rows[-1]["nonfinite_skipped"] >= 3
+    last = sorted((run / "checkpoints").glob("step-*"))[-1]
+    weights = load_file(last / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())  # the saved weights are the last good ones
+
+
+def test_checkpoint_dir_unwritable(tmp_path, tiny_model_dir):
+    cfg = recipe(tmp_path, tiny_model_dir, max_steps=8)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000008.tmp").write_text("a file where the save must create a directory")
+    proc = launch("train.py", ["--config", cfg, "--output_dir", run, "--resume", "auto"], check=False)
+    # the stray .tmp is a file, not a partial checkpoint dir: the save of step 8 fails with a clear error
+    assert proc.returncode != 0 and "could not write checkpoint" in proc.stderr, proc.stderr[-2000:]
+    assert (run / "checkpoints" / "step-00000004" / "trainer_state.json").is_file()  # the previous one is intact
