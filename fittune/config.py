@@ -158,6 +158,10 @@ class TrainConfig(_Section):
     (T4, V100) and no mixed precision on the CPU; `fp16` keeps trainable weights in fp32 with loss scaling."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (non-reentrant) to save memory."""
+    loss_chunk_size: int = 1024
+    """Compute output head + cross-entropy over this many tokens at a time, recomputed in the backward pass,
+    so full-vocabulary logits are never held for the whole batch (151,936 x tokens x 4 bytes for Qwen2.5).
+    0 uses the standard loss (all logits at once)."""
     log_every: int = 1
     """Write a train_log.jsonl row (and a tracker point) every N steps."""
     eval_every: int = 0
@@ -187,6 +191,8 @@ class TrainConfig(_Section):
             raise ValueError(f"train.warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
         if self.log_every < 1:
             raise ValueError(f"train.log_every must be >= 1 (got {self.log_every})")
+        if self.loss_chunk_size < 0:
+            raise ValueError(f"train.loss_chunk_size must be >= 0 (got {self.loss_chunk_size})")
         if self.save_steps < 0 or self.keep_checkpoints < 1 or self.max_bad_steps < 1:
             raise ValueError("train.save_steps must be >= 0, train.keep_checkpoints and train.max_bad_steps >= 1")
         return self
