@@ -36,7 +36,7 @@ def launch(script: str, args: list[str], nproc: int = 1, config_file: str | None
     """`accelerate launch [--config_file F] script args` as a subprocess, from the repo root."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file:
-        cmd += ["--config_file", str(ROOT / config_file)]
+        cmd += ["--config_file", str(ROOT / config_file)] + (["--num_processes", str(nproc)] if nproc > 1 else [])
     elif nproc > 1:
         cmd += ["--config_file", str(ROOT / "accelerate_configs/cpu_2proc.yaml"), "--num_processes", str(nproc)]
     else:
