@@ -237,4 +237,7 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path, state:
                            f"with the original accelerate config and process count")
     sched["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
     scheduler.load_state_dict(sched)
+    # load_state_dict restores the schedule's position but not the optimizer's current lr (set by step())
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
     return how
