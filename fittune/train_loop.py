@@ -22,7 +22,7 @@ from fittune.distributed import configure_deepspeed, make_accelerator, strategy_
 from fittune.errors import FittuneError
 from fittune.evaluation import (build_predictions, class_name, compute_metrics, evaluate_and_report,
                                 majority_baseline, run_evaluation)
-from fittune.loss import nll_sum
+from fittune.loss import install_chunked_loss, nll_sum
 from fittune.model import build_model, count_parameters, load_tokenizer, prepare_builtin_model, resolve_model_path
 from fittune.reports import metrics_table, plot_loss_curve
 from fittune.signals import StopRequest
@@ -166,6 +166,7 @@ def train(cfg: Config) -> dict:
 
     # ---- model and optimizer ------------------------------------------------------------------------------
     model = build_model(cfg, mixed)
+    head = model.get_output_embeddings() if install_chunked_loss(model, cfg.train.loss_chunk_size) else None
     n_total, n_trainable = count_parameters(model)
     _log(accelerator, f"parameters: {n_total:,} total, {n_trainable:,} trainable")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -239,7 +240,7 @@ def train(cfg: Config) -> dict:
             counters["real_tokens"] += int(batch["attention_mask"].sum())
             step_tokens += int(batch["attention_mask"].sum())
             with accelerator.accumulate(model):
-                loss_sum, _ = nll_sum(model, batch)
+                loss_sum, _ = nll_sum(model, batch, head)
                 # x world x accum undoes DDP's mean over ranks and accelerate's / accum: the update is then
                 # sum(NLL over the global batch) / (its target tokens), however the batch is split
                 accelerator.backward(loss_sum * (world * cfg.train.grad_accum / n_targets))

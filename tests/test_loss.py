@@ -1,0 +1,61 @@
+"""The chunked loss equals the standard loss, in value and in gradients."""
+
+import pytest
+import torch
+
+from fittune.data import IGNORE_INDEX
+from fittune.loss import ChunkedLossHead, install_chunked_loss, nll_sum
+
+
+def _model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+
+def _batch(vocab):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (3, 40), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0
+    labels = ids.clone()
+    labels[:, :12] = IGNORE_INDEX  # a prompt
+    labels[1, 30:] = IGNORE_INDEX  # padding
+    labels[2, :] = IGNORE_INDEX  # a row with no target at all
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1024])
+def test_chunked_loss_and_gradients_equal_standard(tiny_model_dir, chunk):
+    """Tolerance 1e-5 (fp32): the same sums in a different order."""
+    ref, chunked = _model(tiny_model_dir), _model(tiny_model_dir)
+    assert install_chunked_loss(chunked, chunk)
+    batch = _batch(ref.config.vocab_size)
+    loss_ref, n_ref = nll_sum(ref, batch)
+    loss_chk, n_chk = nll_sum(chunked, batch, chunked.get_output_embeddings())
+    assert n_ref == n_chk == 28 + 18  # row 0: tokens 12..39; row 1: 12..29; row 2: none
+    torch.testing.assert_close(loss_chk, loss_ref, atol=1e-5, rtol=1e-5)
+    loss_ref.backward()
+    loss_chk.backward()
+    for (name, a), (_, b) in zip(ref.named_parameters(), chunked.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_head_is_plain_linear_outside_training(tiny_model_dir):
+    """Evaluation and generation see ordinary logits; the state dict and the tied weights are unchanged."""
+    ref, chunked = _model(tiny_model_dir), _model(tiny_model_dir)
+    install_chunked_loss(chunked, 16)
+    assert isinstance(chunked.lm_head, ChunkedLossHead)
+    assert chunked.lm_head.weight is chunked.model.embed_tokens.weight
+    assert chunked.state_dict().keys() == ref.state_dict().keys()
+    ids = torch.randint(0, ref.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_no_chunking_for_a_lora_head_or_chunk_zero(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    assert not install_chunked_loss(_model(tiny_model_dir), 0)
+    lora_head = get_peft_model(_model(tiny_model_dir), LoraConfig(r=2, target_modules=["lm_head"]))
+    assert not install_chunked_loss(lora_head, 64)

@@ -1,0 +1,329 @@
+"""The memory planner: exact parameter counts on the meta device, every formula pinned on hand-computed values,
+the chunked-loss saving, and the CLI (the 16 GB acceptance case and bad input). CPU only, no network."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import Qwen2Config
+
+from fittune import plan as P
+from fittune.config import Config, build_config
+from fittune.errors import FittuneError
+from fittune.model_shapes import PUBLISHED_PARAMS, builtin_config, model_shape, shape_from_hf_config
+
+from conftest import ROOT, child_env
+
+QWEN3B = "Qwen/Qwen2.5-3B-Instruct"
+GIB = 1024**3
+
+
+def _cfg(**overrides) -> Config:
+    return build_config(None, overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exact parameter counts
+
+
+@pytest.fixture(scope="module")
+def qwen3b_lora():
+    """Qwen2.5-3B-Instruct + LoRA r=16 on all linear layers, as the 3B LoRA recipe trains it (bf16 base)."""
+    cfg = build_config(str(ROOT / "configs/qwen2.5-3b-lora.yaml"), {})
+    return model_shape(cfg, torch.bfloat16)
+
+
+def test_qwen25_3b_counts_are_exact(qwen3b_lora):
+    s = qwen3b_lora
+    assert s.source.startswith("built-in shape table")
+    assert s.frozen_params == 3_085_938_688  # the published Qwen2.5-3B count
+    assert s.trainable_params == 29_933_568  # LoRA r=16 on q,k,v,o,gate,up,down of 36 layers
+    # by hand: r x (in + out) per projection, kv width 2 heads x 128
+    per_layer = 16 * ((2048 + 2048) + 2 * (2048 + 256) + (2048 + 2048) + 3 * (2048 + 11008))
+    assert s.trainable_params == 36 * per_layer
+    assert (s.frozen_itemsize, s.trainable_itemsize) == (2, 4)  # half base, fp32 adapters (PEFT autocast)
+    assert s.tie_word_embeddings and s.head_params == 0 and s.vocab_size == 151936
+
+
+@pytest.mark.parametrize("size", ["0.5B", "1.5B", "7B"])
+def test_other_builtin_shapes_match_published_counts(size):
+    shape = model_shape(_cfg(**{"model.name_or_path": f"Qwen/Qwen2.5-{size}"}), torch.bfloat16)
+    assert shape.total_params == PUBLISHED_PARAMS[size]
+    assert shape.trainable_params == shape.total_params  # full fine-tuning: everything trains
+
+
+def test_builtin_table_has_published_3b_values():
+    c = builtin_config(QWEN3B)
+    assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+            c.num_key_value_heads, c.tie_word_embeddings, c.max_position_embeddings) == (
+        151936, 2048, 11008, 36, 16, 2, True, 32768)
+    assert c.rope_parameters["rope_theta"] == 1e6 and c.rms_norm_eps == 1e-6
+
+
+def test_local_dir_and_unknown_hub_id(tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    shape = model_shape(_cfg(**{"model.name_or_path": str(tmp_path)}), torch.float32)
+    assert shape.total_params == 1480 and shape.source.endswith("config.json")
+    with pytest.raises(FittuneError, match="no config for model 'someone/not-a-model'"):
+        model_shape(_cfg(**{"model.name_or_path": "someone/not-a-model"}), torch.float32)
+
+
+def test_builtin_tiny_model_uses_built_config_or_says_it_approximates(tmp_path):
+    cfg = _cfg(output_dir=str(tmp_path))
+    approx = model_shape(cfg, torch.float32)
+    assert approx.vocab_size == cfg.model.tiny.vocab_size
+    assert any("approximated" in n for n in approx.notes)
+    built = Qwen2Config(vocab_size=1633, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    built.save_pretrained(tmp_path / "base_model")
+    exact = model_shape(cfg, torch.float32)
+    assert exact.vocab_size == 1633 and not exact.notes
+    assert exact.total_params == approx.total_params - (2048 - 1633) * 128
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Formulas, pinned on a tiny Qwen2 shape computed by hand:
+#   vocab 32, hidden 8, MLP 16, 2 layers, 2 heads / 1 KV head (head_dim 4), tied embeddings.
+#   parameters: embedding 32*8 = 256; per layer q 8*8+8 = 72, k 8*4+4 = 36, v 36, o 64, gate/up/down 3*128,
+#   2 norms 16 -> 608; final norm 8; total 256 + 2*608 + 8 = 1480.
+
+
+def tiny_config() -> Qwen2Config:
+    return Qwen2Config(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+
+
+def tiny_shape(lora: bool, weights_dtype=torch.float32, rank: int = 2, dropout: float = 0.05):
+    cfg = _cfg(**{"lora.enabled": lora, "lora.r": rank, "lora.dropout": dropout})
+    return shape_from_hf_config(tiny_config(), cfg, weights_dtype)
+
+
+def test_tiny_parameter_counts():
+    full = tiny_shape(lora=False)
+    assert (full.total_params, full.trainable_params, full.layer_params, full.embed_params) == (1480, 1480, 608, 256)
+    # autocast casts every trainable fp32 Linear weight + bias: 2 x (72+36+36+64+384) + the tied head 256
+    assert full.autocast_cast_params == 2 * 592 + 256
+    lora = tiny_shape(lora=True, weights_dtype=torch.bfloat16)
+    # r x (in + out): q 2*16, k 2*12, v 2*12, o 2*16, gate/up/down 3 * 2*24 -> 256 per layer
+    assert lora.trainable_params == 2 * 256 and lora.frozen_params == 1480
+    assert lora.autocast_cast_params == 512  # only the fp32 adapters are cast
+
+
+def test_layer_activation_terms_full_finetuning_native_bf16():
+    # accelerate autocast over fp32 weights: residual stream fp32 (4 B), matmul outputs bf16 (2 B)
+    shape = tiny_shape(lora=False)
+    dt = P.activation_dtypes("single", shape, "bf16")
+    assert (dt.residual, dt.compute, dt.autocast) == (4, 2, True)
+    assert P.layer_activation_terms(shape, dt) == {
+        "rmsnorm": 2 * (4 * 8 + 4 + 4 * 8),  # fp32 input copy + 1/rms + normalised x (trainable weight)
+        "qkv_inputs": 3 * 2 * 8,  # q, k and v each save their own bf16 cast of the fp32 norm output
+        "attention": 2 * (8 + 8 + 8 + 8) + 4 * 2,  # q, repeated k and v, output + fp32 logsumexp per head
+        "o_input": 0,  # the attention output, already saved by the kernel
+        "gate_up_inputs": 2 * 2 * 8,
+        "mlp": 3 * 2 * 16,  # SiLU input, act and up (the product's two factors)
+        "down_input": 2 * 16,
+    }  # 416 B per token per layer = 34 h + 8 I + 4 heads + 8
+    assert sum(P.layer_activation_terms(shape, dt, gqa_repeated=False).values()) == 416 - 2 * 2 * (8 - 4)
+
+
+def test_layer_activation_terms_lora_and_deepspeed():
+    lora = tiny_shape(lora=True, weights_dtype=torch.bfloat16)  # bf16 base, fp32 adapters, dropout 0.05
+    dt = P.activation_dtypes("single", lora, "bf16")
+    assert (dt.residual, dt.compute, dt.lora_input) == (2, 2, 2)
+    adapter = (1 + 2) * 8 + 2 * 2  # bool dropout mask + bf16 A input per input feature, + A's rank-2 output
+    assert P.layer_activation_terms(lora, dt) == {
+        "rmsnorm": 2 * (4 * 8 + 4),  # frozen norm weight: no normalised-x copy
+        "qkv_inputs": 3 * adapter,  # frozen base Linears save nothing
+        "attention": 72,
+        "o_input": adapter,
+        "gate_up_inputs": 2 * adapter,
+        "mlp": 96,
+        "down_input": (1 + 2) * 16 + 2 * 2,
+    }  # 460 = 34 h + 9 I + 14 r + 4 heads + 8
+    full = tiny_shape(lora=False)
+    ds = P.activation_dtypes("zero2", full, "bf16")  # DeepSpeed keeps the module in bf16, no autocast
+    assert (ds.residual, ds.compute, ds.autocast) == (2, 2, False)
+    terms = P.layer_activation_terms(full, ds)
+    assert terms["rmsnorm"] == 2 * (4 * 8 + 4 + 2 * 8) and terms["qkv_inputs"] == 2 * 8  # one shared input
+    assert sum(terms.values()) == 336  # 24 h + 8 I + 4 heads + 8
+
+
+def test_activation_terms_with_and_without_checkpointing():
+    shape = tiny_shape(lora=False)
+    dt = P.activation_dtypes("single", shape, "bf16")
+    tokens = 2 * 4  # micro-batch 2 x 4 tokens
+    per_layer = 416 * tokens
+    mask_per_layer = 2 * 4 * 4 * 2  # SDPA's bf16 additive mask, micro x seq x seq
+    workspace = (3 * 2 * 16 + 2 * 4 * 8) * tokens  # 3 MLP gradients (bf16) + 2 hidden gradients (fp32)
+    head = (4 * 8 + 4 + 4 * 8 + 2 * 8) * tokens  # final norm + the head's own bf16 input cast
+    assert P.activation_terms(shape, dt, 2, 4, checkpointing=False, chunked=False) == {
+        "saved by all layers": 2 * (per_layer + mask_per_layer), "attention masks": 2 * 4 * 4,
+        "layer backward": workspace, "final norm / head input": head}
+    assert P.activation_terms(shape, dt, 2, 4, checkpointing=True, chunked=False) == {
+        "layer inputs (checkpointed)": 2 * 4 * 8 * tokens,  # one fp32 hidden state per layer
+        "attention masks": 2 * 4 * 4,
+        "layer backward": per_layer + mask_per_layer + workspace,  # one layer recomputed
+        "final norm / head input": head}
+
+
+def test_logits_terms():
+    shape = tiny_shape(lora=False)
+    dt = P.activation_dtypes("single", shape, "bf16")
+    assert P.logits_bytes(shape, dt, 2, 4, chunk=0) == 2 * 4 * 32 * 12
+    # chunk of 2 tokens: 2 x vocab x 14 B, + the 8 fp32 hidden states kept for the recompute
+    assert P.logits_bytes(shape, dt, 2, 4, chunk=2) == 2 * 32 * 14 + 8 * 8 * 4
+    assert P.logits_bytes(shape, dt, 1, 2, chunk=1024) == 2 * 32 * 14 + 2 * 8 * 4  # chunk > tokens
+
+
+def test_single_gpu_and_ddp_estimates_full_finetuning():
+    shape = tiny_shape(lora=False)
+    work = P.Workload(micro_batch=2, seq_len=4, checkpointing=False, loss_chunk=0, mixed="bf16")
+    est = P.estimate("single", shape, work, gpus=1)
+    assert est.gpu == {"weights": 1480 * 4, "gradients": 1480 * 4, "optimizer": 2 * 1480 * 4}
+    acts = 2 * (416 * 8 + 64) + 32 + 84 * 8
+    assert est.gpu_pass == {"activations": acts, "layer backward": 160 * 8, "logits/loss": 3072,
+                            "weight copies": 2 * 1440}
+    assert est.gpu_step == {"optimizer step": 1480 * 4}  # foreach AdamW's one temporary
+    # logits (3072) and the layer backward (1280) are never live together: the larger counts
+    assert est.gpu_peak == (4 + 4 + 8) * 1480 + acts + 3072 + 2880  # W + G + O + the pass peak
+    assert est.gpu_total == est.gpu_peak + int(P.CUDA_OVERHEAD_GIB * GIB)
+    assert est.cpu == {"processes": int(P.HOST_PROCESS_GIB * GIB), "model load": 1480 * 4}
+    ddp = P.estimate("ddp", shape, work, gpus=2)
+    assert ddp.gpu["gradients"] == 2 * 1480 * 4  # + DDP's bucket copy
+    assert ddp.cpu["model load"] == 2 * 1480 * 4 and ddp.applicable
+    assert not P.estimate("ddp", shape, work, gpus=1).applicable
+
+
+def test_single_gpu_estimate_lora():
+    shape = tiny_shape(lora=True, weights_dtype=torch.bfloat16)
+    work = P.Workload(micro_batch=2, seq_len=4, checkpointing=True, loss_chunk=0, mixed="bf16")
+    est = P.estimate("single", shape, work, gpus=1)
+    assert est.gpu == {"weights": 1480 * 2 + 512 * 4, "gradients": 512 * 4, "optimizer": 2 * 512 * 4}
+    assert est.gpu_pass["weight copies"] == 2 * 512
+    assert est.gpu_pass["activations"] == 2 * 2 * 8 * 8 + 32 + (4 * 8 + 4) * 8  # bf16 layer inputs, no head input
+
+
+def test_deepspeed_and_fsdp_estimates():
+    shape = tiny_shape(lora=False)
+    work = P.Workload(micro_batch=2, seq_len=4, checkpointing=True, loss_chunk=0, mixed="bf16")
+    bucket = 2 * 8 * 8 * 2  # two reduce buckets of hidden^2 bf16 elements
+    z2 = P.estimate("zero2", shape, work, gpus=2)
+    assert z2.gpu == {"weights": 1480 * 2, "gradients": 1480 * 2 // 2 + bucket, "optimizer": 12 * 1480 // 2}
+    assert z2.gpu_step == {"fp32 gradients + AdamW temp": 2 * 4 * 740}
+    z2o = P.estimate("zero2_offload", shape, work, gpus=1)
+    assert z2o.applicable and z2o.gpu == {"weights": 1480 * 2, "gradients": bucket, "optimizer": 0}
+    assert z2o.cpu["offloaded optimizer"] == 16 * 1480  # fp32 master + 2 moments + fp32 gradients
+    z3 = P.estimate("zero3", shape, work, gpus=2)
+    assert z3.gpu["weights"] == 1480 * 2 // 2
+    assert z3.gpu_pass["gathered layers"] == (608 + 608) * 2  # the layer + the prefetched one (> embedding)
+    z3o = P.estimate("zero3_offload", shape, work, gpus=1)
+    assert z3o.gpu["weights"] == 0 and z3o.cpu["offloaded parameters"] == 1480 * 2
+    fsdp = P.estimate("fsdp2", shape, work, gpus=2)
+    assert fsdp.gpu == {"weights": 1480 * 4 // 2, "gradients": 1480 * 4 // 2, "optimizer": 2 * 1480 * 4 // 2}
+    assert fsdp.gpu_pass["gathered layers"] == (256 + 2 * 608) * 2 + 608 * 2
+
+
+def test_device_map_splits_layers():
+    shape = tiny_shape(lora=False)
+    work = P.Workload(micro_batch=2, seq_len=4, checkpointing=False, loss_chunk=0, mixed="bf16")
+    est = P.estimate("device_map", shape, work, gpus=2)
+    # busiest GPU: the first one, with 1 of the 2 layers and the tied embedding / head (and the logits)
+    assert est.gpu["weights"] == (608 + 256) * 4
+    assert est.gpu_pass["activations"] == (416 * 8 + 64) + 32 + 84 * 8
+    assert est.gpu_pass["logits/loss"] == 3072 and est.processes == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The chunked loss, and the plan on the real 3B shape
+
+
+def test_chunked_loss_removes_most_of_the_3b_logits_term(qwen3b_lora):
+    dt = P.activation_dtypes("single", qwen3b_lora, "bf16")
+    standard = P.logits_bytes(qwen3b_lora, dt, 4, 1024, chunk=0)
+    assert standard == 4 * 1024 * 151936 * 12  # 6.96 GiB at the recipe's micro-batch 4 x 1024 tokens
+    chunked = P.logits_bytes(qwen3b_lora, dt, 4, 1024, chunk=1024)
+    assert chunked == 1024 * 151936 * 14 + 4 * 1024 * 2048 * 2  # 2.04 GiB
+    assert chunked < standard / 3
+    assert P.logits_bytes(qwen3b_lora, dt, 4, 1024, chunk=128) < standard / 20
+    # the chunked term does not grow with the batch (only the hidden states kept for recompute do)
+    assert P.logits_bytes(qwen3b_lora, dt, 16, 1024, chunk=1024) - chunked == 12 * 1024 * 2048 * 2
+
+
+def test_make_plan_keeps_the_global_batch_when_halving():
+    # full fine-tuning on one 16 GiB GPU: only the offload strategies fit
+    cfg = build_config(str(ROOT / "configs/qwen2.5-3b-full.yaml"), {"train.gradient_checkpointing": False})
+    plan = P.make_plan(cfg, gpus=1, gpu_mem_gib=16, cpu_mem_gib=256, recipe="configs/qwen2.5-3b-full.yaml")
+    assert plan.shape.total_params == 3_085_938_688 and plan.global_batch == 2 * 8
+    rec = plan.recommended
+    assert rec.strategy.key == "zero2_offload" and rec.gpu_total <= 16 * GIB
+    assert rec.micro_batch == 1 and rec.grad_accum == 16  # micro 2 does not fit without checkpointing
+    for est in plan.estimates:
+        assert est.micro_batch * est.grad_accum * est.processes == plan.global_batch
+    assert plan.command(rec) == (
+        "accelerate launch --config_file accelerate_configs/deepspeed_zero2_offload.yaml --num_processes 1 "
+        "train.py --config configs/qwen2.5-3b-full.yaml --train.micro_batch_size 1 --train.grad_accum 16")
+    by_key = {e.strategy.key: e for e in plan.estimates}
+    assert not by_key["single"].fits and "GPU memory" in by_key["single"].limit
+    assert plan.command(by_key["device_map"]).startswith(
+        "python train.py --config configs/qwen2.5-3b-full.yaml --model.parallel auto --train.micro_batch_size")
+    assert plan.command_notes(by_key["device_map"]) == [
+        "needs the device-map feature: model.parallel is not a config key yet"]
+
+
+def test_make_plan_multi_gpu_prefers_the_fastest_sharded_strategy():
+    cfg = build_config(str(ROOT / "configs/qwen2.5-3b-full.yaml"), {})
+    plan = P.make_plan(cfg, gpus=4, gpu_mem_gib=24, cpu_mem_gib=256, recipe="r.yaml", extra_args=["--train.lr", "1e-5"])
+    by_key = {e.strategy.key: e for e in plan.estimates}
+    assert not by_key["ddp"].fits  # a full fp32 copy + Adam states per GPU is ~70 GiB
+    assert plan.recommended.strategy.key == "zero2" and plan.recommended.processes == 4
+    assert plan.command(plan.recommended) == (
+        "accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml --num_processes 4 train.py "
+        "--config r.yaml --train.lr 1e-5 --train.micro_batch_size 2 --train.grad_accum 8")
+    assert plan.global_batch == 2 * 8 * 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU default")
+def test_no_gpu_plans_for_one_16_gib_gpu_and_says_so():
+    hw = P.detect_hardware(None, None, None)
+    assert (hw.gpus, hw.gpu_mem_gib) == (1, P.DEFAULT_GPU_MEM_GIB) and hw.cpu_mem_gib > 0
+    assert any("no CUDA GPU" in n for n in hw.notes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _plan_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fittune.plan", *args], cwd=ROOT, env=child_env(2),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_16gb_acceptance():
+    proc = _plan_cli("--config", "configs/qwen2.5-3b-lora.yaml", "--gpus", "1", "--gpu-mem", "16")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "3,085,938,688" in out and "29,933,568 trainable" in out
+    assert "recommended: single GPU" in out
+    assert ("accelerate launch --config_file accelerate_configs/single_gpu.yaml train.py --config "
+            "configs/qwen2.5-3b-lora.yaml --train.micro_batch_size 4 --train.grad_accum 4") in out
+    needed = float(re.search(r"needed\s+([\d.]+) GiB\s+of 16\.0 GiB", out).group(1))
+    assert needed <= 16.0
+    assert re.search(r"^single GPU \(LoRA\)\s+yes\s+4 x 4", out, re.M)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/qwen2.5-3b-lora.yaml", "--train.learning_rate", "1e-4"],
+     "fittune: error: unknown config key 'train.learning_rate'; did you mean 'train.lr'?"),
+    (["--config", "configs/missing.yaml"], "fittune: error: config file not found: configs/missing.yaml"),
+    (["--config", "configs/qwen2.5-3b-lora.yaml", "--gpus", "0"],
+     "fittune: error: --gpus must be a whole number >= 1 (got '0')"),
+])
+def test_cli_bad_input_is_one_error_line_and_exit_2(args, message):
+    proc = _plan_cli(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [message]
+    assert proc.stdout == ""
