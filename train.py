@@ -13,6 +13,11 @@ from fittune.errors import run_cli
 
 
 def main() -> None:
+    if "--plan" in sys.argv[1:]:  # predict memory for every strategy instead of training
+        from fittune.plan import plan_main
+
+        plan_main([a for a in sys.argv[1:] if a != "--plan"])
+        return
     cfg = parse_args(sys.argv[1:], prog="train.py")
     from fittune.train_loop import train
 

@@ -232,31 +232,15 @@ def train(cfg: Config) -> dict:
         n_targets = sum(train_set[j].n_targets for j in batch_ids)  # same on every rank: no communication
         micro_batches = D.micro_batches_for_rank(batch_ids, lengths, cfg.train.micro_batch_size,
                                                  cfg.train.grad_accum, world, rank)
-        step_nll, step_tokens, grad_norm, stepped = 0.0, 0, None, False
-        for micro in micro_batches:
-            batch = {k: v.to(accelerator.device) for k, v in D.collate_train([train_set[j] for j in micro],
-                                                                            tokenizer.pad_token_id).items()}
-            counters["pad_slots"] += batch["input_ids"].numel()
-            counters["real_tokens"] += int(batch["attention_mask"].sum())
-            step_tokens += int(batch["attention_mask"].sum())
-            with accelerator.accumulate(model):
-                loss_sum, _ = nll_sum(model, batch, head)
-                # x world x accum undoes DDP's mean over ranks and accelerate's / accum: the update is then
-                # sum(NLL over the global batch) / (its target tokens), however the batch is split
-                accelerator.backward(loss_sum * (world * cfg.train.grad_accum / n_targets))
-                step_nll += loss_sum.item()
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
-                    # the norm is computed from all-reduced gradients, so every rank takes the same branch
-                    finite = grad_norm is None or math.isfinite(float(grad_norm)) or mixed == "fp16"
-                    if finite:
-                        optimizer.step()
-                        stepped = not accelerator.optimizer_step_was_skipped
-                        if accelerator.optimizer_step_was_skipped:
-                            counters["skipped_overflow"] += 1  # fp16 loss-scale overflow: no update
-                        else:
-                            scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+        batches = [{k: v.to(accelerator.device) for k, v in D.collate_train([train_set[j] for j in micro],
+                                                                           tokenizer.pad_token_id).items()}
+                   for micro in micro_batches]
+        counters["pad_slots"] += sum(b["input_ids"].numel() for b in batches)
+        step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        counters["real_tokens"] += step_tokens
+        step_nll, grad_norm, stepped, overflow = train_step(accelerator, model, optimizer, scheduler, params, batches,
+                                                            n_targets, head, cfg.train.max_grad_norm, mixed)
+        counters["skipped_overflow"] += overflow
         total_nll, total_tokens, stop_flag = sum_across_ranks(accelerator, [step_nll, step_tokens, stop.requested])
         loss = total_nll / n_targets
         if stepped and math.isfinite(loss):
@@ -337,6 +321,36 @@ def train(cfg: Config) -> dict:
         _log(accelerator, f"outputs in {out}/ (final/, eval/, config.yaml, train_log.jsonl, loss_curve.png)")
     accelerator.end_training()
     return metrics
+
+
+def train_step(accelerator, model, optimizer, scheduler, params, batches: list[dict], n_targets: int, head,
+               max_grad_norm: float, mixed: str) -> tuple[float, float | None, bool, int]:
+    """One optimizer step over this rank's micro-batches of a global batch.
+
+    Returns (summed NLL of this rank's tokens, grad norm, whether the weights were updated, fp16 overflow
+    skips). A step whose gradient norm is not finite is skipped (no update, no schedule step).
+    """
+    world, accum = accelerator.num_processes, len(batches)
+    step_nll, grad_norm, stepped, overflow = None, None, False, 0
+    for batch in batches:
+        with accelerator.accumulate(model):
+            loss_sum, _ = nll_sum(model, batch, head)
+            # x world x accum undoes DDP's mean over ranks and accelerate's / accum: the update is then
+            # sum(NLL over the global batch) / (its target tokens), however the batch is split
+            accelerator.backward(loss_sum * (world * accum / n_targets))
+            step_nll = loss_sum.detach() if step_nll is None else step_nll + loss_sum.detach()
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm or float("inf"))
+                # the norm comes from all-reduced gradients, so every rank takes the same branch
+                if grad_norm is None or math.isfinite(float(grad_norm)) or mixed == "fp16":
+                    optimizer.step()
+                    if accelerator.optimizer_step_was_skipped:
+                        overflow += 1  # fp16 loss-scale overflow: no update, the schedule waits
+                    else:
+                        stepped = True
+                        scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return float(step_nll), None if grad_norm is None else float(grad_norm), stepped, overflow
 
 
 def _truncate_log(path: Path, step: int) -> None:
