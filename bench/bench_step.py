@@ -1,0 +1,168 @@
+"""fittune's real training step on the Qwen2.5-3B shape (random weights), timed, with the planner's prediction.
+
+Each case builds the model the way train.py does (fittune.model: LoRA, gradient checkpointing; fittune.loss:
+chunked head loss; fittune.distributed: the Accelerator and DeepSpeed config filling) and runs
+fittune.train_loop.train_step on random tokens (every token a target, as in ../shared/bench/naive_baseline.py).
+
+    python bench/bench_step.py --case lora-4x2048-ckpt[,lora-4x1024,...]            # native cases, one process
+    accelerate launch --config_file accelerate_configs/deepspeed_zero2_offload.yaml bench/bench_step.py --case full-zero2_offload-2x1024-ckpt
+    TINY=1 python bench/bench_step.py --case lora-4x1024                            # a toy shape on the CPU
+
+Prints one JSON row per case: peak GiB (torch.cuda.max_memory_allocated), tokens/s, MFU (same formula as the
+naive baseline), and `planned_gib`, the planner's predicted peak for the same case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fittune.config import build_config  # noqa: E402
+from fittune.distributed import configure_deepspeed, make_accelerator, zero_stage  # noqa: E402
+from fittune.loss import install_chunked_loss  # noqa: E402
+from fittune.model import apply_lora, enable_gradient_checkpointing  # noqa: E402
+from fittune.train_loop import train_step  # noqa: E402
+
+TINY = os.environ.get("TINY") == "1"
+PEAK_FLOPS = 989e12  # H100/H200 dense bf16, as in the naive baseline
+
+
+def parse_case(name: str) -> dict:
+    """'lora-4x2048-ckpt', 'full-2x1024-ckpt', 'full-zero2_offload-2x1024-ckpt', 'lora-zero3-4x1024-ckpt'."""
+    parts = name.split("-")
+    method, rest = parts[0], parts[1:]
+    strategy = "single"
+    if rest[0].startswith("zero"):
+        strategy, rest = rest[0], rest[1:]
+    micro, seq = (int(x) for x in rest[0].split("x"))
+    return {"name": name, "method": method, "strategy": strategy, "micro": micro, "seq": seq,
+            "ckpt": "ckpt" in rest}
+
+
+def hf_config(seq: int):
+    from transformers import Qwen2Config
+
+    if TINY:
+        return Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768,
+                       rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def planned_gib(case: dict, cfg) -> float | None:
+    """The planner's predicted torch.cuda.max_memory_allocated for this case (None for the toy shape)."""
+    if TINY:
+        return None
+    from fittune.model import weights_dtype
+    from fittune.model_shapes import model_shape
+    from fittune.plan import Workload, estimate
+
+    shape = model_shape(cfg, weights_dtype(cfg, "bf16"))
+    work = Workload(case["micro"], case["seq"], case["ckpt"], cfg.train.loss_chunk_size, "bf16")
+    return round(estimate(case["strategy"], shape, work, 1).gpu_peak / 2**30, 2)
+
+
+def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
+    lora = case["method"] == "lora"
+    cfg = build_config(None, {
+        "model.name_or_path": "Qwen/Qwen2.5-3B", "lora.enabled": lora, "lora.r": 16, "lora.alpha": 32,
+        "lora.dropout": 0.0, "train.micro_batch_size": case["micro"], "train.grad_accum": 1,
+        "train.mixed_precision": "bf16", "train.gradient_checkpointing": case["ckpt"],
+        "data.max_length": case["seq"], "train.lr": 1e-4})
+    torch.manual_seed(0)
+    accelerator = accelerator or make_accelerator("bf16", 1, None, "/tmp/fittune-bench")
+    dev = accelerator.device
+    deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
+    if deepspeed:
+        configure_deepspeed(accelerator, case["micro"], 1, 1.0)
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(case["seq"])
+    config._attn_implementation = "sdpa"
+    # LoRA: frozen bf16 base; full: fp32 master weights (bf16 autocast) as fittune's weights_dtype chooses
+    dtype = torch.bfloat16 if lora else torch.float32
+    if deepspeed and zero_stage(accelerator) == 3:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # partitioned under zero.Init
+    else:
+        with torch.device(dev if not deepspeed else "cpu" if TINY else dev):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.config.use_cache = False
+    n_params = sum(p.numel() for p in model.parameters()) if not deepspeed or zero_stage(accelerator) < 3 else None
+    if lora:
+        model = apply_lora(model, cfg)
+    if case["ckpt"]:
+        enable_gradient_checkpointing(model, lora)
+    head = model.get_output_embeddings() if install_chunked_loss(model, cfg.train.loss_chunk_size) else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = dev.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused, foreach=not fused)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler("constant", optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    ids = torch.randint(0, config.vocab_size, (case["micro"], case["seq"]), device=dev)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    n_targets = case["micro"] * (case["seq"] - 1)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = None
+    for i in range(warm + steps):
+        if i == warm:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        nll, grad_norm, stepped, _ = train_step(accelerator, model, optimizer, scheduler, params, [batch], n_targets,
+                                               head, 1.0, "bf16")
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    tok_s = case["micro"] * case["seq"] / dt
+    n = n_params or 3_085_938_688
+    flops_tok = (6 if case["method"] == "full" else 4) * n + 12 * config.num_hidden_layers * config.hidden_size * case["seq"]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+    row = {"case": case["name"], "strategy": case["strategy"], "method": case["method"], "micro_batch": case["micro"],
+           "seq": case["seq"], "grad_ckpt": case["ckpt"], "peak_gib": round(peak, 2), "tokens_per_s": round(tok_s, 1),
+           "mfu": round(tok_s * flops_tok / PEAK_FLOPS, 4), "loss": round(nll / n_targets, 3),
+           "planned_gib": planned_gib(case, cfg), "stepped": stepped}
+    del model, optimizer, batch, params
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", required=True, help="comma-separated case names")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warm", type=int, default=3)
+    args = ap.parse_args()
+    if torch.cuda.is_available():
+        print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    accelerator = None
+    for name in args.case.split(","):
+        case = parse_case(name)
+        try:
+            row = run_case(case, args.steps, args.warm, accelerator)
+        except torch.OutOfMemoryError:
+            row = {"case": name, "error": "OOM"}
+            gc.collect()
+            torch.cuda.empty_cache()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
