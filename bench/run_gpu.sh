@@ -19,10 +19,10 @@ run() {  # run <timeout> <log name> <command...>
   grep -h '^{' "$OUT/$name.log" >> "$OUT/rows.jsonl"
 }
 : > "$OUT/rows.jsonl"
-run 150 native python3 bench/bench_step.py --case lora-4x2048-ckpt,lora-4x1024,lora-4x1024-ckpt,lora-4x2048,full-2x1024-ckpt
-run 150 zero2_offload accelerate launch --config_file accelerate_configs/deepspeed_zero2_offload.yaml bench/bench_step.py --case full-zero2_offload-2x1024-ckpt --steps 4 --warm 2
-run 120 zero3_offload accelerate launch --config_file accelerate_configs/deepspeed_zero3_offload.yaml bench/bench_step.py --case full-zero3_offload-2x1024-ckpt --steps 4 --warm 2
-run 90 zero3_lora accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml bench/bench_step.py --case lora-zero3-4x1024-ckpt --steps 6 --warm 2
-run 150 naive python3 .bench/naive_baseline.py
+run 130 native python3 bench/bench_step.py --case lora-4x2048-ckpt,lora-4x1024,lora-4x1024-ckpt,lora-4x2048,full-2x1024-ckpt
+run 130 naive python3 .bench/naive_baseline.py
+run 130 zero2_offload accelerate launch --config_file accelerate_configs/deepspeed_zero2_offload.yaml bench/bench_step.py --case full-zero2_offload-2x1024-ckpt --steps 4 --warm 2
+run 110 zero3_offload accelerate launch --config_file accelerate_configs/deepspeed_zero3_offload.yaml bench/bench_step.py --case full-zero3_offload-2x1024-ckpt --steps 4 --warm 2
+run 60 zero3_lora accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml bench/bench_step.py --case lora-zero3-4x1024-ckpt --steps 6 --warm 2
 sed 's/^/naive /' "$OUT/naive.log" | grep '^naive {' | sed 's/^naive //' > "$OUT/naive.jsonl"
 python3 bench/report.py "$OUT/rows.jsonl" "$OUT/naive.jsonl" "$(cat "$OUT/gpu.txt")" | tee "$OUT/table.md"
