@@ -69,7 +69,9 @@ def planned_gib(case: dict, cfg) -> float | None:
 
     shape = model_shape(cfg, weights_dtype(cfg, "bf16"))
     work = Workload(case["micro"], case["seq"], case["ckpt"], cfg.train.loss_chunk_size, "bf16")
-    return round(estimate(case["strategy"], shape, work, 1).gpu_peak / 2**30, 2)
+    est = estimate(case["strategy"], shape, work, 1)
+    est.grad_accum = 1  # the bench steps without accumulation
+    return round(est.gpu_peak / 2**30, 2)
 
 
 def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
@@ -136,10 +138,9 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
            "seq": case["seq"], "grad_ckpt": case["ckpt"], "peak_gib": round(peak, 2), "tokens_per_s": round(tok_s, 1),
            "mfu": round(tok_s * flops_tok / PEAK_FLOPS, 4), "loss": round(nll / n_targets, 3),
            "planned_gib": planned_gib(case, cfg), "stepped": stepped}
-    del model, optimizer, batch, params
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    # drop every reference (the Accelerator keeps its prepared objects) so the next case starts from zero
+    accelerator.free_memory()
+    del model, optimizer, batch, params, head, scheduler
     return row
 
 
@@ -160,6 +161,10 @@ def main() -> None:
             row = {"case": name, "error": "OOM"}
             gc.collect()
             torch.cuda.empty_cache()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            row["allocated_after_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)  # must be ~0
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(row), flush=True)
 

@@ -357,8 +357,17 @@ class Estimate:
 
     @property
     def gpu_peak(self) -> int:
-        """torch.cuda.max_memory_allocated predicted for the busiest GPU (no overhead)."""
-        return sum(self.gpu.values()) + max(self.pass_peak, sum(self.gpu_step.values()))
+        """torch.cuda.max_memory_allocated predicted for the busiest GPU (no overhead).
+
+        Without accumulation (grad_accum 1) on the native path, the gradients do not exist during the forward
+        pass (zero_grad(set_to_none)) and grow while backward frees the activations: they then count in the
+        optimizer-step phase instead of on top of the forward/backward transients. Measured on an H200 for
+        the 3B full fine-tune at 2 x 1024: 47.23 GiB, where counting them twice predicted 57.5 GiB."""
+        step = sum(self.gpu_step.values())
+        if self.grad_accum == 1 and self.strategy.key in NATIVE:
+            grads = self.gpu.get("gradients", 0)
+            return sum(self.gpu.values()) - grads + max(self.pass_peak, grads + step)
+        return sum(self.gpu.values()) + max(self.pass_peak, step)
 
     @property
     def gpu_total(self) -> int:
@@ -442,7 +451,9 @@ def estimate(strategy: str, shape: ModelShape, work: Workload, gpus: int) -> Est
         if strategy == "ddp":
             gpu["gradients"] += t * ti
             explain["gradients"] = "gradients + DDP's reducer buckets (a second copy)"
-        gpu_step = {"optimizer step": t * ti}
+        # fittune steps with fused AdamW on CUDA: in place, no per-parameter temporaries. Measured on an H200,
+        # 3B full fine-tune 2 x 1024, accumulation 1: 47.23 GiB = weights + gradients + moments + 1.2 GiB
+        gpu_step = {"optimizer step": 0}
         cpu = {"processes": procs * host, "model load": procs * loaded}
     elif strategy in ("zero2", "zero2_offload", "zero3", "zero3_offload"):
         width = HALF if half else base_itemsize(shape)
@@ -524,7 +535,7 @@ def _device_map(s: Strategy, shape: ModelShape, work: Workload, dt: ActivationDt
             gpu_pass["weight copies"] = HALF * shape.autocast_cast_params * trainable // max(
                 shape.trainable_params, 1)
         other = _pass_terms(shape, dt, work, per_gpu, has_head, checkpointing=not work.checkpointing)
-        est = Estimate(s, 1, work.micro_batch, 0, gpu, gpu_pass, {"optimizer step": trainable * ti},
+        est = Estimate(s, 1, work.micro_batch, 0, gpu, gpu_pass, {"optimizer step": 0},  # fused AdamW
                        {"processes": host, "model load": shard},
                        {"weights": f"{per_gpu} of {shape.num_layers} layers on this GPU (+ the embedding / "
                                    f"output head where they sit)"},

@@ -187,10 +187,13 @@ def test_single_gpu_and_ddp_estimates_full_finetuning():
     acts = 2 * (416 * 8 + 64) + 32 + 84 * 8
     assert est.gpu_pass == {"activations": acts, "layer backward": 160 * 8, "logits/loss": 3072,
                             "weight copies": 2 * 1440}
-    assert est.gpu_step == {"optimizer step": 1480 * 4}  # foreach AdamW's one temporary
+    assert est.gpu_step == {"optimizer step": 0}  # fused AdamW updates in place
     # logits (3072) and the layer backward (1280) are never live together: the larger counts
     assert est.gpu_peak == (4 + 4 + 8) * 1480 + acts + 3072 + 2880  # W + G + O + the pass peak
     assert est.gpu_total == est.gpu_peak + int(P.CUDA_OVERHEAD_GIB * GIB)
+    # without accumulation the gradients only exist once backward has freed the activations
+    est.grad_accum = 1
+    assert est.gpu_peak == (4 + 8) * 1480 + max(acts + 3072 + 2880, 4 * 1480)
     assert est.cpu == {"processes": int(P.HOST_PROCESS_GIB * GIB), "model load": 1480 * 4}
     ddp = P.estimate("ddp", shape, work, gpus=2)
     assert ddp.gpu["gradients"] == 2 * 1480 * 4  # + DDP's bucket copy
