@@ -45,6 +45,12 @@ def launch(script: str, args: list[str], nproc: int = 1, config_file: str | None
     env = child_env(1 if nproc > 1 else 2)
     env.update(extra_env or {})
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # A CPU rank under DeepSpeed + gloo very rarely aborts in C++ with this message after its work is
+        # done (once in ~60 launches here, not reproducible on demand). Only that exact abort is retried,
+        # once, and it is reported; any other failure fails the test.
+        print(f"retrying once after a C++ abort (std::terminate) in: {' '.join(cmd)}", file=sys.stderr)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode})\nSTDOUT:\n{proc.stdout[-4000:]}\n"
                              f"STDERR:\n{proc.stderr[-6000:]}")
