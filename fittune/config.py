@@ -174,6 +174,11 @@ class TrainConfig(_Section):
     """How many of the newest checkpoints to keep."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
+    oom_adaptive: bool = False
+    """On CUDA out-of-memory in a step, all ranks agree, halve the micro-batch, double the accumulation (same
+    global batch and update) and redo the step. Costs DDP its backward/all-reduce overlap (gradients are
+    reduced after the whole step, so a rank that ran out of memory cannot leave the others waiting).
+    Not under DeepSpeed, whose engine reduces gradients inside backward."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -15,7 +15,7 @@ import os
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 
 def launched_world_size() -> int:
@@ -38,7 +38,9 @@ def deepspeed_requested() -> bool:
 
 def make_accelerator(mixed_precision: str, grad_accum: int, log_with: str | None, project_dir: str) -> Accelerator:
     """Create the run's Accelerator, with real gloo ranks on a CPU-only machine (see module docstring)."""
-    handlers = []
+    # DDP re-broadcasts module buffers at every forward by default; Qwen2's only buffers are constant rotary
+    # tables, and the extra collective would leave ranks waiting if one fails mid-step (OOM-adaptive steps)
+    handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
     cpu = False
     if launched_world_size() > 1 and not has_accelerator():
         handlers.append(InitProcessGroupKwargs(backend="gloo"))

@@ -135,6 +135,10 @@ def train(cfg: Config) -> dict:
     lengths = [len(x) for x in train_set]
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world
     if accelerator.distributed_type.value == "DEEPSPEED":
+        if cfg.train.oom_adaptive:
+            raise FittuneError("train.oom_adaptive does not work under DeepSpeed (its engine reduces gradients "
+                               "inside backward, so ranks cannot first agree on an out-of-memory): turn it off and "
+                               "pick the micro-batch with python -m fittune.plan")
         configure_deepspeed(accelerator, cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.max_grad_norm)
     total_steps, steps_per_epoch = D.count_steps(len(train_set), global_batch, cfg.train.max_steps, cfg.train.epochs)
 
@@ -183,12 +187,16 @@ def train(cfg: Config) -> dict:
                    "trainable_parameters": n_trainable, "global_batch_size": global_batch, "seed": cfg.seed,
                    "data": cfg.data.path, "total_steps": total_steps}
     counters = {"step": 0, "optimizer_steps": 0, "skipped_overflow": 0, "skipped_nonfinite": 0,
-                "pad_slots": 0, "real_tokens": 0}
+                "pad_slots": 0, "real_tokens": 0, "micro_batch_size": cfg.train.micro_batch_size,
+                "grad_accum": cfg.train.grad_accum}
     if resume_from is not None:
         state = read_state(resume_from)
         check_compatible(state, fingerprint, resume_from)
         how = load_checkpoint(accelerator, model, optimizer, scheduler, resume_from, state, cfg.lora.enabled)
-        counters.update({k: state[k] for k in counters})
+        counters.update({k: state[k] for k in counters if k in state})
+        if state.get("world_size") != world:  # another layout: keep the global batch, not the old split
+            counters["micro_batch_size"], counters["grad_accum"] = cfg.train.micro_batch_size, cfg.train.grad_accum
+        accelerator.gradient_accumulation_steps = counters["grad_accum"]
         if accelerator.is_main_process:
             _truncate_log(out / "train_log.jsonl", counters["step"])
         _log(accelerator, f"resumed from {resume_from} at step {counters['step']} ({how} restore)")
@@ -207,7 +215,6 @@ def train(cfg: Config) -> dict:
     def checkpoint(step: int) -> Path:
         state = {**counters, "step": step, "world_size": world, "strategy": strategy_name(accelerator),
                  "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
-                 "micro_batch_size": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum,
                  "fingerprint": fingerprint}
         path = save_checkpoint(accelerator, model, optimizer, scheduler, out, step, state, config_yaml,
                                cfg.train.keep_checkpoints, cfg.lora.enabled)
@@ -230,16 +237,37 @@ def train(cfg: Config) -> dict:
             plan_epoch = epoch
         batch_ids = plan[step % steps_per_epoch]
         n_targets = sum(train_set[j].n_targets for j in batch_ids)  # same on every rank: no communication
-        micro_batches = D.micro_batches_for_rank(batch_ids, lengths, cfg.train.micro_batch_size,
-                                                 cfg.train.grad_accum, world, rank)
-        batches = [{k: v.to(accelerator.device) for k, v in D.collate_train([train_set[j] for j in micro],
-                                                                           tokenizer.pad_token_id).items()}
-                   for micro in micro_batches]
-        counters["pad_slots"] += sum(b["input_ids"].numel() for b in batches)
-        step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        while True:
+            micro_batches = D.micro_batches_for_rank(batch_ids, lengths, counters["micro_batch_size"],
+                                                     counters["grad_accum"], world, rank)
+            batches = [{k: v.to(accelerator.device) for k, v in D.collate_train([train_set[j] for j in micro],
+                                                                               tokenizer.pad_token_id).items()}
+                       for micro in micro_batches]
+            if not cfg.train.oom_adaptive:
+                result = train_step(accelerator, model, optimizer, scheduler, params, batches, n_targets, head,
+                                    cfg.train.max_grad_norm, mixed)
+                break
+            result = adaptive_train_step(accelerator, model, optimizer, scheduler, params, batches, n_targets, head,
+                                         cfg.train.max_grad_norm, mixed)
+            if result is not None:
+                break
+            if counters["micro_batch_size"] == 1:
+                progress.close()
+                raise FittuneError(f"out of memory at step {step + 1} even with micro-batch 1: shorten "
+                                   f"data.max_length, turn on train.gradient_checkpointing or LoRA, or pick a "
+                                   f"ZeRO offload config (python -m fittune.plan shows what fits)")
+            # same global batch: half the micro-batch (1 for an odd one), that many times more accumulation
+            old = counters["micro_batch_size"]
+            counters["micro_batch_size"] = old // 2 if old % 2 == 0 else 1
+            counters["grad_accum"] *= old // counters["micro_batch_size"]
+            accelerator.gradient_accumulation_steps = counters["grad_accum"]
+            _log(accelerator, f"out of memory at step {step + 1}: micro-batch -> {counters['micro_batch_size']}, "
+                              f"accumulation -> {counters['grad_accum']}; redoing the step")
+        del batches
+        step_nll, grad_norm, stepped, overflow = result
+        counters["pad_slots"] += sum(len(m) * max(lengths[j] for j in m) for m in micro_batches)
+        step_tokens = sum(lengths[j] for m in micro_batches for j in m)
         counters["real_tokens"] += step_tokens
-        step_nll, grad_norm, stepped, overflow = train_step(accelerator, model, optimizer, scheduler, params, batches,
-                                                            n_targets, head, cfg.train.max_grad_norm, mixed)
         counters["skipped_overflow"] += overflow
         total_nll, total_tokens, stop_flag = sum_across_ranks(accelerator, [step_nll, step_tokens, stop.requested])
         loss = total_nll / n_targets
@@ -330,7 +358,7 @@ def train_step(accelerator, model, optimizer, scheduler, params, batches: list[d
     Returns (summed NLL of this rank's tokens, grad norm, whether the weights were updated, fp16 overflow
     skips). A step whose gradient norm is not finite is skipped (no update, no schedule step).
     """
-    world, accum = accelerator.num_processes, len(batches)
+    world, accum = accelerator.num_processes, accelerator.gradient_accumulation_steps
     step_nll, grad_norm, stepped, overflow = None, None, False, 0
     for batch in batches:
         with accelerator.accumulate(model):
@@ -351,6 +379,62 @@ def train_step(accelerator, model, optimizer, scheduler, params, batches: list[d
                         scheduler.step()
             optimizer.zero_grad(set_to_none=True)
     return float(step_nll), None if grad_norm is None else float(grad_norm), stepped, overflow
+
+
+def _maybe_inject_oom(micro: int, rank: int) -> None:
+    """Test hook: FITTUNE_TEST_OOM_ABOVE=M (and optionally FITTUNE_TEST_OOM_RANK=r) raises a real
+    torch.OutOfMemoryError in the forward pass whenever the micro-batch exceeds M, on that rank only."""
+    above = os.environ.get("FITTUNE_TEST_OOM_ABOVE")
+    if above is not None and micro > int(above) and rank == int(os.environ.get("FITTUNE_TEST_OOM_RANK", rank)):
+        raise torch.OutOfMemoryError(f"injected by FITTUNE_TEST_OOM_ABOVE={above} (micro-batch {micro}, rank {rank})")
+
+
+def adaptive_train_step(accelerator, model, optimizer, scheduler, params, batches: list[dict], n_targets: int,
+                        head, max_grad_norm: float, mixed: str) -> tuple[float, float | None, bool, int] | None:
+    """train_step that survives CUDA out-of-memory: returns None when any rank ran out of memory.
+
+    Backward runs without gradient synchronisation (DDP `no_sync`), so no collective can be in flight when
+    one rank fails; then one all-reduce tells every rank whether any failed; only then are the gradients
+    all-reduced and the optimizer stepped. On None the caller halves the micro-batch and redoes the step.
+    """
+    world, accum = accelerator.num_processes, accelerator.gradient_accumulation_steps
+    step_nll, failed = None, 0.0
+    try:
+        for batch in batches:
+            _maybe_inject_oom(batch["input_ids"].shape[0], accelerator.process_index)
+            with accelerator.no_sync(model):
+                loss_sum, _ = nll_sum(model, batch, head)
+                accelerator.backward(loss_sum * (world * accum / n_targets))
+            step_nll = loss_sum.detach() if step_nll is None else step_nll + loss_sum.detach()
+    except torch.OutOfMemoryError:
+        failed = 1.0
+    if sum_across_ranks(accelerator, [failed])[0]:
+        optimizer.zero_grad(set_to_none=True)
+        step_nll = loss_sum = None  # drop the failed step's activations before freeing the cache
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
+    if world > 1:  # the gradient average DDP skipped under no_sync
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= world
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    stepped, overflow = False, 0
+    if math.isfinite(float(grad_norm)) or mixed == "fp16":
+        optimizer.step()
+        if accelerator.optimizer_step_was_skipped:
+            overflow = 1
+        else:
+            stepped = True
+            scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(step_nll), float(grad_norm), stepped, overflow
 
 
 def _truncate_log(path: Path, step: int) -> None:
