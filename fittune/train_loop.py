@@ -67,7 +67,8 @@ def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str) -> Pa
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        verify_export(tmp, unwrapped, state_dict)
+        checked = verify_export(tmp, unwrapped, state_dict)
+        _log(accelerator, f"final/: {checked} saved tensors verified equal to the live (gathered) weights")
         tokenizer.save_pretrained(tmp)
         (tmp / "fittune_config.yaml").write_text(config_yaml)
         shutil.rmtree(final, ignore_errors=True)
@@ -76,7 +77,7 @@ def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str) -> Pa
     return final
 
 
-def verify_export(directory: Path, unwrapped, state_dict: dict) -> None:
+def verify_export(directory: Path, unwrapped, state_dict: dict) -> int:
     """Check the saved weights against the live (gathered) ones: the classic ZeRO-3 failure is an empty or
     partial adapter_model.safetensors that loads silently. Raises RuntimeError, and final/ is not written."""
     from safetensors.torch import load_file
@@ -102,6 +103,7 @@ def verify_export(directory: Path, unwrapped, state_dict: dict) -> None:
         raise RuntimeError(f"export check failed in {directory}: {len(problems)} saved tensors are empty or differ "
                            f"from the live weights (e.g. {problems[:3]}), {len(missing)} are missing "
                            f"(e.g. {missing[:3]}); final/ was not written")
+    return len(saved)
 
 
 def train(cfg: Config) -> dict:
