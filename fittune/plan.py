@@ -666,6 +666,12 @@ def _check_fit(est: Estimate, hw: Hardware) -> None:
     est.fits, est.limit = not over, " + ".join(over)
 
 
+def runnable(s: Strategy) -> bool:
+    """Whether fittune can launch this strategy today: its accelerate config ships with fittune (FSDP2 and the
+    one-process device map are planned for but not implemented yet)."""
+    return s.accelerate_config is not None and (REPO_ROOT / "accelerate_configs" / f"{s.accelerate_config}.yaml").is_file()
+
+
 def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = None,
               cpu_mem_gib: float | None = None, *, recipe: str | None = None,
               extra_args: list[str] | tuple[str, ...] = ()) -> Plan:
@@ -699,6 +705,9 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = 
             chosen = est
             if est.fits or "GPU memory" not in est.limit:
                 break  # fits, or only CPU RAM is short: a smaller micro-batch does not change CPU RAM
+        if chosen.applicable and not runnable(s):
+            # still estimated (a reference for what the strategy would need), never recommended
+            chosen.applicable, chosen.why_not = False, "not in fittune yet"
         estimates.append(chosen)
         eligible = chosen.applicable and not (s.key == "single" and hw.gpus > 1)
         if recommended is None and chosen.fits and eligible:
