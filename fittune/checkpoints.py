@@ -122,13 +122,16 @@ def _full_optimizer_state(accelerator, model, optimizer) -> dict:
         for name, p in _trainable_named(model):
             out[name] = {k: safe_get_full_optimizer_state(p, k).detach().cpu().clone() for k in ("exp_avg", "exp_avg_sq")}
         return out
+    def whole(t):  # FSDP2 keeps states as DTensor shards: all-gather (a collective, every rank calls it)
+        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
+
     inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
     for name, p in _trainable_named(model):
         st = inner.state.get(p, {})
         if st:
-            out[name] = {k: st[k].detach().cpu().clone() for k in ("exp_avg", "exp_avg_sq")}
+            out[name] = {k: whole(st[k]) for k in ("exp_avg", "exp_avg_sq")}
         else:  # no step taken yet
-            out[name] = {k: torch.zeros_like(p, device="cpu") for k in ("exp_avg", "exp_avg_sq")}
+            out[name] = {k: torch.zeros(p.shape, dtype=p.dtype) for k in ("exp_avg", "exp_avg_sq")}
     return out
 
 
@@ -214,10 +217,10 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path, state:
         unwrapped = accelerator.unwrap_model(model)
         adapter_file = path / "adapter" / "adapter_model.safetensors"
         adapter = load_file(str(adapter_file))
-        if accelerator.distributed_type.value == "DEEPSPEED":
+        if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
             raise FittuneError(f"{path} was written with {state['world_size']} process(es) under {state['strategy']}; "
-                               f"a LoRA checkpoint moves to another layout only without DeepSpeed (DDP or one "
-                               f"process), or resume with the original layout")
+                               f"a LoRA checkpoint moves to another layout only into DDP or one process (not "
+                               f"DeepSpeed or FSDP), or resume with the original layout")
         set_peft_model_state_dict(unwrapped, adapter)
         flat = load_file(str(path / "adapter_optimizer.safetensors"))
         inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer

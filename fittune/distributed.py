@@ -5,8 +5,12 @@ GPU and `cpu=False`, `PartialState._prepare_backend` returns *no* backend, so un
 `accelerate launch --multi_gpu --num_processes 2` (or a DeepSpeed launch) every rank decides it is alone
 (world size 1) and trains on all the data. Choosing gloo there makes the ranks real:
   * plain/DDP launches -> `cpu=True`, accelerate's MULTI_CPU path (DDP over gloo);
-  * DeepSpeed launches -> backend "gloo" passed to DeepSpeed's own `init_distributed`.
-Tests check that each rank reports world size 2 and sees its own shard.
+  * DeepSpeed launches -> backend "gloo" passed to DeepSpeed's own `init_distributed`;
+  * FSDP launches -> accelerate only turns FSDP on for GPU-like distributed types, never for MULTI_CPU, so
+    after the gloo ranks exist the state is switched to FSDP with the launch's plugin (`_enable_fsdp_on_cpu`).
+    From there accelerate's own FSDP2 path runs unchanged: `fully_shard` on a CPU device mesh, DTensor
+    shards, torch.distributed.checkpoint.
+Tests check that each rank reports world size 2 and sees its own shard (and, for FSDP2, the shard shapes).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import os
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 
@@ -36,6 +40,33 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def fsdp_requested() -> bool:
+    """True when `accelerate launch` was given an FSDP config."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _enable_fsdp_on_cpu(accelerator: Accelerator, mixed_precision: str) -> None:
+    """Turn on the FSDP the launch asked for, on real gloo ranks (see the module docstring)."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    from fittune.errors import FittuneError
+
+    plugin = FullyShardedDataParallelPlugin()  # read from the launch's FSDP_* environment, as accelerate does
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
+        raise FittuneError("fsdp_offload_params moves the shards from GPU memory to CPU RAM; without a GPU they are "
+                           "in CPU RAM already: use accelerate_configs/fsdp2.yaml")
+    if plugin.fsdp_version != 2:
+        raise FittuneError("FSDP1 is not supported by fittune: set fsdp_version: 2 in the accelerate config "
+                           "(see accelerate_configs/fsdp2.yaml)")
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    # as AcceleratorState.__init__ does for GPUs: every later AcceleratorState() re-reads PartialState's copy
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
 def make_accelerator(mixed_precision: str, grad_accum: int, log_with: str | None, project_dir: str) -> Accelerator:
     """Create the run's Accelerator, with real gloo ranks on a CPU-only machine (see module docstring)."""
     # DDP re-broadcasts module buffers at every forward by default; Qwen2's only buffers are constant rotary
@@ -46,7 +77,7 @@ def make_accelerator(mixed_precision: str, grad_accum: int, log_with: str | None
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
         # DeepSpeed only takes its own init path (and gets the gloo backend) when cpu=False
         cpu = not deepspeed_requested()
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=grad_accum,
@@ -54,6 +85,9 @@ def make_accelerator(mixed_precision: str, grad_accum: int, log_with: str | None
         project_dir=project_dir,
         kwargs_handlers=handlers,
     )
+    if cpu and fsdp_requested():
+        _enable_fsdp_on_cpu(accelerator, mixed_precision)
+    return accelerator
 
 
 def strategy_name(accelerator: Accelerator) -> str:
@@ -65,6 +99,12 @@ def strategy_name(accelerator: Accelerator) -> str:
         zero = plugin.deepspeed_config.get("zero_optimization", {})
         off = [k for k in ("offload_optimizer", "offload_param") if zero.get(k, {}).get("device", "none") not in ("none", None)]
         return f"deepspeed-zero{stage}" + ("+" + "+".join(off) if off else "")
+    if dt == "fsdp":
+        plugin = accelerator.state.fsdp_plugin
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        offload = isinstance(plugin.cpu_offload, CPUOffloadPolicy)
+        return f"fsdp{plugin.fsdp_version}" + ("+offload_params" if offload else "")
     if accelerator.num_processes > 1:
         return f"ddp ({dt})"
     return "single-process"

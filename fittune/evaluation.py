@@ -87,7 +87,9 @@ def _generate(model, job: _Job, tokenizer, max_new_tokens: int, device, synced: 
     return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: FSDP2 keeps the gathered parameters it makes here, and inference tensors
+# cannot be updated in place by the next training step
+@torch.no_grad()
 def run_evaluation(model, accelerator, examples: list[TokExample], tokenizer, batch_size: int,
                    max_new_tokens: int, length_normalize: bool, loss_only: bool = False) -> list[dict]:
     """Score every example on every rank's share; returns the merged per-example records (on all ranks).

@@ -50,7 +50,8 @@ class ChunkedLossHead(nn.Linear):
             # checkpointed: the chunk's logits are recomputed in backward instead of being kept
             total = total + checkpoint(_ce_sum, h[s:s + self.chunk], self.weight, self.bias, t[s:s + self.chunk],
                                        use_reentrant=False)
-        return total.view(1, 1, 1)  # the model hands this back as `.logits`
+        # the model hands this back as `.logits`; a copy, not a view: FSDP2 hooks must see the output itself
+        return total.reshape(1, 1, 1).clone()
 
 
 def install_chunked_loss(model, chunk: int) -> bool:

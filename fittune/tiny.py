@@ -95,8 +95,11 @@ def build_tiny_model_dir(target: str | os.PathLike, shape: TinyModelConfig, seed
         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tok.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    # a private RNG stream: building the model (on the main process, first run only) must not shift the
+    # global one, or the LoRA initialisation would depend on whether base_model/ already existed
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)

@@ -171,6 +171,7 @@ def train(cfg: Config) -> dict:
             _log(accelerator, f"--resume auto: no complete checkpoint in {out}, starting fresh")
 
     # ---- model and optimizer ------------------------------------------------------------------------------
+    set_seed(cfg.seed)  # the same adapter initialisation whatever ran before (data, model download/build)
     model = build_model(cfg, mixed)
     head = model.get_output_embeddings() if install_chunked_loss(model, cfg.train.loss_chunk_size) else None
     n_total, n_trainable = count_parameters(model)
@@ -185,6 +186,8 @@ def train(cfg: Config) -> dict:
                               num_training_steps=total_steps)
     # the scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it per process)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP2 replaces every parameter with a sharded DTensor one: clip and check the live ones
+    params = [p for p in model.parameters() if p.requires_grad]
     fingerprint = {"model": model_path, "lora": cfg.lora.model_dump() if cfg.lora.enabled else None,
                    "trainable_parameters": n_trainable, "global_batch_size": global_batch, "seed": cfg.seed,
                    "data": cfg.data.path, "total_steps": total_steps}
@@ -335,7 +338,7 @@ def train(cfg: Config) -> dict:
     first = D.micro_batches_for_rank(D.plan_global_batches(lengths, global_batch, cfg.seed, 0, cfg.data.group_by_length)[0],
                                      lengths, cfg.train.micro_batch_size, cfg.train.grad_accum, world, rank)
     report = {"rank": rank, "world_size": world, "examples_seen": total_steps * cfg.train.micro_batch_size * cfg.train.grad_accum,
-              "first_step_ids": [train_set[j].id for m in first for j in m]}
+              "first_step_ids": [train_set[j].id for m in first for j in m], **local_shards(model)}
     ranks = gather_object([report])  # which rows each rank trains on: proof the ranks are real
     if accelerator.is_main_process:
         (out / "ranks.json").write_text(json.dumps(ranks, indent=1))
@@ -351,6 +354,17 @@ def train(cfg: Config) -> dict:
         _log(accelerator, f"outputs in {out}/ (final/, eval/, config.yaml, train_log.jsonl, loss_curve.png)")
     accelerator.end_training()
     return metrics
+
+
+def local_shards(model) -> dict:
+    """What this rank holds of the weights: {name: [local shape, full shape]} and element counts (sharded
+    under FSDP2; the full tensors under DDP)."""
+    shapes, local, total = {}, 0, 0
+    for name, p in model.named_parameters():
+        mine = p.to_local() if hasattr(p, "to_local") else p  # a DTensor shard under FSDP2
+        shapes[name] = [list(mine.shape), list(p.shape)]
+        local, total = local + mine.numel(), total + p.numel()
+    return {"local_parameter_elements": local, "parameter_elements": total, "parameter_shapes": shapes}
 
 
 def train_step(accelerator, model, optimizer, scheduler, params, batches: list[dict], n_targets: int, head,

@@ -84,7 +84,8 @@ def assert_same_run(a: Path, b: Path, tol=1e-6):
 
 
 CASES = [("1proc", 1, None, False), ("ddp", 2, None, False), ("zero2", 2, "accelerate_configs/deepspeed_zero2.yaml", False),
-         ("zero3", 2, "accelerate_configs/deepspeed_zero3.yaml", True)]
+         ("zero3", 2, "accelerate_configs/deepspeed_zero3.yaml", True),
+         ("fsdp2-lora", 2, "accelerate_configs/fsdp2.yaml", True), ("fsdp2-full", 2, "accelerate_configs/fsdp2.yaml", False)]
 
 
 @pytest.mark.parametrize("name, nproc, accel, lora", CASES, ids=[c[0] for c in CASES])
