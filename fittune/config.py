@@ -55,6 +55,23 @@ class ModelConfig(_Section):
     """Allow model code from the hub repository to run. Off unless you trust the repository."""
     tiny: TinyModelConfig = TinyModelConfig()
     """Shape of the built-in tiny model (used only with `builtin:tiny-qwen2`)."""
+    parallel: Literal["none", "auto"] = "none"
+    """`auto`: split the model's decoder layers across all visible GPUs of ONE process (naive model/pipeline
+    parallelism: each GPU holds some layers, activations move between them), balanced by memory. For
+    several small GPUs without a distributed launch; a distributed launch (DDP, ZeRO, FSDP2) is an error."""
+    max_memory: dict[str, str] | None = None
+    """With `parallel: auto`, memory each device may hold for weights, e.g. `{"0": "10GiB", "1": "10GiB"}`
+    (keys: GPU indices, or `cpu` to run the layers that do not fit on the CPU, slowly). Default: what each
+    visible GPU has free, less room for activations."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.max_memory is not None and self.parallel != "auto":
+            raise ValueError("model.max_memory only applies with model.parallel: auto; set both or neither")
+        for key in self.max_memory or {}:
+            if key != "cpu" and not key.isdigit():
+                raise ValueError(f"model.max_memory key '{key}' is not a GPU index (0, 1, ...) or 'cpu'")
+        return self
 
 
 class LoraConfig(_Section):
@@ -287,12 +304,16 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# keys whose value is a mapping of the user's own keys (not a config section)
+_MAPPING_VALUES = {"model.max_memory"}
+
+
 def _flatten(tree: dict, prefix: str = "") -> list[str]:
     out = []
     for k, v in tree.items():
         key = f"{prefix}{k}"
         out.append(key)
-        if isinstance(v, dict):
+        if isinstance(v, dict) and key not in _MAPPING_VALUES:
             out.extend(_flatten(v, key + "."))
     return out
 

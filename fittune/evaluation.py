@@ -99,6 +99,10 @@ def run_evaluation(model, accelerator, examples: list[TokExample], tokenizer, ba
     from accelerate.utils import gather_object
 
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    if getattr(accelerator.unwrap_model(model), "hf_device_map", None):  # model.parallel: auto
+        from fittune.placement import input_device
+
+        device = input_device(accelerator.unwrap_model(model))
     jobs = _make_jobs(examples, _shard_examples(examples, batch_size, world, rank), batch_size,
                       generate=max_new_tokens > 0, loss_only=loss_only)
     # agree on the number of calls of each kind, so collective engines (ZeRO-3, FSDP) never wait forever
@@ -310,6 +314,11 @@ def evaluate_checkpoint(checkpoint: str, cfg, out_dir: str | None, info=None) ->
     if not test_set:
         raise FittuneError("no example to evaluate fits data.max_length")
     model = load_trained_model(weights, cfg, weights_dtype(cfg, mixed))
+    if cfg.model.parallel == "auto":
+        from fittune.placement import check_not_distributed, place_model
+
+        check_not_distributed(accelerator.num_processes, accelerator.distributed_type.value)
+        place_model(model, cfg.model.max_memory, weights_dtype(cfg, mixed))
     if accelerator.distributed_type.value == "DEEPSPEED":
         # ZeRO-3 loaded the weights partitioned: only the engine's hooks gather them for a forward pass
         configure_deepspeed(accelerator, cfg.eval.batch_size, 1, 0.0)

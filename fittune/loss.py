@@ -40,7 +40,7 @@ class ChunkedLossHead(nn.Linear):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.targets is None:
             return super().forward(hidden)
-        shifted = self.targets[:, 1:].reshape(-1)
+        shifted = self.targets[:, 1:].reshape(-1).to(hidden.device)  # the head may sit on another GPU (device map)
         keep = shifted != IGNORE_INDEX
         h = hidden[:, :-1].reshape(-1, hidden.size(-1))[keep]
         t = shifted[keep]
@@ -90,6 +90,6 @@ def nll_sum(model, batch: dict[str, torch.Tensor], head: ChunkedLossHead | None 
         return out.reshape(()), n_targets
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     shift_logits = logits[:, :-1, :].float()  # fp32 log-softmax: half-precision CE loses accuracy
-    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), labels[:, 1:].reshape(-1),
+    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), labels[:, 1:].reshape(-1).to(logits.device),
                            ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, n_targets

@@ -638,8 +638,6 @@ class Plan:
         name = est.strategy.accelerate_config
         if name and not (REPO_ROOT / "accelerate_configs" / f"{name}.yaml").is_file():
             out.append(f"accelerate_configs/{name}.yaml does not exist yet")
-        if name is None:
-            out.append("needs the device-map feature: model.parallel is not a config key yet")
         return out
 
     def render(self) -> str:
@@ -667,9 +665,9 @@ def _check_fit(est: Estimate, hw: Hardware) -> None:
 
 
 def runnable(s: Strategy) -> bool:
-    """Whether fittune can launch this strategy today: its accelerate config ships with fittune (FSDP2 and the
-    one-process device map are planned for but not implemented yet)."""
-    return s.accelerate_config is not None and (REPO_ROOT / "accelerate_configs" / f"{s.accelerate_config}.yaml").is_file()
+    """Whether fittune can launch this strategy: its accelerate config ships with fittune (the one-process
+    device map needs none: `model.parallel: auto`)."""
+    return s.accelerate_config is None or (REPO_ROOT / "accelerate_configs" / f"{s.accelerate_config}.yaml").is_file()
 
 
 def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = None,

@@ -23,7 +23,9 @@ from fittune.errors import FittuneError
 from fittune.evaluation import (build_predictions, class_name, compute_metrics, evaluate_and_report,
                                 majority_baseline, run_evaluation)
 from fittune.loss import install_chunked_loss, nll_sum
-from fittune.model import build_model, count_parameters, load_tokenizer, prepare_builtin_model, resolve_model_path
+from fittune.model import (build_model, count_parameters, load_tokenizer, prepare_builtin_model, resolve_model_path,
+                           weights_dtype)
+from fittune.placement import check_not_distributed, input_device, place_model
 from fittune.reports import metrics_table, plot_loss_curve
 from fittune.signals import StopRequest
 
@@ -66,7 +68,8 @@ def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str) -> Pa
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        # a copy: with a device map (hf_device_map), save_pretrained empties the dict it is given
+        unwrapped.save_pretrained(tmp, state_dict=dict(state_dict), safe_serialization=True)
         checked = verify_export(tmp, unwrapped, state_dict)
         _log(accelerator, f"final/: {checked} saved tensors verified equal to the live (gathered) weights")
         tokenizer.save_pretrained(tmp)
@@ -124,6 +127,9 @@ def train(cfg: Config) -> dict:
     set_seed(cfg.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
 
+    if cfg.model.parallel == "auto":
+        check_not_distributed(world, accelerator.distributed_type.value)
+
     # ---- data (read and mapped before the model loads, so bad input fails in seconds) ---------------------
     train_examples, test_examples = D.load_splits(cfg.data, cfg.seed)
     class_task = D.is_class_task(cfg.data)
@@ -176,8 +182,12 @@ def train(cfg: Config) -> dict:
     head = model.get_output_embeddings() if install_chunked_loss(model, cfg.train.loss_chunk_size) else None
     n_total, n_trainable = count_parameters(model)
     _log(accelerator, f"parameters: {n_total:,} total, {n_trainable:,} trainable")
+    if cfg.model.parallel == "auto":
+        device_map = place_model(model, cfg.model.max_memory, weights_dtype(cfg, mixed))
+        _log(accelerator, f"model.parallel: auto placed the blocks on {sorted(set(map(str, device_map.values())))}: "
+                          f"{device_map}")
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = accelerator.device.type == "cuda"
+    fused = all(p.device.type == "cuda" for p in params)  # fused AdamW needs every parameter on a GPU
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay, fused=fused, foreach=not fused)
     from transformers import get_scheduler
@@ -186,6 +196,7 @@ def train(cfg: Config) -> dict:
                               num_training_steps=total_steps)
     # the scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it per process)
     model, optimizer = accelerator.prepare(model, optimizer)
+    in_device = input_device(model) if cfg.model.parallel == "auto" else accelerator.device
     # FSDP2 replaces every parameter with a sharded DTensor one: clip and check the live ones
     params = [p for p in model.parameters() if p.requires_grad]
     fingerprint = {"model": model_path, "lora": cfg.lora.model_dump() if cfg.lora.enabled else None,
@@ -245,7 +256,7 @@ def train(cfg: Config) -> dict:
         while True:
             micro_batches = D.micro_batches_for_rank(batch_ids, lengths, counters["micro_batch_size"],
                                                      counters["grad_accum"], world, rank)
-            batches = [{k: v.to(accelerator.device) for k, v in D.collate_train([train_set[j] for j in micro],
+            batches = [{k: v.to(in_device) for k, v in D.collate_train([train_set[j] for j in micro],
                                                                                tokenizer.pad_token_id).items()}
                        for micro in micro_batches]
             if not cfg.train.oom_adaptive:

@@ -273,8 +273,7 @@ def test_make_plan_keeps_the_global_batch_when_halving():
     assert not by_key["single"].fits and "GPU memory" in by_key["single"].limit
     assert plan.command(by_key["device_map"]).startswith(
         "python train.py --config configs/qwen2.5-3b-full.yaml --model.parallel auto --train.micro_batch_size")
-    assert plan.command_notes(by_key["device_map"]) == [
-        "needs the device-map feature: model.parallel is not a config key yet"]
+    assert plan.command_notes(by_key["device_map"]) == []  # model.parallel exists: nothing missing
 
 
 def test_make_plan_multi_gpu_prefers_the_fastest_sharded_strategy():
