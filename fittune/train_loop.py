@@ -18,7 +18,7 @@ from fittune import data as D
 from fittune.checkpoints import (check_compatible, complete_checkpoints, find_resume_checkpoint, load_checkpoint,
                                  partial_checkpoints, read_state, save_checkpoint)
 from fittune.config import Config, to_yaml
-from fittune.distributed import configure_deepspeed, make_accelerator, strategy_name, sum_across_ranks
+from fittune.distributed import configure_deepspeed, make_accelerator, strategy_name, sum_across_ranks, zero_stage
 from fittune.errors import FittuneError
 from fittune.evaluation import (build_predictions, class_name, compute_metrics, evaluate_and_report,
                                 majority_baseline, run_evaluation)
@@ -143,11 +143,16 @@ def train(cfg: Config) -> dict:
     lengths = [len(x) for x in train_set]
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world
     if accelerator.distributed_type.value == "DEEPSPEED":
-        if cfg.train.oom_adaptive:
-            raise FittuneError("train.oom_adaptive does not work under DeepSpeed (its engine reduces gradients "
-                               "inside backward, so ranks cannot first agree on an out-of-memory): turn it off and "
-                               "pick the micro-batch with python -m fittune.plan")
+        if cfg.train.oom_adaptive and zero_stage(accelerator) == 3:
+            raise FittuneError("train.oom_adaptive does not work under ZeRO-3 (its forward pass gathers weights "
+                               "with collectives, so a rank that fails mid-forward leaves the others waiting): use "
+                               "ZeRO-2 (+offload) with it, or turn it off and pick the micro-batch with "
+                               "python -m fittune.plan")
         configure_deepspeed(accelerator, cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.max_grad_norm)
+    if cfg.train.oom_adaptive and accelerator.distributed_type.value == "FSDP":
+        raise FittuneError("train.oom_adaptive does not work under FSDP2 (its forward pass gathers weights with "
+                           "collectives, so a rank that fails mid-forward leaves the others waiting): use DDP or "
+                           "ZeRO-2 with it, or turn it off and pick the micro-batch with python -m fittune.plan")
     total_steps, steps_per_epoch = D.count_steps(len(train_set), global_batch, cfg.train.max_steps, cfg.train.epochs)
 
     facts = {
@@ -213,6 +218,9 @@ def train(cfg: Config) -> dict:
         if state.get("world_size") != world:  # another layout: keep the global batch, not the old split
             counters["micro_batch_size"], counters["grad_accum"] = cfg.train.micro_batch_size, cfg.train.grad_accum
         accelerator.gradient_accumulation_steps = counters["grad_accum"]
+        if accelerator.distributed_type.value == "DEEPSPEED":  # an adapted micro-batch (train.oom_adaptive)
+            model.set_train_micro_batch_size(counters["micro_batch_size"])
+            model.set_train_batch_size(global_batch)
         if accelerator.is_main_process:
             _truncate_log(out / "train_log.jsonl", counters["step"])
         _log(accelerator, f"resumed from {resume_from} at step {counters['step']} ({how} restore)")
@@ -259,6 +267,12 @@ def train(cfg: Config) -> dict:
             batches = [{k: v.to(in_device) for k, v in D.collate_train([train_set[j] for j in micro],
                                                                                tokenizer.pad_token_id).items()}
                        for micro in micro_batches]
+            if cfg.train.oom_adaptive and accelerator.distributed_type.value == "DEEPSPEED":
+                result = deepspeed_adaptive_step(accelerator, model, optimizer, scheduler, params, micro_batches,
+                                                 lambda rows: {k: v.to(in_device) for k, v in D.collate_train(
+                                                     [train_set[j] for j in rows], tokenizer.pad_token_id).items()},
+                                                 n_targets, head, mixed, counters, step, global_batch)
+                break
             if not cfg.train.oom_adaptive:
                 result = train_step(accelerator, model, optimizer, scheduler, params, batches, n_targets, head,
                                     cfg.train.max_grad_norm, mixed)
@@ -462,6 +476,66 @@ def adaptive_train_step(accelerator, model, optimizer, scheduler, params, batche
             scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(step_nll), float(grad_norm), stepped, overflow
+
+
+def deepspeed_adaptive_step(accelerator, engine, optimizer, scheduler, params, micro_batches: list[list[int]], collate,
+                            n_targets: int, head, mixed: str, counters: dict, step: int,
+                            global_batch: int) -> tuple[float, float | None, bool, int]:
+    """train_step for DeepSpeed ZeRO-1/2 that survives out-of-memory in the forward pass.
+
+    ZeRO-2 reduces gradients inside backward and has no `no_sync`, so the ranks agree (one all-reduce) after
+    every micro-batch's forward and before its backward. When any rank ran out of memory, every rank keeps
+    the gradients already accumulated for this step (complete, valid contributions), halves the micro-batch,
+    re-splits its remaining rows and goes on: the step still covers every row once with the same token
+    normalisation. An out-of-memory inside backward itself is not recoverable this way (collectives are in
+    flight); it stops the run.
+    """
+    world = accelerator.num_processes
+    pending = [list(m) for m in micro_batches]
+    step_nll = 0.0
+    while pending:
+        rows = pending.pop(0)
+        failed, loss_sum = 0.0, None
+        try:
+            batch = collate(rows)
+            _maybe_inject_oom(len(rows), accelerator.process_index)
+            loss_sum, _ = nll_sum(engine, batch, head)
+        except torch.OutOfMemoryError:
+            failed = 1.0
+        if sum_across_ranks(accelerator, [failed])[0]:
+            loss_sum = batch = None
+            import gc
+
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            old = counters["micro_batch_size"]
+            if old == 1:
+                raise FittuneError(f"out of memory at step {step + 1} even with micro-batch 1: shorten "
+                                   f"data.max_length, turn on train.gradient_checkpointing or LoRA, or pick a "
+                                   f"ZeRO offload config (python -m fittune.plan shows what fits)")
+            new = old // 2 if old % 2 == 0 else 1
+            counters["micro_batch_size"], counters["grad_accum"] = new, counters["grad_accum"] * (old // new)
+            accelerator.gradient_accumulation_steps = counters["grad_accum"]
+            engine.set_train_micro_batch_size(new)  # the engine's loss scale (1 / accumulation) follows
+            engine.set_train_batch_size(global_batch)
+            rest = rows + [j for m in pending for j in m]
+            pending = [rest[k:k + new] for k in range(0, len(rest), new)]
+            _log(accelerator, f"out of memory at step {step + 1}: micro-batch -> {new}, accumulation -> "
+                              f"{counters['grad_accum']}; finishing the step with the smaller micro-batch")
+            continue
+        accelerator.sync_gradients = not pending  # the engine steps after the step's last micro-batch
+        # x world x (the engine's accumulation) undoes its averaging: the update is sum(NLL) / target tokens
+        accelerator.backward(loss_sum * (world * engine.gradient_accumulation_steps() / n_targets))
+        step_nll += float(loss_sum.detach())
+    grad_norm = accelerator.clip_grad_norm_(params, 0.0)  # DeepSpeed clipped inside its step; this reads the norm
+    optimizer.step()  # a no-op wrapper call: the engine already stepped
+    overflow = int(bool(accelerator.optimizer_step_was_skipped))
+    stepped = not overflow
+    if stepped:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_nll, None if grad_norm is None else float(grad_norm), stepped, overflow
 
 
 def _truncate_log(path: Path, step: int) -> None:
