@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fittune.config import build_config  # noqa: E402
 from fittune.distributed import configure_deepspeed, make_accelerator, zero_stage  # noqa: E402
 from fittune.loss import install_chunked_loss  # noqa: E402
-from fittune.model import apply_lora, enable_gradient_checkpointing  # noqa: E402
+from fittune.model import apply_liger, apply_lora, enable_gradient_checkpointing, use_liger  # noqa: E402
 from fittune.train_loop import train_step  # noqa: E402
 
 TINY = os.environ.get("TINY") == "1"
@@ -37,7 +37,8 @@ PEAK_FLOPS = 989e12  # H100/H200 dense bf16, as in the naive baseline
 
 
 def parse_case(name: str) -> dict:
-    """'lora-4x2048-ckpt', 'full-2x1024-ckpt', 'full-zero2_offload-2x1024-ckpt', 'lora-zero3-4x1024-ckpt'."""
+    """'lora-4x2048-ckpt', 'full-2x1024-ckpt', 'full-zero2_offload-2x1024-ckpt', 'lora-zero3-4x1024-ckpt';
+    a '-torch' suffix turns Liger kernels off (train.kernels: torch) for comparison."""
     parts = name.split("-")
     method, rest = parts[0], parts[1:]
     strategy = "single"
@@ -45,7 +46,7 @@ def parse_case(name: str) -> dict:
         strategy, rest = rest[0], rest[1:]
     micro, seq = (int(x) for x in rest[0].split("x"))
     return {"name": name, "method": method, "strategy": strategy, "micro": micro, "seq": seq,
-            "ckpt": "ckpt" in rest}
+            "ckpt": "ckpt" in rest, "kernels": "torch" if "torch" in rest else "auto"}
 
 
 def hf_config(seq: int):
@@ -80,7 +81,7 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
         "model.name_or_path": "Qwen/Qwen2.5-3B", "lora.enabled": lora, "lora.r": 16, "lora.alpha": 32,
         "lora.dropout": 0.0, "train.micro_batch_size": case["micro"], "train.grad_accum": 1,
         "train.mixed_precision": "bf16", "train.gradient_checkpointing": case["ckpt"],
-        "data.max_length": case["seq"], "train.lr": 1e-4})
+        "data.max_length": case["seq"], "train.lr": 1e-4, "train.kernels": case["kernels"]})
     torch.manual_seed(0)
     accelerator = accelerator or make_accelerator("bf16", 1, None, "/tmp/fittune-bench")
     dev = accelerator.device
@@ -100,11 +101,14 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config.use_cache = False
     n_params = sum(p.numel() for p in model.parameters()) if not deepspeed or zero_stage(accelerator) < 3 else None
+    liger = use_liger(cfg, model)  # as fittune.model.build_model does
+    if liger:
+        apply_liger(model)
     if lora:
         model = apply_lora(model, cfg)
     if case["ckpt"]:
         enable_gradient_checkpointing(model, lora)
-    head = model.get_output_embeddings() if install_chunked_loss(model, cfg.train.loss_chunk_size) else None
+    head = model.get_output_embeddings() if install_chunked_loss(model, cfg.train.loss_chunk_size, liger) else None
     params = [p for p in model.parameters() if p.requires_grad]
     fused = dev.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused, foreach=not fused)
@@ -119,7 +123,7 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = None
+    t0, first_loss = None, None
     for i in range(warm + steps):
         if i == warm:
             if dev.type == "cuda":
@@ -127,6 +131,7 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
             t0 = time.perf_counter()
         nll, grad_norm, stepped, _ = train_step(accelerator, model, optimizer, scheduler, params, [batch], n_targets,
                                                head, 1.0, "bf16")
+        first_loss = first_loss if first_loss is not None else round(nll / n_targets, 4)  # same seed: comparable
     if dev.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
@@ -137,7 +142,8 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
     row = {"case": case["name"], "strategy": case["strategy"], "method": case["method"], "micro_batch": case["micro"],
            "seq": case["seq"], "grad_ckpt": case["ckpt"], "peak_gib": round(peak, 2), "tokens_per_s": round(tok_s, 1),
            "mfu": round(tok_s * flops_tok / PEAK_FLOPS, 4), "loss": round(nll / n_targets, 3),
-           "planned_gib": planned_gib(case, cfg), "stepped": stepped}
+           "planned_gib": planned_gib(case, cfg), "stepped": stepped, "first_loss": first_loss,
+           "kernels": "liger" if liger else "torch"}
     # drop every reference (the Accelerator keeps its prepared objects) so the next case starts from zero
     accelerator.free_memory()
     del model, optimizer, batch, params, head, scheduler

@@ -195,7 +195,12 @@ class TrainConfig(_Section):
     """On CUDA out-of-memory in a step, all ranks agree, halve the micro-batch, double the accumulation (same
     global batch and update) and redo the step. Costs DDP its backward/all-reduce overlap (gradients are
     reduced after the whole step, so a rank that ran out of memory cannot leave the others waiting).
-    Not under DeepSpeed, whose engine reduces gradients inside backward."""
+    Under DeepSpeed ZeRO-1/2 the ranks agree after each forward pass and finish the step at the smaller
+    size (an out-of-memory inside backward stops the run); refused under ZeRO-3 and FSDP2."""
+    kernels: Literal["auto", "liger", "torch"] = "auto"
+    """Fused GPU kernels for Qwen2: `liger` uses Liger Kernel (RMSNorm, SwiGLU, RoPE, and a fused output
+    head + cross-entropy that computes its gradient in the forward pass instead of recomputing it); `auto`
+    does so when liger-kernel is installed and the model is on a GPU; `torch` never. Never required."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -36,6 +36,7 @@ class ChunkedLossHead(nn.Linear):
 
     targets: torch.Tensor | None = None
     chunk: int = 1024
+    fused: bool = False  # Liger's fused linear + cross-entropy (GPU): gradients in the forward, no recompute
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.targets is None:
@@ -46,6 +47,14 @@ class ChunkedLossHead(nn.Linear):
         t = shifted[keep]
         # zero-valued terms keep every input in the graph even with no target token in the micro-batch
         total = (hidden.sum() + self.weight.sum()).float() * 0.0
+        if self.fused and t.numel():
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            # Liger chunks internally and never holds more than a chunk of logits; one dtype for the matmul
+            # (fp32 master weights under autocast meet bf16 hidden states here)
+            flce = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+            bias = None if self.bias is None else self.bias.to(h.dtype)
+            return (total + flce(self.weight.to(h.dtype), h, t, bias).float()).reshape(1, 1, 1).clone()
         for s in range(0, t.numel(), self.chunk):
             # checkpointed: the chunk's logits are recomputed in backward instead of being kept
             total = total + checkpoint(_ce_sum, h[s:s + self.chunk], self.weight, self.bias, t[s:s + self.chunk],
@@ -54,14 +63,15 @@ class ChunkedLossHead(nn.Linear):
         return total.reshape(1, 1, 1).clone()
 
 
-def install_chunked_loss(model, chunk: int) -> bool:
+def install_chunked_loss(model, chunk: int, fused: bool = False) -> bool:
     """Swap the model's output head for a ChunkedLossHead; False (standard loss) if the head is not a plain
-    linear layer (e.g. a LoRA-wrapped head)."""
+    linear layer (e.g. a LoRA-wrapped head). `fused`: Liger's fused linear cross-entropy (GPU only)."""
     head = model.get_output_embeddings()
     if chunk <= 0 or type(head) is not nn.Linear:
         return False
     head.__class__ = ChunkedLossHead
     head.chunk = chunk
+    head.fused = fused
     head.targets = None
     return True
 

@@ -78,6 +78,31 @@ def load_model(path: str, cfg: Config, dtype: torch.dtype):
     return model
 
 
+def use_liger(cfg: Config, model) -> bool:
+    """Whether to use Liger kernels (train.kernels): `auto` when installed, on a GPU, for a Qwen2 model."""
+    import importlib.util
+
+    mode = cfg.train.kernels
+    if mode == "torch":
+        return False
+    qwen2 = getattr(model.config, "model_type", None) == "qwen2"
+    on_cpu = "cpu" in (cfg.model.max_memory or {})  # device-map layers on the CPU cannot run Triton kernels
+    ok = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None and qwen2 and not on_cpu
+    if mode == "liger" and not ok:
+        raise FittuneError("train.kernels: liger needs a CUDA GPU, `pip install liger-kernel` and a Qwen2-architecture "
+                           "model on GPUs only (no 'cpu' in model.max_memory); use train.kernels: auto (Liger when available) or torch")
+    return ok
+
+
+def apply_liger(model) -> None:
+    """Liger's fused RMSNorm, SwiGLU and RoPE on this Qwen2 model (the fused head + cross-entropy lives in
+    fittune.loss). RoPE is patched module-wide in transformers' Qwen2 code: it runs only on the GPU path."""
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+    apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=model)
+
+
 def apply_lora(model, cfg: Config):
     """Wrap the model with a PEFT LoRA adapter (trainable adapters in fp32, frozen base)."""
     from peft import LoraConfig, get_peft_model
@@ -107,6 +132,8 @@ def build_model(cfg: Config, mixed_precision: str):
     """The model to train: loaded, optionally LoRA-wrapped, optionally checkpointed."""
     path = resolve_model_path(cfg)
     model = load_model(path, cfg, weights_dtype(cfg, mixed_precision))
+    if use_liger(cfg, model):
+        apply_liger(model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg)
     if cfg.train.gradient_checkpointing:

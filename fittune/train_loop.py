@@ -24,7 +24,7 @@ from fittune.evaluation import (build_predictions, class_name, compute_metrics, 
                                 majority_baseline, run_evaluation)
 from fittune.loss import install_chunked_loss, nll_sum
 from fittune.model import (build_model, count_parameters, load_tokenizer, prepare_builtin_model, resolve_model_path,
-                           weights_dtype)
+                           use_liger, weights_dtype)
 from fittune.placement import check_not_distributed, input_device, place_model
 from fittune.reports import metrics_table, plot_loss_curve
 from fittune.signals import StopRequest
@@ -184,7 +184,10 @@ def train(cfg: Config) -> dict:
     # ---- model and optimizer ------------------------------------------------------------------------------
     set_seed(cfg.seed)  # the same adapter initialisation whatever ran before (data, model download/build)
     model = build_model(cfg, mixed)
-    head = model.get_output_embeddings() if install_chunked_loss(model, cfg.train.loss_chunk_size) else None
+    liger = use_liger(cfg, model)
+    head = model.get_output_embeddings() if install_chunked_loss(model, cfg.train.loss_chunk_size, liger) else None
+    if liger:
+        _log(accelerator, "Liger kernels: RMSNorm, SwiGLU, RoPE, fused output head + cross-entropy")
     n_total, n_trainable = count_parameters(model)
     _log(accelerator, f"parameters: {n_total:,} total, {n_trainable:,} trainable")
     if cfg.model.parallel == "auto":

@@ -59,3 +59,37 @@ def test_no_chunking_for_a_lora_head_or_chunk_zero(tiny_model_dir):
     assert not install_chunked_loss(_model(tiny_model_dir), 0)
     lora_head = get_peft_model(_model(tiny_model_dir), LoraConfig(r=2, target_modules=["lm_head"]))
     assert not install_chunked_loss(lora_head, 64)
+
+
+def test_liger_on_cpu_is_a_clear_error_and_auto_falls_back(tiny_model_dir):
+    from fittune.config import build_config
+    from fittune.errors import FittuneError
+    from fittune.model import use_liger
+
+    model = _model(tiny_model_dir)
+    assert not use_liger(build_config(None, {"train.kernels": "torch"}), model)
+    if not torch.cuda.is_available():
+        assert not use_liger(build_config(None, {}), model)  # auto: plain torch without a GPU
+        with pytest.raises(FittuneError, match="train.kernels: liger needs a CUDA GPU"):
+            use_liger(build_config(None, {"train.kernels": "liger"}), model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_liger_kernels_match_torch_on_gpu(tiny_model_dir):
+    """Liger's fused head + cross-entropy, RMSNorm, SwiGLU and RoPE against plain torch, fp32 on the GPU:
+    loss and gradients to 1e-4 (Triton kernels sum in another order)."""
+    pytest.importorskip("liger_kernel")
+    from fittune.model import apply_liger
+
+    ref, fused = _model(tiny_model_dir).cuda(), _model(tiny_model_dir).cuda()
+    batch = {k: v.cuda() for k, v in _batch(ref.config.vocab_size).items()}
+    install_chunked_loss(ref, 7)
+    loss_ref, _ = nll_sum(ref, batch, ref.get_output_embeddings())
+    loss_ref.backward()  # before patching: RoPE is replaced module-wide
+    apply_liger(fused)
+    assert install_chunked_loss(fused, 7, fused=True)
+    loss_fused, _ = nll_sum(fused, batch, fused.get_output_embeddings())
+    torch.testing.assert_close(loss_fused, loss_ref, atol=1e-4, rtol=1e-4)
+    loss_fused.backward()
+    for (name, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-3, msg=name)

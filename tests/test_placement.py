@@ -106,9 +106,9 @@ def test_device_map_with_a_distributed_launch_is_an_error(tiny_config, tmp_path)
 def test_forced_gpu_cpu_split_trains_like_one_device(tiny_config, tmp_path):
     """A tiny model forced across GPU 0 and the CPU (a budget too small for GPU 0 alone): same losses as the
     model on one device, within fp32 GPU-vs-CPU kernel differences."""
-    plain = tiny_config("plain.yaml", output_dir=str(tmp_path / "plain"))
+    plain = tiny_config("plain.yaml", output_dir=str(tmp_path / "plain"), train={"kernels": "torch"})
     launch("train.py", ["--config", plain])
-    split = tiny_config("split.yaml", output_dir=str(tmp_path / "split"),
+    split = tiny_config("split.yaml", output_dir=str(tmp_path / "split"), train={"kernels": "torch"},
                         model={"parallel": "auto", "max_memory": {"0": "120KB", "cpu": "1GiB"}})
     proc = launch("train.py", ["--config", split])
     assert "placed the blocks on ['0', 'cpu']" in proc.stdout
