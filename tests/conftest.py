@@ -27,7 +27,8 @@ def free_port() -> int:
 def child_env(threads: int = 1) -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+               HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])))
     return env
 
 
