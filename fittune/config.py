@@ -200,7 +200,8 @@ class TrainConfig(_Section):
     kernels: Literal["auto", "liger", "torch"] = "auto"
     """Fused GPU kernels for Qwen2: `liger` uses Liger Kernel (RMSNorm, SwiGLU, RoPE, and a fused output
     head + cross-entropy that computes its gradient in the forward pass instead of recomputing it); `auto`
-    does so when liger-kernel is installed and the model is on a GPU; `torch` never. Never required."""
+    does so for LoRA runs when liger-kernel is installed and the model is on a GPU (for full fine-tuning it
+    measured slower, see bench/RESULTS.md); `torch` never. Never required."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

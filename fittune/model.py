@@ -88,7 +88,11 @@ def use_liger(cfg: Config, model) -> bool:
     qwen2 = getattr(model.config, "model_type", None) == "qwen2"
     on_cpu = "cpu" in (cfg.model.max_memory or {})  # device-map layers on the CPU cannot run Triton kernels
     ok = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None and qwen2 and not on_cpu
-    if mode == "liger" and not ok:
+    if mode == "auto":
+        # measured on an H200 (bench/RESULTS.md): faster for LoRA; slower for full fine-tuning, where the
+        # fused head casts the fp32 master head weight and accumulates its gradient in the forward pass
+        return ok and cfg.lora.enabled
+    if not ok:
         raise FittuneError("train.kernels: liger needs a CUDA GPU, `pip install liger-kernel` and a Qwen2-architecture "
                            "model on GPUs only (no 'cpu' in model.max_memory); use train.kernels: auto (Liger when available) or torch")
     return ok
