@@ -11,7 +11,7 @@ import yaml
 from conftest import ROOT, child_env, free_port, launch, read_log
 
 
-@pytest.mark.parametrize("template", ["multi_node_ddp", "multi_node_zero3"])
+@pytest.mark.parametrize("template", ["multi_node_ddp", "multi_node_zero3", "multi_node_fsdp2"])
 def test_two_nodes_on_loopback_match_one_node(tmp_path, tiny_config, template):
     recipe = tiny_config(train={"max_steps": 5, "grad_accum": 2, "micro_batch_size": 2})
     single, multi = tmp_path / "single", tmp_path / "multi"
@@ -34,7 +34,7 @@ def test_two_nodes_on_loopback_match_one_node(tmp_path, tiny_config, template):
     ranks = json.loads((multi / "ranks.json").read_text())
     assert [r["rank"] for r in ranks] == [0, 1]
     la, lb = [r["loss"] for r in read_log(single)], [r["loss"] for r in read_log(multi)]
-    assert la == pytest.approx(lb, abs=1e-5)  # ZeRO-3 only reorders the gradient sums (see test_deepspeed)
+    assert la == pytest.approx(lb, abs=1e-5)  # ZeRO-3 / FSDP2 only reorder the gradient sums (see test_deepspeed)
     ma = json.loads((single / "eval/metrics.json").read_text())
     mb = json.loads((multi / "eval/metrics.json").read_text())
     for k in ("accuracy", "f1_weighted", "num_examples"):
