@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fittune.config import build_config  # noqa: E402
 from fittune.distributed import configure_deepspeed, make_accelerator, zero_stage  # noqa: E402
 from fittune.loss import install_chunked_loss  # noqa: E402
-from fittune.model import apply_liger, apply_lora, enable_gradient_checkpointing, use_liger  # noqa: E402
+from fittune.model import apply_liger, apply_lora, compile_layers, enable_gradient_checkpointing, use_liger  # noqa: E402
 from fittune.train_loop import train_step  # noqa: E402
 
 TINY = os.environ.get("TINY") == "1"
@@ -38,7 +38,8 @@ PEAK_FLOPS = 989e12  # H100/H200 dense bf16, as in the naive baseline
 
 def parse_case(name: str) -> dict:
     """'lora-4x2048-ckpt', 'full-2x1024-ckpt', 'full-zero2_offload-2x1024-ckpt', 'lora-zero3-4x1024-ckpt';
-    a '-torch' suffix turns Liger kernels off (train.kernels: torch) for comparison."""
+    a '-torch' suffix turns Liger kernels off (train.kernels: torch) for comparison; '-compile' adds
+    train.compile (torch.compile of each decoder layer)."""
     parts = name.split("-")
     method, rest = parts[0], parts[1:]
     strategy = "single"
@@ -46,7 +47,7 @@ def parse_case(name: str) -> dict:
         strategy, rest = rest[0], rest[1:]
     micro, seq = (int(x) for x in rest[0].split("x"))
     return {"name": name, "method": method, "strategy": strategy, "micro": micro, "seq": seq,
-            "ckpt": "ckpt" in rest, "kernels": "torch" if "torch" in rest else "auto"}
+            "ckpt": "ckpt" in rest, "kernels": "torch" if "torch" in rest else "auto", "compile": "compile" in rest}
 
 
 def hf_config(seq: int):
@@ -108,6 +109,8 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
         model = apply_lora(model, cfg)
     if case["ckpt"]:
         enable_gradient_checkpointing(model, lora)
+    if case["compile"]:
+        compile_layers(model)  # train.compile (the warm-up steps absorb the compilation)
     head = model.get_output_embeddings() if install_chunked_loss(model, cfg.train.loss_chunk_size, liger) else None
     params = [p for p in model.parameters() if p.requires_grad]
     fused = dev.type == "cuda"
@@ -143,7 +146,7 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
            "seq": case["seq"], "grad_ckpt": case["ckpt"], "peak_gib": round(peak, 2), "tokens_per_s": round(tok_s, 1),
            "mfu": round(tok_s * flops_tok / PEAK_FLOPS, 4), "loss": round(nll / n_targets, 3),
            "planned_gib": planned_gib(case, cfg), "stepped": stepped, "first_loss": first_loss,
-           "kernels": "liger" if liger else "torch"}
+           "kernels": ("liger" if liger else "torch") + ("+compile" if case["compile"] else "")}
     # drop every reference (the Accelerator keeps its prepared objects) so the next case starts from zero
     accelerator.free_memory()
     del model, optimizer, batch, params, head, scheduler

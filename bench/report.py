@@ -32,7 +32,7 @@ def main():
         if "error" in r:
             print(f"| {r['case']} | | {r['error']} | | | | | | | | | |")
             continue
-        key = r["case"].removesuffix("-torch")  # the same case with Liger turned off
+        key = r["case"].removesuffix("-compile").removesuffix("-torch")  # same shape, other kernels
         n = naive.get(NAIVE.get(key, ""), {})
         npk, ntok = n.get("peak_gib"), n.get("tokens_per_s")
         pr = f"{r['peak_gib'] / npk:.2f}x" if npk else "-"

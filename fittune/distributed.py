@@ -56,9 +56,6 @@ def _enable_fsdp_on_cpu(accelerator: Accelerator, mixed_precision: str) -> None:
     if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
         raise FittuneError("fsdp_offload_params moves the shards from GPU memory to CPU RAM; without a GPU they are "
                            "in CPU RAM already: use accelerate_configs/fsdp2.yaml")
-    if plugin.fsdp_version != 2:
-        raise FittuneError("FSDP1 is not supported by fittune: set fsdp_version: 2 in the accelerate config "
-                           "(see accelerate_configs/fsdp2.yaml)")
     if mixed_precision != "no":
         plugin.set_mixed_precision(mixed_precision)
     accelerator.state.fsdp_plugin = plugin
@@ -87,6 +84,11 @@ def make_accelerator(mixed_precision: str, grad_accum: int, log_with: str | None
     )
     if cpu and fsdp_requested():
         _enable_fsdp_on_cpu(accelerator, mixed_precision)
+    if accelerator.distributed_type.value == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        from fittune.errors import FittuneError
+
+        raise FittuneError("FSDP1 is not supported by fittune: set fsdp_version: 2 in the accelerate config "
+                           "(see accelerate_configs/fsdp2.yaml)")
     return accelerator
 
 

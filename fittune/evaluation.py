@@ -318,7 +318,7 @@ def evaluate_checkpoint(checkpoint: str, cfg, out_dir: str | None, info=None) ->
         from fittune.placement import check_not_distributed, place_model
 
         check_not_distributed(accelerator.num_processes, accelerator.distributed_type.value)
-        place_model(model, cfg.model.max_memory, weights_dtype(cfg, mixed))
+        place_model(model, cfg.model.max_memory, weights_dtype(cfg, mixed), training=False)
     if accelerator.distributed_type.value == "DEEPSPEED":
         # ZeRO-3 loaded the weights partitioned: only the engine's hooks gather them for a forward pass
         configure_deepspeed(accelerator, cfg.eval.batch_size, 1, 0.0)

@@ -86,15 +86,17 @@ def use_liger(cfg: Config, model) -> bool:
     if mode == "torch":
         return False
     qwen2 = getattr(model.config, "model_type", None) == "qwen2"
-    on_cpu = "cpu" in (cfg.model.max_memory or {})  # device-map layers on the CPU cannot run Triton kernels
-    ok = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None and qwen2 and not on_cpu
+    # a device map puts layers on other GPUs or the CPU, where Liger's Triton kernels (launched on the
+    # current GPU) cannot run
+    mapped = cfg.model.parallel == "auto"
+    ok = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None and qwen2 and not mapped
     if mode == "auto":
         # measured on an H200 (bench/RESULTS.md): faster for LoRA; slower for full fine-tuning, where the
         # fused head casts the fp32 master head weight and accumulates its gradient in the forward pass
         return ok and cfg.lora.enabled
     if not ok:
         raise FittuneError("train.kernels: liger needs a CUDA GPU, `pip install liger-kernel` and a Qwen2-architecture "
-                           "model on GPUs only (no 'cpu' in model.max_memory); use train.kernels: auto (Liger when available) or torch")
+                           "model on one device per process (not model.parallel: auto); use train.kernels: auto (Liger when available) or torch")
     return ok
 
 
@@ -143,6 +145,21 @@ def build_model(cfg: Config, mixed_precision: str):
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.lora.enabled)
     return model
+
+
+def decoder_layers(model) -> list:
+    """The model's repeated blocks (the classes transformers never splits: Qwen2DecoderLayer)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    return [m for m in base.modules() if type(m).__name__ in names]
+
+
+def compile_layers(model) -> int:
+    """`torch.compile` every decoder layer in place (regional compilation); returns how many."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -70,12 +70,25 @@ def _inner(model):
     return get_base() if callable(get_base) else model
 
 
-def place_model(model: torch.nn.Module, max_memory_cfg: dict[str, str] | None, dtype: torch.dtype | None = None):
+def training_share(model: torch.nn.Module) -> float:
+    """Fraction of each device's budget the weights may take when training: every trainable parameter also
+    needs its gradient and two Adam moments next to it (x4 for full fine-tuning, ~x1 for LoRA)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weights / (weights + 3 * trainable) if weights else 1.0
+
+
+def place_model(model: torch.nn.Module, max_memory_cfg: dict[str, str] | None, dtype: torch.dtype | None = None,
+                training: bool = True):
     """Spread `model` over the devices in `model.max_memory` (default: all visible GPUs). Returns the
-    device map; the model's forward then takes inputs on `input_device(model)` and returns outputs there."""
+    device map; the model's forward then takes inputs on `input_device(model)` and returns outputs there.
+    `training`: leave room on each device for the gradients and optimizer states of its layers."""
     from accelerate import dispatch_model
 
     max_memory = parse_max_memory(max_memory_cfg)
+    if training:
+        share = training_share(model)
+        max_memory = {k: int(v * share) for k, v in max_memory.items()}
     device_map = plan_device_map(model, max_memory, dtype)
     gpus = sorted({d for d in device_map.values() if d != "cpu"})
     # main_device="cpu": accelerate would otherwise *stream* cpu-mapped weights to the GPU (offload), which

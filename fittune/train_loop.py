@@ -23,8 +23,8 @@ from fittune.errors import FittuneError
 from fittune.evaluation import (build_predictions, class_name, compute_metrics, evaluate_and_report,
                                 majority_baseline, run_evaluation)
 from fittune.loss import install_chunked_loss, nll_sum
-from fittune.model import (build_model, count_parameters, load_tokenizer, prepare_builtin_model, resolve_model_path,
-                           use_liger, weights_dtype)
+from fittune.model import (build_model, compile_layers, count_parameters, load_tokenizer, prepare_builtin_model,
+                           resolve_model_path, use_liger, weights_dtype)
 from fittune.placement import check_not_distributed, input_device, place_model
 from fittune.reports import metrics_table, plot_loss_curve
 from fittune.signals import StopRequest
@@ -184,10 +184,15 @@ def train(cfg: Config) -> dict:
     # ---- model and optimizer ------------------------------------------------------------------------------
     set_seed(cfg.seed)  # the same adapter initialisation whatever ran before (data, model download/build)
     model = build_model(cfg, mixed)
+    if cfg.train.compile:
+        if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
+            raise FittuneError("train.compile works with one process, DDP and model.parallel: auto, not under "
+                               "DeepSpeed or FSDP2 (their hooks run inside each layer call): turn it off there")
+        _log(accelerator, f"torch.compile: {compile_layers(model)} decoder layers (the first steps compile)")
     liger = use_liger(cfg, model)
     head = model.get_output_embeddings() if install_chunked_loss(model, cfg.train.loss_chunk_size, liger) else None
     if liger:
-        _log(accelerator, "Liger kernels: RMSNorm, SwiGLU, RoPE, fused output head + cross-entropy")
+        _log(accelerator, "Liger kernels: RMSNorm, SwiGLU, RoPE" + (", fused output head + cross-entropy" if head else ""))
     n_total, n_trainable = count_parameters(model)
     _log(accelerator, f"parameters: {n_total:,} total, {n_trainable:,} trainable")
     if cfg.model.parallel == "auto":
@@ -195,7 +200,10 @@ def train(cfg: Config) -> dict:
         _log(accelerator, f"model.parallel: auto placed the blocks on {sorted(set(map(str, device_map.values())))}: "
                           f"{device_map}")
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = all(p.device.type == "cuda" for p in params)  # fused AdamW needs every parameter on a GPU
+    # fused AdamW needs every parameter on a GPU: the device map may keep some on the CPU; otherwise
+    # accelerate moves the model to the GPU in prepare() below
+    fused = (all(p.device.type == "cuda" for p in params) if cfg.model.parallel == "auto"
+             else accelerator.device.type == "cuda")
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay, fused=fused, foreach=not fused)
     from transformers import get_scheduler
@@ -390,8 +398,9 @@ def local_shards(model) -> dict:
     shapes, local, total = {}, 0, 0
     for name, p in model.named_parameters():
         mine = p.to_local() if hasattr(p, "to_local") else p  # a DTensor shard under FSDP2
-        shapes[name] = [list(mine.shape), list(p.shape)]
-        local, total = local + mine.numel(), total + p.numel()
+        full = list(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape aside, p itself is empty
+        shapes[name] = [list(mine.shape), full]
+        local, total = local + mine.numel(), total + int(getattr(p, "ds_numel", p.numel()))
     return {"local_parameter_elements": local, "parameter_elements": total, "parameter_shapes": shapes}
 
 
@@ -425,11 +434,18 @@ def train_step(accelerator, model, optimizer, scheduler, params, batches: list[d
     return float(step_nll), None if grad_norm is None else float(grad_norm), stepped, overflow
 
 
+_OOM_PASSED = [0]
+
+
 def _maybe_inject_oom(micro: int, rank: int) -> None:
     """Test hook: FITTUNE_TEST_OOM_ABOVE=M (and optionally FITTUNE_TEST_OOM_RANK=r) raises a real
-    torch.OutOfMemoryError in the forward pass whenever the micro-batch exceeds M, on that rank only."""
+    torch.OutOfMemoryError in the forward pass whenever the micro-batch exceeds M, on that rank only;
+    FITTUNE_TEST_OOM_SKIP=k lets the first k such micro-batches through (an out-of-memory mid-step)."""
     above = os.environ.get("FITTUNE_TEST_OOM_ABOVE")
     if above is not None and micro > int(above) and rank == int(os.environ.get("FITTUNE_TEST_OOM_RANK", rank)):
+        if _OOM_PASSED[0] < int(os.environ.get("FITTUNE_TEST_OOM_SKIP", "0")):
+            _OOM_PASSED[0] += 1
+            return
         raise torch.OutOfMemoryError(f"injected by FITTUNE_TEST_OOM_ABOVE={above} (micro-batch {micro}, rank {rank})")
 
 

@@ -69,23 +69,28 @@ def test_liger_on_cpu_is_a_clear_error_and_auto_falls_back(tiny_model_dir):
     model = _model(tiny_model_dir)
     assert not use_liger(build_config(None, {"train.kernels": "torch"}), model)
     if not torch.cuda.is_available():
-        assert not use_liger(build_config(None, {}), model)  # auto: plain torch without a GPU
+        assert not use_liger(build_config(None, {"lora.enabled": True}), model)  # auto: plain torch without a GPU
         with pytest.raises(FittuneError, match="train.kernels: liger needs a CUDA GPU"):
             use_liger(build_config(None, {"train.kernels": "liger"}), model)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_liger_kernels_match_torch_on_gpu(tiny_model_dir):
+def test_liger_kernels_match_torch_on_gpu(tiny_model_dir, request):
     """Liger's fused head + cross-entropy, RMSNorm, SwiGLU and RoPE against plain torch, fp32 on the GPU:
     loss and gradients to 1e-4 (Triton kernels sum in another order)."""
     pytest.importorskip("liger_kernel")
     from fittune.model import apply_liger
+
+    from transformers.models.qwen2 import modeling_qwen2
 
     ref, fused = _model(tiny_model_dir).cuda(), _model(tiny_model_dir).cuda()
     batch = {k: v.cuda() for k, v in _batch(ref.config.vocab_size).items()}
     install_chunked_loss(ref, 7)
     loss_ref, _ = nll_sum(ref, batch, ref.get_output_embeddings())
     loss_ref.backward()  # before patching: RoPE is replaced module-wide
+    # Liger patches transformers' Qwen2 module globally: restore it for the tests that follow in this process
+    saved = {k: getattr(modeling_qwen2, k) for k in ("apply_rotary_pos_emb", "Qwen2RMSNorm", "Qwen2MLP")}
+    request.addfinalizer(lambda: [setattr(modeling_qwen2, k, v) for k, v in saved.items()])
     apply_liger(fused)
     assert install_chunked_loss(fused, 7, fused=True)
     loss_fused, _ = nll_sum(fused, batch, fused.get_output_embeddings())

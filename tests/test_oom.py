@@ -30,6 +30,21 @@ def test_injected_oom_halves_micro_batch_and_matches(tmp_path, tiny_config, npro
     assert (state["micro_batch_size"], state["grad_accum"]) == (1, 4)
 
 
+def test_zero2_oom_mid_step_keeps_the_finished_micro_batches(tmp_path, tiny_config):
+    """ZeRO-2 has no no_sync: an out-of-memory on rank 1's SECOND micro-batch of step 1 (the first one is
+    already reduced into DeepSpeed's buffers) is finished at half size; the run still matches 1 x 4."""
+    zero2 = "accelerate_configs/deepspeed_zero2.yaml"
+    recipe = tiny_config(train={"micro_batch_size": 2, "grad_accum": 2, "max_steps": 4, "oom_adaptive": True})
+    adapted, small = tmp_path / "adapted", tmp_path / "small"
+    proc = launch("train.py", ["--config", recipe, "--output_dir", adapted], nproc=2, config_file=zero2,
+                  extra_env={"FITTUNE_TEST_OOM_ABOVE": "1", "FITTUNE_TEST_OOM_RANK": "1", "FITTUNE_TEST_OOM_SKIP": "1"})
+    assert "out of memory at step 1: micro-batch -> 1, accumulation -> 4; finishing the step" in proc.stdout
+    launch("train.py", ["--config", recipe, "--output_dir", small, "--train.micro_batch_size", "1",
+                        "--train.grad_accum", "4"], nproc=2, config_file=zero2)
+    la, lb = [r["loss"] for r in read_log(adapted)], [r["loss"] for r in read_log(small)]
+    assert len(la) == 4 and la == pytest.approx(lb, abs=1e-5)
+
+
 def test_oom_at_micro_batch_one_gives_up_clearly(tmp_path, tiny_config):
     recipe = tiny_config(train={"micro_batch_size": 2, "max_steps": 2, "oom_adaptive": True})
     proc = launch("train.py", ["--config", recipe, "--output_dir", tmp_path / "run"], check=False,

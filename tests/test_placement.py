@@ -71,6 +71,20 @@ def test_too_little_memory_is_a_clear_error():
         plan_device_map(qwen3b_meta(), {0: 2 * GIB, 1: 2 * GIB}, torch.bfloat16)
 
 
+def test_training_leaves_room_for_gradients_and_adam():
+    """Full fine-tuning: weights get a quarter of each budget (gradient + 2 Adam moments beside them); LoRA
+    nearly all of it. The same 2 x 4 GiB map that holds the bf16 3B model for LoRA cannot hold it for full."""
+    from fittune.placement import training_share
+
+    full = qwen3b_meta()
+    assert training_share(full) == pytest.approx(0.25)
+    lora = qwen3b_meta(lora=True)
+    assert 0.9 < training_share(lora) < 1.0  # fp32 adapters: ~2% of the bytes, x3 for gradient + Adam
+    budget = {0: int(4 * GIB * training_share(full)), 1: int(4 * GIB * training_share(full))}
+    with pytest.raises(FittuneError, match="does not fit"):
+        plan_device_map(full, budget, torch.bfloat16)
+
+
 def test_max_memory_parsing_and_config_checks():
     assert parse_max_memory({"0": "10GiB", "cpu": "512MB"}) == {0: 10 * GIB, "cpu": 512 * 10**6}
     with pytest.raises(FittuneError, match="is not a size"):
