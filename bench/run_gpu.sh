@@ -4,22 +4,8 @@
 # call. Logs go to $OUT; the last thing printed is the comparison table (bench/report.py). From the repo root:
 #   bash bench/run_gpu.sh      (wheels in .whl/: deepspeed + pydantic, liger-kernel, pytest; see ../shared/device/README.md)
 set -u
-OUT=${OUT:-bench_out}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+source bench/gpu_common.sh
 python3 -c "import torch, transformers, peft, accelerate, deepspeed, liger_kernel.transformers, importlib.metadata as m; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'deepspeed', deepspeed.__version__, 'liger-kernel', m.version('liger-kernel'))" 2>&1 | tail -1 | tee "$OUT/versions.txt"
-run() {  # run <timeout> <log name> <command...>
-  local t=$1 name=$2; shift 2
-  local t0=$SECONDS
-  timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "== $name exit $? ($((SECONDS - t0)) s)"
-  grep -h '^{' "$OUT/$name.log" >> "$OUT/rows.jsonl"
-}
-: > "$OUT/rows.jsonl"
 # timed cases first, alone on the GPU, one process each (clean peaks)
 for c in lora-4x2048-ckpt lora-4x2048-ckpt-torch lora-4x2048 lora-4x1024 lora-4x1024-ckpt full-2x1024-ckpt; do
   run 60 "native-$c" python3 bench/bench_step.py --case "$c" --steps 6 --warm 3
@@ -32,5 +18,4 @@ run 120 gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_loss.py te
 run 90 fsdp2_offload accelerate launch --config_file accelerate_configs/fsdp2_offload.yaml --num_processes 1 --mixed_precision bf16 train.py --config configs/tiny-cpu.yaml --output_dir /tmp/fsdp2_off --train.max_steps 6
 wait $bg
 tail -3 "$OUT/gpu_tests.log"; grep -h "strategy:\|verified\|accuracy " "$OUT/fsdp2_offload.log" | head -4
-sed 's/^/naive /' "$OUT/naive.log" | grep '^naive {' | sed 's/^naive //' > "$OUT/naive.jsonl"
-python3 bench/report.py "$OUT/rows.jsonl" "$OUT/naive.jsonl" "$(cat "$OUT/gpu.txt")" | tee "$OUT/table.md"
+report

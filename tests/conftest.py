@@ -108,6 +108,33 @@ def tiny_config(tmp_path, tiny_model_dir):
     return make
 
 
+STRATEGY_STEPS = 6
+
+
+def strategy_recipe(directory: Path, model_dir: Path) -> Path:
+    """The tiny recipe every sharding strategy (DDP, ZeRO, FSDP2) is run with and compared on."""
+    path = Path(directory) / "recipe.yaml"
+    return write_config(path, {
+        "seed": 0, "log_with": "none", "model": {"name_or_path": str(model_dir)},
+        "data": {"path": "builtin:ai-research-qa", "choices_column": "choices", "max_length": 128},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"micro_batch_size": 2, "grad_accum": 2, "max_steps": STRATEGY_STEPS, "lr": 5e-3,
+                  "log_every": 1, "warmup_ratio": 0.2},
+        "eval": {"batch_size": 8}})
+
+
+def strategy_runs(recipe: Path, root: Path, accel_configs: dict[str, str]) -> dict:
+    """{(strategy, "lora"|"full"): run dir}: the same command on 2 processes, only --config_file differs."""
+    out = {}
+    for method in ("lora", "full"):
+        for strategy, accel in accel_configs.items():
+            d = Path(root) / f"{strategy}-{method}"
+            launch("train.py", ["--config", recipe, "--output_dir", d, "--lora.enabled", str(method == "lora").lower()],
+                   nproc=2, config_file=accel)
+            out[(strategy, method)] = d
+    return out
+
+
 def independent_nll(model, tokenizer, run_dir: Path) -> dict[str, float]:
     """Per held-out example: summed NLL of the answer given the chat prompt, computed here with plain
     transformers on each unpadded sequence (no fittune code involved)."""

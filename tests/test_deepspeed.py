@@ -7,38 +7,23 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, independent_nll, launch, read_log
+from conftest import ROOT, STRATEGY_STEPS, independent_nll, launch, read_log, strategy_recipe, strategy_runs
 
 ZERO = ["zero2", "zero2_offload", "zero3", "zero3_offload"]
-STEPS = 6
+STEPS = STRATEGY_STEPS
 
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory, tiny_model_dir):
-    path = tmp_path_factory.mktemp("ds") / "recipe.yaml"
-    path.write_text(yaml.safe_dump({
-        "seed": 0, "log_with": "none", "model": {"name_or_path": str(tiny_model_dir)},
-        "data": {"path": "builtin:ai-research-qa", "choices_column": "choices", "max_length": 128},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"micro_batch_size": 2, "grad_accum": 2, "max_steps": STEPS, "lr": 5e-3, "log_every": 1,
-                  "warmup_ratio": 0.2},
-        "eval": {"batch_size": 8}}))
-    return path
+    return strategy_recipe(tmp_path_factory.mktemp("ds"), tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
 def runs(recipe, tmp_path_factory):
     """Every ZeRO config x {LoRA, full}, plus the 2-process DDP reference: the same command but --config_file."""
-    root = tmp_path_factory.mktemp("zero-runs")
-    out = {}
-    for method in ("lora", "full"):
-        flag = ["--lora.enabled", "true" if method == "lora" else "false"]
-        for strategy in ["ddp"] + ZERO:
-            d = root / f"{strategy}-{method}"
-            accel = "accelerate_configs/cpu_2proc.yaml" if strategy == "ddp" else f"accelerate_configs/deepspeed_{strategy}.yaml"
-            launch("train.py", ["--config", recipe, "--output_dir", d, *flag], nproc=2, config_file=accel)
-            out[(strategy, method)] = d
-    return out
+    return strategy_runs(recipe, tmp_path_factory.mktemp("zero-runs"),
+                         {"ddp": "accelerate_configs/cpu_2proc.yaml",
+                          **{z: f"accelerate_configs/deepspeed_{z}.yaml" for z in ZERO}})
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -7,36 +7,21 @@ import json
 import pytest
 import yaml
 
-from conftest import ROOT, independent_nll, launch, read_log
+from conftest import STRATEGY_STEPS, independent_nll, launch, read_log, strategy_recipe, strategy_runs
 
-STEPS = 6
+STEPS = STRATEGY_STEPS
 
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory, tiny_model_dir):
-    path = tmp_path_factory.mktemp("fsdp") / "recipe.yaml"
-    path.write_text(yaml.safe_dump({
-        "seed": 0, "log_with": "none", "model": {"name_or_path": str(tiny_model_dir)},
-        "data": {"path": "builtin:ai-research-qa", "choices_column": "choices", "max_length": 128},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"micro_batch_size": 2, "grad_accum": 2, "max_steps": STEPS, "lr": 5e-3, "log_every": 1,
-                  "warmup_ratio": 0.2},
-        "eval": {"batch_size": 8}}))
-    return path
+    return strategy_recipe(tmp_path_factory.mktemp("fsdp"), tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
 def runs(recipe, tmp_path_factory):
     """{DDP, FSDP2} x {LoRA, full}: the same command, only --config_file differs."""
-    root = tmp_path_factory.mktemp("fsdp-runs")
-    out = {}
-    for method in ("lora", "full"):
-        for strategy, accel in (("ddp", "accelerate_configs/cpu_2proc.yaml"), ("fsdp2", "accelerate_configs/fsdp2.yaml")):
-            d = root / f"{strategy}-{method}"
-            launch("train.py", ["--config", recipe, "--output_dir", d, "--lora.enabled", str(method == "lora").lower()],
-                   nproc=2, config_file=accel)
-            out[(strategy, method)] = d
-    return out
+    return strategy_runs(recipe, tmp_path_factory.mktemp("fsdp-runs"),
+                         {"ddp": "accelerate_configs/cpu_2proc.yaml", "fsdp2": "accelerate_configs/fsdp2.yaml"})
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
