@@ -60,9 +60,10 @@ class ModelConfig(_Section):
     parallelism: each GPU holds some layers, activations move between them), balanced by memory. For
     several small GPUs without a distributed launch; a distributed launch (DDP, ZeRO, FSDP2) is an error."""
     max_memory: dict[str, str] | None = None
-    """With `parallel: auto`, memory each device may hold for weights, e.g. `{"0": "10GiB", "1": "10GiB"}`
-    (keys: GPU indices, or `cpu` to run the layers that do not fit on the CPU, slowly). Default: what each
-    visible GPU has free, less room for activations."""
+    """With `parallel: auto`, memory each device may use, e.g. `{"0": "10GiB", "1": "10GiB"}` (keys: GPU
+    indices, or `cpu` to run the layers that do not fit on the CPU, slowly). Weights are placed so that, when
+    training, their gradients and Adam states fit beside them. Default: 80% of what each visible GPU has
+    free (the rest for activations)."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
