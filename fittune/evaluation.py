@@ -324,7 +324,8 @@ def evaluate_checkpoint(checkpoint: str, cfg, out_dir: str | None, info=None) ->
         configure_deepspeed(accelerator, cfg.eval.batch_size, 1, 0.0)
         model = accelerator.prepare(model)
     else:
-        model = accelerator.prepare_model(model, evaluation_mode=True)
+        # a device map placed the model already (even all on one device): accelerate must not move it
+        model = accelerator.prepare_model(model, device_placement=cfg.model.parallel != "auto", evaluation_mode=True)
 
     compare = {}
     if train_examples and any(x.candidates for x in test_set):

@@ -211,7 +211,10 @@ def train(cfg: Config) -> dict:
     scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=round(cfg.train.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     # the scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it per process)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # a device map placed the model already (even all on one device): accelerate must not move it
+    # (DeepSpeed refuses any device_placement argument; a device map never runs under it)
+    placement = {"device_placement": [False, True]} if cfg.model.parallel == "auto" else {}
+    model, optimizer = accelerator.prepare(model, optimizer, **placement)
     in_device = input_device(model) if cfg.model.parallel == "auto" else accelerator.device
     # FSDP2 replaces every parameter with a sharded DTensor one: clip and check the live ones
     params = [p for p in model.parameters() if p.requires_grad]
@@ -275,15 +278,17 @@ def train(cfg: Config) -> dict:
         while True:
             micro_batches = D.micro_batches_for_rank(batch_ids, lengths, counters["micro_batch_size"],
                                                      counters["grad_accum"], world, rank)
-            batches = [{k: v.to(in_device) for k, v in D.collate_train([train_set[j] for j in micro],
-                                                                               tokenizer.pad_token_id).items()}
-                       for micro in micro_batches]
             if cfg.train.oom_adaptive and accelerator.distributed_type.value == "DEEPSPEED":
+                # builds each micro-batch itself, inside its out-of-memory guard
+                batches = None
                 result = deepspeed_adaptive_step(accelerator, model, optimizer, scheduler, params, micro_batches,
                                                  lambda rows: {k: v.to(in_device) for k, v in D.collate_train(
                                                      [train_set[j] for j in rows], tokenizer.pad_token_id).items()},
                                                  n_targets, head, mixed, counters, step, global_batch)
                 break
+            batches = [{k: v.to(in_device) for k, v in D.collate_train([train_set[j] for j in micro],
+                                                                               tokenizer.pad_token_id).items()}
+                       for micro in micro_batches]
             if not cfg.train.oom_adaptive:
                 result = train_step(accelerator, model, optimizer, scheduler, params, batches, n_targets, head,
                                     cfg.train.max_grad_norm, mixed)
