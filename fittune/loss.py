@@ -36,7 +36,7 @@ class ChunkedLossHead(nn.Linear):
 
     targets: torch.Tensor | None = None
     chunk: int = 1024
-    fused: bool = False  # Liger's fused linear + cross-entropy (GPU): gradients in the forward, no recompute
+    fused = None  # Liger's fused linear + cross-entropy (GPU), set at install: gradients in the forward, no recompute
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.targets is None:
@@ -47,14 +47,11 @@ class ChunkedLossHead(nn.Linear):
         t = shifted[keep]
         # zero-valued terms keep every input in the graph even with no target token in the micro-batch
         total = (hidden.sum() + self.weight.sum()).float() * 0.0
-        if self.fused and t.numel():
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
+        if self.fused is not None and t.numel():
             # Liger chunks internally and never holds more than a chunk of logits; one dtype for the matmul
             # (fp32 master weights under autocast meet bf16 hidden states here)
-            flce = LigerFusedLinearCrossEntropyLoss(reduction="sum")
             bias = None if self.bias is None else self.bias.to(h.dtype)
-            return (total + flce(self.weight.to(h.dtype), h, t, bias).float()).reshape(1, 1, 1).clone()
+            return (total + self.fused(self.weight.to(h.dtype), h, t, bias).float()).reshape(1, 1, 1).clone()
         for s in range(0, t.numel(), self.chunk):
             # checkpointed: the chunk's logits are recomputed in backward instead of being kept
             total = total + checkpoint(_ce_sum, h[s:s + self.chunk], self.weight, self.bias, t[s:s + self.chunk],
@@ -71,7 +68,12 @@ def install_chunked_loss(model, chunk: int, fused: bool = False) -> bool:
         return False
     head.__class__ = ChunkedLossHead
     head.chunk = chunk
-    head.fused = fused
+    head.fused = None
+    if fused:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        # kept out of the module tree (no state-dict key, nothing for FSDP/PEFT to see): it has no parameters
+        head.__dict__["fused"] = LigerFusedLinearCrossEntropyLoss(reduction="sum")
     head.targets = None
     return True
 

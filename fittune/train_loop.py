@@ -516,7 +516,7 @@ def deepspeed_adaptive_step(accelerator, engine, optimizer, scheduler, params, m
     """
     world = accelerator.num_processes
     pending = [list(m) for m in micro_batches]
-    step_nll = 0.0
+    step_nll = None
     while pending:
         rows = pending.pop(0)
         failed, loss_sum = 0.0, None
@@ -551,7 +551,7 @@ def deepspeed_adaptive_step(accelerator, engine, optimizer, scheduler, params, m
         accelerator.sync_gradients = not pending  # the engine steps after the step's last micro-batch
         # x world x (the engine's accumulation) undoes its averaging: the update is sum(NLL) / target tokens
         accelerator.backward(loss_sum * (world * engine.gradient_accumulation_steps() / n_targets))
-        step_nll += float(loss_sum.detach())
+        step_nll = loss_sum.detach() if step_nll is None else step_nll + loss_sum.detach()  # no GPU sync here
     grad_norm = accelerator.clip_grad_norm_(params, 0.0)  # DeepSpeed clipped inside its step; this reads the norm
     optimizer.step()  # a no-op wrapper call: the engine already stepped
     overflow = int(bool(accelerator.optimizer_step_was_skipped))
@@ -559,7 +559,7 @@ def deepspeed_adaptive_step(accelerator, engine, optimizer, scheduler, params, m
     if stepped:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return step_nll, None if grad_norm is None else float(grad_norm), stepped, overflow
+    return float(step_nll), None if grad_norm is None else float(grad_norm), stepped, overflow
 
 
 def _truncate_log(path: Path, step: int) -> None:
