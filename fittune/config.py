@@ -260,6 +260,12 @@ class Config(_Section):
     resume: str | None = None
     """`auto`: continue from the newest complete checkpoint in output_dir (or start fresh and say so);
     a path: continue from that checkpoint directory."""
+    overwrite: bool = False
+    """Replace a run already in output_dir (`--overwrite`): the old run is moved aside and removed only
+    once the new one has finished. Without it, a directory that holds a run is refused."""
+    trust_checkpoint: bool = False
+    """Load a checkpoint whose files need unpickling (DeepSpeed or FSDP2 optimizer shards: code-equivalent)
+    even when it is not inside a run directory fittune wrote (`--trust_checkpoint`)."""
     model: ModelConfig = ModelConfig()
     """What model to fine-tune."""
     lora: LoraConfig = LoraConfig()
@@ -329,6 +335,10 @@ def _flatten(tree: dict, prefix: str = "") -> list[str]:
     return out
 
 
+# top-level booleans that may be given as a bare flag
+_BARE_FLAGS = {"overwrite", "trust_checkpoint"}
+
+
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
     """Turn `--a.b value` / `--a.b=value` pairs into {"a.b": parsed value} (values parsed as YAML scalars)."""
     out: dict[str, Any] = {}
@@ -338,6 +348,10 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
         if not arg.startswith("--"):
             raise FittuneError(f"unexpected argument '{arg}': overrides look like --train.lr 2e-4")
         key, eq, value = arg[2:].partition("=")
+        if not eq and key in _BARE_FLAGS and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
+            out[key] = True  # `--overwrite` alone means true
+            i += 1
+            continue
         if not eq:
             if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 raise FittuneError(f"option '--{key}' needs a value, e.g. --{key} VALUE")

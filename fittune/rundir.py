@@ -1,0 +1,312 @@
+"""The output directory: what fittune owns, one run at a time, and writes that survive a crash or a full disk.
+
+Rules (README "What fittune writes, and what it never touches"):
+  * fittune deletes or replaces only what it created: every directory it creates holds a `.fittune` marker,
+    and a non-empty directory without one is never written into;
+  * one run per directory: the global main process holds an OS lock (`flock` on the directory itself) for the
+    run's life; the kernel drops it when the process dies, even by `kill -9`;
+  * every file is written to a temporary name, fsynced, renamed into place and the directory fsynced; a
+    directory (`final/`, `eval/`, a checkpoint) is published by an atomic exchange with the old one, so there
+    is never a moment with neither.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fittune.errors import FittuneError
+
+MARKER = ".fittune"
+LOCK_INFO = ".fittune.lock"
+# what a run leaves in its directory: any of these means the directory holds a run
+RUN_FILES = ("config.yaml", "train_log.jsonl", "heldout_ids.json", "final", "checkpoints", "eval")
+
+
+# ---- durable writes ---------------------------------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `path` whole or not at all: temporary file, fsync, rename, fsync the directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line and fsync it, so a crash can tear at most the last line (dropped on resume)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line.rstrip("\n") + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory below `root` (before it is renamed into place)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Put a finished directory `tmp` in place of `final` (created by fittune) with no moment where neither
+    exists: an atomic exchange, then the old one is removed. Where exchange is not supported, the old one is
+    renamed aside first and removed after."""
+    fsync_tree(tmp)
+    if final.exists():
+        if _exchange(tmp, final):
+            shutil.rmtree(tmp)  # now the old directory
+        else:
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    fsync_dir(final.parent)
+
+
+def fresh_tmp_dir(path: Path) -> Path:
+    """An empty `<path>.tmp` to build a directory in (a leftover from a crashed attempt is ours: removed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return True
+    if type(e).__name__ == "SafetensorError":  # safetensors' own type for an I/O failure (e.g. ENOSPC)
+        return True
+    # torch.save reports a failed write as RuntimeError("... failed writing file ...")
+    return isinstance(e, RuntimeError) and ("writing" in str(e) or "No space" in str(e))
+
+
+@contextmanager
+def write_guard(what: str, intact: str):
+    """Turn a failed write (full disk, permissions) into one clear error saying what is still intact."""
+    try:
+        yield
+    except FittuneError:
+        raise
+    except Exception as e:
+        if not _is_write_failure(e):
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FittuneError(f"could not write {what} ({reason}): free disk space or fix permissions; "
+                           f"{intact}") from None
+
+
+def check_free_space(directory: Path, need_bytes: int, what: str) -> None:
+    """Refuse a save whose size is known before starting it when the disk cannot hold it."""
+    free = shutil.disk_usage(directory).free
+    if free < need_bytes:
+        raise FittuneError(f"not enough free disk space for {what}: needs {need_bytes / 2**20:.1f} MiB, "
+                           f"{free / 2**20:.1f} MiB free in {directory}; free some space")
+
+
+# ---- ownership --------------------------------------------------------------------------------------------
+
+
+def owned(path: Path) -> bool:
+    """Whether fittune created `path` (its marker, or a run directory written by fittune before markers)."""
+    if (path / MARKER).is_file():
+        return True
+    legacy = path / "config.yaml"
+    return legacy.is_file() and (path / "train_log.jsonl").is_file() and "\nrun:\n" in legacy.read_text()
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """Refuse an existing non-empty directory that fittune did not create (read-only check)."""
+    if path.exists() and not path.is_dir():
+        raise FittuneError(f"{flag} {path} is a file, not a directory: choose another path")
+    if path.is_dir() and not owned(path) and any(path.iterdir()):
+        raise FittuneError(f"{flag} {path} is not empty and was not created by fittune (no {MARKER} marker): "
+                           f"choose a new or empty directory; fittune never writes into or deletes files it "
+                           f"did not create")
+
+
+def claim_dir(path: Path, kind: str) -> Path:
+    """Create `path` (parents too) or adopt an empty one, and mark it as fittune's."""
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / MARKER).is_file():
+        atomic_write_text(path / MARKER, json.dumps({"created_by": "fittune", "kind": kind,
+                                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    return path
+
+
+def remove_owned(path: Path) -> None:
+    """Remove a directory fittune created (refuses anything else: a guard against deleting user files)."""
+    if not path.exists():
+        return
+    if not owned(path):
+        raise FittuneError(f"refusing to delete {path}: it was not created by fittune (no {MARKER} marker)")
+    shutil.rmtree(path)
+
+
+# ---- one run per directory ----------------------------------------------------------------------------------
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads((path / LOCK_INFO).read_text())
+        return f"{info['program']} (pid {info['pid']} on {info['host']}, since {info['since']})"
+    except (OSError, ValueError, KeyError):
+        return "another fittune process"
+
+
+class DirLock:
+    """An exclusive `flock` on a directory, held until `release` or the process ends (a kill -9 too).
+
+    On shared storage (NFS) Linux maps flock to POSIX locks, which the server arbitrates across nodes; only
+    the global main process takes it, so a multi-node run holds one lock."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, program: str) -> DirLock:
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FittuneError(f"{self.path} is in use by {_holder(self.path)}: wait for it to finish, or use "
+                               f"another directory") from None
+        self._fd = fd
+        if (self.path / MARKER).is_file():  # never write into a directory that is not ours
+            info = {"program": program, "pid": os.getpid(), "host": socket.gethostname(),
+                    "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            atomic_write_text(self.path / LOCK_INFO, json.dumps(info) + "\n")
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            (self.path / LOCK_INFO).unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+
+# ---- the training output directory ----------------------------------------------------------------------------
+
+
+@dataclass
+class OutputDirCheck:
+    """What a training run found in its output_dir (decided before anything is written)."""
+
+    path: Path
+    exists: bool
+    holds_run: bool
+    finished: bool
+
+
+def inspect_output_dir(path: Path, resume: str | None, overwrite: bool) -> OutputDirCheck:
+    """Refuse an output_dir a fresh run must not touch; read-only (the refused run changes nothing)."""
+    check_writable_dir(path, "output_dir")
+    exists = path.is_dir()
+    holds_run = exists and any((path / f).exists() for f in RUN_FILES)
+    finished = exists and (path / "final").is_dir()
+    if overwrite and resume:
+        raise FittuneError("--overwrite and --resume contradict each other: --resume continues the run in "
+                           "output_dir, --overwrite replaces it; pass one")
+    if holds_run and not resume and not overwrite:
+        raise FittuneError(f"{path} already holds a {'finished' if finished else 'started'} run: continue it with "
+                           f"--resume auto, replace it with --overwrite, or choose another output_dir")
+    return OutputDirCheck(path, exists, holds_run, finished)
+
+
+class RunDir:
+    """A training run's claimed output directory: created/marked, locked, the replaced run moved aside."""
+
+    def __init__(self, path: Path, lock: DirLock, aside: Path | None):
+        self.path, self.lock, self.aside = path, lock, aside
+
+    @classmethod
+    def lock_existing(cls, check: OutputDirCheck, program: str) -> DirLock | None:
+        """Lock an existing output_dir before anything is read from it for the run (None: nothing there)."""
+        return DirLock(check.path).acquire(program) if check.exists else None
+
+    @classmethod
+    def claim(cls, check: OutputDirCheck, lock: DirLock | None, overwrite: bool, program: str) -> RunDir:
+        """Create or adopt the directory; with --overwrite move the old run aside (kept until `finish`)."""
+        path, aside = check.path, None
+        if overwrite and check.holds_run:
+            aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            path.rename(aside)  # still locked: the lock follows the directory
+            lock.path = aside
+            path.mkdir()
+        claim_dir(path, "train")
+        new_lock = DirLock(path).acquire(program) if (lock is None or aside is not None) else lock
+        if lock is not None and aside is not None:
+            lock.release()
+        return cls(path, new_lock, aside)
+
+    def finish(self) -> Path | None:
+        """The new run has its results: remove the run it replaced (fittune's own, moved aside)."""
+        old, self.aside = self.aside, None
+        if old is not None:
+            remove_owned(old)
+        return old
+
+    def release(self) -> None:
+        self.lock.release()
