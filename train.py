@@ -12,16 +12,16 @@ from fittune.cli import parse_args
 from fittune.errors import run_cli
 
 
-def main() -> None:
+def main() -> int:
     if "--plan" in sys.argv[1:]:  # predict memory for every strategy instead of training
         from fittune.plan import plan_main
 
         plan_main([a for a in sys.argv[1:] if a != "--plan"])
-        return
+        return 0
     cfg = parse_args(sys.argv[1:], prog="train.py")
-    from fittune.train_loop import train
+    from fittune.recipe import train  # after parsing: --help and config errors answer without importing torch
 
-    train(cfg)
+    return train(cfg).exit_code
 
 
 if __name__ == "__main__":

@@ -115,8 +115,10 @@ def _full_optimizer_state(accelerator, model, optimizer) -> dict:
     """{param name -> {exp_avg, exp_avg_sq}} gathered whole, whatever the sharding (collective under ZeRO)."""
     import torch
 
+    from fittune.strategy import strategy_of
+
     out = {}
-    if accelerator.distributed_type.value == "DEEPSPEED":
+    if strategy_of(accelerator).deepspeed:
         from deepspeed.utils import safe_get_full_optimizer_state
 
         for name, p in _trainable_named(model):
@@ -203,9 +205,10 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path, state:
     """
     import torch
 
-    from fittune.distributed import strategy_name
+    from fittune.strategy import strategy_of
 
-    same_layout = state["world_size"] == accelerator.num_processes and state["strategy"] == strategy_name(accelerator)
+    strategy = strategy_of(accelerator)
+    same_layout = state["world_size"] == accelerator.num_processes and state["strategy"] == strategy.name
     sched = dict(state["scheduler"])
     if same_layout:
         accelerator.load_state(str(path))
@@ -217,7 +220,7 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path, state:
         unwrapped = accelerator.unwrap_model(model)
         adapter_file = path / "adapter" / "adapter_model.safetensors"
         adapter = load_file(str(adapter_file))
-        if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
+        if strategy.sharded:
             raise FittuneError(f"{path} was written with {state['world_size']} process(es) under {state['strategy']}; "
                                f"a LoRA checkpoint moves to another layout only into DDP or one process (not "
                                f"DeepSpeed or FSDP), or resume with the original layout")
@@ -235,7 +238,7 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path, state:
         how = "portable"
     else:
         raise FittuneError(f"{path} was written with {state['world_size']} process(es) under {state['strategy']}, "
-                           f"this run has {accelerator.num_processes} under {strategy_name(accelerator)}: full "
+                           f"this run has {accelerator.num_processes} under {strategy.name}: full "
                            f"fine-tuning resumes only with the same layout (sharded optimizer states); relaunch "
                            f"with the original accelerate config and process count")
     sched["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)

@@ -21,6 +21,9 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+from fittune.errors import FittuneError
+from fittune.strategy import fsdp_version
+
 
 def launched_world_size() -> int:
     """World size the launcher asked for (1 when run without a launcher)."""
@@ -49,8 +52,6 @@ def _enable_fsdp_on_cpu(accelerator: Accelerator, mixed_precision: str) -> None:
     """Turn on the FSDP the launch asked for, on real gloo ranks (see the module docstring)."""
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import CPUOffloadPolicy
-
-    from fittune.errors import FittuneError
 
     plugin = FullyShardedDataParallelPlugin()  # read from the launch's FSDP_* environment, as accelerate does
     if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
@@ -84,32 +85,10 @@ def make_accelerator(mixed_precision: str, grad_accum: int, log_with: str | None
     )
     if cpu and fsdp_requested():
         _enable_fsdp_on_cpu(accelerator, mixed_precision)
-    if accelerator.distributed_type.value == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version != 2:
-        from fittune.errors import FittuneError
-
+    if fsdp_version(accelerator) not in (None, 2):
         raise FittuneError("FSDP1 is not supported by fittune: set fsdp_version: 2 in the accelerate config "
                            "(see accelerate_configs/fsdp2.yaml)")
     return accelerator
-
-
-def strategy_name(accelerator: Accelerator) -> str:
-    """Short human name of the parallel strategy in use (for the resolved config and logs)."""
-    dt = accelerator.distributed_type.value.lower()
-    if dt == "deepspeed":
-        plugin = accelerator.state.deepspeed_plugin
-        stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
-        zero = plugin.deepspeed_config.get("zero_optimization", {})
-        off = [k for k in ("offload_optimizer", "offload_param") if zero.get(k, {}).get("device", "none") not in ("none", None)]
-        return f"deepspeed-zero{stage}" + ("+" + "+".join(off) if off else "")
-    if dt == "fsdp":
-        plugin = accelerator.state.fsdp_plugin
-        from torch.distributed.fsdp import CPUOffloadPolicy
-
-        offload = isinstance(plugin.cpu_offload, CPUOffloadPolicy)
-        return f"fsdp{plugin.fsdp_version}" + ("+offload_params" if offload else "")
-    if accelerator.num_processes > 1:
-        return f"ddp ({dt})"
-    return "single-process"
 
 
 def sum_across_ranks(accelerator: Accelerator, values: list[float]) -> list[float]:
@@ -128,8 +107,6 @@ def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_accum: 
     schedule come from `train.*`, so a DeepSpeed `optimizer` / `scheduler` section is refused.
     Precision ("auto" under bf16/fp16) is filled by accelerate from the resolved mixed precision.
     """
-    from fittune.errors import FittuneError
-
     plugin = accelerator.state.deepspeed_plugin
     ds = plugin.deepspeed_config
     for section in ("optimizer", "scheduler"):
@@ -158,10 +135,3 @@ def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_accum: 
         # 3.7% off DDP's at step 1, accumulation 2). Off on the CPU; GPUs keep it.
         zero["overlap_comm"] = False
     plugin.set_deepspeed_weakref()  # ZeRO-3 model loading (zero.Init) reads the filled copy
-
-
-def zero_stage(accelerator: Accelerator) -> int:
-    """The ZeRO stage in use (0 when not running under DeepSpeed)."""
-    if accelerator.distributed_type.value != "DEEPSPEED":
-        return 0
-    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))

@@ -11,15 +11,18 @@ class FittuneError(Exception):
     """A problem with the user's input (config, data, checkpoint) that says what is wrong and how to fix it."""
 
 
-def run_cli(main: Callable[[], None]) -> None:
-    """Run an entry point; turn a `FittuneError` into one line on stderr and exit code 2.
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Run an entry point and exit with the code it returns (e.g. 143 after a SIGTERM checkpoint); turn a
+    `FittuneError` into one line on stderr and exit code 2.
 
     Every rank hits the same input error, so only the main rank prints it (one line, not one per GPU).
     Other exceptions keep their traceback: they are bugs or hardware faults, not user errors.
     """
     try:
-        main()
+        code = main()
     except FittuneError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"fittune: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    if code:
+        sys.exit(code)

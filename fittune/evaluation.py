@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fittune.data import IGNORE_INDEX, TokExample, collate_aligned
+from fittune.errors import FittuneError
 
 
 @dataclass
@@ -90,7 +91,7 @@ def _generate(model, job: _Job, tokenizer, max_new_tokens: int, device, synced: 
 # no_grad, not inference_mode: FSDP2 keeps the gathered parameters it makes here, and inference tensors
 # cannot be updated in place by the next training step
 @torch.no_grad()
-def run_evaluation(model, accelerator, examples: list[TokExample], tokenizer, batch_size: int,
+def run_evaluation(model, accelerator, strategy, examples: list[TokExample], tokenizer, batch_size: int,
                    max_new_tokens: int, length_normalize: bool, loss_only: bool = False) -> list[dict]:
     """Score every example on every rank's share; returns the merged per-example records (on all ranks).
 
@@ -99,7 +100,7 @@ def run_evaluation(model, accelerator, examples: list[TokExample], tokenizer, ba
     from accelerate.utils import gather_object
 
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    if getattr(accelerator.unwrap_model(model), "hf_device_map", None):  # model.parallel: auto
+    if strategy.device_map:
         from fittune.placement import input_device
 
         device = input_device(accelerator.unwrap_model(model))
@@ -120,7 +121,7 @@ def run_evaluation(model, accelerator, examples: list[TokExample], tokenizer, ba
     was_training = model.training
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
-    synced = world > 1 and accelerator.distributed_type.value in ("DEEPSPEED", "FSDP")
+    synced = strategy.distributed and strategy.gathers_weights
     records: dict[str, dict] = {}
     for job, real in padded:
         with accelerator.autocast():
@@ -156,10 +157,16 @@ def run_evaluation(model, accelerator, examples: list[TokExample], tokenizer, ba
     return out
 
 
-def evaluate_and_report(model, accelerator, cfg, tokenizer, examples: list[TokExample], class_task: bool,
+def validation_loss(model, accelerator, strategy, examples: list[TokExample], tokenizer, batch_size: int) -> float:
+    """Mean NLL per answer token on `examples` (no choice scoring, no generation)."""
+    records = run_evaluation(model, accelerator, strategy, examples, tokenizer, batch_size, 0, False, loss_only=True)
+    return sum(r["nll"] for r in records) / max(1, sum(r["n_tokens"] for r in records))
+
+
+def evaluate_and_report(model, accelerator, strategy, cfg, tokenizer, examples: list[TokExample], class_task: bool,
                         out_dir, title: str, compare: dict | None = None) -> dict:
     """Evaluate on `examples`, write eval files (main process), return the metrics (all ranks)."""
-    records = run_evaluation(model, accelerator, examples, tokenizer, cfg.eval.batch_size,
+    records = run_evaluation(model, accelerator, strategy, examples, tokenizer, cfg.eval.batch_size,
                              cfg.eval.max_new_tokens, cfg.eval.length_normalize)
     predictions = build_predictions(examples, records, class_task)
     metrics = compute_metrics(predictions)
@@ -279,10 +286,12 @@ def evaluate_checkpoint(checkpoint: str, cfg, out_dir: str | None, info=None) ->
     from fittune.distributed import configure_deepspeed, make_accelerator
     from fittune.model import load_tokenizer, load_trained_model, resolve_model_path, weights_dtype
     from fittune.reports import metrics_table
-    from fittune.train_loop import resolve_mixed_precision
+    from fittune.precision import run_precision
+    from fittune.strategy import strategy_of
 
-    mixed = resolve_mixed_precision(cfg)
+    mixed = run_precision(cfg.train.mixed_precision)
     accelerator = make_accelerator(mixed, 1, None, cfg.output_dir)
+    strategy = strategy_of(accelerator, cfg.model.parallel)
     weights = info.weights_dir
     out = Path(out_dir) if out_dir else (info.run_dir or weights) / "eval"
 
@@ -314,25 +323,24 @@ def evaluate_checkpoint(checkpoint: str, cfg, out_dir: str | None, info=None) ->
     if not test_set:
         raise FittuneError("no example to evaluate fits data.max_length")
     model = load_trained_model(weights, cfg, weights_dtype(cfg, mixed))
-    if cfg.model.parallel == "auto":
-        from fittune.placement import check_not_distributed, place_model
+    if strategy.device_map:
+        from fittune.placement import place_model
 
-        check_not_distributed(accelerator.num_processes, accelerator.distributed_type.value)
         place_model(model, cfg.model.max_memory, weights_dtype(cfg, mixed), training=False)
-    if accelerator.distributed_type.value == "DEEPSPEED":
+    if strategy.deepspeed:
         # ZeRO-3 loaded the weights partitioned: only the engine's hooks gather them for a forward pass
         configure_deepspeed(accelerator, cfg.eval.batch_size, 1, 0.0)
         model = accelerator.prepare(model)
     else:
         # a device map placed the model already (even all on one device): accelerate must not move it
-        model = accelerator.prepare_model(model, device_placement=cfg.model.parallel != "auto", evaluation_mode=True)
+        model = accelerator.prepare_model(model, device_placement=not strategy.device_map, evaluation_mode=True)
 
     compare = {}
     if train_examples and any(x.candidates for x in test_set):
         train_set, _ = D.tokenize_examples(train_examples, tokenizer, cfg.data)
         compare["majority"] = majority_baseline([class_name(x, x.gold, class_task) for x in train_set if x.candidates],
                                                 [class_name(x, x.gold, class_task) for x in test_set if x.candidates])
-    metrics = evaluate_and_report(model, accelerator, cfg, tokenizer, test_set, class_task, out, "model", compare)
+    metrics = evaluate_and_report(model, accelerator, strategy, cfg, tokenizer, test_set, class_task, out, "model", compare)
     accelerator.print(f"fittune: evaluated {weights} on {len(test_set)} examples "
                       f"with {accelerator.num_processes} process(es)\n" + metrics_table({**compare, "model": metrics}))
     accelerator.print(f"fittune: wrote {out}/ (metrics.json, predictions.jsonl, report.md)")

@@ -41,3 +41,11 @@ def run_precision(wanted: str) -> str:
     gpu = torch.cuda.is_available()
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     return resolve_precision(wanted, launcher, gpu, gpu and torch.cuda.is_bf16_supported()).mixed
+
+
+def check_device_precision(mixed: str, device) -> None:
+    """bf16 asked for explicitly on a GPU without it (T4, V100) is an error that names the fix."""
+    import torch
+
+    if mixed == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise FittuneError("this GPU has no bf16: use --train.mixed_precision fp16")

@@ -102,6 +102,11 @@ def strategy_of(accelerator, parallel: str = "none") -> Strategy:
     """Read the strategy the launch set up (the accelerate state and its DeepSpeed / FSDP plugin);
     `parallel` is `model.parallel` (`auto`: the one-process device map)."""
     kind = accelerator.distributed_type.value
+    if parallel == "auto" and (accelerator.num_processes > 1 or kind in ("DEEPSPEED", "FSDP")):
+        # one process drives several GPUs; a distributed launch would place the whole model on the same GPUs
+        raise FittuneError(f"model.parallel: auto splits one model across the GPUs of a single process, but this "
+                           f"launch is distributed ({accelerator.num_processes} process(es), {kind.lower()}): "
+                           f"launch with --num_processes 1, or drop model.parallel and shard with FSDP2 / ZeRO-3")
     if kind == "DEEPSPEED":
         zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
         if int(zero.get("stage", 0)) == 0:

@@ -1,0 +1,59 @@
+"""`final/`: the trained adapter or model + tokenizer, loadable without fittune, verified before it is published."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fittune.rundir import atomic_write_text, fresh_tmp_dir, publish_dir, write_guard
+
+
+def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str, log) -> Path:
+    """Write final/ through final.tmp: saved, checked against the live weights, then swapped in atomically
+    (a previous final/ stays until the new one is complete)."""
+    final = out / "final"
+    # gathered from every rank's shards under ZeRO-3 / FSDP2 (a collective: every rank calls it)
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        with write_guard("final/", f"the previous {final} (if any) is intact"):
+            tmp = fresh_tmp_dir(final)
+            unwrapped = accelerator.unwrap_model(model)
+            # a copy: with a device map (hf_device_map), save_pretrained empties the dict it is given
+            unwrapped.save_pretrained(tmp, state_dict=dict(state_dict), safe_serialization=True)
+            checked = verify_export(tmp, unwrapped, state_dict)
+            log(f"final/: {checked} saved tensors verified equal to the live (gathered) weights")
+            tokenizer.save_pretrained(tmp)
+            atomic_write_text(tmp / "fittune_config.yaml", config_yaml)
+            publish_dir(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def verify_export(directory: Path, unwrapped, state_dict: dict) -> int:
+    """Check the saved weights against the live (gathered) ones: the classic ZeRO-3 failure is an empty or
+    partial adapter_model.safetensors that loads silently. Raises RuntimeError, and final/ is not written."""
+    from safetensors.torch import load_file
+
+    if hasattr(unwrapped, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        expected = get_peft_model_state_dict(unwrapped, state_dict=state_dict)
+        files = [directory / "adapter_model.safetensors"]
+    else:
+        expected = state_dict
+        files = sorted(directory.glob("model*.safetensors"))
+    saved = {}
+    for f in files:
+        if not f.is_file():
+            raise RuntimeError(f"export check failed: {f.name} was not written")
+        saved.update(load_file(f))
+    problems = [k for k, v in saved.items() if v.numel() == 0 or k not in expected
+                or v.shape != expected[k].shape or not torch.equal(v.cpu(), expected[k].detach().cpu().to(v.dtype))]
+    tied = {"lm_head.weight"} if getattr(getattr(unwrapped, "config", None), "tie_word_embeddings", False) else set()
+    missing = [k for k in expected if k not in saved and k not in tied]
+    if problems or missing or not saved:
+        raise RuntimeError(f"export check failed in {directory}: {len(problems)} saved tensors are empty or differ "
+                           f"from the live weights (e.g. {problems[:3]}), {len(missing)} are missing "
+                           f"(e.g. {missing[:3]}); final/ was not written")
+    return len(saved)

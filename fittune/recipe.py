@@ -1,0 +1,484 @@
+"""Fine-tuning as a recipe: `setup` (every check before the first write), `train` (the loop), `finish`.
+
+    recipe = FineTuneRecipe(cfg)
+    recipe.setup()       # accelerator + Strategy, output_dir checks, data, model, optimizer, resume, then writes
+    result = recipe.train()   # train_step per global batch; logging, divergence, signals, checkpoints; finish()
+
+The strategy is decided once (`self.strategy`); the loop never asks which engine runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fittune import data as D
+from fittune import runlog
+from fittune.checkpoints import (check_compatible, complete_checkpoints, find_resume_checkpoint, load_checkpoint,
+                                 partial_checkpoints, read_state, save_checkpoint)
+from fittune.config import Config, to_yaml
+from fittune.distributed import configure_deepspeed, make_accelerator, sum_across_ranks
+from fittune.errors import FittuneError
+from fittune.evaluation import class_name, evaluate_and_report, majority_baseline, validation_loss
+from fittune.final import save_final
+from fittune.data import examples_digest
+from fittune.loss import install_chunked_loss
+from fittune.model import (build_model, compile_layers, count_parameters, load_tokenizer, prepare_builtin_model,
+                           resolve_model_path, use_liger, weights_dtype)
+from fittune.placement import input_device, place_model
+from fittune.precision import check_device_precision, run_precision
+from fittune.reports import metrics_table, plot_loss_curve
+from fittune.rundir import RunDir, atomic_write_text, inspect_output_dir
+from fittune.signals import StopRequest
+from fittune.step import BatchSplit, OomAdaptive, StepPlan, StepResult, StepRunner
+from fittune.strategy import strategy_of
+from fittune.testing import install_oom_injection
+
+
+@dataclass
+class RunCounters:
+    """The run's position and tallies (saved in every checkpoint's trainer_state.json)."""
+
+    step: int = 0
+    optimizer_steps: int = 0
+    skipped_overflow: int = 0
+    skipped_nonfinite: int = 0
+    pad_slots: int = 0
+    real_tokens: int = 0
+
+
+@dataclass
+class RunResult:
+    """How a run ended: the held-out metrics of a finished run, and the process exit code."""
+
+    metrics: dict | None
+    exit_code: int = 0
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class FineTuneRecipe:
+    """One fine-tuning run: built by `setup`, run by `train`."""
+
+    def __init__(self, cfg: Config, program: str = "train.py"):
+        self.cfg, self.program, self.out = cfg, program, Path(cfg.output_dir)
+        self.counters, self.bad_in_a_row, self.run_dir = RunCounters(), 0, None
+
+    # ---- setup: checks first, writes last ---------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Everything that can refuse the run happens before anything under output_dir is created or changed."""
+        self._setup_accelerator()
+        self._check_output_dir()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_resume()
+        self._commit_output_dir()
+        self._setup_baselines()
+
+    def _setup_accelerator(self) -> None:
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        self.mixed = run_precision(cfg.train.mixed_precision)
+        try:
+            self.accelerator = make_accelerator(self.mixed, cfg.train.grad_accum,
+                                                None if cfg.log_with == "none" else cfg.log_with, str(self.out))
+        except ValueError as e:  # e.g. fp16 requested on a machine without a GPU
+            raise FittuneError(f"cannot set up accelerate: {e}") from None
+        check_device_precision(self.mixed, self.accelerator.device)
+        self.strategy = strategy_of(self.accelerator, cfg.model.parallel)
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        if cfg.train.oom_adaptive:
+            OomAdaptive.check_supported(self.strategy)
+        if cfg.train.compile and self.strategy.sharded:
+            raise FittuneError("train.compile works with one process, DDP and model.parallel: auto, not under "
+                               "DeepSpeed or FSDP2 (their hooks run inside each layer call): turn it off there")
+        set_seed(cfg.seed)
+
+    def _check_output_dir(self) -> None:
+        """Refuse a directory this run must not touch, and lock an existing one (main process; all agree)."""
+        cfg, self.lock = self.cfg, None
+
+        def check() -> None:
+            self.dir_check = inspect_output_dir(self.out, cfg.resume, cfg.overwrite)
+            self.lock = RunDir.lock_existing(self.dir_check, self.program)
+            if cfg.resume == "auto" and self.dir_check.finished and not complete_checkpoints(self.out):
+                raise FittuneError(f"--resume auto: {self.out} holds a finished run without checkpoints "
+                                   f"(train.save_steps was 0): nothing to resume; --overwrite replaces it")
+
+        self._on_main_then_agree(check)
+        self.resume_from = find_resume_checkpoint(self.out, cfg.resume) if cfg.resume else None
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        train_examples, test_examples = D.load_splits(cfg.data, cfg.seed)
+        self.class_task = D.is_class_task(cfg.data)
+        prepare_builtin_model(cfg, self.accelerator)
+        self.model_path = resolve_model_path(cfg)
+        self.tokenizer = load_tokenizer(self.model_path, cfg.model.trust_remote_code)
+        self.train_set, train_stats = D.tokenize_examples(train_examples, self.tokenizer, cfg.data)
+        self.test_set, test_stats = D.tokenize_examples(test_examples, self.tokenizer, cfg.data)
+        if not self.test_set:
+            raise FittuneError("no held-out example fits data.max_length: raise it or check the data")
+        self.dropped = (train_stats.dropped_ids + test_stats.dropped_ids, train_stats.truncated + test_stats.truncated)
+        self.digests = {"train_sha256": examples_digest(train_examples), "heldout_sha256": examples_digest(test_examples)}
+        self.lengths = [len(x) for x in self.train_set]
+        self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * self.world
+        self.total_steps, self.steps_per_epoch = D.count_steps(len(self.train_set), self.global_batch,
+                                                               cfg.train.max_steps, cfg.train.epochs)
+        if self.strategy.deepspeed:
+            configure_deepspeed(self.accelerator, cfg.train.micro_batch_size, cfg.train.grad_accum,
+                                cfg.train.max_grad_norm)
+
+    def _setup_model(self) -> None:
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        set_seed(cfg.seed)  # the same adapter initialisation whatever ran before (data, model download/build)
+        model = build_model(cfg, self.mixed)
+        install_oom_injection(model, self.rank)
+        if cfg.train.compile:
+            self._log(f"torch.compile: {compile_layers(model)} decoder layers (the first steps compile)")
+        liger = use_liger(cfg, model)
+        self.head = model.get_output_embeddings() if install_chunked_loss(model, cfg.train.loss_chunk_size, liger) else None
+        if liger:
+            self._log("Liger kernels: RMSNorm, SwiGLU, RoPE" + (", fused output head + cross-entropy" if self.head else ""))
+        self.n_total, self.n_trainable = count_parameters(model)
+        self._log(f"parameters: {self.n_total:,} total, {self.n_trainable:,} trainable")
+        if self.strategy.device_map:
+            device_map = place_model(model, cfg.model.max_memory, weights_dtype(cfg, self.mixed))
+            self._log(f"model.parallel: auto placed the blocks on {sorted(set(map(str, device_map.values())))}: "
+                      f"{device_map}")
+        self.model = model
+
+    def _setup_optimizer(self) -> None:
+        from transformers import get_scheduler
+
+        cfg, accel = self.cfg, self.accelerator
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # fused AdamW needs every parameter on a GPU: a device map may keep some on the CPU; otherwise
+        # accelerate moves the model to the GPU in prepare() below
+        fused = (all(p.device.type == "cuda" for p in params) if self.strategy.device_map
+                 else accel.device.type == "cuda")
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
+                                      weight_decay=cfg.train.weight_decay, fused=fused, foreach=not fused)
+        # stepped by hand once per optimizer step (accelerate's wrapper would step it once per process)
+        self.scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_training_steps=self.total_steps,
+                                       num_warmup_steps=round(cfg.train.warmup_ratio * self.total_steps))
+        # a device map placed the model already (even all on one device): accelerate must not move it
+        # (DeepSpeed refuses any device_placement argument; a device map never runs under it)
+        placement = {"device_placement": [False, True]} if self.strategy.device_map else {}
+        self.model, self.optimizer = accel.prepare(self.model, optimizer, **placement)
+        self.in_device = input_device(self.model) if self.strategy.device_map else accel.device
+        # FSDP2 replaces every parameter with a sharded DTensor one: clip and check the live ones
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.runner = StepRunner(accel, self.strategy, self.model, self.optimizer, self.scheduler, params,
+                                 self.head, cfg.train.max_grad_norm, self.mixed)
+        self.split = BatchSplit(cfg.train.micro_batch_size, cfg.train.grad_accum)
+        self.oom = OomAdaptive(self.runner, self.split, self.global_batch, self._log) if cfg.train.oom_adaptive else None
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint must share with this run to be resumed (content, not paths: a moved run resumes)."""
+        cfg = self.cfg
+        return {"model": cfg.model.name_or_path, "lora": cfg.lora.model_dump() if cfg.lora.enabled else None,
+                "trainable_parameters": self.n_trainable, "global_batch_size": self.global_batch,
+                "seed": cfg.seed, "total_steps": self.total_steps, **self.digests}
+
+    def _setup_resume(self) -> None:
+        if self.resume_from is None:
+            return
+        state = read_state(self.resume_from)
+        check_compatible(state, self.fingerprint(), self.resume_from)
+        how = load_checkpoint(self.accelerator, self.model, self.optimizer, self.scheduler, self.resume_from, state,
+                              self.cfg.lora.enabled)
+        self.counters = RunCounters(**{k: state[k] for k in asdict(self.counters) if k in state})
+        if state.get("world_size") == self.world:  # the same layout keeps an adapted micro-batch (oom_adaptive)
+            self.split.micro_batch_size = state.get("micro_batch_size", self.split.micro_batch_size)
+            self.split.grad_accum = state.get("grad_accum", self.split.grad_accum)
+        self.accelerator.gradient_accumulation_steps = self.split.grad_accum
+        if self.strategy.deepspeed:
+            self.model.set_train_micro_batch_size(self.split.micro_batch_size)
+            self.model.set_train_batch_size(self.global_batch)
+        self.resume_how = how
+
+    def _commit_output_dir(self) -> None:
+        """The first writes: claim (create, mark, lock) output_dir, then the config, held-out ids and log."""
+        cfg = self.cfg
+        self.config_yaml = to_yaml(cfg, self._facts())
+        if self.accelerator.is_main_process:
+            self.run_dir = RunDir.claim(self.dir_check, self.lock, cfg.overwrite, self.program)
+            if self.run_dir.aside is not None:
+                self._log(f"--overwrite: the previous run was moved to {self.run_dir.aside}; it is removed when "
+                          f"this run has finished")
+            for partial in partial_checkpoints(self.out):  # a save that a crash cut short: never resumed from
+                self._log(f"removing incomplete checkpoint {partial}")
+                shutil.rmtree(partial)  # inside this run's own checkpoints/
+            atomic_write_text(self.out / "config.yaml", self.config_yaml)
+            atomic_write_text(self.out / "heldout_ids.json", json.dumps(
+                {"ids": [x.id for x in self.test_set], "examples_sha256": self.digests["heldout_sha256"]}, indent=0))
+            self._start_log()
+            self._log("resolved config\n" + self.config_yaml.rstrip())
+            if self.dropped[0]:
+                self._log(f"dropped {len(self.dropped[0])} rows whose answer does not fit data.max_length "
+                          f"(e.g. {self.dropped[0][0]})")
+        self.accelerator.wait_for_everyone()
+        if self.resume_from is not None:
+            self._log(f"resumed from {self.resume_from} at step {self.counters.step} ({self.resume_how} restore)")
+        elif cfg.resume == "auto":
+            self._log(f"--resume auto: no complete checkpoint in {self.out}, starting fresh")
+        if cfg.log_with != "none":
+            self.accelerator.init_trackers("tensorboard", config={k: v for k, v in _flat(cfg.model_dump()).items()
+                                                                  if isinstance(v, (int, float, str, bool))})
+
+    def _start_log(self) -> None:
+        log = self.out / "train_log.jsonl"
+        if self.resume_from is None:
+            runlog.start(log)
+            return
+        repair = runlog.truncate_after(log, self.counters.step)
+        if repair.torn_line is not None:
+            self._log(f"train_log.jsonl: dropped a last line torn by a crash ({repair.torn_line[:60]!r})")
+
+    def _facts(self) -> dict:
+        """The run facts saved under `run:` in config.yaml."""
+        return {"world_size": self.world, "mixed_precision": self.mixed, "strategy": self.strategy.name,
+                "strategy_detail": self.strategy.label, "device": str(self.accelerator.device),
+                "model_path": self.model_path, "global_batch_size": self.global_batch,
+                "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                "train_examples": len(self.train_set), "heldout_examples": len(self.test_set),
+                "truncated_rows": self.dropped[1], "dropped_rows": len(self.dropped[0]),
+                "resumed_from": str(self.resume_from) if self.resume_from else None, **self.digests}
+
+    def _setup_baselines(self) -> None:
+        self.compare = {}
+        if self.class_task or any(x.candidates for x in self.test_set):
+            self.compare["majority"] = majority_baseline(
+                [class_name(x, x.gold, self.class_task) for x in self.train_set if x.candidates],
+                [class_name(x, x.gold, self.class_task) for x in self.test_set if x.candidates])
+        if self.cfg.eval.before_training and self.resume_from is None:
+            self.compare["untrained"] = self._evaluate(self.out / "eval_untrained", "untrained")
+
+    def _on_main_then_agree(self, check) -> None:
+        """Run a check on the main process only; every rank then stops if it refused (no rank left waiting)."""
+        error = None
+        if self.accelerator.is_main_process:
+            try:
+                check()
+            except FittuneError as e:
+                error = e
+        if sum_across_ranks(self.accelerator, [1.0 if error else 0.0])[0]:
+            raise error or FittuneError("refused by the main process (see its message)")
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+
+    def train(self) -> RunResult:
+        """One global batch per step; after each: account, log, check divergence and signals, checkpoint."""
+        from tqdm.auto import tqdm
+
+        self.stop = StopRequest()
+        self.progress = tqdm(total=self.total_steps, initial=self.counters.step, desc="training",
+                             disable=not self.accelerator.is_main_process, dynamic_ncols=True)
+        self.model.train()
+        self._clock = (time.perf_counter(), 0)
+        for step in range(self.counters.step, self.total_steps):
+            result = self.train_step(step)
+            loss, stop_signal = self._account(step, result)
+            self._log_step(step, loss, result)
+            self._check_divergence(step, loss, result)
+            if stop_signal:
+                return self._stop_for_signal(step)
+            if self.cfg.train.save_steps and (step + 1) % self.cfg.train.save_steps == 0 and step + 1 < self.total_steps:
+                self.checkpoint(step + 1)
+        return self.finish()
+
+    def train_step(self, step: int) -> StepResult:
+        """This rank's share of global batch `step` through forward, backward and the optimizer step."""
+        epoch = step // self.steps_per_epoch
+        if getattr(self, "_plan_epoch", None) != epoch:  # the data order depends only on seed, epoch, batch
+            self._plan = D.plan_global_batches(self.lengths, self.global_batch, self.cfg.seed, epoch,
+                                               self.cfg.data.group_by_length)
+            self._plan_epoch = epoch
+        self._batch_ids = self._plan[step % self.steps_per_epoch]
+        self._n_targets = sum(self.train_set[j].n_targets for j in self._batch_ids)  # same on every rank
+        if self.oom is not None:
+            return self.oom.run(step, self._step_plan)
+        return self.runner.run(self._step_plan(self.split))
+
+    def _step_plan(self, split: BatchSplit) -> StepPlan:
+        micro = D.micro_batches_for_rank(self._batch_ids, self.lengths, split.micro_batch_size, split.grad_accum,
+                                         self.world, self.rank)
+        return StepPlan(micro, self._make_batch, self._n_targets)
+
+    def _make_batch(self, rows: list[int]) -> dict:
+        batch = D.collate_train([self.train_set[j] for j in rows], self.tokenizer.pad_token_id)
+        return {k: v.to(self.in_device) for k, v in batch.items()}
+
+    def _account(self, step: int, result: StepResult) -> tuple[float, bool]:
+        """Count the step (one all-reduce for the loss, tokens and stop requests); returns (loss, stop)."""
+        c, micro = self.counters, self._step_plan(self.split).micro_batches
+        c.pad_slots += sum(len(m) * max(self.lengths[j] for j in m) for m in micro if m)
+        step_tokens = sum(self.lengths[j] for m in micro for j in m)
+        c.real_tokens += step_tokens
+        c.skipped_overflow += int(result.overflow)
+        total_nll, total_tokens, stop = sum_across_ranks(self.accelerator, [result.nll, step_tokens,
+                                                                            self.stop.requested])
+        loss = total_nll / self._n_targets
+        if result.stepped and math.isfinite(loss):
+            c.optimizer_steps += 1
+            self.bad_in_a_row = 0
+        elif self.mixed != "fp16" or not math.isfinite(loss):
+            c.skipped_nonfinite += 1  # skipped, weights untouched (the data moves on)
+            self.bad_in_a_row += 1
+        c.step = step + 1
+        self._clock = (self._clock[0], self._clock[1] + total_tokens)
+        self.progress.update(1)
+        return loss, bool(stop)
+
+    def _log_step(self, step: int, loss: float, result: StepResult) -> None:
+        cfg, c = self.cfg, self.counters
+        if not ((step + 1) % cfg.train.log_every == 0 or step + 1 == self.total_steps or self.bad_in_a_row):
+            return
+        now = time.perf_counter()
+        row = {"step": step + 1, "epoch": round((step + 1) / self.steps_per_epoch, 4), "loss": loss,
+               "lr": self.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
+               "tokens_per_s": self._clock[1] / max(now - self._clock[0], 1e-9),
+               "peak_mem_gib": peak_memory_gib(self.accelerator.device),
+               "padding_frac": 1 - c.real_tokens / max(1, c.pad_slots),
+               "overflow_skipped": c.skipped_overflow, "nonfinite_skipped": c.skipped_nonfinite}
+        self._clock = (now, 0)
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
+            row["val_loss"] = validation_loss(self.model, self.accelerator, self.strategy,
+                                              self.test_set[:cfg.train.val_examples], self.tokenizer,
+                                              cfg.eval.batch_size)
+        if self.accelerator.is_main_process:
+            runlog.append(self.out / "train_log.jsonl", row)
+        self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
+                             step=row["step"])
+        self.progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+
+    def _check_divergence(self, step: int, loss: float, result: StepResult) -> None:
+        """After train.max_bad_steps non-finite steps in a row: save the last good weights and stop."""
+        if self.bad_in_a_row < self.cfg.train.max_bad_steps:
+            return
+        self.progress.close()
+        # skipped steps left the weights at the last good ones; DeepSpeed applied its step inside backward
+        saved = self.checkpoint(step + 1) if self.cfg.train.save_steps and not self.strategy.deepspeed else None
+        last = saved or (complete_checkpoints(self.out)[-1] if complete_checkpoints(self.out) else None)
+        raise FittuneError(f"training diverged: {self.bad_in_a_row} consecutive steps with a non-finite loss or "
+                           f"gradient (step {step + 1}, loss {loss}, grad norm {result.grad_norm}); last good "
+                           f"checkpoint: {last or 'none (set train.save_steps)'}; lower train.lr, keep "
+                           f"train.max_grad_norm on, or use bf16 instead of fp16")
+
+    def _stop_for_signal(self, step: int) -> RunResult:
+        self.progress.close()
+        path = self.checkpoint(step + 1)
+        code = self.stop.exit_code or 143
+        self._log(f"stopped by signal after step {step + 1}: checkpoint {path}; continue with --resume auto "
+                  f"(exit code {code})")
+        self.accelerator.end_training()
+        return RunResult(None, code)
+
+    def checkpoint(self, step: int) -> Path:
+        """Save a resumable checkpoint of the state after `step` steps."""
+        state = {**asdict(self.counters), "step": step, "micro_batch_size": self.split.micro_batch_size,
+                 "grad_accum": self.split.grad_accum, "world_size": self.world, "strategy": self.strategy.name,
+                 "epoch": step // self.steps_per_epoch, "step_in_epoch": step % self.steps_per_epoch,
+                 "fingerprint": self.fingerprint()}
+        path = save_checkpoint(self.accelerator, self.model, self.optimizer, self.scheduler, self.out, step, state,
+                               self.config_yaml, self.cfg.train.keep_checkpoints, self.cfg.lora.enabled)
+        self._log(f"saved checkpoint {path}")
+        return path
+
+    # ---- the end: final/, evaluation, reports ------------------------------------------------------------
+
+    def finish(self) -> RunResult:
+        """Last checkpoint, final/ (verified), held-out evaluation, plots; the replaced run is removed."""
+        self.progress.close()
+        self.stop.restore()
+        c = self.counters
+        if c.skipped_overflow:
+            self._log(f"{c.skipped_overflow} steps skipped for fp16 overflow (loss scale lowered)")
+        if c.skipped_nonfinite:
+            self._log(f"{c.skipped_nonfinite} steps skipped for a non-finite loss or gradient")
+        if self.cfg.train.save_steps and c.step == self.total_steps:
+            self.checkpoint(self.total_steps)
+        self._write_ranks()
+        save_final(self.model, self.accelerator, self.tokenizer, self.out, self.config_yaml, self._log)
+        metrics = self._evaluate(self.out / "eval", "fine-tuned")
+        if self.accelerator.is_main_process:
+            plot_loss_curve(self.out / "train_log.jsonl", self.out / "loss_curve.png")
+            self._log(f"padding: {1 - c.real_tokens / max(1, c.pad_slots):.1%} of micro-batch slots were padding")
+            self._log(f"held-out metrics ({len(self.test_set)} examples)\n"
+                      + metrics_table({**self.compare, "fine-tuned": metrics}))
+            self._log(f"outputs in {self.out}/ (final/, eval/, config.yaml, train_log.jsonl, loss_curve.png)")
+            if (old := self.run_dir.finish()) is not None:
+                self._log(f"--overwrite: removed the replaced run {old}")
+            self.run_dir.release()
+        self.accelerator.end_training()
+        return RunResult(metrics)
+
+    def _evaluate(self, out_dir: Path, title: str) -> dict:
+        return evaluate_and_report(self.model, self.accelerator, self.strategy, self.cfg, self.tokenizer,
+                                   self.test_set, self.class_task, out_dir, title, self.compare)
+
+    def _write_ranks(self) -> None:
+        """Which rows each rank trained on first, and what it holds of the weights: proof the ranks are real."""
+        from accelerate.utils import gather_object
+
+        cfg = self.cfg
+        first_batch = D.plan_global_batches(self.lengths, self.global_batch, cfg.seed, 0, cfg.data.group_by_length)[0]
+        first = D.micro_batches_for_rank(first_batch, self.lengths, cfg.train.micro_batch_size, cfg.train.grad_accum,
+                                         self.world, self.rank)
+        report = {"rank": self.rank, "world_size": self.world,
+                  "examples_seen": self.total_steps * cfg.train.micro_batch_size * cfg.train.grad_accum,
+                  "first_step_ids": [self.train_set[j].id for m in first for j in m], **local_shards(self.model)}
+        ranks = gather_object([report])
+        if self.accelerator.is_main_process:
+            atomic_write_text(self.out / "ranks.json", json.dumps(ranks, indent=1))
+
+    def _log(self, msg: str) -> None:
+        self.accelerator.print(f"fittune: {msg}", flush=True)
+
+
+def train(cfg: Config) -> RunResult:
+    """Run one fine-tuning job end to end."""
+    recipe = FineTuneRecipe(cfg)
+    recipe.setup()
+    return recipe.train()
+
+
+def local_shards(model) -> dict:
+    """What this rank holds of the weights: {name: [local shape, full shape]} and element counts (sharded
+    under FSDP2 and ZeRO-3; the full tensors under DDP)."""
+    shapes, local, total = {}, 0, 0
+    for name, p in model.named_parameters():
+        mine = p.to_local() if hasattr(p, "to_local") else p  # a DTensor shard under FSDP2
+        full = list(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape aside, p itself is empty
+        shapes[name] = [list(mine.shape), full]
+        local, total = local + mine.numel(), total + int(getattr(p, "ds_numel", p.numel()))
+    return {"local_parameter_elements": local, "parameter_elements": total, "parameter_shapes": shapes}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
