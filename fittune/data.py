@@ -124,8 +124,8 @@ def _utf8_text(data: bytes, path: str) -> str:
 
 def _read_jsonl(path: str) -> list[dict]:
     rows = []
-    # split on "\n" only: str.splitlines would also cut at U+2028 and friends, which JSON strings may hold
-    for lineno, line in enumerate(_utf8_text(Path(path).read_bytes(), path).split("\n"), start=1):
+    # lines as a text-mode file gives them (not str.splitlines, which also cuts at U+2028 inside a JSON string)
+    for lineno, line in enumerate(io.StringIO(_utf8_text(Path(path).read_bytes(), path), newline=None), start=1):
         if not line.strip():
             continue
         try:
