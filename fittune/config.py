@@ -7,11 +7,20 @@ closest valid key; cross-field checks run before anything heavy starts.
 from __future__ import annotations
 
 import difflib
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from fittune.errors import FittuneError
 
@@ -19,26 +28,90 @@ BUILTIN_MODEL = "builtin:tiny-qwen2"
 BUILTIN_DATA = "builtin:ai-research-qa"
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The allowed range of a numeric config field; `help_text` prints it and a value outside it is an error."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def text(self) -> str:
+        """`>= 1`, or `in [0, 1)` for a range bounded on both sides."""
+        low = ("[", self.ge) if self.ge is not None else ("(", self.gt)
+        high = ("]", self.le) if self.le is not None else (")", self.lt)
+        if low[1] is not None and high[1] is not None:
+            return f"in {low[0]}{_num(low[1])}, {_num(high[1])}{high[0]}"
+        for op, limit in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt)):
+            if limit is not None:
+                return f"{op} {_num(limit)}"
+        return "any number"
+
+    def __call__(self, value: float) -> float:
+        ok = math.isfinite(value) and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt) \
+            and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
+        if not ok:
+            raise ValueError(f"must be {self.text()} (got {value})")
+        return value
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _int(**bound: float) -> Any:
+    return Annotated[int, AfterValidator(Bound(**bound))]
+
+
+def _float(**bound: float) -> Any:
+    return Annotated[float, AfterValidator(Bound(**bound))]
+
+
+def field_bound(field: Any) -> Bound | None:
+    """The `Bound` of a pydantic field (None for a field without one)."""
+    for meta in field.metadata:
+        if isinstance(getattr(meta, "func", None), Bound):
+            return meta.func
+    return None
+
+
 class _Section(BaseModel):
-    # extra="forbid": a typo in a recipe must fail loudly, not be silently ignored
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    # extra="forbid": a typo in a recipe must fail loudly, not be silently ignored;
+    # allow_inf_nan=False: `nan` passes every `<` check, so it must be refused before them
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              allow_inf_nan=False)
 
 
 class TinyModelConfig(_Section):
     """Shape of the built-in tiny Qwen2 model used by the offline demo and the tests."""
 
-    hidden_size: int = 128
-    """Hidden size of the built-in tiny model."""
-    intermediate_size: int = 256
+    hidden_size: _int(ge=1) = 128
+    """Hidden size of the built-in tiny model (a multiple of `num_heads`, with an even head size)."""
+    intermediate_size: _int(ge=1) = 256
     """MLP width of the built-in tiny model."""
-    num_layers: int = 2
+    num_layers: _int(ge=1) = 2
     """Number of decoder layers of the built-in tiny model."""
-    num_heads: int = 4
+    num_heads: _int(ge=1) = 4
     """Attention heads of the built-in tiny model."""
-    num_kv_heads: int = 2
-    """Key/value heads (grouped-query attention, as in Qwen2.5)."""
-    vocab_size: int = 2048
-    """Byte-level BPE vocabulary trained offline on the demo corpus (special tokens added on top)."""
+    num_kv_heads: _int(ge=1) = 2
+    """Key/value heads (grouped-query attention, as in Qwen2.5); must divide `num_heads`."""
+    vocab_size: _int(ge=1) = 2048
+    """Byte-level BPE vocabulary trained offline on the demo corpus (the 256 byte tokens and the special
+    tokens are always kept, so the real vocabulary is never smaller than that)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.tiny.hidden_size ({self.hidden_size}) must be a multiple of "
+                             f"model.tiny.num_heads ({self.num_heads})")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"the head size model.tiny.hidden_size / num_heads = {self.hidden_size // self.num_heads} "
+                             f"must be even (rotary embeddings rotate pairs of dimensions)")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.tiny.num_heads ({self.num_heads}) must be a multiple of model.tiny.num_kv_heads "
+                             f"({self.num_kv_heads}): each key/value head serves a whole number of query heads")
+        return self
 
 
 class ModelConfig(_Section):
@@ -78,23 +151,15 @@ class ModelConfig(_Section):
 class LoraConfig(_Section):
     enabled: bool = False
     """Train a LoRA adapter (PEFT) instead of all weights."""
-    r: int = 16
+    r: _int(ge=1) = 16
     """LoRA rank."""
-    alpha: int = 32
+    alpha: _int(gt=0) = 32
     """LoRA scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.05
+    dropout: _float(ge=0, lt=1) = 0.05
     """Dropout on the LoRA input."""
     target_modules: str | list[str] = "all-linear"
     """Modules that get adapters: `all-linear` (every linear layer but the output head) or a list of names
     such as `[q_proj, v_proj]`."""
-
-    @model_validator(mode="after")
-    def _check(self) -> LoraConfig:
-        if self.r < 1:
-            raise ValueError(f"lora.r must be >= 1 (got {self.r}); to train all weights set lora.enabled: false")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1) (got {self.dropout})")
-        return self
 
 
 class DataConfig(_Section):
@@ -125,24 +190,34 @@ class DataConfig(_Section):
     """Column with chat `messages` ([{role, content}, ...]); the last assistant turn is the target."""
     system_prompt: str | None = None
     """System message put before every question."""
-    max_length: int = 512
+    max_length: _int(ge=8) = 512
     """Longest tokenized example. Longer prompts are cut from the left (the answer is kept); rows whose
     answer alone does not fit are dropped and counted."""
     train_on_prompt: bool = False
     """Also compute the loss on prompt tokens (default: only on answer tokens)."""
     test_path: str | None = None
     """Explicit held-out file; when unset, `test_size` of `path` is held out."""
-    test_size: float = 0.1
+    test_size: _float(gt=0, lt=1) = 0.1
     """Fraction of the data held out for evaluation (deterministic by seed, stratified by label)."""
     group_by_length: bool = True
     """Put examples of similar length in the same micro-batch to waste little compute on padding."""
 
+    # where keys not given on the command line came from ({"choices_column": "set in demo.yaml"}), so an error
+    # about a column the user never named can say so; set by build_config, not part of the config itself
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def origin(self, name: str) -> str:
+        """Where the value of field `name` came from (`set in FILE`), or "" for a default or an override."""
+        return self._origins.get(name, "")
+
+    def __eq__(self, other: object) -> bool:
+        # equal configs are equal wherever their keys came from (a saved config reloads equal)
+        return isinstance(other, DataConfig) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as every pydantic model
+
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        if not 0.0 < self.test_size < 1.0:
-            raise ValueError(f"data.test_size must be in (0, 1) (got {self.test_size})")
-        if self.max_length < 8:
-            raise ValueError(f"data.max_length must be >= 8 (got {self.max_length})")
         if not self.csv_header and not self.column_names:
             raise ValueError("data.csv_header is false but data.column_names is empty: name the CSV columns")
         if self.answer_column is None and self.label_column is None and self.messages_column is None:
@@ -151,46 +226,46 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    micro_batch_size: int = 8
+    micro_batch_size: _int(ge=1) = 8
     """Examples per forward pass on each process."""
-    grad_accum: int = 1
+    grad_accum: _int(ge=1) = 1
     """Micro-batches accumulated before each optimizer step. Global batch = micro x accum x processes."""
-    max_steps: int = 0
+    max_steps: _int(ge=0) = 0
     """Optimizer steps to run; 0 means use `epochs`."""
-    epochs: float = 1.0
+    epochs: _float(ge=0) = 1.0
     """Passes over the training split (when `max_steps` is 0)."""
-    lr: float = 2e-4
+    lr: _float(gt=0) = 2e-4
     """Peak learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: _float(ge=0) = 0.0
     """AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
-    warmup_ratio: float = 0.03
+    betas: tuple[_float(ge=0, lt=1), _float(ge=0, lt=1)] = (0.9, 0.999)
+    """AdamW betas (each in [0, 1))."""
+    warmup_ratio: _float(ge=0, lt=1) = 0.03
     """Fraction of steps with linear warmup."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warmup."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: _float(ge=0) = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     mixed_precision: Literal["auto", "best", "no", "fp16", "bf16"] = "auto"
     """`auto` follows the accelerate launch config; `best` picks bf16 where the GPU has it, fp16 on older GPUs
     (T4, V100) and no mixed precision on the CPU; `fp16` keeps trainable weights in fp32 with loss scaling."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (non-reentrant) to save memory."""
-    loss_chunk_size: int = 1024
+    loss_chunk_size: _int(ge=0) = 1024
     """Compute output head + cross-entropy over this many tokens at a time, recomputed in the backward pass,
     so full-vocabulary logits are never held for the whole batch (151,936 x tokens x 4 bytes for Qwen2.5).
     0 uses the standard loss (all logits at once)."""
-    log_every: int = 1
+    log_every: _int(ge=1) = 1
     """Write a train_log.jsonl row (and a tracker point) every N steps."""
-    eval_every: int = 0
+    eval_every: _int(ge=0) = 0
     """Validation loss on `val_examples` held-out rows every N steps; 0 disables."""
-    val_examples: int = 64
+    val_examples: _int(ge=1) = 64
     """How many held-out rows the periodic validation loss uses."""
-    save_steps: int = 0
+    save_steps: _int(ge=0) = 0
     """Write a resumable checkpoint every N optimizer steps and at the end; 0 disables checkpoints."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: _int(ge=1) = 2
     """How many of the newest checkpoints to keep."""
-    max_bad_steps: int = 5
+    max_bad_steps: _int(ge=1) = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
     oom_adaptive: bool = False
     """On CUDA out-of-memory in a step, all ranks agree, halve the micro-batch, double the accumulation (same
@@ -210,42 +285,20 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.micro_batch_size < 1:
-            raise ValueError(f"train.micro_batch_size must be >= 1 (got {self.micro_batch_size})")
-        if self.grad_accum < 1:
-            raise ValueError(f"train.grad_accum must be >= 1 (got {self.grad_accum})")
-        if self.max_steps < 0:
-            raise ValueError(f"train.max_steps must be >= 0 (got {self.max_steps})")
         if self.max_steps == 0 and self.epochs <= 0:
-            raise ValueError("train.max_steps is 0 and train.epochs <= 0: set one of them")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0 (got {self.lr})")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"train.warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
-        if self.log_every < 1:
-            raise ValueError(f"train.log_every must be >= 1 (got {self.log_every})")
-        if self.loss_chunk_size < 0:
-            raise ValueError(f"train.loss_chunk_size must be >= 0 (got {self.loss_chunk_size})")
-        if self.save_steps < 0 or self.keep_checkpoints < 1 or self.max_bad_steps < 1:
-            raise ValueError("train.save_steps must be >= 0, train.keep_checkpoints and train.max_bad_steps >= 1")
+            raise ValueError("train.max_steps is 0 and train.epochs is 0: set one of them")
         return self
 
 
 class EvalConfig(_Section):
-    batch_size: int = 8
+    batch_size: _int(ge=1) = 8
     """Examples per evaluation forward pass on each process."""
     before_training: bool = False
     """Also evaluate the untrained model, to show what fine-tuning changed."""
     length_normalize: bool = False
     """Rank choices by mean log-probability per token instead of the total."""
-    max_new_tokens: int = 64
+    max_new_tokens: _int(ge=0) = 64
     """Generation length for open answers (rows without choices or labels)."""
-
-    @model_validator(mode="after")
-    def _check(self) -> EvalConfig:
-        if self.batch_size < 1:
-            raise ValueError(f"eval.batch_size must be >= 1 (got {self.batch_size})")
-        return self
 
 
 class Config(_Section):
@@ -253,8 +306,8 @@ class Config(_Section):
 
     output_dir: str = "outputs/demo"
     """Where the run writes config.yaml, train_log.jsonl, final/, eval/ and the plots."""
-    seed: int = 42
-    """Seed for the split, the data order and the initialisation."""
+    seed: _int(ge=0, le=2**32 - 1) = 42
+    """Seed for the split, the data order and the initialisation (numpy and scikit-learn take 0 .. 2**32-1)."""
     log_with: Literal["tensorboard", "none"] = "tensorboard"
     """Experiment tracker used through accelerate (TensorBoard logs under output_dir/tensorboard)."""
     resume: str | None = None
@@ -365,35 +418,61 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
     return out
 
 
-def build_config(config_file: str | None, overrides: dict[str, Any]) -> Config:
+def _read_config_file(config_file: str) -> dict[str, Any]:
+    path = Path(config_file)
+    if not path.is_file():
+        raise FittuneError(f"config file not found: {config_file}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise FittuneError(f"config file {config_file} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise FittuneError(f"config file {config_file} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    if not isinstance(tree, dict):
+        raise FittuneError(f"config file {config_file} must hold a mapping of keys, not {type(tree).__name__}")
+    tree.pop("run", None)
+    return tree
+
+
+def build_config(config_file: str | None, overrides: dict[str, Any], skip_sections: tuple[str, ...] = ()) -> Config:
     """Load an optional YAML recipe, apply dotted overrides, validate. Raises FittuneError on any problem.
 
     A run's saved config.yaml loads too: its `run:` section (facts recorded at training time) is skipped.
+    `skip_sections`: top-level sections of the file left at their defaults (e.g. the demo recipe's `data`
+    mapping when the user brings their own data). Data keys taken from the file remember it
+    (`cfg.data.origin(name)`), so an error about them can say where they came from.
     """
-    tree: dict[str, Any] = {}
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise FittuneError(f"config file not found: {config_file}")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise FittuneError(f"config file {config_file} is not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise FittuneError(f"config file {config_file} must hold a mapping of keys, not {type(tree).__name__}")
-        tree.pop("run", None)
+    tree = _read_config_file(config_file) if config_file else {}
+    for section in skip_sections:
+        tree.pop(section, None)
     valid = set(all_keys())
     for key in _flatten(tree):
         if key not in valid:
             raise _unknown_key_error(key)
+    data = tree.get("data")
+    from_file = {k for k in data if f"data.{k}" not in overrides} if isinstance(data, dict) else set()
     for key, value in overrides.items():
         if key not in valid:
             raise _unknown_key_error(key)
         _set_dotted(tree, key, value)
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as e:
         raise FittuneError(_format_validation_error(e)) from None
+    cfg.data._origins = {k: f"set in {config_file}" for k in sorted(from_file)}
+    return cfg
+
+
+# what the special value of a bounded field does, said next to its bound
+_BOUND_HINTS = {
+    "lora.r": "to train all weights set lora.enabled: false",
+    "train.max_steps": "0 runs train.epochs",
+    "train.eval_every": "0 turns the periodic validation off",
+    "train.save_steps": "0 turns checkpoints off",
+    "train.max_grad_norm": "0 turns clipping off",
+    "train.loss_chunk_size": "0 computes the loss over all logits at once",
+    "eval.max_new_tokens": "0 turns generation off",
+}
 
 
 def _format_validation_error(e: ValidationError) -> str:
@@ -401,7 +480,15 @@ def _format_validation_error(e: ValidationError) -> str:
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int))
         msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        if err["type"] == "finite_number":
+            msg = f"must be a finite number (got {err['input']})"
+        if msg.startswith("must be "):  # a Bound: "train.eval_every must be >= 0 (got -1)"
+            hint = _BOUND_HINTS.get(loc)
+            parts.append(f"{loc} {msg}" + (f"; {hint}" if hint else ""))
+        elif not loc or msg.startswith(loc.split(".")[0] + ".") or f" {loc}." in msg:
+            parts.append(msg)  # a cross-field check that names its keys itself
+        else:
+            parts.append(f"{loc}: {msg}")
     return "invalid config: " + "; ".join(parts)
 
 
@@ -425,7 +512,9 @@ def help_text() -> str:
                 walk(ann, prefix + name + ".", value)
                 continue
             doc = " ".join((field.description or "").split())
-            lines.append(f"  --{prefix}{name} (default: {value!r})\n      {doc}")
+            bound = field_bound(field)
+            limit = f", {bound.text()}" if bound else ""
+            lines.append(f"  --{prefix}{name} (default: {value!r}{limit})\n      {doc}")
 
     walk(Config, "", Config())
     return "\n".join(lines)

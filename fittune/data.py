@@ -9,13 +9,16 @@ normalise the loss) without any communication.
 from __future__ import annotations
 
 import ast
+import codecs
+import hashlib
+import io
 import json
 import math
 import string
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -67,10 +70,11 @@ def read_rows(path: str, cfg: DataConfig) -> list[dict[str, Any]]:
     elif fmt == "csv":
         import pandas as pd
 
+        text = _utf8_text(Path(path).read_bytes(), path)
         try:
-            frame = pd.read_csv(path, header=0 if cfg.csv_header else None, names=cfg.column_names,
+            frame = pd.read_csv(io.StringIO(text), header=0 if cfg.csv_header else None, names=cfg.column_names,
                                 dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
             raise FittuneError(f"{path}: not a readable CSV file ({str(e).strip()})") from None
         rows = frame.to_dict(orient="records")
     elif fmt == "parquet":
@@ -106,26 +110,38 @@ def read_rows(path: str, cfg: DataConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def _utf8_text(data: bytes, path: str) -> str:
+    """The file's bytes as text (a leading byte-order mark dropped); bad UTF-8 names its line and byte."""
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = start + e.start
+        line = data.count(b"\n", 0, at) + 1
+        raise FittuneError(f"{path}:{line}: not valid UTF-8 (byte {at} of the file is {data[at:at + 1]!r}); "
+                           f"save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT") from None
+
+
 def _read_jsonl(path: str) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FittuneError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
-                                   f"fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise FittuneError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    # lines as a text-mode file gives them (not str.splitlines, which also cuts at U+2028 inside a JSON string)
+    for lineno, line in enumerate(io.StringIO(_utf8_text(Path(path).read_bytes(), path), newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FittuneError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                               f"fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise FittuneError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
 def _read_json(path: str) -> list[dict]:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(_utf8_text(Path(path).read_bytes(), path))
     except json.JSONDecodeError as e:
         raise FittuneError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
     if isinstance(data, dict):
@@ -171,83 +187,192 @@ def _as_list(value: Any, where: str) -> list:
     return list(value)
 
 
+def _is_missing(value: Any) -> bool:
+    """No value: None (JSON null), NaN (JSON `NaN`, a pandas or parquet gap), pandas' NA, or blank text."""
+    if value is None or type(value).__name__ in ("NAType", "NaTType"):
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, str) and not value.strip()
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return "blank"
+    return "NaN" if isinstance(value, float) else "null" if value is None else str(value)
+
+
+def _key(cfg: DataConfig, name: str) -> str:
+    """`data.choices_column`, plus where its value came from when that was a file (a recipe, a saved config)."""
+    origin = cfg.origin(name)
+    return f"data.{name}, {origin}" if origin else f"data.{name}"
+
+
+def _cell(row: dict, cfg: DataConfig, name: str, where: str, what: str, column: str | None = None) -> Any:
+    """The value a row holds in the column config field `name` points at; absent or empty is an error."""
+    col = getattr(cfg, name) if column is None else column
+    if col not in row:
+        raise FittuneError(f"{where} has no column '{col}' ({_key(cfg, name)}); this row's columns are: "
+                           f"{', '.join(map(str, row))}; add it to the row or remove the row")
+    value = row[col]
+    if _is_missing(value):
+        raise FittuneError(f"{where}: empty {what} in column '{col}' ({_key(cfg, name)}): the cell is "
+                           f"{_show(value)}; fill it in or remove the row")
+    return value
+
+
+def _check_columns(columns: list, cfg: DataConfig, source: str) -> None:
+    wanted = ["id_column", "label_column"]
+    wanted += ["messages_column"] if cfg.messages_column else ["question_column", "answer_column"]
+    pairs = [(name, getattr(cfg, name)) for name in wanted]
+    choice_cols = cfg.choices_column if isinstance(cfg.choices_column, list) else [cfg.choices_column]
+    pairs += [("choices_column", c) for c in choice_cols]
+    for name, col in pairs:
+        if col is not None and col not in columns:
+            origin = cfg.origin(name)
+            fix = f"; it was {origin}: set --data.{name} to one of the columns, or null" if origin else ""
+            raise FittuneError(f"{source}: column '{col}' ({_key(cfg, name)}) not found; the columns are: "
+                               f"{', '.join(map(str, columns))}{fix}")
+
+
 def map_columns(rows: list[dict], cfg: DataConfig, source: str, classes: list[str] | None = None) -> list[Example]:
     """Apply the config's column mapping. Missing columns and malformed rows are FittuneErrors.
 
     `classes`: the label set of a classification task (default: the labels found in `rows`).
     """
-    columns = list(rows[0].keys())
-    wanted = [("data.id_column", cfg.id_column), ("data.label_column", cfg.label_column)]
-    if cfg.messages_column:
-        wanted.append(("data.messages_column", cfg.messages_column))
-    else:
-        wanted += [("data.question_column", cfg.question_column), ("data.answer_column", cfg.answer_column)]
-    choice_cols = cfg.choices_column if isinstance(cfg.choices_column, list) else [cfg.choices_column]
-    wanted += [("data.choices_column", c) for c in choice_cols]
-    for key, col in wanted:
-        if col is not None and col not in columns:
-            raise FittuneError(f"{source}: column '{col}' ({key}) not found; the columns are: {', '.join(map(str, columns))}")
-
-    if is_class_task(cfg) and classes is None:
+    _check_columns(list(rows[0].keys()), cfg, source)
+    class_task = is_class_task(cfg)
+    if class_task and classes is None:
         classes = class_labels(rows, cfg)
-    if not is_class_task(cfg):
+    if not class_task:
         classes = None
-
     examples, seen = [], set()
     for i, row in enumerate(rows):
         where = f"{source} row {i + 1}"
-        ex_id = str(row[cfg.id_column]) if cfg.id_column else str(i)
+        ex_id = str(_cell(row, cfg, "id_column", where, "id")) if cfg.id_column else str(i)
         if ex_id in seen:
             raise FittuneError(f"{where}: duplicate id '{ex_id}' in column '{cfg.id_column}'; ids must be unique")
         seen.add(ex_id)
-        label = None if cfg.label_column is None else str(row[cfg.label_column])
-        if cfg.messages_column:
-            messages, answer = _split_messages(_as_list(row[cfg.messages_column], where), where)
-            if cfg.system_prompt and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": cfg.system_prompt}] + messages
-        else:
-            question = row[cfg.question_column]
-            if not isinstance(question, str) or not question.strip():
-                raise FittuneError(f"{where}: empty or non-text question in column '{cfg.question_column}'")
-            messages = [{"role": "user", "content": question}]
-            if cfg.system_prompt:
-                messages.insert(0, {"role": "system", "content": cfg.system_prompt})
-            answer = row[cfg.answer_column] if cfg.answer_column else label
-        if answer is None or (isinstance(answer, str) and not answer.strip()):
-            raise FittuneError(f"{where}: empty answer in column '{cfg.answer_column}'")
-
+        # a missing label must fail here: as text ('nan', 'None', '') it would become a class of its own
+        label = None if cfg.label_column is None else str(_cell(row, cfg, "label_column", where, "label"))
+        messages, answer = _prompt_and_answer(row, cfg, where, label)
         choices, gold = None, None
         if cfg.choices_column:
-            if isinstance(cfg.choices_column, list):
-                choices = [str(row[c]) for c in cfg.choices_column]
-            else:
-                choices = [str(c) for c in _as_list(row[cfg.choices_column], where)]
-            if len(choices) < 2:
-                raise FittuneError(f"{where}: needs at least 2 choices, got {len(choices)}")
+            choices = _row_choices(row, cfg, where)
             gold = _resolve_gold(answer, choices, cfg.answer_format, where)
             answer = choices[gold]
         elif classes is not None:
             if label not in classes:
                 raise FittuneError(f"{where}: label {label!r} is not one of the known classes {classes}")
+            if str(answer) != label:
+                raise _answer_is_not_label(cfg, where, answer, label)
             choices, gold = classes, classes.index(label)
         examples.append(Example(ex_id, messages, str(answer), choices, gold, label))
     return examples
 
 
+def _prompt_and_answer(row: dict, cfg: DataConfig, where: str, label: str | None) -> tuple[list[dict], Any]:
+    """The chat messages up to the answer, and the answer (the label when there is no answer column)."""
+    if cfg.messages_column:
+        messages, answer = _split_messages(_as_list(_cell(row, cfg, "messages_column", where, "messages"), where),
+                                           where)
+        if cfg.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": cfg.system_prompt}] + messages
+        return messages, answer
+    question = _cell(row, cfg, "question_column", where, "question")
+    if not isinstance(question, str):
+        raise FittuneError(f"{where}: the question in column '{cfg.question_column}' ({_key(cfg, 'question_column')}) "
+                           f"is a {type(question).__name__}, not text; fix the row")
+    messages = [{"role": "user", "content": question}]
+    if cfg.system_prompt:
+        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    answer = _cell(row, cfg, "answer_column", where, "answer") if cfg.answer_column else label
+    return messages, answer
+
+
+def _row_choices(row: dict, cfg: DataConfig, where: str) -> list[str]:
+    if isinstance(cfg.choices_column, list):
+        choices = [str(_cell(row, cfg, "choices_column", where, "choice", c)) for c in cfg.choices_column]
+    else:
+        values = _as_list(_cell(row, cfg, "choices_column", where, "choices"), where)
+        for k, v in enumerate(values):
+            if _is_missing(v):
+                raise FittuneError(f"{where}: choice {k + 1} in column '{cfg.choices_column}' "
+                                   f"({_key(cfg, 'choices_column')}) is {_show(v)}; fill it in or remove the row")
+        choices = [str(c) for c in values]
+    if len(choices) < 2:
+        raise FittuneError(f"{where}: needs at least 2 choices, got {len(choices)}")
+    return choices
+
+
+def _answer_is_not_label(cfg: DataConfig, where: str, answer: Any, label: str) -> FittuneError:
+    source = ("the last assistant message" if cfg.messages_column
+              else f"column '{cfg.answer_column}' ({_key(cfg, 'answer_column')})")
+    drop = "data.messages_column" if cfg.messages_column else "data.answer_column (--data.answer_column null)"
+    return FittuneError(f"{where}: the answer in {source} is {str(answer)[:60]!r} but the label in column "
+                        f"'{cfg.label_column}' ({_key(cfg, 'label_column')}) is {label[:60]!r}; with a label column "
+                        f"and no choices the task is classification and the label is the answer: drop {drop}, or "
+                        f"drop data.label_column (--data.label_column null) to generate the answers instead")
+
+
 def class_labels(rows: list[dict], cfg: DataConfig) -> list[str]:
-    """Sorted distinct labels of a classification task."""
-    return sorted({str(r[cfg.label_column]) for r in rows if cfg.label_column in r})
+    """Sorted distinct labels of a classification task (empty labels are left to map_columns to report)."""
+    col = cfg.label_column
+    return sorted({str(r[col]) for r in rows if col in r and not _is_missing(r[col])})
+
+
+@dataclass(frozen=True)
+class TaskType:
+    """How a data config is trained and scored, and why (printed in a run's first lines)."""
+
+    kind: Literal["classification", "multiple_choice", "open_generation", "chat"]
+    reason: str
+
+    def __str__(self) -> str:
+        return f"task: {self.kind.replace('_', ' ')}: {self.reason}"
+
+
+def describe_task(cfg: DataConfig) -> TaskType:
+    """The task type a data config gives, with the rule that picked it.
+
+    Choices make it multiple choice; else a label column makes it classification over the labels (an
+    answer column or chat answer, if also set, must equal the label); else chat messages or open answers
+    are generated and scored by exact match.
+    """
+    said = {n: f"data.{n} {getattr(cfg, n)!r}" + (f" ({cfg.origin(n)})" if cfg.origin(n) else "")
+            for n in ("choices_column", "label_column", "messages_column", "answer_column")}
+    if cfg.choices_column:
+        strata = f"; {said['label_column']} only stratifies the split" if cfg.label_column else ""
+        return TaskType("multiple_choice", f"{said['choices_column']} is set: each row's choices are the candidates, "
+                                           f"ranked by the model's log-likelihood (accuracy){strata}")
+    if cfg.label_column:
+        also = ""
+        if cfg.messages_column:
+            also = "; the last assistant message must equal the label in every row"
+        elif cfg.answer_column not in (None, cfg.label_column):
+            also = f"; {said['answer_column']} must equal the label in every row"
+        return TaskType("classification", f"{said['label_column']} is set and there are no choices: the classes "
+                                          f"are the candidates (accuracy, F1 per class){also}")
+    if cfg.messages_column:
+        return TaskType("chat", f"{said['messages_column']} is set, with no choices or label column: the last "
+                                f"assistant turn is generated and scored by exact match and token F1")
+    return TaskType("open_generation", f"{said['answer_column']} is set, with no choices or label column: the "
+                                       f"answer is generated and scored by exact match and token F1")
 
 
 def is_class_task(cfg: DataConfig) -> bool:
     """A classification set: the label is the answer and the set of labels is every row's candidates."""
-    return bool(cfg.label_column and not cfg.choices_column and cfg.answer_column in (None, cfg.label_column))
+    return describe_task(cfg).kind == "classification"
 
 
 def _split_messages(messages: list, where: str) -> tuple[list[dict], str]:
-    for m in messages:
+    for k, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise FittuneError(f"{where}: each message needs 'role' and 'content'")
+        # null/NaN content is never text; a blank turn is harmless unless it is the answer
+        if _is_missing(m["content"]) and (m["role"] == "assistant" or not isinstance(m["content"], str)):
+            raise FittuneError(f"{where}: message {k + 1} ({m['role']}) has no content ({_show(m['content'])}); "
+                               f"fill it in or remove the row")
     if not messages or messages[-1]["role"] != "assistant":
         raise FittuneError(f"{where}: the last message must be the assistant's answer")
     if len(messages) < 2:
@@ -496,6 +621,70 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example
     if cfg.test_path:
         return examples, map_columns(test_rows, cfg, cfg.test_path, classes)
     return split_heldout(examples, cfg.test_size, seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data identity: what a run trained and was evaluated on, so a changed file is noticed
+
+
+def examples_digest(examples: list[Example]) -> str:
+    """sha256 (hex) of the examples' content, in the given order.
+
+    Each example is one canonical JSON line (id, messages with the question and system prompt, answer,
+    choices, gold index, label; keys sorted, UTF-8). The order counts: the same examples in another order
+    give another digest, as the split and the batch plan follow the order. Pass the held-out examples in
+    their saved id order to fingerprint a held-out set; the file's name and format do not count.
+    """
+    h = hashlib.sha256()
+    for e in examples:
+        record = {"id": e.id, "messages": e.messages, "answer": e.answer, "choices": e.choices, "gold": e.gold,
+                  "label": e.label}
+        h.update(json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        h.update(b"\n")  # json.dumps escapes newlines, so one line per example is unambiguous
+    return h.hexdigest()
+
+
+def _file_digest(path: Path, h: Any) -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+
+
+def _path_digest(path: str, cfg: DataConfig) -> str | None:
+    """sha256 of one source's bytes: a file; a save_to_disk directory's files (names and bytes, sorted by
+    name); None for a hub dataset, which has no local bytes to hash."""
+    path = resolve_data_path(path)
+    fmt = _detect_format(path, cfg.format)
+    if fmt == "hub":
+        return None
+    p = Path(path)
+    if not p.exists():
+        raise FittuneError(f"data file not found: {path}")
+    h = hashlib.sha256()
+    if not p.is_dir():
+        _file_digest(p, h)
+        return h.hexdigest()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        name = f.relative_to(p).as_posix().encode("utf-8")
+        h.update(len(name).to_bytes(8, "little") + name + f.stat().st_size.to_bytes(8, "little"))
+        _file_digest(f, h)
+    return h.hexdigest()
+
+
+def source_digest(cfg: DataConfig) -> str | None:
+    """sha256 (hex) of the data source's bytes, or None when a source is a hub dataset.
+
+    Without `test_path`: the digest of `path` alone (for a file, what `sha256sum FILE` prints; the built-in
+    demo set hashes its file). With `test_path`: a digest over both (`train:<hex>\\ntest:<hex>\\n`), so a change
+    to either file changes it. Only bytes count, never the path: a moved or renamed file keeps its digest.
+    """
+    train = _path_digest(cfg.path, cfg)
+    if not cfg.test_path:
+        return train
+    test = _path_digest(cfg.test_path, cfg)
+    if train is None or test is None:
+        return None
+    return hashlib.sha256(f"train:{train}\ntest:{test}\n".encode()).hexdigest()
 
 
 def select_ids(examples: list[Example], ids: list[str], source: str) -> list[Example]:

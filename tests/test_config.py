@@ -1,6 +1,5 @@
 """Config tree: YAML + dotted overrides, unknown keys, cross-field checks, the saved config round trip."""
 
-import os
 
 import pytest
 import yaml

@@ -9,7 +9,6 @@ import torch
 from fittune import data as D
 from fittune.config import DataConfig
 from fittune.errors import FittuneError
-from fittune.tiny import CHATML_TEMPLATE
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,341 @@
+"""Bad inputs are one clear error; the task type is explicit; own data gets neutral defaults; data identity."""
+
+import hashlib
+import json
+import typing
+
+import pytest
+from pydantic import BaseModel
+
+from fittune import data as D
+from fittune.cli import DEMO_RECIPE, parse_args
+from fittune.config import Config, DataConfig, build_config, help_text
+from fittune.errors import FittuneError
+from fittune.tiny import DEMO_DATA
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # json.dumps writes NaN for float("nan")
+    return str(path)
+
+
+CLASS = {"question_column": "text", "answer_column": None, "label_column": "label"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Missing values and missing columns: one error naming the row, the column and the config key
+
+
+@pytest.mark.parametrize("rows, cfg, message", [
+    # a NaN / null label used to become a class of its own ('nan', 'None')
+    ([{"text": "a", "label": "x"}, {"text": "b", "label": float("nan")}], CLASS,
+     r"row 2: empty label in column 'label' \(data.label_column\): the cell is NaN; fill it in or remove the row"),
+    ([{"text": "a", "label": "x"}, {"text": "b", "label": None}], CLASS,
+     r"row 2: empty label in column 'label' \(data.label_column\): the cell is null"),
+    # a label that is only stratifying a multiple-choice set must be there too
+    ([{"text": "a", "answer": "p", "choices": ["p", "q"], "label": "x"},
+      {"text": "a", "answer": "p", "choices": ["p", "q"], "label": None}],
+     {"question_column": "text", "choices_column": "choices", "label_column": "label"},
+     r"row 2: empty label in column 'label' \(data.label_column\)"),
+    ([{"question": "a", "answer": "b"}, {"question": "a", "answer": float("nan")}], {},
+     r"row 2: empty answer in column 'answer' \(data.answer_column\)"),
+    ([{"question": None, "answer": "b"}], {}, r"row 1: empty question in column 'question' \(data.question_column\)"),
+    ([{"question": 3, "answer": "b"}], {}, r"row 1: the question in column 'question' .* is a int, not text"),
+    # a row without a configured column used to be a KeyError traceback
+    ([{"question": "a", "answer": "b"}, {"question": "c"}], {},
+     r"row 2 has no column 'answer' \(data.answer_column\); this row's columns are: question"),
+    ([{"text": "a", "label": "x"}, {"text": "b"}], CLASS, r"row 2 has no column 'label' \(data.label_column\)"),
+    ([{"i": "1", "question": "a", "answer": "b"}, {"i": None, "question": "c", "answer": "d"}], {"id_column": "i"},
+     r"row 2: empty id in column 'i' \(data.id_column\)"),
+    ([{"question": "a", "answer": "p", "choices": ["p", "q"]}, {"question": "a", "answer": "p", "choices": ["p", None]}],
+     {"choices_column": "choices"}, r"row 2: choice 2 in column 'choices' \(data.choices_column\) is null"),
+    ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+      {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None}]}],
+     {"messages_column": "messages", "answer_column": None}, r"row 2: message 2 \(assistant\) has no content \(null\)"),
+])
+def test_missing_values_and_columns(tmp_path, rows, cfg, message):
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(FittuneError, match=message) as err:
+        D.load_splits(DataConfig(path=path, **cfg), 0)
+    assert path in str(err.value)  # names the file too
+
+
+def test_csv_missing_label_names_the_label_column(tmp_path):
+    """Was 'empty answer in column 'None'' (the answer comes from the label when answer_column is null)."""
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\nq1,A\nq2,\nq3,B\n")
+    with pytest.raises(FittuneError, match=r"d.csv row 2: empty label in column 'label' \(data.label_column\): "
+                                           r"the cell is blank"):
+        D.load_splits(DataConfig(path=str(path), **CLASS), 0)
+    # a blank choice cell of an MMLU-style CSV is a row error too, not an empty candidate
+    mc = tmp_path / "mc.csv"
+    mc.write_text("q,x,,A\n")
+    cfg = DataConfig(path=str(mc), csv_header=False, column_names=["question", "A", "B", "answer"],
+                     choices_column=["A", "B"], answer_format="letter")
+    with pytest.raises(FittuneError, match=r"row 1: empty choice in column 'B' \(data.choices_column\)"):
+        D.load_splits(cfg, 0)
+
+
+def test_parquet_gaps_are_missing_values(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame({"text": ["a", "b", "c"], "label": ["x", None, "y"]}).to_parquet(tmp_path / "d.parquet")
+    with pytest.raises(FittuneError, match=r"row 2: empty label in column 'label'"):
+        D.load_splits(DataConfig(path=str(tmp_path / "d.parquet"), **CLASS), 0)
+
+
+def test_valid_labels_still_make_the_classes(tmp_path):
+    rows = [{"text": f"t{i}", "label": lb} for i, lb in enumerate([1, 2, 1, 2, 1, 2])]  # numbers are labels too
+    cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", rows), **CLASS)
+    train, test = D.load_splits(cfg, 0)
+    assert {tuple(e.choices) for e in train + test} == {("1", "2")}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Encodings
+
+
+@pytest.mark.parametrize("name, content, line, byte", [
+    ("d.jsonl", b'{"question": "a", "answer": "b"}\n{"question": "\xff", "answer": "c"}\n', 2, 47),
+    ("d.json", b'[{"question": "a", "answer": "b"},\n {"question": "c\xe9", "answer": "c"}]', 2, 51),
+    ("d.csv", b"question,answer\na,b\nc\xe9,d\n", 3, 21),
+])
+def test_invalid_utf8_names_file_line_and_byte(tmp_path, name, content, line, byte):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert content.index(b"\xff" if b"\xff" in content else b"\xe9") == byte  # the offset we expect is right
+    with pytest.raises(FittuneError, match=rf"{name}:{line}: not valid UTF-8 \(byte {byte} of the file.*save the "
+                                           rf"file as UTF-8"):
+        D.read_rows(str(path), DataConfig())
+
+
+def test_bom_and_unicode_line_separator_are_fine(tmp_path):
+    path = tmp_path / "d.jsonl"
+    # a byte-order mark (Excel, Notepad) and U+2028 inside a string (not a line end for JSON Lines)
+    path.write_bytes(b"\xef\xbb\xbf" + '{"question": "a\u2028b", "answer": "c"}\r\n'.encode())
+    (row,) = D.read_rows(str(path), DataConfig())
+    assert row == {"question": "a\u2028b", "answer": "c"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Task type
+
+
+@pytest.mark.parametrize("cfg, kind, words", [
+    ({"choices_column": "choices", "label_column": "topic"}, "multiple_choice",
+     ["data.choices_column 'choices' is set", "data.label_column 'topic' only stratifies"]),
+    ({"label_column": "topic", "answer_column": None}, "classification",
+     ["data.label_column 'topic' is set and there are no choices: the classes are the candidates"]),
+    ({"label_column": "topic"}, "classification", ["data.answer_column 'answer' must equal the label in every row"]),
+    ({"label_column": "topic", "answer_column": "topic"}, "classification", ["the classes are the candidates"]),
+    ({"messages_column": "m", "answer_column": None}, "chat", ["data.messages_column 'm' is set"]),
+    ({}, "open_generation", ["data.answer_column 'answer' is set, with no choices or label column"]),
+])
+def test_describe_task(cfg, kind, words):
+    task = D.describe_task(DataConfig(**cfg))
+    assert task.kind == kind and all(w in task.reason for w in words), task
+    assert D.is_class_task(DataConfig(**cfg)) == (kind == "classification")
+    assert str(task).startswith(f"task: {kind.replace('_', ' ')}: ")
+
+
+def test_answer_and_label_both_set_is_classification(tmp_path):
+    """Was scored as open generation (exact match) without a word; now classification, or one error."""
+    rows = [{"question": f"q{i}", "answer": lb, "topic": lb} for i, lb in enumerate("ABAB")]
+    cfg = DataConfig(label_column="topic")
+    ex = D.map_columns(rows, cfg, "mem")
+    assert [e.choices for e in ex] == [["A", "B"]] * 4 and [e.gold for e in ex] == [0, 1, 0, 1]
+    rows[2]["answer"] = "something else"
+    with pytest.raises(FittuneError, match=r"mem row 3: the answer in column 'answer' \(data.answer_column\) is "
+                                           r"'something else' but the label in column 'topic' .* is 'A'.*drop "
+                                           r"data.answer_column \(--data.answer_column null\), or drop "
+                                           r"data.label_column"):
+        D.map_columns(rows, cfg, "mem")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Neutral defaults for the user's own data; where a setting came from
+
+
+def test_own_data_without_config_starts_from_neutral_data_defaults(tmp_path, capsys):
+    """Was: the demo recipe's choices/label mapping applied, "column 'choices' (data.choices_column) not found"."""
+    path = tmp_path / "my.csv"
+    path.write_text("prompt,response\n" + "".join(f"q{i},a{i}\n" for i in range(10)))
+    cfg = parse_args(["--data.path", str(path), "--data.question_column", "prompt",
+                      "--data.answer_column", "response"], prog="train.py")
+    train, test = D.load_splits(cfg.data, cfg.seed)  # passes the column stage
+    out = capsys.readouterr().out
+    assert "data.path is your own: the data settings start from the defaults" in out and str(DEMO_RECIPE) in out
+    assert cfg.data == DataConfig(path=str(path), question_column="prompt", answer_column="response")
+    assert cfg.train.epochs == 20  # the rest of the demo recipe still applies
+    assert len(train) == 9 and test[0].answer == f"a{test[0].id}"
+    assert D.describe_task(cfg.data).kind == "open_generation"
+
+
+def test_demo_recipe_is_said_and_keeps_its_mapping(capsys):
+    cfg = parse_args([], prog="train.py")
+    assert f"running the offline demo recipe {DEMO_RECIPE}" in capsys.readouterr().out
+    assert cfg.data.choices_column == "choices" and cfg.data.label_column == "topic"
+    assert D.describe_task(cfg.data).kind == "multiple_choice"
+    assert f"({'set in ' + str(DEMO_RECIPE)})" in D.describe_task(cfg.data).reason
+
+
+def test_column_error_says_where_the_key_came_from(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  choices_column: choices\n  label_column: topic\n")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": "a", "answer": "b", "topic": "t"}])
+    cfg = build_config(str(recipe), {"data.path": data, "data.label_column": "topic"})
+    assert cfg.data.origin("choices_column") == f"set in {recipe}" and cfg.data.origin("label_column") == ""
+    with pytest.raises(FittuneError, match=rf"column 'choices' \(data.choices_column, set in {recipe}\) not found; "
+                                           r"the columns are: question, answer, topic; it was set in .*: set "
+                                           r"--data.choices_column to one of the columns, or null"):
+        D.load_splits(cfg.data, 0)
+    assert build_config(str(recipe), {}) == build_config(None, {"data.choices_column": "choices",
+                                                                "data.label_column": "topic"})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config bounds: every numeric field
+
+
+# (key, a value out of bounds, the message, a value on the edge that is allowed)
+BOUNDS = [
+    ("seed", -1, r"seed must be in \[0, 4294967295\]", 0),
+    ("seed", 2**32, r"seed must be in \[0, 4294967295\]", 2**32 - 1),
+    ("model.tiny.hidden_size", 0, "model.tiny.hidden_size must be >= 1", 8),
+    ("model.tiny.intermediate_size", 0, "model.tiny.intermediate_size must be >= 1", 1),
+    ("model.tiny.num_layers", 0, "model.tiny.num_layers must be >= 1", 1),
+    ("model.tiny.num_heads", 0, "model.tiny.num_heads must be >= 1", 2),
+    ("model.tiny.num_kv_heads", -2, "model.tiny.num_kv_heads must be >= 1", 1),
+    ("model.tiny.vocab_size", 0, "model.tiny.vocab_size must be >= 1", 1),
+    ("lora.r", 0, "lora.r must be >= 1 .*lora.enabled: false", 1),
+    ("lora.alpha", 0, "lora.alpha must be > 0", 1),
+    ("lora.dropout", 1.0, r"lora.dropout must be in \[0, 1\)", 0.0),
+    ("lora.dropout", -0.1, r"lora.dropout must be in \[0, 1\)", 0.99),
+    ("data.max_length", 7, "data.max_length must be >= 8", 8),
+    ("data.test_size", 0.0, r"data.test_size must be in \(0, 1\)", 0.01),
+    ("data.test_size", 1.0, r"data.test_size must be in \(0, 1\)", 0.99),
+    ("train.micro_batch_size", 0, "train.micro_batch_size must be >= 1", 1),
+    ("train.grad_accum", 0, "train.grad_accum must be >= 1", 1),
+    ("train.max_steps", -1, "train.max_steps must be >= 0.*0 runs train.epochs", 0),
+    ("train.epochs", -1.0, "train.epochs must be >= 0", 0.5),
+    ("train.lr", 0.0, "train.lr must be > 0", 1e-9),
+    ("train.lr", "inf", r"train.lr must be a finite number \(got inf\)", 10.0),
+    ("train.weight_decay", -0.01, "train.weight_decay must be >= 0", 0.0),
+    ("train.betas", [0.9, 1.0], r"train.betas must be in \[0, 1\) \(got 1.0\)", [0.0, 0.999]),
+    ("train.betas", [-0.1, 0.9], r"train.betas must be in \[0, 1\) \(got -0.1\)", [0.5, 0.5]),
+    ("train.warmup_ratio", 1.0, r"train.warmup_ratio must be in \[0, 1\)", 0.0),
+    ("train.max_grad_norm", -1.0, "train.max_grad_norm must be >= 0.*0 turns clipping off", 0.0),
+    ("train.max_grad_norm", "nan", "train.max_grad_norm must be a finite number", 0.5),
+    ("train.loss_chunk_size", -1, "train.loss_chunk_size must be >= 0", 0),
+    ("train.log_every", 0, "train.log_every must be >= 1", 1),
+    ("train.eval_every", -1, r"train.eval_every must be >= 0 \(got -1\); 0 turns the periodic validation off", 0),
+    ("train.val_examples", -3, r"train.val_examples must be >= 1 \(got -3\)", 1),
+    ("train.save_steps", -1, "train.save_steps must be >= 0", 0),
+    ("train.keep_checkpoints", 0, "train.keep_checkpoints must be >= 1", 1),
+    ("train.max_bad_steps", 0, "train.max_bad_steps must be >= 1", 1),
+    ("eval.batch_size", 0, "eval.batch_size must be >= 1", 1),
+    ("eval.max_new_tokens", -5, r"eval.max_new_tokens must be >= 0 \(got -5\); 0 turns generation off", 0),
+]
+
+
+@pytest.mark.parametrize("key, bad, message, edge", BOUNDS, ids=[f"{b[0]}={b[1]}" for b in BOUNDS])
+def test_numeric_bounds(key, bad, message, edge):
+    with pytest.raises(FittuneError, match=f"^invalid config: {message}"):
+        build_config(None, {key: bad})
+    cfg = build_config(None, {key: edge})  # the edge of the range is allowed
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    assert value == (tuple(edge) if isinstance(edge, list) else edge)
+
+
+def _numeric_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _numeric_keys(ann, f"{prefix}{name}.")
+        elif ann in (int, float) or typing.get_origin(ann) is tuple:
+            keys.append(prefix + name)
+    return keys
+
+
+def test_every_numeric_field_is_bounded_and_tested():
+    numeric = _numeric_keys()
+    assert set(numeric) == {b[0] for b in BOUNDS}, "a numeric config field without a bounds case"
+    for key in numeric:  # independent of the table: a far-off value is refused for every field
+        value = [-1e9, 0.5] if key == "train.betas" else -10**9
+        with pytest.raises(FittuneError, match=f"invalid config: {key} must be"):
+            build_config(None, {key: value})
+    assert "--train.eval_every (default: 0, >= 0)" in help_text()
+
+
+@pytest.mark.parametrize("shape, message", [
+    ({"hidden_size": 130}, r"model.tiny.hidden_size \(130\) must be a multiple of model.tiny.num_heads \(4\)"),
+    ({"hidden_size": 20}, "the head size model.tiny.hidden_size / num_heads = 5 must be even"),
+    ({"num_kv_heads": 3}, r"model.tiny.num_heads \(4\) must be a multiple of model.tiny.num_kv_heads \(3\)"),
+])
+def test_tiny_model_shape(shape, message):
+    with pytest.raises(FittuneError, match=message):
+        build_config(None, {f"model.tiny.{k}": v for k, v in shape.items()})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data identity
+
+
+def test_examples_digest(tmp_path):
+    cfg = DataConfig(label_column="topic", choices_column="choices")
+    rows = D.read_rows("builtin:ai-research-qa", cfg)
+    train, test = D.split_heldout(D.map_columns(rows, cfg, "demo"), 0.1, seed=0)
+    again_train, again_test = D.split_heldout(D.map_columns([dict(r) for r in rows], cfg, "demo"), 0.1, seed=0)
+    assert D.examples_digest(test) == D.examples_digest(again_test)
+    assert D.examples_digest(train) == D.examples_digest(again_train) != D.examples_digest(test)
+    # one changed answer in one held-out row changes the held-out digest only
+    k = int(test[3].id)  # no id column: the id is the row number
+    changed = [dict(r) for r in rows]
+    other = next(c for c in changed[k]["choices"] if c != changed[k]["answer"])
+    changed[k]["answer"] = other
+    tr2, te2 = D.split_heldout(D.map_columns(changed, cfg, "demo"), 0.1, seed=0)
+    assert [e.id for e in te2] == [e.id for e in test]
+    assert D.examples_digest(te2) != D.examples_digest(test) and D.examples_digest(tr2) == D.examples_digest(train)
+    # documented: the order counts
+    assert D.examples_digest(test[::-1]) != D.examples_digest(test)
+    # an independent computation of the documented canonical form
+    h = hashlib.sha256()
+    for e in test:  # keys written in sorted order by hand, nested ones too
+        messages = [{"content": m["content"], "role": m["role"]} for m in e.messages]
+        h.update(json.dumps({"answer": e.answer, "choices": e.choices, "gold": e.gold, "id": e.id, "label": e.label,
+                             "messages": messages}, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
+    assert D.examples_digest(test) == h.hexdigest()
+
+
+def test_source_digest(tmp_path):
+    a = tmp_path / "a.jsonl"
+    b = tmp_path / "b.jsonl"
+    write_jsonl(a, [{"question": "q", "answer": "x"}])
+    write_jsonl(b, [{"question": "q2", "answer": "y"}])
+    sha = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (a, b)}
+    assert D.source_digest(DataConfig(path=str(a))) == sha[a]  # what sha256sum prints
+    both = D.source_digest(DataConfig(path=str(a), test_path=str(b)))
+    assert both == hashlib.sha256(f"train:{sha[a]}\ntest:{sha[b]}\n".encode()).hexdigest()
+    moved = tmp_path / "sub" / "moved.jsonl"
+    moved.parent.mkdir()
+    moved.write_bytes(a.read_bytes())
+    assert D.source_digest(DataConfig(path=str(moved))) == sha[a]  # the bytes count, not the path
+    write_jsonl(b, [{"question": "q2", "answer": "z"}])  # a changed held-out file
+    assert D.source_digest(DataConfig(path=str(a), test_path=str(b))) != both
+    assert D.source_digest(DataConfig()) == hashlib.sha256(DEMO_DATA.read_bytes()).hexdigest()
+    assert D.source_digest(DataConfig(path="someone/dataset")) is None  # a hub dataset has no local bytes
+
+
+def test_source_digest_of_a_saved_dataset(tmp_path):
+    import datasets
+
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(4)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    first = D.source_digest(DataConfig(path=str(tmp_path / "ds")))
+    assert first == D.source_digest(DataConfig(path=str(tmp_path / "ds")))
+    rows[2]["answer"] = "changed"
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds2"))
+    assert D.source_digest(DataConfig(path=str(tmp_path / "ds2"))) != first
