@@ -125,8 +125,10 @@ class FineTuneRecipe:
 
     def _setup_data(self) -> None:
         cfg = self.cfg
+        task = D.describe_task(cfg.data)
+        self._log(str(task))  # said first, so it is seen even when a data check then refuses
         train_examples, test_examples = D.load_splits(cfg.data, cfg.seed)
-        self.class_task = D.is_class_task(cfg.data)
+        self.class_task = task.kind == "classification"
         prepare_builtin_model(cfg, self.accelerator)
         self.model_path = resolve_model_path(cfg)
         self.tokenizer = load_tokenizer(self.model_path, cfg.model.trust_remote_code)
@@ -135,7 +137,11 @@ class FineTuneRecipe:
         if not self.test_set:
             raise FittuneError("no held-out example fits data.max_length: raise it or check the data")
         self.dropped = (train_stats.dropped_ids + test_stats.dropped_ids, train_stats.truncated + test_stats.truncated)
-        self.digests = {"train_sha256": examples_digest(train_examples), "heldout_sha256": examples_digest(test_examples)}
+        self.digests = {"source_sha256": D.source_digest(cfg.data), "train_sha256": examples_digest(train_examples),
+                        "heldout_sha256": examples_digest(test_examples)}
+        by_id = {e.id: e for e in test_examples}
+        # what evaluate.py recomputes from the saved ids (rows that fit data.max_length, in this order)
+        self.heldout_ids_digest = examples_digest([by_id[x.id] for x in self.test_set])
         self.lengths = [len(x) for x in self.train_set]
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * self.world
         self.total_steps, self.steps_per_epoch = D.count_steps(len(self.train_set), self.global_batch,
@@ -229,7 +235,8 @@ class FineTuneRecipe:
                 shutil.rmtree(partial)  # inside this run's own checkpoints/
             atomic_write_text(self.out / "config.yaml", self.config_yaml)
             atomic_write_text(self.out / "heldout_ids.json", json.dumps(
-                {"ids": [x.id for x in self.test_set], "examples_sha256": self.digests["heldout_sha256"]}, indent=0))
+                {"ids": [x.id for x in self.test_set], "examples_sha256": self.heldout_ids_digest,
+                 "source_sha256": self.digests["source_sha256"]}, indent=0))
             self._start_log()
             self._log("resolved config\n" + self.config_yaml.rstrip())
             if self.dropped[0]:

@@ -50,7 +50,10 @@ def test_cross_field_checks(overrides, message):
 
 
 def test_precision_conflict_with_launcher(monkeypatch):
-    from fittune.train_loop import resolve_mixed_precision
+    from fittune.precision import run_precision
+
+    def resolve_mixed_precision(cfg):
+        return run_precision(cfg.train.mixed_precision)
 
     cfg = build_config(None, {"train.mixed_precision": "fp16"})
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
