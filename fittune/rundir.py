@@ -299,6 +299,10 @@ class RunDir:
         new_lock = DirLock(path).acquire(program) if (lock is None or aside is not None) else lock
         if lock is not None and aside is not None:
             lock.release()
+        if lock is None and any((path / f).exists() for f in RUN_FILES):
+            new_lock.release()  # it did not exist when checked: another run created it meanwhile
+            raise FittuneError(f"{path} was created by another run while this one was starting: choose another "
+                               f"output_dir")
         return cls(path, new_lock, aside)
 
     def finish(self) -> Path | None:

@@ -1,0 +1,139 @@
+"""fittune.rundir in-process: ownership marker, the directory lock (also across processes and after kill -9),
+atomic writes, the atomic directory swap, torn log lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fittune import runlog
+from fittune.errors import FittuneError
+from fittune.rundir import (MARKER, DirLock, RunDir, atomic_write_text, check_writable_dir, claim_dir,
+                            inspect_output_dir, publish_dir, remove_owned, write_guard)
+
+
+def _user_dir(tmp_path) -> Path:
+    d = tmp_path / "mine"
+    (d / "sub").mkdir(parents=True)
+    (d / "thesis.tex").write_text("my thesis")
+    (d / "sub" / "data.csv").write_text("a,b\n")
+    return d
+
+
+def test_foreign_non_empty_directory_is_refused_and_never_deleted(tmp_path):
+    d = _user_dir(tmp_path)
+    with pytest.raises(FittuneError, match="not empty and was not created by fittune"):
+        check_writable_dir(d, "--output_dir")
+    with pytest.raises(FittuneError, match="refusing to delete"):
+        remove_owned(d)
+    assert (d / "thesis.tex").read_text() == "my thesis" and (d / "sub" / "data.csv").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_writable_dir(empty, "--output_dir")  # an empty directory may be adopted
+    claim_dir(empty, "eval")
+    assert json.loads((empty / MARKER).read_text())["created_by"] == "fittune"
+
+
+def test_a_directory_holding_a_run_needs_resume_or_overwrite(tmp_path):
+    out = claim_dir(tmp_path / "run", "train")
+    atomic_write_text(out / "config.yaml", "x: 1\n")
+    with pytest.raises(FittuneError, match="already holds a started run.*--resume auto.*--overwrite"):
+        inspect_output_dir(out, None, False)
+    (out / "final").mkdir()
+    with pytest.raises(FittuneError, match="already holds a finished run"):
+        inspect_output_dir(out, None, False)
+    assert inspect_output_dir(out, "auto", False).holds_run
+    with pytest.raises(FittuneError, match="contradict"):
+        inspect_output_dir(out, "auto", True)
+
+
+def test_overwrite_moves_the_old_run_aside_until_finish(tmp_path):
+    out = claim_dir(tmp_path / "run", "train")
+    atomic_write_text(out / "config.yaml", "old\n")
+    check = inspect_output_dir(out, None, True)
+    lock = RunDir.lock_existing(check, "test")
+    run = RunDir.claim(check, lock, True, "test")
+    assert run.aside is not None and (run.aside / "config.yaml").read_text() == "old\n"
+    assert not (out / "config.yaml").exists() and (out / MARKER).is_file()
+    assert run.finish() is not None and not run.aside and not list(tmp_path.glob("run.replaced-*"))
+    run.release()
+
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from fittune.rundir import DirLock
+DirLock(Path(sys.argv[1])).acquire("holder.py")
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_lock_refuses_a_second_process_and_dies_with_its_holder(tmp_path):
+    out = claim_dir(tmp_path / "run", "train")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FittuneError, match=rf"{out} is in use by holder.py \(pid {holder.pid} on "):
+            DirLock(out).acquire("second")
+    finally:
+        holder.send_signal(signal.SIGKILL)  # kill -9: the kernel drops the lock
+        holder.wait()
+    lock = DirLock(out).acquire("third")
+    assert json.loads((out / ".fittune.lock").read_text())["program"] == "third"
+    lock.release()
+
+
+def test_publish_dir_swaps_atomically_and_keeps_no_old_copy(tmp_path):
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "w").write_text("old")
+    tmp = tmp_path / "final.tmp"
+    tmp.mkdir()
+    (tmp / "w").write_text("new")
+    publish_dir(tmp, final)
+    assert (final / "w").read_text() == "new" and not tmp.exists() and not (tmp_path / "final.old").exists()
+
+
+def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    target = tmp_path / "config.yaml"
+    atomic_write_text(target, "old\n")
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(FittuneError, match="could not write config.yaml .*No space left.*old one is intact"):
+        with write_guard("config.yaml", "the old one is intact"):
+            atomic_write_text(target, "new\n")
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_torn_last_log_line_is_dropped_and_said(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    for step in (1, 2, 3):
+        runlog.append(log, {"step": step, "loss": 1.0})
+    with open(log, "a") as f:
+        f.write('{"step": 4, "lo')  # a crash mid-append
+    repair = runlog.truncate_after(log, 2)
+    assert (repair.kept, repair.dropped_after_checkpoint, repair.torn_line) == (2, 1, '{"step": 4, "lo')
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2]
+    (tmp_path / "bad.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="not the last line"):
+        runlog.read_rows(tmp_path / "bad.jsonl")
+
+
+def test_lock_is_released_by_a_finished_holder(tmp_path):
+    out = claim_dir(tmp_path / "run", "train")
+    DirLock(out).acquire("a").release()
+    t0 = time.monotonic()
+    DirLock(out).acquire("b").release()
+    assert time.monotonic() - t0 < 1.0
