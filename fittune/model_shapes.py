@@ -11,6 +11,9 @@ Where the config comes from, in order:
   * a local directory: its `config.json` through `transformers.AutoConfig`;
   * a hub id: the built-in table `KNOWN_CONFIGS` below (published config.json values), else the local
     Hugging Face cache (`local_files_only`, never the network).
+
+transformers is imported inside the functions that use it: it takes about 0.5 s to import, and
+fittune.activations / fittune.estimate (and the bench through them) import this module only for ModelShape.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 from fittune.config import BUILTIN_MODEL, Config
 from fittune.errors import FittuneError
+from fittune.model import apply_lora, resolve_model_path
 
 # Published config.json values of the Qwen2.5 models (huggingface.co/Qwen/<name>/blob/main/config.json).
 # Only the fields that shape the network are kept; max_position_embeddings differs between some base and
@@ -54,7 +58,7 @@ for _size, _values in _QWEN25.items():
 PUBLISHED_PARAMS = {"0.5B": 494_032_768, "1.5B": 1_543_714_304, "3B": 3_085_938_688, "7B": 7_615_616_512}
 
 # The projections of a Qwen2 / Llama-style decoder layer, in forward order. The planner's activation model
-# is written for this layer structure (see fittune/plan.py, layer_activation_terms).
+# is written for this layer structure (see fittune/activations.py, layer_activation_terms).
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 
@@ -109,7 +113,7 @@ class ModelShape:
     """RMSNorm weights get gradients (full fine-tuning)."""
     autocast_cast_params: int
     """Trainable fp32 matmul parameters (Linear weights + biases, lm_head included) that torch.autocast
-    casts to the half dtype in forward; 0 when nothing trainable is fp32 (see plan.weight_cast_bytes)."""
+    casts to the half dtype in forward; 0 when nothing trainable is fp32 (the estimate's 'weight copies')."""
     projections: tuple[Projection, ...]
     lora: bool = False
     lora_rank: int = 0
@@ -129,7 +133,7 @@ def builtin_config(name: str):
     values = KNOWN_CONFIGS.get(name)
     if values is None:
         return None
-    from transformers import Qwen2Config
+    from transformers import Qwen2Config  # local: slow import (docstring)
 
     values = {k: v for k, v in values.items() if k != "model_type"}
     return Qwen2Config(**values)
@@ -137,9 +141,7 @@ def builtin_config(name: str):
 
 def _tiny_config(cfg: Config):
     """The built-in tiny model's config: from its built directory when present, else approximated."""
-    from transformers import AutoConfig, Qwen2Config
-
-    from fittune.model import resolve_model_path
+    from transformers import AutoConfig, Qwen2Config  # local: slow import (docstring)
 
     built = Path(resolve_model_path(cfg))
     if (built / "config.json").is_file():
@@ -163,7 +165,7 @@ def load_hf_config(cfg: Config):
 
     Raises FittuneError when the model's config cannot be found offline.
     """
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # local: slow import (docstring)
 
     name = cfg.model.name_or_path
     if name == BUILTIN_MODEL:
@@ -222,14 +224,9 @@ def _numel(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def shape_from_hf_config(hf_config, cfg: Config, weights_dtype: torch.dtype, name: str | None = None,
-                         source: str = "given config", notes: list[str] | None = None) -> ModelShape:
-    """Instantiate the model on the meta device (LoRA-wrapped when `cfg.lora.enabled`) and measure it.
-
-    `weights_dtype` is the dtype fittune loads the weights in (fittune.model.weights_dtype): the meta model is
-    built in it so that PEFT's adapters come out in fp32 on a half-precision base, as in a real run.
-    """
-    from transformers import AutoModelForCausalLM
+def _meta_model(hf_config, cfg: Config, weights_dtype: torch.dtype):
+    """The model as fittune trains it (LoRA-wrapped, or everything trainable), on the meta device."""
+    from transformers import AutoModelForCausalLM  # local: slow import (docstring)
 
     with warnings.catch_warnings():  # deprecation chatter from transformers / peft is not for the planner's user
         warnings.simplefilter("ignore")
@@ -237,11 +234,18 @@ def shape_from_hf_config(hf_config, cfg: Config, weights_dtype: torch.dtype, nam
             model = AutoModelForCausalLM.from_config(hf_config, dtype=weights_dtype,
                                                      trust_remote_code=cfg.model.trust_remote_code)
         if cfg.lora.enabled:
-            from fittune.model import apply_lora
+            return apply_lora(model, cfg)
+    return model.requires_grad_(True)
 
-            model = apply_lora(model, cfg)
-        else:
-            model.requires_grad_(True)
+
+def shape_from_hf_config(hf_config, cfg: Config, weights_dtype: torch.dtype, name: str | None = None,
+                         source: str = "given config", notes: list[str] | None = None) -> ModelShape:
+    """Instantiate the model on the meta device (LoRA-wrapped when `cfg.lora.enabled`) and measure it.
+
+    `weights_dtype` is the dtype fittune loads the weights in (fittune.model.weights_dtype): the meta model is
+    built in it so that PEFT's adapters come out in fp32 on a half-precision base, as in a real run.
+    """
+    model = _meta_model(hf_config, cfg, weights_dtype)
     base = model.get_base_model() if cfg.lora.enabled else model
     layers = _decoder_layers(base)
     params = list(model.parameters())  # parameters() yields a tied weight once

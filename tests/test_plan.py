@@ -9,14 +9,22 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, child_env
 from transformers import Qwen2Config
 
+from fittune import activations as A
+from fittune import estimate as E
+from fittune import hardware as H
 from fittune import plan as P
 from fittune.config import Config, build_config
 from fittune.errors import FittuneError
-from fittune.model_shapes import PUBLISHED_PARAMS, builtin_config, model_shape, shape_from_hf_config
-
-from conftest import ROOT, child_env
+from fittune.model_shapes import (
+    PUBLISHED_PARAMS,
+    builtin_config,
+    model_shape,
+    shape_from_hf_config,
+)
+from fittune.strategy import Strategy
 
 QWEN3B = "Qwen/Qwen2.5-3B-Instruct"
 GIB = 1024**3
@@ -24,6 +32,11 @@ GIB = 1024**3
 
 def _cfg(**overrides) -> Config:
     return build_config(None, overrides)
+
+
+def S(name: str) -> Strategy:
+    """The strategy of the planner's row `name` (its world size: the fewest processes it is planned with)."""
+    return P.OPTION_BY_NAME[name].strategy
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,9 +129,9 @@ def test_tiny_parameter_counts():
 def test_layer_activation_terms_full_finetuning_native_bf16():
     # accelerate autocast over fp32 weights: residual stream fp32 (4 B), matmul outputs bf16 (2 B)
     shape = tiny_shape(lora=False)
-    dt = P.activation_dtypes("single", shape, "bf16")
+    dt = A.activation_dtypes(S("single"), shape, "bf16")
     assert (dt.residual, dt.compute, dt.autocast) == (4, 2, True)
-    assert P.layer_activation_terms(shape, dt) == {
+    assert A.layer_activation_terms(shape, dt) == {
         "rmsnorm": 2 * (4 * 8 + 4 + 4 * 8),  # fp32 input copy + 1/rms + normalised x (trainable weight)
         "qkv_inputs": 3 * 2 * 8,  # q, k and v each save their own bf16 cast of the fp32 norm output
         "attention": 2 * (8 + 8 + 8 + 8) + 4 * 2,  # q, repeated k and v, output + fp32 logsumexp per head
@@ -127,15 +140,15 @@ def test_layer_activation_terms_full_finetuning_native_bf16():
         "mlp": 3 * 2 * 16,  # SiLU input, act and up (the product's two factors)
         "down_input": 2 * 16,
     }  # 416 B per token per layer = 34 h + 8 I + 4 heads + 8
-    assert sum(P.layer_activation_terms(shape, dt, gqa_repeated=False).values()) == 416 - 2 * 2 * (8 - 4)
+    assert sum(A.layer_activation_terms(shape, dt, gqa_repeated=False).values()) == 416 - 2 * 2 * (8 - 4)
 
 
 def test_layer_activation_terms_lora_and_deepspeed():
     lora = tiny_shape(lora=True, weights_dtype=torch.bfloat16)  # bf16 base, fp32 adapters, dropout 0.05
-    dt = P.activation_dtypes("single", lora, "bf16")
+    dt = A.activation_dtypes(S("single"), lora, "bf16")
     assert (dt.residual, dt.compute, dt.lora_input) == (2, 2, 2)
     adapter = (1 + 2) * 8 + 2 * 2  # bool dropout mask + bf16 A input per input feature, + A's rank-2 output
-    assert P.layer_activation_terms(lora, dt) == {
+    assert A.layer_activation_terms(lora, dt) == {
         "rmsnorm": 2 * (4 * 8 + 4),  # frozen norm weight: no normalised-x copy
         "qkv_inputs": 3 * adapter,  # frozen base Linears save nothing
         "attention": 72,
@@ -145,25 +158,25 @@ def test_layer_activation_terms_lora_and_deepspeed():
         "down_input": (1 + 2) * 16 + 2 * 2,
     }  # 460 = 34 h + 9 I + 14 r + 4 heads + 8
     full = tiny_shape(lora=False)
-    ds = P.activation_dtypes("zero2", full, "bf16")  # DeepSpeed keeps the module in bf16, no autocast
+    ds = A.activation_dtypes(S("zero2"), full, "bf16")  # DeepSpeed keeps the module in bf16, no autocast
     assert (ds.residual, ds.compute, ds.autocast) == (2, 2, False)
-    terms = P.layer_activation_terms(full, ds)
+    terms = A.layer_activation_terms(full, ds)
     assert terms["rmsnorm"] == 2 * (4 * 8 + 4 + 2 * 8) and terms["qkv_inputs"] == 2 * 8  # one shared input
     assert sum(terms.values()) == 336  # 24 h + 8 I + 4 heads + 8
 
 
 def test_activation_terms_with_and_without_checkpointing():
     shape = tiny_shape(lora=False)
-    dt = P.activation_dtypes("single", shape, "bf16")
+    dt = A.activation_dtypes(S("single"), shape, "bf16")
     tokens = 2 * 4  # micro-batch 2 x 4 tokens
     per_layer = 416 * tokens
     mask_per_layer = 2 * 4 * 4 * 2  # SDPA's bf16 additive mask, micro x seq x seq
     workspace = (3 * 2 * 16 + 2 * 4 * 8) * tokens  # 3 MLP gradients (bf16) + 2 hidden gradients (fp32)
     head = (4 * 8 + 4 + 4 * 8 + 2 * 8) * tokens  # final norm + the head's own bf16 input cast
-    assert P.activation_terms(shape, dt, 2, 4, checkpointing=False, chunked=False) == {
+    assert A.activation_terms(shape, dt, 2, 4, checkpointing=False, chunked=False) == {
         "saved by all layers": 2 * (per_layer + mask_per_layer), "attention masks": 2 * 4 * 4,
         "layer backward": workspace, "final norm / head input": head}
-    assert P.activation_terms(shape, dt, 2, 4, checkpointing=True, chunked=False) == {
+    assert A.activation_terms(shape, dt, 2, 4, checkpointing=True, chunked=False) == {
         "layer inputs (checkpointed)": 2 * 4 * 8 * tokens,  # one fp32 hidden state per layer
         "attention masks": 2 * 4 * 4,
         "layer backward": per_layer + mask_per_layer + workspace,  # one layer recomputed
@@ -172,17 +185,17 @@ def test_activation_terms_with_and_without_checkpointing():
 
 def test_logits_terms():
     shape = tiny_shape(lora=False)
-    dt = P.activation_dtypes("single", shape, "bf16")
-    assert P.logits_bytes(shape, dt, 2, 4, chunk=0) == 2 * 4 * 32 * 12
+    dt = A.activation_dtypes(S("single"), shape, "bf16")
+    assert A.logits_bytes(shape, dt, 2, 4, chunk=0) == 2 * 4 * 32 * 12
     # chunk of 2 tokens: 2 x vocab x 14 B, + the 8 fp32 hidden states kept for the recompute
-    assert P.logits_bytes(shape, dt, 2, 4, chunk=2) == 2 * 32 * 14 + 8 * 8 * 4
-    assert P.logits_bytes(shape, dt, 1, 2, chunk=1024) == 2 * 32 * 14 + 2 * 8 * 4  # chunk > tokens
+    assert A.logits_bytes(shape, dt, 2, 4, chunk=2) == 2 * 32 * 14 + 8 * 8 * 4
+    assert A.logits_bytes(shape, dt, 1, 2, chunk=1024) == 2 * 32 * 14 + 2 * 8 * 4  # chunk > tokens
 
 
 def test_single_gpu_and_ddp_estimates_full_finetuning():
     shape = tiny_shape(lora=False)
-    work = P.Workload(micro_batch=2, seq_len=4, checkpointing=False, loss_chunk=0, mixed="bf16")
-    est = P.estimate("single", shape, work, gpus=1)
+    work = E.Workload(micro_batch=2, seq_len=4, checkpointing=False, loss_chunk=0, mixed="bf16")
+    est = E.estimate(S("single"), shape, work, gpus=1)
     assert est.gpu == {"weights": 1480 * 4, "gradients": 1480 * 4, "optimizer": 2 * 1480 * 4}
     acts = 2 * (416 * 8 + 64) + 32 + 84 * 8
     assert est.gpu_pass == {"activations": acts, "layer backward": 160 * 8, "logits/loss": 3072,
@@ -190,21 +203,21 @@ def test_single_gpu_and_ddp_estimates_full_finetuning():
     assert est.gpu_step == {"optimizer step": 0}  # fused AdamW updates in place
     # logits (3072) and the layer backward (1280) are never live together: the larger counts
     assert est.gpu_peak == (4 + 4 + 8) * 1480 + acts + 3072 + 2880  # W + G + O + the pass peak
-    assert est.gpu_total == est.gpu_peak + int(P.CUDA_OVERHEAD_GIB * GIB)
+    assert est.gpu_total == est.gpu_peak + int(E.CUDA_OVERHEAD_GIB * GIB)
     # without accumulation the gradients only exist once backward has freed the activations
     est.grad_accum = 1
     assert est.gpu_peak == (4 + 8) * 1480 + max(acts + 3072 + 2880, 4 * 1480)
-    assert est.cpu == {"processes": int(P.HOST_PROCESS_GIB * GIB), "model load": 1480 * 4}
-    ddp = P.estimate("ddp", shape, work, gpus=2)
+    assert est.cpu == {"processes": int(E.HOST_PROCESS_GIB * GIB), "model load": 1480 * 4}
+    ddp = E.estimate(S("ddp"), shape, work, gpus=2)
     assert ddp.gpu["gradients"] == 2 * 1480 * 4  # + DDP's bucket copy
     assert ddp.cpu["model load"] == 2 * 1480 * 4 and ddp.applicable
-    assert not P.estimate("ddp", shape, work, gpus=1).applicable
+    assert not E.estimate(S("ddp"), shape, work, gpus=1).applicable
 
 
 def test_single_gpu_estimate_lora():
     shape = tiny_shape(lora=True, weights_dtype=torch.bfloat16)
-    work = P.Workload(micro_batch=2, seq_len=4, checkpointing=True, loss_chunk=0, mixed="bf16")
-    est = P.estimate("single", shape, work, gpus=1)
+    work = E.Workload(micro_batch=2, seq_len=4, checkpointing=True, loss_chunk=0, mixed="bf16")
+    est = E.estimate(S("single"), shape, work, gpus=1)
     assert est.gpu == {"weights": 1480 * 2 + 512 * 4, "gradients": 512 * 4, "optimizer": 2 * 512 * 4}
     assert est.gpu_pass["weight copies"] == 2 * 512
     assert est.gpu_pass["activations"] == 2 * 2 * 8 * 8 + 32 + (4 * 8 + 4) * 8  # bf16 layer inputs, no head input
@@ -212,32 +225,54 @@ def test_single_gpu_estimate_lora():
 
 def test_deepspeed_and_fsdp_estimates():
     shape = tiny_shape(lora=False)
-    work = P.Workload(micro_batch=2, seq_len=4, checkpointing=True, loss_chunk=0, mixed="bf16")
+    work = E.Workload(micro_batch=2, seq_len=4, checkpointing=True, loss_chunk=0, mixed="bf16")
     bucket = 2 * 8 * 8 * 2  # two reduce buckets of hidden^2 bf16 elements
-    z2 = P.estimate("zero2", shape, work, gpus=2)
+    z2 = E.estimate(S("zero2"), shape, work, gpus=2)
     assert z2.gpu == {"weights": 1480 * 2, "gradients": 1480 * 2 // 2 + bucket, "optimizer": 12 * 1480 // 2}
     assert z2.gpu_step == {"fp32 gradients + AdamW temp": 2 * 4 * 740}
-    z2o = P.estimate("zero2_offload", shape, work, gpus=1)
+    z2o = E.estimate(S("zero2_offload"), shape, work, gpus=1)
     assert z2o.applicable and z2o.gpu == {"weights": 1480 * 2, "gradients": bucket, "optimizer": 0}
     assert z2o.cpu["offloaded optimizer"] == 16 * 1480  # fp32 master + 2 moments + fp32 gradients
-    z3 = P.estimate("zero3", shape, work, gpus=2)
+    z3 = E.estimate(S("zero3"), shape, work, gpus=2)
     assert z3.gpu["weights"] == 1480 * 2 // 2
     assert z3.gpu_pass["gathered layers"] == (608 + 608) * 2  # the layer + the prefetched one (> embedding)
-    z3o = P.estimate("zero3_offload", shape, work, gpus=1)
+    z3o = E.estimate(S("zero3_offload"), shape, work, gpus=1)
     assert z3o.gpu["weights"] == 0 and z3o.cpu["offloaded parameters"] == 1480 * 2
-    fsdp = P.estimate("fsdp2", shape, work, gpus=2)
+    fsdp = E.estimate(S("fsdp2"), shape, work, gpus=2)
     assert fsdp.gpu == {"weights": 1480 * 4 // 2, "gradients": 1480 * 4 // 2, "optimizer": 2 * 1480 * 4 // 2}
     assert fsdp.gpu_pass["gathered layers"] == (256 + 2 * 608) * 2 + 608 * 2
 
 
 def test_device_map_splits_layers():
     shape = tiny_shape(lora=False)
-    work = P.Workload(micro_batch=2, seq_len=4, checkpointing=False, loss_chunk=0, mixed="bf16")
-    est = P.estimate("device_map", shape, work, gpus=2)
+    work = E.Workload(micro_batch=2, seq_len=4, checkpointing=False, loss_chunk=0, mixed="bf16")
+    est = E.estimate(S("device_map"), shape, work, gpus=2)
     # busiest GPU: the first one, with 1 of the 2 layers and the tied embedding / head (and the logits)
     assert est.gpu["weights"] == (608 + 256) * 4
     assert est.gpu_pass["activations"] == (416 * 8 + 64) + 32 + 84 * 8
     assert est.gpu_pass["logits/loss"] == 3072 and est.processes == 1
+
+
+def test_estimate_follows_the_strategy_fields_not_its_name():
+    # ZeRO-3 offloading only the optimizer (a DeepSpeed config may; the planner's zero3_offload row offloads
+    # the weights too): the weights stay sharded on the GPUs, the optimizer states and fp32 gradients go to
+    # CPU RAM, and no parameters do
+    shape = tiny_shape(lora=False)
+    work = E.Workload(micro_batch=2, seq_len=4, checkpointing=True, loss_chunk=0, mixed="bf16")
+    z3 = Strategy(world_size=2, zero_stage=3, offload_optimizer=True)
+    assert z3.name == "zero3_offload"
+    est = E.estimate(z3, shape, work, gpus=2)
+    assert est.gpu == {"weights": 1480 * 2 // 2, "gradients": 2 * 8 * 8 * 2, "optimizer": 0}
+    assert est.cpu == {"processes": 2 * int(E.HOST_PROCESS_GIB * GIB), "model load": 2 * 1480 * 4,
+                       "offloaded optimizer": 16 * 1480}  # each process loads the fp32 model (one shard)
+    assert est.gpu_step == {} and est.strategy == z3 and est.processes == 2
+
+
+@pytest.mark.parametrize("name", ["zero1", "fsdp2_offload"])
+def test_estimate_refuses_a_strategy_it_has_no_model_of(name):
+    work = E.Workload(micro_batch=2, seq_len=4, checkpointing=True, loss_chunk=0, mixed="bf16")
+    with pytest.raises(FittuneError, match=f"no model of {name} yet"):
+        E.estimate(Strategy.named(name, 2), tiny_shape(lora=False), work, gpus=2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -245,15 +280,15 @@ def test_device_map_splits_layers():
 
 
 def test_chunked_loss_removes_most_of_the_3b_logits_term(qwen3b_lora):
-    dt = P.activation_dtypes("single", qwen3b_lora, "bf16")
-    standard = P.logits_bytes(qwen3b_lora, dt, 4, 1024, chunk=0)
+    dt = A.activation_dtypes(S("single"), qwen3b_lora, "bf16")
+    standard = A.logits_bytes(qwen3b_lora, dt, 4, 1024, chunk=0)
     assert standard == 4 * 1024 * 151936 * 12  # 6.96 GiB at the recipe's micro-batch 4 x 1024 tokens
-    chunked = P.logits_bytes(qwen3b_lora, dt, 4, 1024, chunk=1024)
+    chunked = A.logits_bytes(qwen3b_lora, dt, 4, 1024, chunk=1024)
     assert chunked == 1024 * 151936 * 14 + 4 * 1024 * 2048 * 2  # 2.04 GiB
     assert chunked < standard / 3
-    assert P.logits_bytes(qwen3b_lora, dt, 4, 1024, chunk=128) < standard / 20
+    assert A.logits_bytes(qwen3b_lora, dt, 4, 1024, chunk=128) < standard / 20
     # the chunked term does not grow with the batch (only the hidden states kept for recompute do)
-    assert P.logits_bytes(qwen3b_lora, dt, 16, 1024, chunk=1024) - chunked == 12 * 1024 * 2048 * 2
+    assert A.logits_bytes(qwen3b_lora, dt, 16, 1024, chunk=1024) - chunked == 12 * 1024 * 2048 * 2
 
 
 def test_make_plan_keeps_the_global_batch_when_halving():
@@ -262,14 +297,14 @@ def test_make_plan_keeps_the_global_batch_when_halving():
     plan = P.make_plan(cfg, gpus=1, gpu_mem_gib=16, cpu_mem_gib=256, recipe="configs/qwen2.5-3b-full.yaml")
     assert plan.shape.total_params == 3_085_938_688 and plan.global_batch == 2 * 8
     rec = plan.recommended
-    assert rec.strategy.key == "zero2_offload" and rec.gpu_total <= 16 * GIB
+    assert rec.strategy.name == "zero2_offload" and rec.gpu_total <= 16 * GIB
     assert rec.micro_batch == 1 and rec.grad_accum == 16  # micro 2 does not fit without checkpointing
     for est in plan.estimates:
         assert est.micro_batch * est.grad_accum * est.processes == plan.global_batch
     assert plan.command(rec) == (
         "accelerate launch --config_file accelerate_configs/deepspeed_zero2_offload.yaml --num_processes 1 "
         "train.py --config configs/qwen2.5-3b-full.yaml --train.micro_batch_size 1 --train.grad_accum 16")
-    by_key = {e.strategy.key: e for e in plan.estimates}
+    by_key = {e.strategy.name: e for e in plan.estimates}
     assert not by_key["single"].fits and "GPU memory" in by_key["single"].limit
     assert plan.command(by_key["device_map"]).startswith(
         "python train.py --config configs/qwen2.5-3b-full.yaml --model.parallel auto --train.micro_batch_size")
@@ -279,9 +314,9 @@ def test_make_plan_keeps_the_global_batch_when_halving():
 def test_make_plan_multi_gpu_prefers_the_fastest_sharded_strategy():
     cfg = build_config(str(ROOT / "configs/qwen2.5-3b-full.yaml"), {})
     plan = P.make_plan(cfg, gpus=4, gpu_mem_gib=24, cpu_mem_gib=256, recipe="r.yaml", extra_args=["--train.lr", "1e-5"])
-    by_key = {e.strategy.key: e for e in plan.estimates}
+    by_key = {e.strategy.name: e for e in plan.estimates}
     assert not by_key["ddp"].fits  # a full fp32 copy + Adam states per GPU is ~70 GiB
-    assert plan.recommended.strategy.key == "zero2" and plan.recommended.processes == 4
+    assert plan.recommended.strategy.name == "zero2" and plan.recommended.processes == 4
     assert plan.command(plan.recommended) == (
         "accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml --num_processes 4 train.py "
         "--config r.yaml --train.lr 1e-5 --train.micro_batch_size 2 --train.grad_accum 8")
@@ -290,8 +325,8 @@ def test_make_plan_multi_gpu_prefers_the_fastest_sharded_strategy():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU default")
 def test_no_gpu_plans_for_one_16_gib_gpu_and_says_so():
-    hw = P.detect_hardware(None, None, None)
-    assert (hw.gpus, hw.gpu_mem_gib) == (1, P.DEFAULT_GPU_MEM_GIB) and hw.cpu_mem_gib > 0
+    hw = H.detect_hardware(None, None, None)
+    assert (hw.gpus, hw.gpu_mem_gib) == (1, H.DEFAULT_GPU_MEM_GIB) and hw.cpu_mem_gib > 0
     assert any("no CUDA GPU" in n for n in hw.notes)
 
 
@@ -315,6 +350,11 @@ def test_cli_16gb_acceptance():
     needed = float(re.search(r"needed\s+([\d.]+) GiB\s+of 16\.0 GiB", out).group(1))
     assert needed <= 16.0
     assert re.search(r"^single GPU \(LoRA\)\s+yes\s+4 x 4", out, re.M)
+
+
+def test_help_prints_usage_and_returns(capsys):
+    assert P.plan_main(["--help"]) is None  # returns to the caller (train.py --plan, run_cli): no sys.exit
+    assert capsys.readouterr().out.startswith("usage: python -m fittune.plan [--config FILE]")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,0 +1,72 @@
+"""The machine the memory planner plans for: GPU count and memory, CPU RAM, bf16 support.
+
+What is not given on the command line is read from this machine (CUDA devices, psutil's total RAM); with no
+GPU here the planner plans for one DEFAULT_GPU_MEM_GIB GPU and says so in a note.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+GIB = 1024**3
+DEFAULT_GPU_MEM_GIB = 16.0  # planned for when there is no GPU here and --gpu-mem is not given
+
+
+@dataclass
+class Hardware:
+    """The machine planned for."""
+
+    gpus: int
+    gpu_mem_gib: float
+    """Memory of the smallest GPU."""
+    cpu_mem_gib: float
+    bf16: bool
+    """The GPUs support bf16 (assumed without a GPU here: fp16 plans the same, both are 2 bytes)."""
+    notes: list[str] = field(default_factory=list)
+    source: str = ""
+    """What was detected rather than given (shown in the plan)."""
+
+
+@dataclass(frozen=True)
+class _LocalGpus:
+    count: int
+    smallest_gib: float | None
+    bf16: bool
+
+
+def _local_gpus() -> _LocalGpus:
+    """The CUDA devices of this machine (none: count 0, bf16 assumed)."""
+    if not torch.cuda.is_available():
+        return _LocalGpus(0, None, True)
+    count = torch.cuda.device_count()
+    smallest = min(torch.cuda.get_device_properties(i).total_memory for i in range(count)) / GIB
+    return _LocalGpus(count, smallest, torch.cuda.is_bf16_supported())
+
+
+def detect_hardware(gpus: int | None, gpu_mem_gib: float | None, cpu_mem_gib: float | None) -> Hardware:
+    """Fill what was not given from this machine: CUDA device count and smallest device memory, psutil's
+    total RAM. Without a GPU here, plan for 1 GPU x DEFAULT_GPU_MEM_GIB unless told otherwise, and say so."""
+    notes, parts = [], []
+    local = _local_gpus()
+    if gpus is None and local.count:
+        gpus = local.count
+        parts.append("GPU count detected")
+    if gpu_mem_gib is None and local.smallest_gib is not None:
+        gpu_mem_gib = local.smallest_gib
+        parts.append("GPU memory detected")
+    if not local.count:
+        if gpus is None or gpu_mem_gib is None:
+            notes.append(f"no CUDA GPU on this machine and no --gpus/--gpu-mem: planning for "
+                         f"{gpus or 1} GPU{'s' if (gpus or 1) > 1 else ''} x {gpu_mem_gib or DEFAULT_GPU_MEM_GIB:g} "
+                         f"GiB; pass --gpus N --gpu-mem GiB for your hardware")
+        notes.append("bf16 support assumed (an fp16-only GPU gives the same plan: both are 2 bytes)")
+        gpus = gpus or 1
+        gpu_mem_gib = gpu_mem_gib or DEFAULT_GPU_MEM_GIB
+    if cpu_mem_gib is None:
+        cpu_mem_gib = psutil.virtual_memory().total / GIB
+        parts.append("CPU RAM detected")
+    source = ", ".join(parts) if parts else "as given"
+    return Hardware(gpus, float(gpu_mem_gib), float(cpu_mem_gib), local.bf16, notes, source)
