@@ -225,7 +225,9 @@ class DirLock:
         self.path = path
         self._fd: int | None = None
 
-    def acquire(self, program: str) -> DirLock:
+    def acquire(self, program: str, record: bool = True) -> DirLock:
+        """Take the lock at once or raise naming the holder; `record`: write who holds it (a run's checks
+        take the lock without writing anything, so a refused run leaves the directory untouched)."""
         fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -234,15 +236,21 @@ class DirLock:
             raise FittuneError(f"{self.path} is in use by {_holder(self.path)}: wait for it to finish, or use "
                                f"another directory") from None
         self._fd = fd
+        if record:
+            self.record(program)
+        return self
+
+    def record(self, program: str) -> None:
+        """Say who holds the lock (read by the process that is refused)."""
         if (self.path / MARKER).is_file():  # never write into a directory that is not ours
             info = {"program": program, "pid": os.getpid(), "host": socket.gethostname(),
                     "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
             atomic_write_text(self.path / LOCK_INFO, json.dumps(info) + "\n")
-        return self
 
     def release(self) -> None:
         if self._fd is not None:
-            (self.path / LOCK_INFO).unlink(missing_ok=True)
+            if (self.path / LOCK_INFO).is_file() and f'"pid": {os.getpid()},' in (self.path / LOCK_INFO).read_text():
+                (self.path / LOCK_INFO).unlink()
             os.close(self._fd)
             self._fd = None
 
@@ -284,7 +292,7 @@ class RunDir:
     @classmethod
     def lock_existing(cls, check: OutputDirCheck, program: str) -> DirLock | None:
         """Lock an existing output_dir before anything is read from it for the run (None: nothing there)."""
-        return DirLock(check.path).acquire(program) if check.exists else None
+        return DirLock(check.path).acquire(program, record=False) if check.exists else None
 
     @classmethod
     def claim(cls, check: OutputDirCheck, lock: DirLock | None, overwrite: bool, program: str) -> RunDir:
@@ -299,6 +307,8 @@ class RunDir:
         new_lock = DirLock(path).acquire(program) if (lock is None or aside is not None) else lock
         if lock is not None and aside is not None:
             lock.release()
+        elif lock is not None:
+            lock.record(program)
         if lock is None and any((path / f).exists() for f in RUN_FILES):
             new_lock.release()  # it did not exist when checked: another run created it meanwhile
             raise FittuneError(f"{path} was created by another run while this one was starting: choose another "
