@@ -283,6 +283,8 @@ def evaluate_checkpoint(checkpoint: str, cfg, out_dir: str | None, info=None) ->
 
     mixed = resolve_mixed_precision(cfg)
     accelerator = make_accelerator(mixed, 1, None, cfg.output_dir)
+    from fittune.launch import check_world_size
+    check_world_size(accelerator.num_processes)  # before anything is written
     weights = info.weights_dir
     out = Path(out_dir) if out_dir else (info.run_dir or weights) / "eval"
 

@@ -3,7 +3,18 @@
 Schedulers (Slurm, Kubernetes, spot reclaim) send SIGTERM and kill a little later; a user presses Ctrl-C.
 The first signal only sets a flag that the loop reads after each step (all ranks agree through the step's
 all-reduce). A second signal exits at once. Launchers forward the scheduler's signal to every worker, so a
-worker can receive the same request twice within moments: copies within `grace_s` count as one.
+worker can receive the same request twice within moments: copies within `grace_s` count as one (Ctrl-C under
+`accelerate launch` reaches the worker both directly and as the launcher's death signal, see fittune/launch.py).
+
+Who sees which exit code (measured with accelerate 1.15 / torch 2.13):
+- `python train.py`: the worker itself, 143 (SIGTERM) or 130 (SIGINT).
+- `accelerate launch` with one process: the launcher does not forward signals and dies of the signal at once
+  (a shell shows 143 / 130; Python's subprocess shows -15 / -2). The worker learns of it from the kernel
+  (parent death signal, SIGTERM), finishes its step, saves and exits 143 a moment later, with nobody waiting
+  for it: a supervisor that tears the job down as soon as the launcher exits can cut that save short.
+- multi-process launches (torch elastic): the launcher forwards SIGTERM / SIGINT to every worker, waits up to
+  TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30) for them to finish the step and save, then SIGKILLs
+  them, and exits 1 with a `SignalException` traceback: that code comes from torch, not from fittune.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ class StopRequest:
         self.requested = 0
         self._first_at = 0.0
         self._grace_s = grace_s
+        self._parent = os.getppid()  # a different parent later means the launcher died (the death signal)
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -30,7 +42,8 @@ class StopRequest:
             os._exit(128 + signum)  # second request: the user means it
         if not self.requested:
             self.requested, self._first_at = signum, now
-            print(f"fittune: got {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+            why = " (the launcher exited)" if os.getppid() != self._parent else ""
+            print(f"fittune: got {signal.Signals(signum).name}{why}: finishing this step, then saving a checkpoint "
                   f"(send it again to exit at once)", flush=True)
 
     @property
@@ -39,5 +52,6 @@ class StopRequest:
         return 128 + self.requested if self.requested else 0
 
     def restore(self) -> None:
+        """Put back the handlers that were installed before (the end of training)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

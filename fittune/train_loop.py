@@ -112,6 +112,8 @@ def verify_export(directory: Path, unwrapped, state_dict: dict) -> int:
 def train(cfg: Config) -> dict:
     """Run one fine-tuning job end to end; returns the final held-out metrics."""
     # ---- setup -------------------------------------------------------------------------------------------
+    from fittune.launch import check_world_size, install_parent_death_signal
+    install_parent_death_signal()  # first: a launcher killed from here on still reaches this process
     mixed = resolve_mixed_precision(cfg)
     out = Path(cfg.output_dir)
     resume_from = find_resume_checkpoint(out, cfg.resume)
@@ -120,6 +122,7 @@ def train(cfg: Config) -> dict:
                                        None if cfg.log_with == "none" else cfg.log_with, str(out))
     except ValueError as e:  # e.g. fp16 requested on a machine without a GPU
         raise FittuneError(f"cannot set up accelerate: {e}") from None
+    check_world_size(accelerator.num_processes)  # before anything is written under output_dir
     if mixed == "bf16" and accelerator.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise FittuneError("this GPU has no bf16: use --train.mixed_precision fp16")
     from accelerate.utils import set_seed
