@@ -6,7 +6,8 @@ job's main process) killed the launcher and left the worker training, orphaned. 
 asks the Linux kernel to send the worker SIGTERM when its launcher dies (`prctl(PR_SET_PDEATHSIG)`), so the
 graceful stop in fittune/signals.py runs: finish the step, save a checkpoint, exit 143. The multi-process
 launch (torch's elastic agent inside `accelerate launch`) forwards SIGTERM/SIGINT itself and this adds the
-case of a launcher killed with SIGKILL.
+case of a launcher killed with SIGKILL. The kernel sends the signal when the launcher's thread that started
+the worker ends; both launchers start workers from their main thread, so that is the launcher's exit.
 
 World size. On a machine without a GPU, `accelerate launch --num_processes 2 train.py` (no config file) starts
 ONE process and nothing in the worker's environment says that two were asked for. `check_world_size` reads

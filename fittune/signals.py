@@ -11,10 +11,14 @@ Who sees which exit code (measured with accelerate 1.15 / torch 2.13):
 - `accelerate launch` with one process: the launcher does not forward signals and dies of the signal at once
   (a shell shows 143 / 130; Python's subprocess shows -15 / -2). The worker learns of it from the kernel
   (parent death signal, SIGTERM), finishes its step, saves and exits 143 a moment later, with nobody waiting
-  for it: a supervisor that tears the job down as soon as the launcher exits can cut that save short.
+  for it: a supervisor that tears the job down as soon as the launcher exits can cut that save short. A
+  second signal ("exit at once") then has to go to the worker's own pid. Ctrl-C in a terminal signals the
+  whole process group: the worker gets SIGINT itself and exits 130.
 - multi-process launches (torch elastic): the launcher forwards SIGTERM / SIGINT to every worker, waits up to
-  TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30) for them to finish the step and save, then SIGKILLs
-  them, and exits 1 with a `SignalException` traceback: that code comes from torch, not from fittune.
+  TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30; raise it when a checkpoint takes longer) for them to
+  finish the step and save, then SIGKILLs them, and exits 1 with a `SignalException` traceback: that code
+  comes from torch, not from fittune. A second signal to the launcher is forwarded again (exit at once); a
+  launcher killed with SIGKILL forwards nothing, and the parent death signal stops the workers as above.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ class StopRequest:
         self.requested = 0
         self._first_at = 0.0
         self._grace_s = grace_s
-        self._parent = os.getppid()  # a different parent later means the launcher died (the death signal)
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -42,8 +45,7 @@ class StopRequest:
             os._exit(128 + signum)  # second request: the user means it
         if not self.requested:
             self.requested, self._first_at = signum, now
-            why = " (the launcher exited)" if os.getppid() != self._parent else ""
-            print(f"fittune: got {signal.Signals(signum).name}{why}: finishing this step, then saving a checkpoint "
+            print(f"fittune: got {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
                   f"(send it again to exit at once)", flush=True)
 
     @property
