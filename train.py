@@ -10,9 +10,11 @@ import sys
 
 from fittune.cli import parse_args
 from fittune.errors import run_cli
+from fittune.launch import install_parent_death_signal
 
 
 def main() -> int:
+    install_parent_death_signal()  # first: a launcher killed from here on still reaches this process
     if "--plan" in sys.argv[1:]:  # predict memory for every strategy instead of training
         from fittune.plan import plan_main
 

@@ -286,11 +286,13 @@ def evaluate_checkpoint(checkpoint: str, cfg, out_dir: str | None, info=None) ->
     from fittune.distributed import configure_deepspeed, make_accelerator
     from fittune.model import load_tokenizer, load_trained_model, resolve_model_path, weights_dtype
     from fittune.reports import metrics_table
+    from fittune.launch import check_world_size
     from fittune.precision import run_precision
     from fittune.strategy import strategy_of
 
     mixed = run_precision(cfg.train.mixed_precision)
     accelerator = make_accelerator(mixed, 1, None, cfg.output_dir)
+    check_world_size(accelerator.num_processes)  # before anything is written
     strategy = strategy_of(accelerator, cfg.model.parallel)
     weights = info.weights_dir
     out = Path(out_dir) if out_dir else (info.run_dir or weights) / "eval"

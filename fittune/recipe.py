@@ -28,6 +28,7 @@ from fittune.distributed import configure_deepspeed, make_accelerator, sum_acros
 from fittune.errors import FittuneError
 from fittune.evaluation import class_name, evaluate_and_report, majority_baseline, validation_loss
 from fittune.final import save_final
+from fittune.launch import check_world_size
 from fittune.data import examples_digest
 from fittune.loss import install_chunked_loss
 from fittune.model import (build_model, compile_layers, count_parameters, load_tokenizer, prepare_builtin_model,
@@ -99,6 +100,7 @@ class FineTuneRecipe:
                                                 None if cfg.log_with == "none" else cfg.log_with, str(self.out))
         except ValueError as e:  # e.g. fp16 requested on a machine without a GPU
             raise FittuneError(f"cannot set up accelerate: {e}") from None
+        check_world_size(self.accelerator.num_processes)  # fewer processes than the launch asked for
         check_device_precision(self.mixed, self.accelerator.device)
         self.strategy = strategy_of(self.accelerator, cfg.model.parallel)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index

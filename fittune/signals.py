@@ -3,7 +3,22 @@
 Schedulers (Slurm, Kubernetes, spot reclaim) send SIGTERM and kill a little later; a user presses Ctrl-C.
 The first signal only sets a flag that the loop reads after each step (all ranks agree through the step's
 all-reduce). A second signal exits at once. Launchers forward the scheduler's signal to every worker, so a
-worker can receive the same request twice within moments: copies within `grace_s` count as one.
+worker can receive the same request twice within moments: copies within `grace_s` count as one (Ctrl-C under
+`accelerate launch` reaches the worker both directly and as the launcher's death signal, see fittune/launch.py).
+
+Who sees which exit code (measured with accelerate 1.15 / torch 2.13):
+- `python train.py`: the worker itself, 143 (SIGTERM) or 130 (SIGINT).
+- `accelerate launch` with one process: the launcher does not forward signals and dies of the signal at once
+  (a shell shows 143 / 130; Python's subprocess shows -15 / -2). The worker learns of it from the kernel
+  (parent death signal, SIGTERM), finishes its step, saves and exits 143 a moment later, with nobody waiting
+  for it: a supervisor that tears the job down as soon as the launcher exits can cut that save short. A
+  second signal ("exit at once") then has to go to the worker's own pid. Ctrl-C in a terminal signals the
+  whole process group: the worker gets SIGINT itself and exits 130.
+- multi-process launches (torch elastic): the launcher forwards SIGTERM / SIGINT to every worker, waits up to
+  TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30; raise it when a checkpoint takes longer) for them to
+  finish the step and save, then SIGKILLs them, and exits 1 with a `SignalException` traceback: that code
+  comes from torch, not from fittune. A second signal to the launcher is forwarded again (exit at once); a
+  launcher killed with SIGKILL forwards nothing, and the parent death signal stops the workers as above.
 """
 
 from __future__ import annotations
@@ -39,5 +54,6 @@ class StopRequest:
         return 128 + self.requested if self.requested else 0
 
     def restore(self) -> None:
+        """Put back the handlers that were installed before (the end of training)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
