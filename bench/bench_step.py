@@ -2,7 +2,7 @@
 
 Each case builds the model the way train.py does (fittune.model: LoRA, gradient checkpointing; fittune.loss:
 chunked head loss; fittune.distributed: the Accelerator and DeepSpeed config filling) and runs
-fittune.train_loop.train_step on random tokens (every token a target, as in ../shared/bench/naive_baseline.py).
+fittune.step.StepRunner on random tokens (every token a target, as in ../shared/bench/naive_baseline.py).
 
     python bench/bench_step.py --case lora-4x2048-ckpt[,lora-4x1024,...]            # native cases, one process
     accelerate launch --config_file accelerate_configs/deepspeed_zero2_offload.yaml bench/bench_step.py --case full-zero2_offload-2x1024-ckpt
@@ -27,10 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fittune.config import build_config  # noqa: E402
-from fittune.distributed import configure_deepspeed, make_accelerator, zero_stage  # noqa: E402
+from fittune.distributed import configure_deepspeed, make_accelerator  # noqa: E402
 from fittune.loss import install_chunked_loss  # noqa: E402
 from fittune.model import apply_liger, apply_lora, compile_layers, enable_gradient_checkpointing, use_liger  # noqa: E402
-from fittune.train_loop import train_step  # noqa: E402
+from fittune.step import StepPlan, StepRunner  # noqa: E402
+from fittune.strategy import Strategy, strategy_of  # noqa: E402
 
 TINY = os.environ.get("TINY") == "1"
 PEAK_FLOPS = 989e12  # H100/H200 dense bf16, as in the naive baseline
@@ -67,11 +68,11 @@ def planned_gib(case: dict, cfg) -> float | None:
         return None
     from fittune.model import weights_dtype
     from fittune.model_shapes import model_shape
-    from fittune.plan import Workload, estimate
+    from fittune.estimate import Workload, estimate
 
     shape = model_shape(cfg, weights_dtype(cfg, "bf16"))
     work = Workload(case["micro"], case["seq"], case["ckpt"], cfg.train.loss_chunk_size, "bf16")
-    est = estimate(case["strategy"], shape, work, 1)
+    est = estimate(Strategy.named(case["strategy"]), shape, work, 1)
     est.grad_accum = 1  # the bench steps without accumulation
     return round(est.gpu_peak / 2**30, 2)
 
@@ -86,7 +87,8 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
     torch.manual_seed(0)
     accelerator = accelerator or make_accelerator("bf16", 1, None, "/tmp/fittune-bench")
     dev = accelerator.device
-    deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
+    strategy = strategy_of(accelerator)
+    deepspeed = strategy.deepspeed
     if deepspeed:
         configure_deepspeed(accelerator, case["micro"], 1, 1.0)
     from transformers import AutoModelForCausalLM
@@ -95,13 +97,13 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
     config._attn_implementation = "sdpa"
     # LoRA: frozen bf16 base; full: fp32 master weights (bf16 autocast) as fittune's weights_dtype chooses
     dtype = torch.bfloat16 if lora else torch.float32
-    if deepspeed and zero_stage(accelerator) == 3:
+    if deepspeed and strategy.zero_stage == 3:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # partitioned under zero.Init
     else:
         with torch.device(dev if not deepspeed else "cpu" if TINY else dev):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config.use_cache = False
-    n_params = sum(p.numel() for p in model.parameters()) if not deepspeed or zero_stage(accelerator) < 3 else None
+    n_params = sum(p.numel() for p in model.parameters()) if not deepspeed or strategy.zero_stage < 3 else None
     liger = use_liger(cfg, model)  # as fittune.model.build_model does
     if liger:
         apply_liger(model)
@@ -120,6 +122,7 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
     scheduler = get_scheduler("constant", optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    runner = StepRunner(accelerator, strategy, model, optimizer, scheduler, params, head, 1.0, "bf16")
     ids = torch.randint(0, config.vocab_size, (case["micro"], case["seq"]), device=dev)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     n_targets = case["micro"] * (case["seq"] - 1)
@@ -132,8 +135,8 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        nll, grad_norm, stepped, _ = train_step(accelerator, model, optimizer, scheduler, params, [batch], n_targets,
-                                               head, 1.0, "bf16")
+        result = runner.run(StepPlan([[0]], lambda rows: batch, n_targets))  # fittune's own step path
+        nll, stepped = result.nll, result.stepped
         first_loss = first_loss if first_loss is not None else round(nll / n_targets, 4)  # same seed: comparable
     if dev.type == "cuda":
         torch.cuda.synchronize()
