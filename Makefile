@@ -20,4 +20,5 @@ demo: install
 	$(PYTHON) -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no train.py
 
 test: install-test
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q

@@ -18,6 +18,16 @@ TINY_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_
               "vocab_size": 512}
 
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests skip cleanly on a machine without CUDA (CI), and run where there is one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

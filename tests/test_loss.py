@@ -74,7 +74,7 @@ def test_liger_on_cpu_is_a_clear_error_and_auto_falls_back(tiny_model_dir):
             use_liger(build_config(None, {"train.kernels": "liger"}), model)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_liger_kernels_match_torch_on_gpu(tiny_model_dir, request):
     """Liger's fused head + cross-entropy, RMSNorm, SwiGLU and RoPE against plain torch, fp32 on the GPU:
     loss and gradients to 1e-4 (Triton kernels sum in another order)."""

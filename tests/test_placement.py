@@ -116,7 +116,7 @@ def test_device_map_with_a_distributed_launch_is_an_error(tiny_config, tmp_path)
     assert not (tmp_path / "run" / "final").exists()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_forced_gpu_cpu_split_trains_like_one_device(tiny_config, tmp_path):
     """A tiny model forced across GPU 0 and the CPU (a budget too small for GPU 0 alone): same losses as the
     model on one device, within fp32 GPU-vs-CPU kernel differences."""
