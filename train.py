@@ -21,6 +21,8 @@ def main() -> int:
         plan_main([a for a in sys.argv[1:] if a != "--plan"])
         return 0
     cfg = parse_args(sys.argv[1:], prog="train.py")
+    if cfg is None:  # --help
+        return 0
     from fittune.recipe import train  # after parsing: --help and config errors answer without importing torch
 
     return train(cfg).exit_code

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,12 +60,13 @@ def demo_recipe(overrides: dict[str, Any], shown: str | None = None, verb: str =
                       f"with --data.KEY), every other setting comes from the offline demo recipe {shown}")
 
 
-def parse_args(argv: list[str], prog: str) -> Config:
-    """`[--config FILE] [--section.key VALUE ...]` -> validated Config (FittuneError on any problem)."""
+def parse_args(argv: list[str], prog: str) -> Config | None:
+    """`[--config FILE] [--section.key VALUE ...]` -> validated Config (FittuneError on any problem);
+    None after printing the help for `-h` / `--help`."""
     if "-h" in argv or "--help" in argv:
         print(f"usage: accelerate launch {prog} [--config FILE] [--section.key VALUE ...]\n\nconfig keys:")
         print(help_text())
-        sys.exit(0)
+        return None
     config_file, rest = split_flag(argv, "config")
     overrides = parse_overrides(rest)
     skip: tuple[str, ...] = ()

@@ -76,6 +76,7 @@ class FineTuneRecipe:
     def __init__(self, cfg: Config, program: str = "train.py"):
         self.cfg, self.program, self.out = cfg, program, Path(cfg.output_dir)
         self.counters, self.bad_in_a_row, self.run_dir = RunCounters(), 0, None
+        self._plan, self._plan_epoch = [], -1  # the epoch's global batches, made when an epoch starts
 
     # ---- setup: checks first, writes last ---------------------------------------------------------------
 
@@ -317,7 +318,7 @@ class FineTuneRecipe:
     def train_step(self, step: int) -> StepResult:
         """This rank's share of global batch `step` through forward, backward and the optimizer step."""
         epoch = step // self.steps_per_epoch
-        if getattr(self, "_plan_epoch", None) != epoch:  # the data order depends only on seed, epoch, batch
+        if self._plan_epoch != epoch:  # the data order depends only on the seed, the epoch and the global batch
             self._plan = D.plan_global_batches(self.lengths, self.global_batch, self.cfg.seed, epoch,
                                                self.cfg.data.group_by_length)
             self._plan_epoch = epoch
