@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from fittune import data as D
-from fittune.checkpoints import (check_compatible, complete_checkpoints, find_resume_checkpoint, load_checkpoint,
-                                 partial_checkpoints, read_state, save_checkpoint)
+from fittune.checkpoints import (CheckpointTarget, check_compatible, complete_checkpoints, find_resume_checkpoint,
+                                 load_checkpoint, partial_checkpoints, read_state, save_checkpoint)
 from fittune.config import Config, to_yaml
 from fittune.distributed import configure_deepspeed, make_accelerator, strategy_name, sum_across_ranks, zero_stage
 from fittune.errors import FittuneError
@@ -28,6 +28,7 @@ from fittune.model import (build_model, compile_layers, count_parameters, load_t
 from fittune.placement import check_not_distributed, input_device, place_model
 from fittune.reports import metrics_table, plot_loss_curve
 from fittune.signals import StopRequest
+from fittune.strategy import strategy_of
 
 
 def resolve_mixed_precision(cfg: Config) -> str:
@@ -218,6 +219,8 @@ def train(cfg: Config) -> dict:
     in_device = input_device(model) if cfg.model.parallel == "auto" else accelerator.device
     # FSDP2 replaces every parameter with a sharded DTensor one: clip and check the live ones
     params = [p for p in model.parameters() if p.requires_grad]
+    target = CheckpointTarget(accelerator, strategy_of(accelerator, cfg.model.parallel), model, optimizer, scheduler,
+                              cfg.lora.enabled)
     fingerprint = {"model": model_path, "lora": cfg.lora.model_dump() if cfg.lora.enabled else None,
                    "trainable_parameters": n_trainable, "global_batch_size": global_batch, "seed": cfg.seed,
                    "data": cfg.data.path, "total_steps": total_steps}
@@ -227,7 +230,7 @@ def train(cfg: Config) -> dict:
     if resume_from is not None:
         state = read_state(resume_from)
         check_compatible(state, fingerprint, resume_from)
-        how = load_checkpoint(accelerator, model, optimizer, scheduler, resume_from, state, cfg.lora.enabled)
+        how = load_checkpoint(target, resume_from, state, cfg.trust_checkpoint)
         counters.update({k: state[k] for k in counters if k in state})
         if state.get("world_size") != world:  # another layout: keep the global batch, not the old split
             counters["micro_batch_size"], counters["grad_accum"] = cfg.train.micro_batch_size, cfg.train.grad_accum
@@ -254,8 +257,7 @@ def train(cfg: Config) -> dict:
         state = {**counters, "step": step, "world_size": world, "strategy": strategy_name(accelerator),
                  "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
                  "fingerprint": fingerprint}
-        path = save_checkpoint(accelerator, model, optimizer, scheduler, out, step, state, config_yaml,
-                               cfg.train.keep_checkpoints, cfg.lora.enabled)
+        path = save_checkpoint(target, out, step, state, config_yaml, cfg.train.keep_checkpoints)
         _log(accelerator, f"saved checkpoint {path}")
         return path
 
