@@ -337,7 +337,7 @@ def _prepare_tmp(target: CheckpointTarget, output_dir: Path, tmp: Path, intact: 
     except FittuneError as e:
         raise FittuneError(f"{e}; {intact}") from None
     if target.accelerator.is_main_process:
-        claim_dir(checkpoint_root(output_dir), "checkpoints")
+        checkpoint_root(output_dir).mkdir(parents=True, exist_ok=True)
         if tmp.is_dir() and owned(tmp):  # a leftover of a crashed save of this step: ours
             remove_owned(tmp)
         tmp.mkdir()  # fails on anything else in the way (never removed: it is not ours)
