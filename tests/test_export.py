@@ -55,6 +55,18 @@ def test_zero_checkpoint_consolidates_to_one_model(tmp_path, tiny_config, accel)
     for k in exported:
         torch.testing.assert_close(exported[k], trained[k])
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    # the same shards received from elsewhere (outside a fittune run) are pickles: refused without the flag
+    from fittune.errors import FittuneError
+    from fittune.export import export as export_in_process
+
+    received = tmp_path / "received" / "checkpoints" / ckpt.name
+    __import__("shutil").copytree(ckpt, received)
+    (tmp_path / "received" / "config.yaml").write_text((run / "config.yaml").read_text())
+    with pytest.raises(FittuneError, match="code-equivalent"):
+        export_in_process(str(received), str(tmp_path / "model2"))
+    export_in_process(str(received), str(tmp_path / "model2"), trust_checkpoint=True)
+    again = load_file(tmp_path / "model2" / "model.safetensors")
+    assert set(again) == set(exported) and all(torch.equal(again[k], exported[k]) for k in exported)
 
 
 def accelerate_checkpoint(root, model_dir):
