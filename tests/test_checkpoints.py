@@ -183,6 +183,38 @@ def test_checkpoint_dir_unwritable(tmp_path, tiny_model_dir):
     assert (run / "checkpoints" / "step-00000004" / "trainer_state.json").is_file()  # the previous one is intact
 
 
+RANK1_DISK_FULL = """
+import errno, os
+if os.environ.get("RANK") == "1":  # only the second training process
+    import torch
+    real_save = torch.save
+    def save(obj, f, *args, **kwargs):
+        if "step-00000008" in str(f) and "random_states_1" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return real_save(obj, f, *args, **kwargs)
+    torch.save = save
+"""
+
+
+def test_write_failure_on_one_rank_stops_every_rank_with_its_reason(tmp_path, tiny_model_dir):
+    """DDP on 2 processes; only rank 1's write of its RNG state for step 8 fails (a full disk, injected by a
+    sitecustomize in that process only): both processes stop (no hang), the one line printed (by rank 0)
+    carries rank 1's reason, and the step-4 checkpoint is intact."""
+    cfg = recipe(tmp_path, tiny_model_dir, max_steps=8)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(RANK1_DISK_FULL)
+    run = tmp_path / "run"
+    proc = launch("train.py", ["--config", cfg, "--output_dir", run], nproc=2, check=False,
+                  extra_env={"PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)])})
+    assert proc.returncode != 0 and proc.stderr.count("fittune: error:") == 1, proc.stderr[-3000:]
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("fittune: error:"))
+    assert "on process 1: could not write checkpoint" in line and "No space left on device (injected)" in line
+    assert f"previous checkpoint is intact: {run / 'checkpoints' / 'step-00000004'}" in line
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004"]
+    assert (run / "checkpoints" / "step-00000004" / "trainer_state.json").is_file()
+
+
 def test_lora_zero3_two_processes_resumes_on_one(tmp_path, tiny_model_dir):
     """A LoRA checkpoint written by ZeRO-3 on 2 processes resumes on 1 process without DeepSpeed (from its
     unsharded adapter + optimizer moments; same global batch, so the same data order). The final loss
