@@ -377,18 +377,12 @@ def _write_tmp(target: CheckpointTarget, tmp: Path, state: dict, config_yaml: st
 
     acc = target.accelerator
     acc.save_state(str(tmp), safe_serialization=True)
-    portable = None
     if target.lora:
-        from peft import get_peft_model_state_dict
-
-        unwrapped = acc.unwrap_model(target.model)
         state_dict = acc.get_state_dict(target.model)  # gathered (collective under ZeRO-3)
-        moments = _full_optimizer_state(target, unwrapped)  # collective under ZeRO / FSDP2
-        portable = (get_peft_model_state_dict(unwrapped, state_dict=state_dict), moments, state_dict)
+        moments = _full_optimizer_state(target, acc.unwrap_model(target.model))  # collective under ZeRO / FSDP2
     if not acc.is_main_process:
         return
-    if portable is not None:
-        _, moments, state_dict = portable
+    if target.lora:  # save_pretrained keeps only the adapter's tensors of the gathered state dict
         (tmp / "adapter").mkdir()
         acc.unwrap_model(target.model).save_pretrained(tmp / "adapter", state_dict=state_dict)
         flat = {f"{name}::{k}": v.contiguous() for name, d in moments.items() for k, v in d.items()}
