@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import json
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fittune.errors import FittuneError
+from fittune.rundir import (
+    MARKER,
+    atomic_write_text,
+    check_free_space,
+    claim_dir,
+    owned,
+    publish_dir,
+    remove_owned,
+    write_guard,
+)
+from fittune.strategy import Strategy
 
 
 @dataclass
@@ -49,7 +63,29 @@ def resolve_checkpoint(path: str) -> CheckpointInfo:
 # Training checkpoints: output_dir/checkpoints/step-00000012/ (complete) or step-00000012.tmp/ (partial)
 
 STATE_FILE = "trainer_state.json"
-FORMAT_VERSION = 1
+# 2: the strategy is stored under its Strategy.name (`zero3`, not `deepspeed-zero3`); each checkpoint
+# directory carries fittune's marker
+FORMAT_VERSION = 2
+# files written with torch.save (zip archives) or safetensors that a resume reads; checked before loading
+_TENSOR_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pkl")
+
+
+@dataclass
+class CheckpointTarget:
+    """What a checkpoint saves and restores: the prepared training objects and the run's strategy."""
+
+    accelerator: Any
+    """The run's `accelerate.Accelerator` (after `prepare`)."""
+    strategy: Strategy
+    """The run's parallel strategy (`fittune.strategy.strategy_of`)."""
+    model: Any
+    """The prepared model (a DeepSpeed engine, an FSDP2 module, a DDP wrapper or the bare model)."""
+    optimizer: Any
+    """The prepared optimizer."""
+    scheduler: Any
+    """The learning-rate scheduler (stepped by hand, not prepared)."""
+    lora: bool
+    """LoRA run: the checkpoint also holds an unsharded adapter + optimizer moments (portable restore)."""
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -72,6 +108,15 @@ def partial_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(d for d in root.glob("step-*.tmp") if d.is_dir()) if root.is_dir() else []
 
 
+def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Remove the partial checkpoints fittune wrote (its marker inside); returns them. Anything else that
+    merely looks like one is left alone."""
+    removed = [d for d in partial_checkpoints(output_dir) if owned(d)]
+    for d in removed:
+        remove_owned(d)
+    return removed
+
+
 def find_resume_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
     """The checkpoint to resume from: None (fresh), `auto` (newest complete in output_dir) or a path."""
     if resume is None:
@@ -92,14 +137,24 @@ def find_resume_checkpoint(output_dir: str | Path, resume: str | None) -> Path |
 
 def read_state(path: Path) -> dict:
     """The trainer state of a checkpoint (JSON: never unpickled)."""
-    return json.loads((path / STATE_FILE).read_text())
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FittuneError(f"{path / STATE_FILE} is corrupt ({e}): resume from another checkpoint "
+                           f"(--resume {path.parent}/step-N) or start a new output_dir") from None
+    if not isinstance(state, dict):
+        raise FittuneError(f"{path / STATE_FILE} is not a fittune trainer state (not a JSON object)")
+    return state
 
 
 def check_compatible(state: dict, fingerprint: dict, path: Path) -> None:
     """Refuse a checkpoint written for another model, adapter setup or batch plan, naming each difference."""
-    if state.get("format_version") != FORMAT_VERSION:
-        raise FittuneError(f"{path} was written by an incompatible fittune version (format "
-                           f"{state.get('format_version')}, expected {FORMAT_VERSION})")
+    version = state.get("format_version")
+    if version != FORMAT_VERSION:
+        when = "a newer" if isinstance(version, int) and version > FORMAT_VERSION else "an older"
+        raise FittuneError(f"{path} was written by {when} fittune (checkpoint format {version}, this fittune reads "
+                           f"format {FORMAT_VERSION}): resume it with the fittune version that wrote it, or start "
+                           f"a new output_dir")
     saved = state.get("fingerprint", {})
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in fingerprint.items() if saved.get(k) != v]
     if diffs:
@@ -107,27 +162,174 @@ def check_compatible(state: dict, fingerprint: dict, path: Path) -> None:
                            f"resume with the same recipe, or start a new output_dir")
 
 
-def _trainable_named(model) -> list[tuple[str, "torch.nn.Parameter"]]:
+# ---- trust: loading a sharded checkpoint unpickles it ------------------------------------------------------
+
+
+def inside_fittune_run(path: Path) -> bool:
+    """Whether `path` is a checkpoint in the `checkpoints/` of a run directory fittune wrote (its marker)."""
+    real = Path(path).resolve()  # a symlink planted in a run's checkpoints/ is judged by where it points
+    return real.parent.name == "checkpoints" and owned(real.parent.parent)
+
+
+def require_trusted(path: Path, trusted: bool, why: str) -> None:
+    """Refuse to unpickle a checkpoint from outside fittune's own run directories unless the user said it is
+    trusted (`--trust_checkpoint`): unpickling runs whatever code the file holds."""
+    if trusted or inside_fittune_run(path):
+        return
+    raise FittuneError(f"{path} is not inside a run directory fittune wrote (no {MARKER} marker in the run "
+                       f"directory above checkpoints/), and loading it unpickles {why}. A checkpoint is "
+                       f"code-equivalent: unpickling runs any code it contains, so load only checkpoints from a "
+                       f"trusted source; if you trust this one, pass --trust_checkpoint")
+
+
+def _damaged(f: Path) -> str | None:
+    """Why `f` is not a whole tensor file (None: it looks whole). Reads only the header / zip directory."""
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(f), "pt"):  # checks the header covers the file exactly (a cut file fails)
+                pass
+        else:
+            zipfile.ZipFile(f).close()  # torch.save's zip: a cut or overwritten file has no central directory
+    except Exception as e:  # safetensors raises its own SafetensorError; zipfile BadZipFile; OSError
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None
+
+
+def _load_fully(f: Path) -> None:
+    """Read `f` as a resume would (tensors only: never unpickles code)."""
+    if f.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        load_file(f)
+    else:
+        from accelerate.utils import load
+
+        load(f, map_location="cpu", weights_only=True)  # torch.load + numpy's RNG state types, no code
+
+
+def _corrupt(path: Path, f: Path, reason: str) -> FittuneError:
+    return FittuneError(f"checkpoint {path} is damaged: {f.relative_to(path)} cannot be read ({reason}); resume "
+                        f"from an older checkpoint (--resume {path.parent}/step-N) or start a new output_dir")
+
+
+def check_files(path: Path) -> None:
+    """Refuse a checkpoint with a cut or overwritten tensor file, naming it, before any of it is loaded."""
+    for pattern in _TENSOR_FILES:
+        for f in sorted(path.rglob(pattern)):
+            reason = _damaged(f)
+            if reason:
+                raise _corrupt(path, f, reason)
+
+
+def _name_the_bad_file(path: Path, rank: int, error: Exception) -> FittuneError:
+    """A load failed: find the file that cannot be read (tensors only) and name it; else report the error."""
+    files = sorted(path.glob("model*.safetensors")) + sorted(path.glob("optimizer*.bin"))
+    files += [f for f in (path / "scaler.pt", path / f"random_states_{rank}.pkl") if f.is_file()]
+    for f in files:
+        try:
+            _load_fully(f)
+        except Exception as e:  # UnpicklingError, RuntimeError (zip), SafetensorError: what a bad file raises
+            return _corrupt(path, f, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return FittuneError(f"could not load checkpoint {path} ({type(error).__name__}: {reason}); resume from an "
+                        f"older checkpoint or start a new output_dir")
+
+
+# ---- ranks agree ---------------------------------------------------------------------------------------
+
+
+def _agree(accelerator, failure: Exception | None) -> Exception | None:
+    """Every rank learns whether any rank failed (a sum of failure flags), so all raise together and none
+    waits forever in the next collective; a rank that did not fail itself raises the failed rank's message
+    (only the main process prints errors)."""
+    import torch
+
+    flag = torch.tensor([1.0 if failure else 0.0], device=accelerator.device)
+    if accelerator.num_processes == 1:
+        return failure
+    flag = accelerator.reduce(flag, reduction="sum")
+    if not flag.item():
+        return None
+    from accelerate.utils import gather_object
+
+    # every rank calls the gather (a collective), the failed ones included
+    kind = "" if failure is None or isinstance(failure, FittuneError) else f"{type(failure).__name__}: "
+    messages = gather_object([f"{kind}{failure}" if failure is not None else ""])
+    if failure is not None:
+        return failure
+    rank, message = next((i, m) for i, m in enumerate(messages) if m)
+    return FittuneError(f"on process {rank}: {message}")
+
+
+def _raise_if_any(accelerator, failure: Exception | None) -> None:
+    agreed = _agree(accelerator, failure)
+    if agreed is not None:
+        raise agreed
+
+
+# ---- save --------------------------------------------------------------------------------------------------
+
+
+def _trainable_named(model) -> list[tuple[str, Any]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _full_optimizer_state(accelerator, model, optimizer) -> dict:
+def _innermost(optimizer):
+    """The torch optimizer holding the states (below accelerate's and DeepSpeed's wrappers)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _local(t):
+    """This rank's part of a tensor: an FSDP2 DTensor's shard, a ZeRO-3 parameter's partition."""
+    if hasattr(t, "ds_tensor"):
+        return t.ds_tensor
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _nbytes(t) -> int:
+    t = _local(t)
+    return t.numel() * t.element_size()
+
+
+def checkpoint_bytes(target: CheckpointTarget) -> int:
+    """What this rank will write, known before the save: its parameters, the optimizer's own copies of them
+    (ZeRO's fp32 partitions) and its states, plus the portable adapter copy on the main process. An estimate
+    from below (RNG states and metadata are a few KiB)."""
+    import torch
+
+    params = list(target.model.parameters())
+    total = sum(_nbytes(p) for p in params)
+    inner = _innermost(target.optimizer)
+    seen = {id(p) for p in params}
+    for group in inner.param_groups:
+        total += sum(_nbytes(p) for p in group["params"] if id(p) not in seen)  # master copies, not the params
+    for st in inner.state.values():
+        total += sum(_nbytes(v) for v in st.values() if isinstance(v, torch.Tensor))
+    if target.lora and target.accelerator.is_main_process:  # adapter + its two moments, unsharded
+        total += 3 * sum(p.numel() * p.element_size() for _, p in _trainable_named(target.model))
+    return total
+
+
+def _full_optimizer_state(target: CheckpointTarget, model) -> dict:
     """{param name -> {exp_avg, exp_avg_sq}} gathered whole, whatever the sharding (collective under ZeRO)."""
     import torch
 
-    from fittune.strategy import strategy_of
-
     out = {}
-    if strategy_of(accelerator).deepspeed:
+    if target.strategy.deepspeed:
         from deepspeed.utils import safe_get_full_optimizer_state
 
         for name, p in _trainable_named(model):
             out[name] = {k: safe_get_full_optimizer_state(p, k).detach().cpu().clone() for k in ("exp_avg", "exp_avg_sq")}
         return out
+
     def whole(t):  # FSDP2 keeps states as DTensor shards: all-gather (a collective, every rank calls it)
         return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
 
-    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    inner = _innermost(target.optimizer)
     for name, p in _trainable_named(model):
         st = inner.state.get(p, {})
         if st:
@@ -137,110 +339,179 @@ def _full_optimizer_state(accelerator, model, optimizer) -> dict:
     return out
 
 
-def save_checkpoint(accelerator, model, optimizer, scheduler, output_dir: Path, step: int, state: dict,
-                    config_yaml: str, keep: int, lora: bool) -> Path:
-    """Write checkpoints/step-N atomically: accelerate's full state (weights, optimizer, scaler, every rank's
-    RNG) plus trainer_state.json; LoRA runs add an unsharded adapter + optimizer moments (portable across
-    process counts and strategies). Written to step-N.tmp and renamed once every rank has finished."""
-    import shutil
+def _prepare_tmp(target: CheckpointTarget, output_dir: Path, tmp: Path, intact: str) -> None:
+    """Check the disk can hold this rank's share; the main process creates the empty, marked step-N.tmp."""
+    try:
+        check_free_space(output_dir, checkpoint_bytes(target), f"checkpoint {tmp.name[:-4]}")
+    except FittuneError as e:
+        raise FittuneError(f"{e}; {intact}") from None
+    if target.accelerator.is_main_process:
+        checkpoint_root(output_dir).mkdir(parents=True, exist_ok=True)
+        if tmp.is_dir() and owned(tmp):  # a leftover of a crashed save of this step: ours
+            remove_owned(tmp)
+        tmp.mkdir()  # fails on anything else in the way (never removed: it is not ours)
+        claim_dir(tmp, "checkpoint")
 
-    import torch
+
+# what torch.save's zip writer raises (as RuntimeError) when the disk fills up under it, e.g.
+# "[enforce fail at inline_container.cc:672] . unexpected pos 1792 vs 1684" after "basic_ios::clear: iostream error"
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter", "inline_container", "iostream error", "file write failed")
+
+
+@contextmanager
+def _torch_write_failures_as_oserror():
+    """Report torch.save's failed write as the OSError it is (a full disk), so write_guard recognises it."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = f"{e} {e.__context__ or ''}"
+        if not any(s in text for s in _TORCH_WRITE_FAILURES):
+            raise
+        raise OSError(f"torch.save could not write its file ({str(e).strip().splitlines()[0]}); the disk may be "
+                      f"full") from e
+
+
+def _write_tmp(target: CheckpointTarget, tmp: Path, state: dict, config_yaml: str) -> None:
+    """accelerate's full state (every rank), the portable LoRA copy and trainer_state.json (main)."""
     from safetensors.torch import save_file
 
-    root = checkpoint_root(output_dir)
-    final, tmp = root / f"step-{step:08d}", root / f"step-{step:08d}.tmp"
-    failure = None
-    try:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        portable = None
-        if lora:
-            from peft import get_peft_model_state_dict
+    acc = target.accelerator
+    acc.save_state(str(tmp), safe_serialization=True)
+    if target.lora:
+        state_dict = acc.get_state_dict(target.model)  # gathered (collective under ZeRO-3)
+        moments = _full_optimizer_state(target, acc.unwrap_model(target.model))  # collective under ZeRO / FSDP2
+    if not acc.is_main_process:
+        return
+    if target.lora:  # save_pretrained keeps only the adapter's tensors of the gathered state dict
+        (tmp / "adapter").mkdir()
+        acc.unwrap_model(target.model).save_pretrained(tmp / "adapter", state_dict=state_dict)
+        flat = {f"{name}::{k}": v.contiguous() for name, d in moments.items() for k, v in d.items()}
+        save_file(flat, str(tmp / "adapter_optimizer.safetensors"))
+    sched = {k: v for k, v in target.scheduler.state_dict().items() if k != "lr_lambdas"}
+    atomic_write_text(tmp / "config.yaml", config_yaml)
+    atomic_write_text(tmp / STATE_FILE, json.dumps({**state, "strategy": target.strategy.name, "scheduler": sched,
+                                                    "format_version": FORMAT_VERSION}, indent=1))
 
-            state_dict = accelerator.get_state_dict(model)  # gathered (collective under ZeRO-3)
-            moments = _full_optimizer_state(accelerator, accelerator.unwrap_model(model), optimizer)
-            portable = (get_peft_model_state_dict(accelerator.unwrap_model(model), state_dict=state_dict), moments)
-        if accelerator.is_main_process:
-            if portable is not None:
-                adapter, moments = portable
-                (tmp / "adapter").mkdir()
-                accelerator.unwrap_model(model).save_pretrained(tmp / "adapter", state_dict=state_dict)
-                flat = {f"{name}::{k}": v.contiguous() for name, d in moments.items() for k, v in d.items()}
-                save_file(flat, str(tmp / "adapter_optimizer.safetensors"))
-            sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-            (tmp / "config.yaml").write_text(config_yaml)
-            (tmp / STATE_FILE).write_text(json.dumps({**state, "scheduler": sched, "format_version": FORMAT_VERSION},
-                                                     indent=1))
-    except OSError as e:  # disk full, permissions: report, keep the previous checkpoint
-        failure = e
-    failed = torch.tensor([1.0 if failure else 0.0], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        failed = accelerator.reduce(failed, reduction="sum")
-    if failed.item():
-        previous = complete_checkpoints(output_dir)
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise FittuneError(f"could not write checkpoint {tmp} ({failure or 'failed on another rank'}); free disk "
-                           f"space or fix permissions of {root}. The previous checkpoint is intact: "
-                           f"{previous[-1] if previous else 'none yet'}")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in complete_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+
+def _publish(target: CheckpointTarget, output_dir: Path, tmp: Path, final: Path, keep: int) -> None:
+    """The main process durably puts step-N in place (fsync every file, rename, fsync checkpoints/), then
+    drops the oldest."""
+    if not target.accelerator.is_main_process:
+        return
+    publish_dir(tmp, final)
+    for old in complete_checkpoints(output_dir)[:-keep]:
+        if owned(old):  # fittune's own (its marker): anything else in checkpoints/ is left alone
+            remove_owned(old)
+
+
+def save_checkpoint(target: CheckpointTarget, output_dir: str | Path, step: int, state: dict, config_yaml: str,
+                    keep: int) -> Path:
+    """Write checkpoints/step-N whole or not at all: accelerate's full state (weights, optimizer, scaler,
+    every rank's RNG) plus trainer_state.json; LoRA runs add an unsharded adapter + optimizer moments
+    (portable across process counts and strategies). Built in step-N.tmp, fsynced and renamed once every
+    rank has finished; then only the newest `keep` stay. A failed write (full disk, permissions) on any
+    rank is one FittuneError on every rank, and the previous checkpoint is left intact."""
+    acc, output_dir = target.accelerator, Path(output_dir)
+    final = checkpoint_root(output_dir) / f"step-{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    previous = complete_checkpoints(output_dir)
+    intact = f"the previous checkpoint is intact: {previous[-1] if previous else 'none was written yet'}"
+    what = f"checkpoint {tmp}"
+    phases = (lambda: _prepare_tmp(target, output_dir, tmp, intact), lambda: _write_tmp(target, tmp, state, config_yaml),
+              lambda: _publish(target, output_dir, tmp, final, keep))
+    for phase in phases:  # the ranks agree after each phase, so a failure on one stops all before the next
+        failure = None
+        try:
+            with write_guard(what, intact), _torch_write_failures_as_oserror():
+                phase()
+        except Exception as e:  # a failed write (now a FittuneError) or a bug: the ranks agree before raising
+            failure = e
+        agreed = _agree(acc, failure)
+        if agreed is not None:
+            if acc.is_main_process and tmp.is_dir() and owned(tmp):
+                remove_owned(tmp)  # the half-written step-N.tmp (ours); never the previous checkpoint
+            raise agreed
     return final
 
 
-def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path, state: dict, lora: bool) -> str:
+# ---- load --------------------------------------------------------------------------------------------------
+
+
+def _exact_restore(target: CheckpointTarget, path: Path, trusted: bool) -> None:
+    """accelerate's `load_state`: every rank's weights, optimizer and RNG as they were."""
+    acc, strategy = target.accelerator, target.strategy
+    if strategy.sharded:  # DeepSpeed's engine and FSDP2's distributed-checkpoint metadata use plain pickle
+        require_trusted(path, trusted, f"{strategy.name} optimizer and model shards written with pickle")
+    failure = None
+    try:
+        check_files(path)
+        rng = path / f"random_states_{acc.process_index}.pkl"
+        if not rng.is_file():  # accelerate skips a missing RNG file silently: the resume would not be exact
+            raise FittuneError(f"checkpoint {path} is incomplete: {rng.name} is missing; resume from an older "
+                               f"checkpoint or start a new output_dir")
+    except FittuneError as e:
+        failure = e
+    _raise_if_any(acc, failure)  # before any collective inside load_state
+    try:
+        acc.load_state(str(path))
+    except FittuneError:
+        raise
+    except Exception as e:  # a file cut or overwritten inside: UnpicklingError, RuntimeError, SafetensorError
+        failure = _name_the_bad_file(path, acc.process_index, e)
+    _raise_if_any(acc, failure)
+
+
+def _portable_restore(target: CheckpointTarget, path: Path, state: dict) -> None:
+    """The unsharded adapter and AdamW moments (safetensors only), into one process or DDP."""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if target.strategy.sharded:
+        raise FittuneError(f"{path} was written with {state['world_size']} process(es) under {state['strategy']}; "
+                           f"a LoRA checkpoint moves to another layout only into DDP or one process (not "
+                           f"DeepSpeed or FSDP2), or resume with the original layout")
+    unwrapped = target.accelerator.unwrap_model(target.model)
+    files = [path / "adapter" / "adapter_model.safetensors", path / "adapter_optimizer.safetensors"]
+    try:
+        adapter, flat = (load_file(str(f)) for f in files)
+    except Exception as e:  # SafetensorError (cut file), OSError (missing)
+        bad = next((f for f in files if not f.is_file() or _damaged(f)), files[0])
+        raise _corrupt(path, bad, str(e).strip().splitlines()[0]) from None
+    set_peft_model_state_dict(unwrapped, adapter)
+    inner = _innermost(target.optimizer)
+    fused = inner.defaults.get("fused") or False
+    for name, p in _trainable_named(unwrapped):
+        inner.state[p] = {
+            "step": torch.tensor(float(state["optimizer_steps"]), device=p.device if fused else "cpu"),
+            "exp_avg": flat[f"{name}::exp_avg"].to(p.device, p.dtype),
+            "exp_avg_sq": flat[f"{name}::exp_avg_sq"].to(p.device, p.dtype),
+        }
+
+
+def load_checkpoint(target: CheckpointTarget, path: Path, state: dict, trusted: bool) -> str:
     """Restore a checkpoint into the prepared model/optimizer/scheduler. Returns how ("exact" or "portable").
 
-    Same process count and strategy: accelerate's `load_state` (every rank's RNG included), an exact resume.
-    Otherwise a LoRA run restores its unsharded adapter and optimizer moments (the data order is still exact:
-    it depends only on the global batch); full fine-tuning refuses, naming what to change.
+    Same process count and strategy: accelerate's `load_state` (every rank's RNG included), an exact resume;
+    under DeepSpeed or FSDP2 that unpickles, so the checkpoint must lie in a run directory fittune wrote or
+    `trusted` (`--trust_checkpoint`) must be set. Otherwise a LoRA run restores its unsharded adapter and
+    optimizer moments (safetensors; the data order is still exact: it depends only on the global batch);
+    full fine-tuning refuses, naming what to change.
     """
-    import torch
-
-    from fittune.strategy import strategy_of
-
-    strategy = strategy_of(accelerator)
-    same_layout = state["world_size"] == accelerator.num_processes and state["strategy"] == strategy.name
-    sched = dict(state["scheduler"])
-    if same_layout:
-        accelerator.load_state(str(path))
+    strategy = target.strategy
+    if state["world_size"] == strategy.world_size and state["strategy"] == strategy.name:
+        _exact_restore(target, path, trusted)
         how = "exact"
-    elif lora and (path / "adapter_optimizer.safetensors").is_file():
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        unwrapped = accelerator.unwrap_model(model)
-        adapter_file = path / "adapter" / "adapter_model.safetensors"
-        adapter = load_file(str(adapter_file))
-        if strategy.sharded:
-            raise FittuneError(f"{path} was written with {state['world_size']} process(es) under {state['strategy']}; "
-                               f"a LoRA checkpoint moves to another layout only into DDP or one process (not "
-                               f"DeepSpeed or FSDP), or resume with the original layout")
-        set_peft_model_state_dict(unwrapped, adapter)
-        flat = load_file(str(path / "adapter_optimizer.safetensors"))
-        inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-        steps_taken = state["optimizer_steps"]
-        for name, p in _trainable_named(unwrapped):
-            fused = inner.defaults.get("fused") or False
-            inner.state[p] = {
-                "step": torch.tensor(float(steps_taken), device=p.device if fused else "cpu"),
-                "exp_avg": flat[f"{name}::exp_avg"].to(p.device, p.dtype),
-                "exp_avg_sq": flat[f"{name}::exp_avg_sq"].to(p.device, p.dtype),
-            }
+    elif target.lora and (path / "adapter_optimizer.safetensors").is_file():
+        _portable_restore(target, path, state)
         how = "portable"
     else:
         raise FittuneError(f"{path} was written with {state['world_size']} process(es) under {state['strategy']}, "
-                           f"this run has {accelerator.num_processes} under {strategy.name}: full "
-                           f"fine-tuning resumes only with the same layout (sharded optimizer states); relaunch "
-                           f"with the original accelerate config and process count")
+                           f"this run has {strategy.world_size} under {strategy.name}: full fine-tuning resumes "
+                           f"only with the same layout (sharded optimizer states); relaunch with the original "
+                           f"accelerate config and process count")
+    scheduler = target.scheduler
+    sched = dict(state["scheduler"])
     sched["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
     scheduler.load_state_dict(sched)
     # load_state_dict restores the schedule's position but not the optimizer's current lr (set by step())

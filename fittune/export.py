@@ -1,6 +1,6 @@
 """Export trained weights as a standalone Hugging Face model directory.
 
-    python -m fittune.export --checkpoint DIR --output OUT [--merge]
+    python -m fittune.export --checkpoint DIR --output OUT [--merge] [--trust_checkpoint]
 
 DIR may be:
   * a run's `final/` (or the run dir): an adapter is copied, or with `--merge` folded into its base model;
@@ -9,24 +9,40 @@ DIR may be:
     shards (any stage) or from accelerate's single-file state.
 The result loads with `AutoModelForCausalLM.from_pretrained(OUT)` (or PEFT for an unmerged adapter) without
 fittune or DeepSpeed; tied input/output embeddings stay tied.
+
+OUT must not exist: the export is built in a hidden directory next to it, fsynced and renamed into place, so
+OUT is either complete or absent. DeepSpeed shards are pickles (DeepSpeed reads them with
+`torch.load(weights_only=False)`, which runs any code they hold): they are read only from a run directory
+fittune wrote, or with `--trust_checkpoint` for a checkpoint from a source you trust.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import os
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
 import torch
 import yaml
 
+from fittune.checkpoints import check_files, require_trusted
 from fittune.errors import FittuneError, run_cli
+from fittune.rundir import fsync_dir, fsync_tree, write_guard
+
+USAGE = "--checkpoint DIR --output OUT [--merge] [--trust_checkpoint]"
 
 
 def _run_config(d: Path) -> dict:
     for candidate in (d / "fittune_config.yaml", d / "config.yaml", d.parent / "config.yaml", d.parent.parent / "config.yaml"):
         if candidate.is_file():
-            return yaml.safe_load(candidate.read_text()) or {}
+            try:
+                return yaml.safe_load(candidate.read_text()) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise FittuneError(f"{candidate} is not valid YAML ({e}): restore the run's config.yaml") from None
     return {}
 
 
@@ -43,63 +59,123 @@ def _tokenizer_source(d: Path, base: str) -> str:
     return str(d) if (d / "tokenizer_config.json").is_file() else base
 
 
-def export(checkpoint: str, output: str, merge: bool = False) -> Path:
-    """Write a standalone model (or adapter) directory to `output`; returns its path."""
+_RENAME_NOREPLACE = 1  # linux/fs.h
+
+
+def _rename_new(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out` only if `out` does not exist (Linux renameat2 RENAME_NOREPLACE, atomically; a
+    plain rename would silently replace an empty directory that appeared meanwhile)."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform.startswith("linux") else None
+    if fn is not None:
+        at_fdcwd = -100
+        if fn(at_fdcwd, os.fsencode(tmp), at_fdcwd, os.fsencode(out), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FittuneError(f"{out} appeared while exporting: choose a new --output directory")
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(out))
+    if out.exists():  # no renameat2 here: check, then rename (a small window)
+        raise FittuneError(f"{out} appeared while exporting: choose a new --output directory")
+    tmp.rename(out)
+
+
+def _from_base(loader, name: str, **kwargs):
+    """Load the base model, its config or tokenizer; a missing one is a clear error (transformers raises
+    OSError, which must not read as a failed write)."""
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except OSError as e:
+        raise FittuneError(f"cannot load {name} ({str(e).strip().splitlines()[0]}): the checkpoint's base model "
+                           f"must be available at the path its run recorded") from None
+
+
+def _export_adapter(src: Path, adapter_dir: Path, tmp: Path, cfg: dict, merge: bool) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = _base_model_path(adapter_dir, cfg)
+    tokenizer = _from_base(AutoTokenizer, _tokenizer_source(src, base))
+    if merge:
+        from peft import PeftModel
+
+        model = _from_base(AutoModelForCausalLM, base, dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:
+        shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
+    tokenizer.save_pretrained(tmp)
+
+
+def _export_consolidated(src: Path, tmp: Path, cfg: dict, trusted: bool) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    base = (cfg.get("run") or {}).get("model_path")
+    if not base:
+        raise FittuneError(f"{src} has no config.yaml naming its base model: cannot rebuild the architecture")
+    state = _consolidated_state_dict(src, trusted)
+    config = _from_base(AutoConfig, base)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise FittuneError(f"{src} does not match {base}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    model.save_pretrained(tmp, safe_serialization=True)
+    _from_base(AutoTokenizer, base).save_pretrained(tmp)
+
+
+def _write_export(src: Path, tmp: Path, merge: bool, trusted: bool) -> None:
+    """Everything the export holds, into the empty directory `tmp`."""
+    cfg = _run_config(src)
+    adapter_dir = src if (src / "adapter_config.json").is_file() else src / "adapter"
+    if (adapter_dir / "adapter_config.json").is_file():
+        _export_adapter(src, adapter_dir, tmp, cfg, merge)
+    elif (src / "config.json").is_file():
+        if merge:
+            raise FittuneError(f"{src} is a full model, not an adapter: nothing to merge (drop --merge)")
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    else:
+        _export_consolidated(src, tmp, cfg, trusted)
+
+
+def export(checkpoint: str, output: str, merge: bool = False, trust_checkpoint: bool = False) -> Path:
+    """Write a standalone model (or adapter) directory to `output` (which must not exist) whole or not at
+    all; returns its path. `trust_checkpoint`: read DeepSpeed's pickled shards from outside a fittune run."""
     src = Path(checkpoint)
     if not src.is_dir():
         raise FittuneError(f"checkpoint not found: {checkpoint}")
     if (src / "final").is_dir() and (src / "config.yaml").is_file():
         src = src / "final"
     out = Path(output)
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise FittuneError(f"{output} already exists: choose a new --output directory")
-    cfg = _run_config(src)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-
-    adapter_dir = src if (src / "adapter_config.json").is_file() else src / "adapter"
-    if (adapter_dir / "adapter_config.json").is_file():
-        base = _base_model_path(adapter_dir, cfg)
-        tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(src, base))
-        if merge:
-            from peft import PeftModel
-
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-            model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-            model.save_pretrained(tmp, safe_serialization=True)
-        else:
-            shutil.copytree(adapter_dir, tmp)
-        tokenizer.save_pretrained(tmp)
-    elif (src / "config.json").is_file():
-        if merge:
-            raise FittuneError(f"{src} is a full model, not an adapter: nothing to merge (drop --merge)")
-        shutil.copytree(src, tmp)
-    else:
-        base = (cfg.get("run") or {}).get("model_path")
-        if not base:
-            raise FittuneError(f"{src} has no config.yaml naming its base model: cannot rebuild the architecture")
-        state = _consolidated_state_dict(src)
-        config = AutoConfig.from_pretrained(base)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-        if missing or unexpected:
-            raise FittuneError(f"{src} does not match {base}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        model.tie_weights()
-        model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a name of our own next to OUT (same filesystem, so the final rename is atomic); never a user's path
+    tmp = out.with_name(f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        with write_guard(f"the export {out}", f"nothing was written to {out}"):
+            _write_export(src, tmp, merge, trust_checkpoint)
+            fsync_tree(tmp)
+            _rename_new(tmp, out)
+            fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours (the unique name above), half-written
+        raise
     print(f"fittune: exported {checkpoint} -> {out}", flush=True)
     return out
 
 
-def _consolidated_state_dict(src: Path) -> dict[str, torch.Tensor]:
+def _consolidated_state_dict(src: Path, trusted: bool) -> dict[str, torch.Tensor]:
     """One state dict from a training checkpoint: ZeRO shards (any stage) or accelerate's model file."""
     if (src / "pytorch_model").is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        require_trusted(src, trusted, "DeepSpeed ZeRO shards (DeepSpeed's zero_to_fp32 reads them with "
+                                      "torch.load(weights_only=False))")
+        check_files(src)  # a cut shard is named here, not as a zip error from inside DeepSpeed
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         return get_fp32_state_dict_from_zero_checkpoint(str(src), tag="pytorch_model")
     files = sorted(src.glob("model*.safetensors"))
@@ -109,7 +185,11 @@ def _consolidated_state_dict(src: Path) -> dict[str, torch.Tensor]:
 
     state = {}
     for f in files:
-        state.update(load_file(f))
+        try:
+            state.update(load_file(f))
+        except Exception as e:  # safetensors' SafetensorError for a cut or overwritten file
+            raise FittuneError(f"{f} cannot be read ({str(e).strip() or type(e).__name__}): the checkpoint is "
+                               f"damaged; export another checkpoint") from None
     return state
 
 
@@ -121,13 +201,14 @@ def main(argv: list[str]) -> None:
         return
     checkpoint, rest = split_flag(argv, "checkpoint")
     output, rest = split_flag(rest, "output")
-    merge = "--merge" in rest
-    rest = [a for a in rest if a != "--merge"]
+    flags = {"--merge", "--trust_checkpoint"}
+    merge, trust = "--merge" in rest, "--trust_checkpoint" in rest
+    rest = [a for a in rest if a not in flags]
     if rest:
-        raise FittuneError(f"unexpected arguments {rest}: use --checkpoint DIR --output OUT [--merge]")
+        raise FittuneError(f"unexpected arguments {rest}: use {USAGE}")
     if not checkpoint or not output:
-        raise FittuneError("--checkpoint DIR and --output OUT are required")
-    export(checkpoint, output, merge)
+        raise FittuneError(f"--checkpoint DIR and --output OUT are required: {USAGE}")
+    export(checkpoint, output, merge, trust)
 
 
 if __name__ == "__main__":

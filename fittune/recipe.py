@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import resource
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,8 +20,8 @@ import torch
 
 from fittune import data as D
 from fittune import runlog
-from fittune.checkpoints import (check_compatible, complete_checkpoints, find_resume_checkpoint, load_checkpoint,
-                                 partial_checkpoints, read_state, save_checkpoint)
+from fittune.checkpoints import (CheckpointTarget, check_compatible, complete_checkpoints, find_resume_checkpoint,
+                                 load_checkpoint, read_state, remove_partial_checkpoints, save_checkpoint)
 from fittune.config import Config, to_yaml
 from fittune.distributed import configure_deepspeed, make_accelerator, sum_across_ranks
 from fittune.errors import FittuneError
@@ -197,6 +196,8 @@ class FineTuneRecipe:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.runner = StepRunner(accel, self.strategy, self.model, self.optimizer, self.scheduler, params,
                                  self.head, cfg.train.max_grad_norm, self.mixed)
+        self.target = CheckpointTarget(accel, self.strategy, self.model, self.optimizer, self.scheduler,
+                                       cfg.lora.enabled)
         self.split = BatchSplit(cfg.train.micro_batch_size, cfg.train.grad_accum)
         self.oom = OomAdaptive(self.runner, self.split, self.global_batch, self._log) if cfg.train.oom_adaptive else None
 
@@ -212,8 +213,7 @@ class FineTuneRecipe:
             return
         state = read_state(self.resume_from)
         check_compatible(state, self.fingerprint(), self.resume_from)
-        how = load_checkpoint(self.accelerator, self.model, self.optimizer, self.scheduler, self.resume_from, state,
-                              self.cfg.lora.enabled)
+        how = load_checkpoint(self.target, self.resume_from, state, self.cfg.trust_checkpoint)
         self.counters = RunCounters(**{k: state[k] for k in asdict(self.counters) if k in state})
         if state.get("world_size") == self.world:  # the same layout keeps an adapted micro-batch (oom_adaptive)
             self.split.micro_batch_size = state.get("micro_batch_size", self.split.micro_batch_size)
@@ -233,9 +233,8 @@ class FineTuneRecipe:
             if self.run_dir.aside is not None:
                 self._log(f"--overwrite: the previous run was moved to {self.run_dir.aside}; it is removed when "
                           f"this run has finished")
-            for partial in partial_checkpoints(self.out):  # a save that a crash cut short: never resumed from
-                self._log(f"removing incomplete checkpoint {partial}")
-                shutil.rmtree(partial)  # inside this run's own checkpoints/
+            for partial in remove_partial_checkpoints(self.out):  # saves a crash cut short: never resumed from
+                self._log(f"removed incomplete checkpoint {partial}")
             atomic_write_text(self.out / "config.yaml", self.config_yaml)
             atomic_write_text(self.out / "heldout_ids.json", json.dumps(
                 {"ids": [x.id for x in self.test_set], "examples_sha256": self.heldout_ids_digest,
@@ -408,8 +407,7 @@ class FineTuneRecipe:
                  "grad_accum": self.split.grad_accum, "world_size": self.world, "strategy": self.strategy.name,
                  "epoch": step // self.steps_per_epoch, "step_in_epoch": step % self.steps_per_epoch,
                  "fingerprint": self.fingerprint()}
-        path = save_checkpoint(self.accelerator, self.model, self.optimizer, self.scheduler, self.out, step, state,
-                               self.config_yaml, self.cfg.train.keep_checkpoints, self.cfg.lora.enabled)
+        path = save_checkpoint(self.target, self.out, step, state, self.config_yaml, self.cfg.train.keep_checkpoints)
         self._log(f"saved checkpoint {path}")
         return path
 

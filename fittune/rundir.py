@@ -138,8 +138,10 @@ def _is_write_failure(e: BaseException) -> bool:
         return True
     if type(e).__name__ == "SafetensorError":  # safetensors' own type for an I/O failure (e.g. ENOSPC)
         return True
-    # torch.save reports a failed write as RuntimeError("... failed writing file ...")
-    return isinstance(e, RuntimeError) and ("writing" in str(e) or "No space" in str(e))
+    # torch.save reports a failed write as a RuntimeError: "failed writing file", or on a full disk
+    # "[enforce fail at inline_container.cc] unexpected pos" with an iostream error as its context
+    markers = ("writing", "No space", "inline_container", "PytorchStreamWriter", "iostream error")
+    return isinstance(e, RuntimeError) and any(m in f"{e} {e.__context__}" for m in markers)
 
 
 @contextmanager

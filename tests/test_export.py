@@ -6,9 +6,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, child_env, launch
+from safetensors.torch import load_file
 
 
 def export(*args):
@@ -56,3 +55,74 @@ def test_zero_checkpoint_consolidates_to_one_model(tmp_path, tiny_config, accel)
     for k in exported:
         torch.testing.assert_close(exported[k], trained[k])
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    # the same shards received from elsewhere (outside a fittune run) are pickles: refused without the flag
+    from fittune.errors import FittuneError
+    from fittune.export import export as export_in_process
+
+    received = tmp_path / "received" / "checkpoints" / ckpt.name
+    __import__("shutil").copytree(ckpt, received)
+    (tmp_path / "received" / "config.yaml").write_text((run / "config.yaml").read_text())
+    with pytest.raises(FittuneError, match="code-equivalent"):
+        export_in_process(str(received), str(tmp_path / "model2"))
+    export_in_process(str(received), str(tmp_path / "model2"), trust_checkpoint=True)
+    again = load_file(tmp_path / "model2" / "model.safetensors")
+    assert set(again) == set(exported) and all(torch.equal(again[k], exported[k]) for k in exported)
+
+
+def accelerate_checkpoint(root, model_dir):
+    """A full fine-tuning checkpoint as accelerate writes it for one process / DDP (model.safetensors), in a
+    run whose config.yaml names the base model."""
+    import shutil
+
+    import yaml
+
+    ckpt = root / "checkpoints" / "step-00000004"
+    ckpt.mkdir(parents=True)
+    shutil.copy(model_dir / "model.safetensors", ckpt / "model.safetensors")
+    (root / "config.yaml").write_text(yaml.safe_dump({"run": {"model_path": str(model_dir)}}))
+    return ckpt
+
+
+def test_export_is_atomic_and_never_touches_other_paths(tmp_path, tiny_model_dir):
+    """The export is built under a name of its own and renamed into place: a user's `OUT.tmp` survives (the
+    old code emptied it), a failed export leaves neither OUT nor a partial directory, and the weights are
+    the checkpoint's."""
+    from fittune.errors import FittuneError
+    from fittune.export import export
+
+    ckpt = accelerate_checkpoint(tmp_path / "run", tiny_model_dir)
+    (tmp_path / "model.tmp").mkdir()
+    (tmp_path / "model.tmp" / "thesis.tex").write_text("mine")
+    export(str(ckpt), str(tmp_path / "model"))
+    assert (tmp_path / "model.tmp" / "thesis.tex").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.tmp", "run"]
+    exported, original = load_file(tmp_path / "model" / "model.safetensors"), load_file(ckpt / "model.safetensors")
+    assert set(exported) == set(original) - {"lm_head.weight"}
+    for k, v in exported.items():
+        assert torch.equal(v, original[k])
+    # a cut weights file: one clear error naming it, nothing written
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(FittuneError, match="model.safetensors cannot be read .*damaged"):
+        export(str(ckpt), str(tmp_path / "model2"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.tmp", "run"]
+    with pytest.raises(FittuneError, match="already exists"):
+        export(str(ckpt), str(tmp_path / "model"))
+
+
+def test_export_full_disk_is_one_clear_error(tmp_path, tiny_model_dir, monkeypatch):
+    from safetensors import SafetensorError
+
+    from fittune.errors import FittuneError
+    from fittune.export import export
+
+    ckpt = accelerate_checkpoint(tmp_path / "run", tiny_model_dir)
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')
+
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", full)
+    with pytest.raises(FittuneError, match="could not write the export .*No space left.*nothing was written"):
+        export(str(ckpt), str(tmp_path / "model"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

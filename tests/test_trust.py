@@ -1,0 +1,117 @@
+"""No foreign code by default: a checkpoint whose loading unpickles (DeepSpeed ZeRO shards, FSDP2's
+distributed-checkpoint metadata) is read only from a run directory fittune wrote, or with
+--trust_checkpoint; fittune's own torch.load calls never unpickle code. In-process, no launch."""
+
+import ast
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+from test_checkpoints import run_dir, save, small_target
+
+
+def payload(evidence: Path):
+    """An object whose unpickling creates `evidence` (stands for any code a foreign pickle could run)."""
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(evidence),)
+
+    return Payload()
+
+
+def test_sharded_resume_needs_a_fittune_run_or_the_flag(tmp_path, monkeypatch):
+    from fittune.checkpoints import load_checkpoint, read_state
+    from fittune.errors import FittuneError
+    from fittune.strategy import Strategy
+
+    # the decision is the strategy's (a ZeRO-2 resume goes through DeepSpeed's pickle loader); the files
+    # themselves are an accelerate checkpoint this single process can read once trusted
+    t = dataclasses.replace(small_target(), strategy=Strategy(1, zero_stage=2))
+    out = run_dir(tmp_path)
+    ours = save(t, out, 1)
+    received = tmp_path / "received" / "step-00000001"  # the same files, from somewhere else
+    shutil.copytree(ours, received)
+    planted = out / "checkpoints" / "step-00000009"  # a link inside our run is judged by where it points
+    planted.symlink_to(received)
+    loads = []
+    real_load = t.accelerator.load_state
+    monkeypatch.setattr(t.accelerator, "load_state", lambda d: loads.append(d) or real_load(d))
+    for path in (received, planted):
+        with pytest.raises(FittuneError) as e:
+            load_checkpoint(t, path, read_state(path), trusted=False)
+        msg = str(e.value)
+        assert "code-equivalent" in msg and "trusted source" in msg and "--trust_checkpoint" in msg
+    assert loads == []  # refused before anything was read
+    assert load_checkpoint(t, ours, read_state(ours), trusted=False) == "exact"  # fittune's own run
+    assert load_checkpoint(t, received, read_state(received), trusted=True) == "exact"  # the user's word
+    assert loads == [str(ours), str(received)]
+
+
+def test_unsharded_resume_reads_tensors_only(tmp_path):
+    """One process / DDP: accelerate's loader is weights_only, so no trust is needed and a foreign pickle
+    planted in optimizer.bin never runs (one clear error instead)."""
+    from fittune.checkpoints import load_checkpoint, read_state
+    from fittune.errors import FittuneError
+
+    t = small_target()
+    received = tmp_path / "received" / "step-00000001"
+    shutil.copytree(save(t, run_dir(tmp_path), 1), received)
+    assert load_checkpoint(t, received, read_state(received), trusted=False) == "exact"
+    evidence = tmp_path / "pickle-ran"
+    torch.save({"state": payload(evidence)}, received / "optimizer.bin")
+    with pytest.raises(FittuneError, match="optimizer.bin cannot be read"):
+        load_checkpoint(t, received, read_state(received), trusted=False)
+    assert not evidence.exists()
+
+
+def fake_zero_checkpoint(root: Path, model_dir: Path, evidence: Path) -> Path:
+    """A checkpoint laid out like DeepSpeed's (pytorch_model/ shards) whose shards run code when unpickled."""
+    ckpt = root / "checkpoints" / "step-00000004"
+    (ckpt / "pytorch_model").mkdir(parents=True)
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        torch.save({"x": payload(evidence)}, ckpt / "pytorch_model" / name)
+    (root / "config.yaml").write_text(yaml.safe_dump({"run": {"model_path": str(model_dir)}}))
+    return ckpt
+
+
+def test_export_of_zero_shards_needs_a_fittune_run_or_the_flag(tmp_path, tiny_model_dir):
+    from fittune.errors import FittuneError
+    from fittune.export import main
+
+    evidence = tmp_path / "pickle-ran"
+    ckpt = fake_zero_checkpoint(tmp_path / "received", tiny_model_dir, evidence)
+    with pytest.raises(FittuneError, match="code-equivalent.*--trust_checkpoint"):
+        main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "model")])
+    assert not evidence.exists() and not (tmp_path / "model").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["received"]  # no half-written export left behind
+    # with the flag the shards are read: DeepSpeed's own loader unpickles them (and so runs their code)
+    with pytest.raises(Exception):
+        main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "model"), "--trust_checkpoint"])
+    assert evidence.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["pickle-ran", "received"]
+
+
+def _load_calls(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name)):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+            if name == "load" and not (isinstance(node.func, ast.Attribute) and node.func.value is not None
+                                       and getattr(node.func.value, "id", "") in ("json", "yaml", "pickle")):
+                yield node
+
+
+def test_fittunes_own_torch_loads_are_weights_only():
+    """A guard: every `torch.load` / accelerate `load` call in fittune passes weights_only=True."""
+    found = []
+    for f in sorted((ROOT / "fittune").rglob("*.py")):
+        for call in _load_calls(ast.parse(f.read_text())):
+            kw = {k.arg: k.value for k in call.keywords}
+            found.append(f.name)
+            ok = "weights_only" in kw and isinstance(kw["weights_only"], ast.Constant) and kw["weights_only"].value
+            assert ok, f"{f}:{call.lineno}: a load without weights_only=True"
+    assert found  # the scan sees fittune's own loads (checkpoints.py)
