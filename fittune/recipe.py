@@ -33,6 +33,7 @@ from fittune.data import examples_digest
 from fittune.loss import install_chunked_loss
 from fittune.model import (build_model, compile_layers, count_parameters, load_tokenizer, prepare_builtin_model,
                            resolve_model_path, use_liger, weights_dtype)
+from fittune.optim import build_optimizer
 from fittune.placement import input_device, place_model
 from fittune.precision import check_device_precision, run_precision
 from fittune.reports import metrics_table, plot_loss_curve
@@ -182,8 +183,9 @@ class FineTuneRecipe:
         # accelerate moves the model to the GPU in prepare() below
         fused = (all(p.device.type == "cuda" for p in params) if self.strategy.device_map
                  else accel.device.type == "cuda")
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
-                                      weight_decay=cfg.train.weight_decay, fused=fused, foreach=not fused)
+        setup = build_optimizer(cfg, params, self.strategy, self.mixed, fused)  # FittuneError if unsupported
+        optimizer = setup.optimizer
+        self._log(f"optimizer: {setup.choice.describe()}")
         # stepped by hand once per optimizer step (accelerate's wrapper would step it once per process)
         self.scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_training_steps=self.total_steps,
                                        num_warmup_steps=round(cfg.train.warmup_ratio * self.total_steps))
@@ -196,6 +198,7 @@ class FineTuneRecipe:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.runner = StepRunner(accel, self.strategy, self.model, self.optimizer, self.scheduler, params,
                                  self.head, cfg.train.max_grad_norm, self.mixed)
+        self.runner.in_backward = setup.in_backward
         self.split = BatchSplit(cfg.train.micro_batch_size, cfg.train.grad_accum)
         self.oom = OomAdaptive(self.runner, self.split, self.global_batch, self._log) if cfg.train.oom_adaptive else None
 
