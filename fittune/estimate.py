@@ -296,12 +296,13 @@ def _optimizer_bytes(shape: ModelShape, work: Workload) -> int:
 
 
 def _lowbit_step_temp(shape: ModelShape, work: Workload) -> int:
-    """torchao's step of one tensor: fp32 copies of the weight, its gradient and both moments while they are
-    re-quantized (4 x 4 B per element of the largest tensor; it steps one tensor at a time). Not measured
-    yet; 0 for torch's fused AdamW (in place)."""
-    if work.optimizer == "adamw" and not (shape.trainable_itemsize == HALF and not shape.lora):
+    """torchao's low-bit step of one tensor (it steps one tensor at a time): both moments in fp32 while they
+    are re-quantized block by block (2 x 4 B per element of the largest tensor), the rest of its compiled
+    step being element-wise. An upper estimate, not yet measured (bench/run_gpu_lowbit.sh measures it).
+    0 for torch's fused AdamW (in place) and torchao's bf16 AdamW (element-wise, moments in bf16)."""
+    if work.optimizer == "adamw":
         return 0
-    return 4 * FP32 * max(trainable_numels(shape))
+    return ADAM_MOMENTS * FP32 * max(trainable_numels(shape))
 
 
 def _explain_optimizer(res: _Resident, shape: ModelShape, work: Workload) -> None:
@@ -310,7 +311,7 @@ def _explain_optimizer(res: _Resident, shape: ModelShape, work: Workload) -> Non
         res.explain["optimizer"] = (f"2 AdamW moments, {bits} blocks + fp32 scales (torchao; tensors under "
                                     f"{QUANTIZE_MIN} elements in {shape.trainable_itemsize} B)")
     if res.gpu_step["optimizer step"]:
-        res.explain["optimizer step"] = "fp32 copies of the largest tensor's weight, gradient and moments"
+        res.explain["optimizer step"] = "fp32 copies of the largest tensor's two moments while re-quantized"
 
 
 def _deepspeed(strategy: Strategy, shape: ModelShape, work: Workload, procs: int) -> _Resident:

@@ -30,6 +30,7 @@ What each combination does, and what is refused (one FittuneError naming the fix
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
@@ -50,6 +51,11 @@ CODE_BITS = {"adamw8bit": 8, "adamw4bit": 4}
 QMAP_ENTRIES = {"adamw8bit": 256, "adamw4bit": 16}
 ADAM_MOMENTS = 2
 INSTALL_HINT = "pip install 'fittune[lowbit]' (torchao >= 0.18)"
+
+# torchao logs a warning for each CUDA extension its wheel cannot load (they serve its quantized kernels, not
+# the optimizers, which are PyTorch ops compiled by torch.compile); transformers imports torchao whenever it
+# is installed, so this is set when fittune's optimizer module loads, before any model is built
+logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -112,11 +118,6 @@ def unsupported(choice: OptimizerChoice, strategy: Strategy, mixed: str, lora: b
 
 def import_torchao():
     """torchao.optim, or one FittuneError saying how to install it."""
-    import logging
-
-    # torchao logs a warning for each CUDA extension its wheel cannot load (they serve quantized kernels,
-    # not the optimizers, which are PyTorch ops compiled by torch.compile)
-    logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
         import torchao.optim
     except ImportError as e:
