@@ -51,13 +51,13 @@ def _cfg(**train):
     return build_config(None, {f"train.{k}": v for k, v in train.items()})
 
 
-def _runner(model_dir, cfg, dtype=torch.float32):
+def _runner(model_dir, cfg, dtype=torch.float32, cpu=True):
     from transformers import get_scheduler
 
-    accel = Accelerator(cpu=True)
+    accel = Accelerator(cpu=cpu)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    setup = build_optimizer(cfg, params, Strategy(), "no", fused=False)
+    setup = build_optimizer(cfg, params, Strategy(), "no", fused=not cpu)
     sched = get_scheduler("linear", setup.optimizer, num_training_steps=8, num_warmup_steps=1)
     model, opt = accel.prepare(model, setup.optimizer)
     model.train()
@@ -68,8 +68,9 @@ def _runner(model_dir, cfg, dtype=torch.float32):
 
 def _step(runner, rows, pad):
     n_targets = sum(x.n_targets for x in rows)
-    return runner.run(StepPlan([list(range(len(rows)))], lambda r: D.collate_train([rows[j] for j in r], pad),
-                               n_targets))
+    dev = runner.accelerator.device
+    return runner.run(StepPlan([list(range(len(rows)))], lambda r: {
+        k: v.to(dev) for k, v in D.collate_train([rows[j] for j in r], pad).items()}, n_targets))
 
 
 def _weights(runner):
@@ -316,3 +317,21 @@ def test_sigkill_then_resume_auto_with_adamw8bit_in_backward(demo_runs, tiny_mod
 
     a, b = (load_file(str(root / r / "final/model.safetensors")) for r in ("lowbit", "killed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_on_gpu_in_backward_equals_the_ordinary_step_compiled(tiny_model_dir, batches, optimizer):
+    """On CUDA with torchao's compiled step (fp32 weights: no random rounding, so the order the parameters
+    are stepped in does not matter): in-backward and ordinary steps give the same weights."""
+    groups, pad = batches
+    base = dict(lr=1e-2, max_grad_norm=0.0, optimizer=optimizer)
+    with torch.compiler.set_stance("default"):
+        ordinary = _runner(tiny_model_dir, _cfg(**base), cpu=False)
+        in_bwd = _runner(tiny_model_dir, _cfg(**base, optimizer_in_backward=True), cpu=False)
+        for rows in groups:
+            a, b = _step(ordinary, rows, pad), _step(in_bwd, rows, pad)
+            assert a.stepped and b.stepped and b.nll == pytest.approx(a.nll, rel=1e-5)
+    wa, wb = _weights(ordinary), _weights(in_bwd)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-5, msg=k)
