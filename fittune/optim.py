@@ -1,7 +1,9 @@
 """The optimizer of a run, decided and built in one place: `build_optimizer(cfg, params, strategy, mixed, fused)`.
 
   train.optimizer           adamw (torch's AdamW; torchao's AdamW with bf16 stochastic rounding when the
-                            trainable weights are bf16), adamw8bit / adamw4bit (torchao, block-quantized moments)
+                            trainable weights are bf16 and fittune steps them itself: DeepSpeed and FSDP2 keep
+                            fp32 master weights of a bf16 module), adamw8bit / adamw4bit (torchao, block-quantized
+                            moments)
   train.optimizer_in_backward
                             each parameter stepped from its post-accumulate-grad hook the moment its gradient
                             is complete, the gradient freed at once (InBackwardOptimizer)
@@ -86,10 +88,12 @@ class OptimizerChoice:
         return ", ".join(parts)
 
 
-def choose(optimizer: str, in_backward: bool, trainable_dtype: torch.dtype) -> OptimizerChoice:
-    """The optimizer for train.optimizer / optimizer_in_backward and the trainable weights' dtype."""
-    return OptimizerChoice(optimizer, trainable_dtype == torch.bfloat16, in_backward,
-                           fp16_weights=trainable_dtype == torch.float16)
+def choose(optimizer: str, in_backward: bool, trainable_dtype: torch.dtype, strategy: Strategy) -> OptimizerChoice:
+    """The optimizer for train.optimizer / optimizer_in_backward and the trainable weights' dtype as loaded.
+    DeepSpeed and FSDP2 keep fp32 master weights of a bf16 module themselves: no stochastic rounding there."""
+    native = not strategy.sharded
+    return OptimizerChoice(optimizer, native and trainable_dtype == torch.bfloat16, in_backward,
+                           fp16_weights=native and trainable_dtype == torch.float16)
 
 
 def unsupported(choice: OptimizerChoice, strategy: Strategy, mixed: str, lora: bool) -> str | None:
@@ -273,7 +277,7 @@ def build_optimizer(cfg, params: list, strategy: Strategy, mixed: str, fused: bo
     dtypes = {p.dtype for p in params}
     choice = choose(t.optimizer, t.optimizer_in_backward,
                     torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16 if torch.float16 in dtypes
-                    else torch.float32)
+                    else torch.float32, strategy)
     reason = unsupported(choice, strategy, mixed, cfg.lora.enabled)
     if reason:
         raise FittuneError(reason)

@@ -246,7 +246,7 @@ def _optimizer_reason(option: LaunchOption, cfg: Config, mixed: str, itemsize: i
     """Why the row's optimizer cannot run under its strategy (fittune.optim.unsupported), shortly; "" if it can."""
     t = cfg.train
     dtype = {2: torch.bfloat16 if mixed != "fp16" else torch.float16, 4: torch.float32}[itemsize]
-    choice = choose(t.optimizer, t.optimizer_in_backward, dtype)
+    choice = choose(t.optimizer, t.optimizer_in_backward, dtype, option.strategy)
     if unsupported(choice, option.strategy, mixed, cfg.lora.enabled) is None:
         return ""
     return "not with optimizer_in_backward" if choice.in_backward else f"not with train.optimizer {t.optimizer}" \

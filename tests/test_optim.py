@@ -124,16 +124,20 @@ def test_in_backward_refuses_what_it_cannot_do(overrides, needle):
 
 @pytest.mark.parametrize("name", ["ddp", "zero2", "zero3_offload", "fsdp2"])
 def test_one_process_only_for_torchao_and_in_backward(name):
-    strategy = Strategy.named(name, 2)
-    assert "in one process" in unsupported(choose("adamw", True, torch.float32), strategy, "bf16", False)
-    assert "one process" in unsupported(choose("adamw8bit", False, torch.float32), strategy, "bf16", False)
-    assert "one process" in unsupported(choose("adamw", False, torch.bfloat16), strategy, "bf16", False)
-    assert unsupported(choose("adamw", False, torch.float32), strategy, "bf16", False) is None  # today's path
-    for single in (Strategy(), Strategy.named("device_map")):
-        assert unsupported(choose("adamw8bit", True, torch.bfloat16), single, "bf16", False) is None
-    assert "LoRA" in unsupported(choose("adamw8bit", False, torch.float32), Strategy(), "bf16", True)
-    assert "fp16 weights" in unsupported(choose("adamw8bit", False, torch.float16), Strategy(), "fp16", False)
-    assert "fp16 loss scaling" in unsupported(choose("adamw", True, torch.float32), Strategy(), "fp16", False)
+    strategy, one = Strategy.named(name, 2), Strategy()
+    assert "in one process" in unsupported(choose("adamw", True, torch.float32, strategy), strategy, "bf16", False)
+    assert "one process" in unsupported(choose("adamw8bit", False, torch.float32, strategy), strategy, "bf16", False)
+    assert unsupported(choose("adamw", False, torch.float32, strategy), strategy, "bf16", False) is None  # as before
+    bf16 = choose("adamw", False, torch.bfloat16, strategy)
+    if strategy.sharded:  # the engine keeps fp32 master weights of a bf16 module: nothing to round
+        assert not bf16.stochastic_rounding and unsupported(bf16, strategy, "bf16", False) is None
+    else:  # DDP replicas would each draw their own rounding
+        assert "one process" in unsupported(bf16, strategy, "bf16", False)
+    for single in (one, Strategy.named("device_map")):
+        assert unsupported(choose("adamw8bit", True, torch.bfloat16, single), single, "bf16", False) is None
+    assert "LoRA" in unsupported(choose("adamw8bit", False, torch.float32, one), one, "bf16", True)
+    assert "fp16 weights" in unsupported(choose("adamw8bit", False, torch.float16, one), one, "fp16", False)
+    assert "fp16 loss scaling" in unsupported(choose("adamw", True, torch.float32, one), one, "fp16", False)
 
 
 def test_bf16_weights_lose_small_updates_without_stochastic_rounding():
@@ -335,3 +339,25 @@ def test_on_gpu_in_backward_equals_the_ordinary_step_compiled(tiny_model_dir, ba
     wa, wb = _weights(ordinary), _weights(in_bwd)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_in_backward_state_view_serves_lora_portable_moments():
+    """fittune.checkpoints reads and writes `optimizer.state[p]` (LoRA's portable moments): with one optimizer
+    per parameter the facade's state is each parameter's own (read after a step, written on resume)."""
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    setup = build_optimizer(_cfg(max_grad_norm=0.0, optimizer_in_backward=True), [p, q], Strategy(), "no", False)
+    opt = setup.optimizer
+    (p.sum() * 2).backward()  # only p gets a gradient: only p is stepped
+    assert set(opt.state) == {p} and opt.state[p]["exp_avg"].shape == (3,) and opt.state.get(q, {}) == {}
+    opt.state[q] = {"step": torch.tensor(1.0), "exp_avg": torch.ones(2), "exp_avg_sq": torch.ones(2)}
+    assert opt.by_param[q].state[q]["exp_avg"].sum() == 2  # written into q's own optimizer
+    done = opt.finish_step()
+    assert done.stepped and done.grad_norm == pytest.approx(2 * 3**0.5)
+
+
+def test_missing_torchao_is_one_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao.optim", None)  # as if not installed
+    with pytest.raises(FittuneError, match=r"pip install 'fittune\[lowbit\]'"):
+        build_optimizer(_cfg(optimizer="adamw8bit"), [torch.nn.Parameter(torch.ones(2))], Strategy(), "no", False)
