@@ -51,17 +51,26 @@ def _cfg(**train):
     return build_config(None, {f"train.{k}": v for k, v in train.items()})
 
 
-def _runner(model_dir, cfg, dtype=torch.float32, cpu=True):
+def _runner(model_dir, cfg, dtype=torch.float32, cpu=True, recompute=False):
+    """A StepRunner over the tiny model with the optimizer fittune builds for `cfg`; `recompute`: gradient
+    checkpointing and the chunked loss (32-token chunks), both recomputed inside backward."""
     from transformers import get_scheduler
+
+    from fittune.loss import install_chunked_loss
+    from fittune.model import enable_gradient_checkpointing
 
     accel = Accelerator(cpu=cpu)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    head = None
+    if recompute:
+        enable_gradient_checkpointing(model, lora=False)
+        head = model.get_output_embeddings() if install_chunked_loss(model, 32) else None
     params = [p for p in model.parameters() if p.requires_grad]
     setup = build_optimizer(cfg, params, Strategy(), "no", fused=not cpu)
     sched = get_scheduler("linear", setup.optimizer, num_training_steps=8, num_warmup_steps=1)
     model, opt = accel.prepare(model, setup.optimizer)
     model.train()
-    runner = StepRunner(accel, Strategy(), model, opt, sched, params, None, cfg.train.max_grad_norm, "no")
+    runner = StepRunner(accel, Strategy(), model, opt, sched, params, head, cfg.train.max_grad_norm, "no")
     runner.in_backward = setup.in_backward
     return runner
 
@@ -77,11 +86,14 @@ def _weights(runner):
     return {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
 
 
-def test_in_backward_equals_the_ordinary_step_fp32_adamw(tiny_model_dir, batches):
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "checkpointing+chunked-loss"])
+def test_in_backward_equals_the_ordinary_step_fp32_adamw(tiny_model_dir, batches, recompute):
+    """Several steps, fp32 weights, torch AdamW: the same losses, gradient norms and weights (1e-6), with and
+    without what recomputes inside backward (a parameter is stepped only after its last use there)."""
     groups, pad = batches
     base = dict(lr=1e-2, max_grad_norm=0.0, weight_decay=0.1)
-    ordinary = _runner(tiny_model_dir, _cfg(**base))
-    in_bwd = _runner(tiny_model_dir, _cfg(**base, optimizer_in_backward=True))
+    ordinary = _runner(tiny_model_dir, _cfg(**base), recompute=recompute)
+    in_bwd = _runner(tiny_model_dir, _cfg(**base, optimizer_in_backward=True), recompute=recompute)
     assert isinstance(in_bwd.in_backward, InBackwardOptimizer) and ordinary.in_backward is None
     before = _weights(ordinary)
     for rows in groups:  # 4 steps, a linear schedule with warmup: the lr changes every step
