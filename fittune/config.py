@@ -121,7 +121,10 @@ class ModelConfig(_Section):
     `<output_dir>/base_model` and then loads it through the same `from_pretrained` path."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype the weights are loaded in. `auto`: float32 for full fine-tuning (fp32 master weights under
-    mixed precision), the mixed-precision dtype for the frozen base of a LoRA run."""
+    mixed precision), the mixed-precision dtype for the frozen base of a LoRA run. `bfloat16` for full
+    fine-tuning keeps no fp32 copy (2 bytes per parameter instead of 4): the weights are updated with
+    stochastic rounding (torchao; see train.optimizer), one process (DeepSpeed and FSDP2 keep fp32 master
+    weights of a bf16 module themselves)."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers (`sdpa`, `eager`, `flash_attention_2`)."""
     trust_remote_code: bool = False
@@ -288,8 +291,8 @@ class TrainConfig(_Section):
     bf16 weights torchao's AdamW with bf16 stochastic rounding), or block-quantized to 8 bits (`adamw8bit`,
     ~2 bytes per parameter for both moments) or 4 bits (`adamw4bit`, ~1 byte) by torchao
     (`pip install 'fittune[lowbit]'`). Full fine-tuning with `model.dtype: bfloat16` always updates the bf16
-    weights with stochastic rounding (else small updates are lost). The low-bit ones are for full
-    fine-tuning, one process (a single GPU or `model.parallel: auto`)."""
+    weights with stochastic rounding (else small updates are lost). The torchao ones run in one process (a
+    single GPU, the CPU or `model.parallel: auto`); the low-bit ones are for full fine-tuning."""
     optimizer_in_backward: bool = False
     """Step each parameter from a post-accumulate-grad hook as soon as its gradient is complete and free the
     gradient at once, so no full set of gradients ever exists (full fine-tuning saves one gradient per
