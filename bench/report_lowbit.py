@@ -31,6 +31,8 @@ def main():
           "vs naive pure bf16 | vs naive DeepSpeed offload (same accum) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if r["case"] in naive or r["case"].startswith("profiled "):
+            continue  # the naive loops' own rows (collected into rows.jsonl too)
         if "error" in r or r["case"].startswith("naive-"):
             if "error" in r:
                 print(f"| {r['case']} | | | {r['error']} | | | | | | |")
