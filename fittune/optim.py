@@ -105,11 +105,14 @@ def unsupported(choice: OptimizerChoice, strategy: Strategy, mixed: str, lora: b
         return (f"train.optimizer {choice.name} is for full fine-tuning (LoRA's optimizer states are a few MB): "
                 f"use train.optimizer adamw with LoRA")
     if choice.torchao and (strategy.distributed or strategy.sharded):
+        why = ("DeepSpeed and FSDP2 shard the optimizer step themselves" if strategy.sharded else
+               "DDP replicas would each draw their own stochastic rounding" if choice.stochastic_rounding else
+               "low-bit states under DDP are not supported yet")
         return (f"torchao's optimizers (train.optimizer {choice.name}"
                 f"{', bf16 weights with stochastic rounding' if choice.stochastic_rounding else ''}) run in one "
-                f"process in fittune, not under {strategy.name} (DeepSpeed and FSDP2 shard the step themselves; "
-                f"DDP replicas would round differently): launch one process (accelerate_configs/single_gpu.yaml), "
-                f"or use train.optimizer adamw with fp32 weights (model.dtype auto)")
+                f"process in fittune, not under {strategy.name} ({why}): launch one process "
+                f"(accelerate_configs/single_gpu.yaml), or use train.optimizer adamw with fp32 weights "
+                f"(model.dtype auto)")
     if choice.in_backward and (strategy.distributed or strategy.sharded):
         return (f"train.optimizer_in_backward runs in one process, not under {strategy.name} (DDP reduces "
                 f"gradients in buckets after the hooks have run; DeepSpeed and FSDP2 own the optimizer step): "
