@@ -1,9 +1,12 @@
 """Peak memory of one strategy at one micro-batch size: per GPU and in CPU RAM, from named terms.
 
   weights      parameters resident on the GPU, in the dtype they are kept in by that strategy;
-  gradients    one per trainable parameter (sharded by ZeRO / FSDP, moved to the CPU by offload);
-  optimizer    AdamW's two moments (exp_avg, exp_avg_sq) in the trainable parameter's dtype (fp32), plus an
-               fp32 master copy where the engine keeps the module in half precision (DeepSpeed);
+  gradients    one per trainable parameter (sharded by ZeRO / FSDP, moved to the CPU by offload); with the
+               optimizer in backward (train.optimizer_in_backward) only the largest tensor's at a time;
+  optimizer    AdamW's two moments (exp_avg, exp_avg_sq) in the trainable parameter's dtype (fp32, or bf16
+               for bf16 weights), or torchao's 8-/4-bit blocks (train.optimizer, fittune.optim.state_bytes:
+               exact per tensor), plus an fp32 master copy where the engine keeps the module in half
+               precision (DeepSpeed);
   activations  what autograd saves in forward for backward (fittune/activations.py), or with gradient
                checkpointing each layer's input, plus the layer being back-propagated;
   logits/loss  the vocabulary-sized tensors of the output head and the cross-entropy (logits_bytes);
@@ -419,7 +422,8 @@ def _device_map(strategy: Strategy, shape: ModelShape, work: Workload, dt: Activ
         weights = (per_gpu * _loaded_bytes(shape, layer_f, shape.layer_trainable) + (embed_b if first else 0)
                    + (head_b if holds_tail else 0))
         share = trainable / max(shape.trainable_params, 1)  # this GPU's part of the optimizer states
-        gpu = {"weights": weights, "gradients": trainable * ti, "optimizer": int(_optimizer_bytes(shape, work) * share)}
+        grads = min(trainable, max(trainable_numels(shape))) if work.in_backward else trainable
+        gpu = {"weights": weights, "gradients": grads * ti, "optimizer": int(_optimizer_bytes(shape, work) * share)}
         gpu_pass = _pass_terms(shape, dt, work, per_gpu, has_head)
         if _half(work) and ti == FP32:  # autocast copies of this GPU's share of the fp32 trainable weights
             gpu_pass["weight copies"] = HALF * shape.autocast_cast_params * trainable // max(
