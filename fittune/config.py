@@ -121,7 +121,10 @@ class ModelConfig(_Section):
     `<output_dir>/base_model` and then loads it through the same `from_pretrained` path."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype the weights are loaded in. `auto`: float32 for full fine-tuning (fp32 master weights under
-    mixed precision), the mixed-precision dtype for the frozen base of a LoRA run."""
+    mixed precision), the mixed-precision dtype for the frozen base of a LoRA run. `bfloat16` for full
+    fine-tuning keeps no fp32 copy (2 bytes per parameter instead of 4): the weights are updated with
+    stochastic rounding (torchao; see train.optimizer), one process (DeepSpeed and FSDP2 keep fp32 master
+    weights of a bf16 module themselves)."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers (`sdpa`, `eager`, `flash_attention_2`)."""
     trust_remote_code: bool = False
@@ -283,11 +286,45 @@ class TrainConfig(_Section):
     does so for LoRA runs when liger-kernel is installed and the model is on a GPU (for full fine-tuning it
     measured slower, see bench/RESULTS.md); `torch` never. Never required."""
 
+    optimizer: Literal["adamw", "adamw8bit", "adamw4bit"] = "adamw"
+    """AdamW with its two moments in the trainable weights' dtype (`adamw`: torch's fused/foreach AdamW; with
+    bf16 weights torchao's AdamW with bf16 stochastic rounding), or block-quantized to 8 bits (`adamw8bit`,
+    ~2 bytes per parameter for both moments) or 4 bits (`adamw4bit`, ~1 byte) by torchao
+    (`pip install 'fittune[lowbit]'`). Full fine-tuning with `model.dtype: bfloat16` always updates the bf16
+    weights with stochastic rounding (else small updates are lost). The torchao ones run in one process (a
+    single GPU, the CPU or `model.parallel: auto`); the low-bit ones are for full fine-tuning."""
+    optimizer_in_backward: bool = False
+    """Step each parameter from a post-accumulate-grad hook as soon as its gradient is complete and free the
+    gradient at once, so no full set of gradients ever exists (full fine-tuning saves one gradient per
+    parameter). One process only; needs train.grad_accum 1 (the update cannot wait for more micro-batches),
+    train.max_grad_norm 0 (the global norm needs every gradient at once; the norm is still logged), no fp16
+    (loss scaling must check every gradient before any update) and no train.oom_adaptive (a failed step
+    could not be redone). A non-finite first gradient skips the whole step; the LR schedule is unchanged."""
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.max_steps == 0 and self.epochs <= 0:
             raise ValueError("train.max_steps is 0 and train.epochs is 0: set one of them")
+        if self.optimizer_in_backward:
+            _check_in_backward(self)
         return self
+
+
+def _check_in_backward(t: TrainConfig) -> None:
+    """What train.optimizer_in_backward cannot do, each refused with the reason and the fix."""
+    why = "train.optimizer_in_backward steps each parameter as soon as its gradient is ready"
+    if t.grad_accum > 1:
+        raise ValueError(f"{why}, so gradients cannot be accumulated: set train.grad_accum 1 (a larger "
+                         f"train.micro_batch_size instead) or turn optimizer_in_backward off")
+    if t.max_grad_norm > 0:
+        raise ValueError(f"{why}, so the global gradient norm is not known before the first update: set "
+                         f"train.max_grad_norm 0 (the norm is still logged) or turn optimizer_in_backward off")
+    if t.oom_adaptive:
+        raise ValueError(f"{why}, so a step that runs out of memory cannot be redone: turn train.oom_adaptive "
+                         f"off (python -m fittune.plan picks a micro-batch that fits)")
+    if t.mixed_precision == "fp16":
+        raise ValueError(f"{why}, but fp16 loss scaling must check every gradient before any update: use bf16 "
+                         f"(train.mixed_precision bf16) or turn optimizer_in_backward off")
 
 
 class EvalConfig(_Section):

@@ -1,9 +1,12 @@
 """Peak memory of one strategy at one micro-batch size: per GPU and in CPU RAM, from named terms.
 
   weights      parameters resident on the GPU, in the dtype they are kept in by that strategy;
-  gradients    one per trainable parameter (sharded by ZeRO / FSDP, moved to the CPU by offload);
-  optimizer    AdamW's two moments (exp_avg, exp_avg_sq) in the trainable parameter's dtype (fp32), plus an
-               fp32 master copy where the engine keeps the module in half precision (DeepSpeed);
+  gradients    one per trainable parameter (sharded by ZeRO / FSDP, moved to the CPU by offload); with the
+               optimizer in backward (train.optimizer_in_backward) only the largest tensor's at a time;
+  optimizer    AdamW's two moments (exp_avg, exp_avg_sq) in the trainable parameter's dtype (fp32, or bf16
+               for bf16 weights), or torchao's 8-/4-bit blocks (train.optimizer, fittune.optim.state_bytes:
+               exact per tensor), plus an fp32 master copy where the engine keeps the module in half
+               precision (DeepSpeed);
   activations  what autograd saves in forward for backward (fittune/activations.py), or with gradient
                checkpointing each layer's input, plus the layer being back-propagated;
   logits/loss  the vocabulary-sized tensors of the output head and the cross-entropy (logits_bytes);
@@ -48,6 +51,7 @@ from fittune.activations import (
 from fittune.errors import FittuneError
 from fittune.hardware import GIB
 from fittune.model_shapes import ModelShape
+from fittune.optim import QUANTIZE_MIN, state_bytes
 from fittune.strategy import Strategy
 
 ADAM_MOMENTS = 2  # exp_avg + exp_avg_sq, each the size (and dtype) of the trainable parameter
@@ -73,6 +77,10 @@ class Workload:
     """train.loss_chunk_size (0: the standard loss)."""
     mixed: str
     """The run's mixed precision: `no`, `bf16` or `fp16`."""
+    optimizer: str = "adamw"
+    """train.optimizer: the moments' bytes (fittune.optim.state_bytes)."""
+    in_backward: bool = False
+    """train.optimizer_in_backward: one gradient at a time instead of a full set."""
 
 
 @dataclass
@@ -249,8 +257,14 @@ def _native(strategy: Strategy, shape: ModelShape, work: Workload, procs: int) -
     loaded = _loaded_bytes(shape)
     # fittune steps with fused AdamW on CUDA: in place, no per-parameter temporaries. Measured on an H200,
     # 3B full fine-tune 2 x 1024, accumulation 1: 47.23 GiB = weights + gradients + moments + 1.2 GiB
-    res = _Resident(gpu={"weights": loaded, "gradients": t * ti, "optimizer": ADAM_MOMENTS * t * ti},
-                    gpu_step={"optimizer step": 0}, cpu=_cpu(procs, loaded))
+    res = _Resident(gpu={"weights": loaded, "gradients": t * ti, "optimizer": _optimizer_bytes(shape, work)},
+                    gpu_step={"optimizer step": _lowbit_step_temp(shape, work)}, cpu=_cpu(procs, loaded))
+    _explain_optimizer(res, shape, work)
+    if work.in_backward:
+        res.gpu["gradients"] = max(trainable_numels(shape)) * ti
+        res.explain["gradients"] = ("one gradient at a time (optimizer in backward): the largest trainable "
+                                    "tensor's" + (", the tied embedding, held from the output head's backward to "
+                                                  "the embedding's" if shape.tie_word_embeddings else ""))
     if _half(work) and ti == FP32:
         res.gpu_pass["weight copies"] = HALF * shape.autocast_cast_params
         res.explain["weight copies"] = "autocast's half copies of the fp32 trainable matmul weights (forward)"
@@ -258,6 +272,49 @@ def _native(strategy: Strategy, shape: ModelShape, work: Workload, procs: int) -
         res.gpu["gradients"] += t * ti
         res.explain["gradients"] = "gradients + DDP's reducer buckets (a second copy)"
     return res
+
+
+def trainable_numels(shape: ModelShape) -> list[int]:
+    """Element counts of every trainable tensor (what torchao quantizes tensor by tensor): per decoder layer
+    its projections' weights, the q/k/v biases (Qwen2) and the two norms, then the embedding, a separate
+    head and the final norm. Whatever the layer holds beyond these (other biases) is one small tensor."""
+    if shape.lora:
+        return [shape.trainable_params]  # LoRA never uses the low-bit states (fittune.optim.unsupported)
+    layer = [p.in_features * p.out_features for p in shape.projections]
+    qkv_bias = [shape.projection(n).out_features for n in ("q_proj", "k_proj", "v_proj")]
+    norms = [shape.hidden_size] * 2 if shape.norm_trainable else []
+    rest = shape.layer_params - sum(layer) - sum(norms)
+    layer += norms + (qkv_bias if rest == sum(qkv_bias) else [rest] if rest else [])
+    out = layer * shape.num_layers + [shape.embed_params] + ([shape.head_params] if shape.head_params else [])
+    left = shape.trainable_params - sum(out)
+    return out + ([left] if left > 0 else [])  # the final norm
+
+
+def _optimizer_bytes(shape: ModelShape, work: Workload) -> int:
+    """AdamW's two moments for every trainable tensor (fittune.optim.state_bytes: fp32/bf16, or torchao's
+    8-/4-bit blocks with their scales; tensors too small to quantize stay in the weights' dtype)."""
+    if work.optimizer == "adamw":
+        return ADAM_MOMENTS * shape.trainable_params * shape.trainable_itemsize
+    return state_bytes(trainable_numels(shape), work.optimizer, shape.trainable_itemsize)
+
+
+def _lowbit_step_temp(shape: ModelShape, work: Workload) -> int:
+    """torchao's low-bit step of one tensor (it steps one tensor at a time): both moments in fp32 while they
+    are re-quantized block by block (2 x 4 B per element of the largest tensor), the rest of its compiled
+    step being element-wise. An upper estimate, not yet measured (bench/run_gpu_lowbit.sh measures it).
+    0 for torch's fused AdamW (in place) and torchao's bf16 AdamW (element-wise, moments in bf16)."""
+    if work.optimizer == "adamw":
+        return 0
+    return ADAM_MOMENTS * FP32 * max(trainable_numels(shape))
+
+
+def _explain_optimizer(res: _Resident, shape: ModelShape, work: Workload) -> None:
+    if work.optimizer != "adamw":
+        bits = "8-bit" if work.optimizer == "adamw8bit" else "4-bit"
+        res.explain["optimizer"] = (f"2 AdamW moments, {bits} blocks + fp32 scales (torchao; tensors under "
+                                    f"{QUANTIZE_MIN} elements in {shape.trainable_itemsize} B)")
+    if res.gpu_step["optimizer step"]:
+        res.explain["optimizer step"] = "fp32 copies of the largest tensor's two moments while re-quantized"
 
 
 def _deepspeed(strategy: Strategy, shape: ModelShape, work: Workload, procs: int) -> _Resident:
@@ -364,7 +421,9 @@ def _device_map(strategy: Strategy, shape: ModelShape, work: Workload, dt: Activ
         trainable = per_gpu * shape.layer_trainable + (embed_t if first else 0) + (head_t if holds_tail else 0)
         weights = (per_gpu * _loaded_bytes(shape, layer_f, shape.layer_trainable) + (embed_b if first else 0)
                    + (head_b if holds_tail else 0))
-        gpu = {"weights": weights, "gradients": trainable * ti, "optimizer": ADAM_MOMENTS * trainable * ti}
+        share = trainable / max(shape.trainable_params, 1)  # this GPU's part of the optimizer states
+        grads = min(trainable, max(trainable_numels(shape))) if work.in_backward else trainable
+        gpu = {"weights": weights, "gradients": grads * ti, "optimizer": int(_optimizer_bytes(shape, work) * share)}
         gpu_pass = _pass_terms(shape, dt, work, per_gpu, has_head)
         if _half(work) and ti == FP32:  # autocast copies of this GPU's share of the fp32 trainable weights
             gpu_pass["weight copies"] = HALF * shape.autocast_cast_params * trainable // max(

@@ -15,8 +15,11 @@ from __future__ import annotations
 import math
 import shlex
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from fittune.activations import (
     CHUNKED_LOSS_BYTES_PER_LOGIT,
@@ -38,6 +41,7 @@ from fittune.estimate import (
 from fittune.hardware import GIB, Hardware, detect_hardware
 from fittune.model import weights_dtype
 from fittune.model_shapes import ModelShape, model_shape
+from fittune.optim import choose, unsupported
 from fittune.precision import resolve_precision
 from fittune.strategy import Strategy
 
@@ -59,11 +63,19 @@ class LaunchOption:
     accelerate_config: str | None
     """accelerate_configs/<name>.yaml; None: launched with python (the device map, `model.parallel: auto`)."""
     description: str
+    recipe_overrides: tuple[tuple[str, object], ...] = ()
+    """Config keys this row sets on top of the recipe (the low-memory full fine-tuning rows), in order."""
 
     @property
     def name(self) -> str:
         """The strategy's shared name (fittune.strategy.NAMES)."""
         return self.strategy.name
+
+    @property
+    def key(self) -> str:
+        """Unique among LAUNCH_OPTIONS: the strategy's name, + the optimizer a low-memory row sets."""
+        optimizer = dict(self.recipe_overrides).get("train.optimizer")
+        return self.name + (f"+{optimizer}_in_backward" if optimizer else "")
 
     @property
     def runnable(self) -> bool:
@@ -75,9 +87,24 @@ def _config_path(name: str) -> Path:
     return REPO_ROOT / "accelerate_configs" / f"{name}.yaml"
 
 
-# From the fastest to the slowest (expected speed): the recommendation is the first one that fits.
+def _low_memory(optimizer: str) -> tuple[tuple[str, object], ...]:
+    """The recipe keys of full fine-tuning in bf16 with `optimizer`'s low-bit states stepped in backward
+    (fittune.optim); clipping off and no accumulation, as in-backward requires (the plan sets the micro-batch)."""
+    return (("model.dtype", "bfloat16"), ("train.mixed_precision", "bf16"), ("train.max_grad_norm", 0.0),
+            ("train.optimizer", optimizer), ("train.optimizer_in_backward", True))
+
+
+# From the fastest to the slowest (expected speed): the recommendation is the first one that fits. The
+# low-memory rows come right after the recipe's own single-GPU row: the recipe as written is preferred when
+# it fits; they keep everything on one GPU (no CPU offload), ahead of the multi-GPU and offload strategies.
 LAUNCH_OPTIONS: tuple[LaunchOption, ...] = (
     LaunchOption(Strategy.named("single", 1), "single GPU", "single_gpu", "one process, whole model on one GPU"),
+    LaunchOption(Strategy.named("single", 1), "single GPU, bf16 + 8-bit AdamW in backward", "single_gpu",
+                 "full fine-tuning, bf16 weights, 8-bit AdamW states, each parameter stepped in backward",
+                 _low_memory("adamw8bit")),
+    LaunchOption(Strategy.named("single", 1), "single GPU, bf16 + 4-bit AdamW in backward", "single_gpu",
+                 "full fine-tuning, bf16 weights, 4-bit AdamW states, each parameter stepped in backward",
+                 _low_memory("adamw4bit")),
     LaunchOption(Strategy.named("ddp", 2), "DDP", "multi_gpu",
                  "one process per GPU, each with a full copy of the model"),
     LaunchOption(Strategy.named("zero2", 2), "ZeRO-2", "deepspeed_zero2",
@@ -92,7 +119,8 @@ LAUNCH_OPTIONS: tuple[LaunchOption, ...] = (
     LaunchOption(Strategy.named("zero3_offload", 1), "ZeRO-3 + param/optim offload", "deepspeed_zero3_offload",
                  "DeepSpeed: parameters and optimizer in CPU RAM; the least GPU memory, the slowest"),
 )
-OPTION_BY_NAME = {o.name: o for o in LAUNCH_OPTIONS}
+OPTION_BY_NAME = {o.name: o for o in LAUNCH_OPTIONS if not o.recipe_overrides}
+"""The recipe's own row of each strategy."""
 
 
 def _single_gpu(strategy: Strategy) -> bool:
@@ -102,6 +130,17 @@ def _single_gpu(strategy: Strategy) -> bool:
 
 # ---------------------------------------------------------------------------------------------------------
 # The plan
+
+
+@dataclass
+class Row:
+    """One launch option as planned: its estimate, and the recipe it runs (the recipe + the row's keys)."""
+
+    option: LaunchOption
+    estimate: Estimate
+    cfg: Config
+    shape: ModelShape
+    mixed: str
 
 
 @dataclass
@@ -120,15 +159,22 @@ class Plan:
     recipe: str
     extra_args: list[str]
     notes: list[str]
+    rows: list[Row] = field(default_factory=list)
+    """One per LAUNCH_OPTIONS row, in its order (`estimates` are their estimates)."""
+
+    def row(self, est: Estimate) -> Row:
+        """The row `est` belongs to."""
+        return next(r for r in self.rows if r.estimate is est)
 
     def command(self, est: Estimate) -> str:
         """The exact command that launches `est` with this repository's files."""
-        config = OPTION_BY_NAME[est.strategy.name].accelerate_config
+        option = self.row(est).option
+        config = option.accelerate_config
         args = ["--config", self.recipe]
         if est.strategy.device_map:
             args += ["--model.parallel", "auto"]  # one process, layers spread over the GPUs
-        args += [*self.extra_args, "--train.micro_batch_size", str(est.micro_batch),
-                 "--train.grad_accum", str(est.grad_accum)]
+        args += [*self.extra_args, *(a for k, v in option.recipe_overrides for a in (f"--{k}", _arg(v))),
+                 "--train.micro_batch_size", str(est.micro_batch), "--train.grad_accum", str(est.grad_accum)]
         tail = " ".join(shlex.quote(a) for a in args)
         if config is None:
             return f"python train.py {tail}"
@@ -139,7 +185,7 @@ class Plan:
 
     def command_notes(self, est: Estimate) -> list[str]:
         """Caveats about the command: files or config keys it needs that do not exist yet."""
-        name = OPTION_BY_NAME[est.strategy.name].accelerate_config
+        name = self.row(est).option.accelerate_config
         if name and not _config_path(name).is_file():
             return [f"accelerate_configs/{name}.yaml does not exist yet"]
         return []
@@ -147,6 +193,15 @@ class Plan:
     def render(self) -> str:
         """The plan as text: setup, strategy table, recommendation and its memory breakdown."""
         return render(self)
+
+
+def _arg(value: object) -> str:
+    """A config value as a command-line override (`true`, `0`, `bfloat16`)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _micro_candidates(micro: int, per_process: int) -> list[int]:
@@ -168,22 +223,60 @@ def _check_fit(est: Estimate, hw: Hardware) -> None:
     est.fits, est.limit = not over, " + ".join(over)
 
 
-def _fitted(option: LaunchOption, cfg: Config, shape: ModelShape, hw: Hardware, mixed: str,
-            global_batch: int) -> Estimate:
-    """`option` at the largest micro-batch that fits (or 1), with the accumulation that keeps the global
-    batch; a strategy fittune cannot launch yet is estimated for reference and marked not applicable."""
+def _row_config(cfg: Config, option: LaunchOption, per_process: int) -> tuple[Config, str]:
+    """The recipe `option` runs ((cfg, "") for the recipe's own rows) and why the row does not apply ("")."""
+    if not option.recipe_overrides:
+        return cfg, ""
+    if cfg.lora.enabled:
+        return cfg, "full fine-tuning only"
+    tree = cfg.model_dump()
+    for key, value in option.recipe_overrides:
+        section, leaf = key.split(".")
+        tree[section][leaf] = value
+    tree["train"].update(micro_batch_size=per_process, grad_accum=1)  # in backward: no accumulation
+    try:
+        row_cfg = Config.model_validate(tree)
+    except ValueError as e:  # e.g. the recipe turns train.oom_adaptive on
+        return cfg, str(e).splitlines()[-1][:60]
+    same = all(getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) == v for k, v in option.recipe_overrides)
+    return row_cfg, "the recipe's own row" if same else ""
+
+
+def _optimizer_reason(option: LaunchOption, cfg: Config, mixed: str, itemsize: int) -> str:
+    """Why the row's optimizer cannot run under its strategy (fittune.optim.unsupported), shortly; "" if it can."""
     t = cfg.train
+    dtype = {2: torch.bfloat16 if mixed != "fp16" else torch.float16, 4: torch.float32}[itemsize]
+    choice = choose(t.optimizer, t.optimizer_in_backward, dtype, option.strategy)
+    if unsupported(choice, option.strategy, mixed, cfg.lora.enabled) is None:
+        return ""
+    return "not with optimizer_in_backward" if choice.in_backward else f"not with train.optimizer {t.optimizer}" \
+        if choice.name != "adamw" else "not with bf16 weights"
+
+
+def _fitted(option: LaunchOption, cfg: Config, shapes: Callable[[Config, str], ModelShape], hw: Hardware,
+            mixed: str, global_batch: int) -> Row:
+    """`option` at the largest micro-batch that fits (or 1), with the accumulation that keeps the global
+    batch (optimizer in backward: accumulation 1); a strategy fittune cannot launch (yet, or with this
+    recipe's optimizer) is estimated for reference and marked not applicable."""
     per_process = global_batch // processes(option.strategy, hw.gpus)
-    for m in _micro_candidates(t.micro_batch_size, per_process):  # always ends with 1
-        work = Workload(m, cfg.data.max_length, t.gradient_checkpointing, t.loss_chunk_size, mixed)
+    row_cfg, why_not = _row_config(cfg, option, per_process)
+    if option.recipe_overrides and not hw.bf16:
+        why_not = why_not or "needs a bf16 GPU"  # fp16 GPUs keep fp32 master weights
+    row_mixed = "bf16" if option.recipe_overrides else mixed
+    shape, t = shapes(row_cfg, row_mixed), row_cfg.train
+    why_not = why_not or _optimizer_reason(option, row_cfg, row_mixed, shape.trainable_itemsize)
+    sizes = [per_process] if t.optimizer_in_backward else _micro_candidates(t.micro_batch_size, per_process)
+    for m in sizes:  # always ends with 1, unless in backward
+        work = Workload(m, row_cfg.data.max_length, t.gradient_checkpointing, t.loss_chunk_size, row_mixed,
+                        t.optimizer, t.optimizer_in_backward)
         est = estimate(option.strategy, shape, work, hw.gpus)
         est.grad_accum = per_process // m
         _check_fit(est, hw)
         if est.fits or "GPU memory" not in est.limit:
             break  # fits, or only CPU RAM is short: a smaller micro-batch does not change CPU RAM
-    if est.applicable and not option.runnable:
-        est.applicable, est.why_not = False, "not in fittune yet"
-    return est
+    if est.applicable and (why_not or not option.runnable):
+        est.applicable, est.why_not = False, why_not or "not in fittune yet"
+    return Row(option, est, row_cfg, shape, row_mixed)
 
 
 def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = None,
@@ -202,13 +295,22 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = 
         raise FittuneError("GPU count, GPU memory and CPU memory must be positive")
     # planned for a GPU even on a machine without one (hw.bf16 is then assumed)
     precision = resolve_precision(cfg.train.mixed_precision, LAUNCHER_PRECISION, gpu=True, bf16_supported=hw.bf16)
-    shape = model_shape(cfg, weights_dtype(cfg, precision.mixed))
+    cache: dict[torch.dtype, ModelShape] = {}
+
+    def shapes(row_cfg: Config, mixed: str) -> ModelShape:  # one meta-device count per weights dtype
+        dtype = weights_dtype(row_cfg, mixed)
+        if dtype not in cache:
+            cache[dtype] = model_shape(row_cfg, dtype)
+        return cache[dtype]
+
+    shape = shapes(cfg, precision.mixed)
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * hw.gpus
-    estimates = [_fitted(o, cfg, shape, hw, precision.mixed, global_batch) for o in LAUNCH_OPTIONS]
+    rows = [_fitted(o, cfg, shapes, hw, precision.mixed, global_batch) for o in LAUNCH_OPTIONS]
+    estimates = [r.estimate for r in rows]
     recommended = next((e for e in estimates if e.fits and e.applicable
                         and not (_single_gpu(e.strategy) and hw.gpus > 1)), None)
     return Plan(cfg, shape, hw, precision.mixed, precision.why, global_batch, estimates, recommended,
-                recipe or "<recipe.yaml>", list(extra_args), list(shape.notes) + list(hw.notes))
+                recipe or "<recipe.yaml>", list(extra_args), list(shape.notes) + list(hw.notes), rows)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -241,6 +343,8 @@ def _precision_line(plan: Plan) -> str:
     names = {4: "fp32", 2: plan.mixed if plan.mixed != "no" else "half"}
     if s.lora:
         weights = f"base weights {names[s.frozen_itemsize]}, adapters {names[s.trainable_itemsize]}"
+    elif s.trainable_itemsize == 2:
+        weights = f"weights {names[2]}, updated with stochastic rounding (no fp32 master copy)"
     else:
         weights = f"weights {names[s.trainable_itemsize]} (their own master copy on the native path)"
     mp = f"{plan.mixed} mixed precision" if plan.mixed != "no" else "no mixed precision, fp32 compute"
@@ -287,10 +391,10 @@ def _table_lines(plan: Plan) -> list[str]:
     header = ("strategy", "fits?", "micro x accum", "GPU GiB", "CPU GiB",
               "per GPU, GiB: resident | forward/backward | optimizer step | overhead")
     rows = []
-    for est in plan.estimates:
-        single = _single_gpu(est.strategy)
-        label = OPTION_BY_NAME[est.strategy.name].title + (
-            f" ({'LoRA' if plan.shape.lora else 'full'})" if single else "")
+    for row in plan.rows:
+        est, single = row.estimate, _single_gpu(row.estimate.strategy)
+        label = row.option.title + (
+            f" ({'LoRA' if plan.shape.lora else 'full'})" if single and not row.option.recipe_overrides else "")
         if not est.applicable:
             fits = est.why_not
         else:
@@ -314,29 +418,38 @@ def _nothing_fits_lines(plan: Plan) -> list[str]:
     hw = plan.hardware
     best = min((e for e in plan.estimates if e.applicable), key=lambda e: e.gpu_total)
     return [f"nothing fits {hw.gpus} x {hw.gpu_mem_gib:.1f} GiB even at micro-batch 1: the smallest "
-            f"need is {OPTION_BY_NAME[best.strategy.name].title} at {_gib(best.gpu_total)} GiB per GPU and "
+            f"need is {plan.row(best).option.title} at {_gib(best.gpu_total)} GiB per GPU and "
             f"{_gib(best.cpu_total)} GiB CPU RAM.",
             "try: --lora.enabled true, --train.gradient_checkpointing true, a smaller "
             "--data.max_length, more GPUs, or more CPU RAM for the offload strategies"]
 
 
 def _recommendation_lines(plan: Plan, rec: Estimate) -> list[str]:
-    t, option = plan.cfg.train, OPTION_BY_NAME[rec.strategy.name]
+    t, option = plan.cfg.train, plan.row(rec).option
     shrink = "" if rec.micro_batch == t.micro_batch_size else (
         f" (the recipe's micro-batch {t.micro_batch_size} does not fit: halved, accumulation raised to keep "
         f"the global batch)")
-    return [f"recommended: {option.title} ({option.description}), micro-batch "
+    keys = "".join(f"; sets {k} {_arg(v)}" for k, v in option.recipe_overrides if _recipe_value(plan.cfg, k) != v)
+    if rec.grad_accum == 1 and t.grad_accum > 1:
+        shrink = " (no accumulation in backward: the whole per-process batch in one micro-batch)"
+    return [f"recommended: {option.title} ({option.description}{keys}), micro-batch "
             f"{rec.micro_batch} x accumulation {rec.grad_accum} x {rec.processes} process"
             f"{'es' if rec.processes > 1 else ''} = global batch {plan.global_batch}{shrink}",
             f"  {plan.command(rec)}",
             *(f"  ({note})" for note in plan.command_notes(rec))]
 
 
+def _recipe_value(cfg: Config, key: str) -> object:
+    section, leaf = key.split(".")
+    return getattr(getattr(cfg, section), leaf)
+
+
 def _details(plan: Plan, est: Estimate) -> list[str]:
     """The memory of the recommended run, term by term, with how each term was computed."""
-    s, cfg = plan.shape, plan.cfg
+    planned = plan.row(est)
+    s, cfg = planned.shape, planned.cfg
     tokens = est.micro_batch * cfg.data.max_length
-    dt = activation_dtypes(est.strategy, s, plan.mixed)
+    dt = activation_dtypes(est.strategy, s, planned.mixed)
     per_layer = sum(layer_activation_terms(s, dt).values())
     ckpt = cfg.train.gradient_checkpointing
     chunk = cfg.train.loss_chunk_size
@@ -375,8 +488,8 @@ def _details(plan: Plan, est: Estimate) -> list[str]:
             row(key, est.gpu_pass[key], est.explain.get(key, ""))
     step = sum(est.gpu_step.values())
     if step:
-        row("optimizer step", step, "temporaries of the step (activations are freed by then; the larger "
-                                    "of the two phases counts)")
+        row("optimizer step", step, est.explain.get("optimizer step", "temporaries of the step") +
+            " (activations are freed by then; the larger of the two phases counts)")
     row("peak allocated", est.gpu_peak, "what torch.cuda.max_memory_allocated should show")
     row("overhead", est.overhead, "CUDA context + allocator slack (fixed, not in max_memory_allocated)")
     row("needed", est.gpu_total, f"of {plan.hardware.gpu_mem_gib:.1f} GiB")
@@ -446,7 +559,10 @@ def plan_main(argv: list[str]) -> Plan | None:
 
 def main() -> None:
     """Entry point of `python -m fittune.plan`: one `fittune: error:` line and exit 2 on bad input."""
-    run_cli(lambda: plan_main(sys.argv[1:]))
+    def run() -> None:
+        plan_main(sys.argv[1:])  # printed; the returned Plan is not an exit code
+
+    run_cli(run)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from fittune.data import examples_digest
 from fittune.loss import install_chunked_loss
 from fittune.model import (build_model, compile_layers, count_parameters, load_tokenizer, prepare_builtin_model,
                            resolve_model_path, use_liger, weights_dtype)
+from fittune.optim import build_optimizer
 from fittune.placement import input_device, place_model
 from fittune.precision import check_device_precision, run_precision
 from fittune.reports import metrics_table, plot_loss_curve
@@ -182,8 +183,9 @@ class FineTuneRecipe:
         # accelerate moves the model to the GPU in prepare() below
         fused = (all(p.device.type == "cuda" for p in params) if self.strategy.device_map
                  else accel.device.type == "cuda")
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
-                                      weight_decay=cfg.train.weight_decay, fused=fused, foreach=not fused)
+        setup = build_optimizer(cfg, params, self.strategy, self.mixed, fused)  # FittuneError if unsupported
+        optimizer = setup.optimizer
+        self._log(f"optimizer: {setup.choice.describe()}")
         # stepped by hand once per optimizer step (accelerate's wrapper would step it once per process)
         self.scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_training_steps=self.total_steps,
                                        num_warmup_steps=round(cfg.train.warmup_ratio * self.total_steps))
@@ -196,6 +198,7 @@ class FineTuneRecipe:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.runner = StepRunner(accel, self.strategy, self.model, self.optimizer, self.scheduler, params,
                                  self.head, cfg.train.max_grad_norm, self.mixed)
+        self.runner.in_backward = setup.in_backward
         self.target = CheckpointTarget(accel, self.strategy, self.model, self.optimizer, self.scheduler,
                                        cfg.lora.enabled)
         self.split = BatchSplit(cfg.train.micro_batch_size, cfg.train.grad_accum)
@@ -206,7 +209,9 @@ class FineTuneRecipe:
         cfg = self.cfg
         return {"model": cfg.model.name_or_path, "lora": cfg.lora.model_dump() if cfg.lora.enabled else None,
                 "trainable_parameters": self.n_trainable, "global_batch_size": self.global_batch,
-                "seed": cfg.seed, "total_steps": self.total_steps, **self.digests}
+                "seed": cfg.seed, "total_steps": self.total_steps, "optimizer": cfg.train.optimizer,
+                "optimizer_in_backward": cfg.train.optimizer_in_backward, "model_dtype": cfg.model.dtype,
+                **self.digests}
 
     def _setup_resume(self) -> None:
         if self.resume_from is None:
@@ -384,8 +389,10 @@ class FineTuneRecipe:
         if self.bad_in_a_row < self.cfg.train.max_bad_steps:
             return
         self.progress.close()
-        # skipped steps left the weights at the last good ones; DeepSpeed applied its step inside backward
-        saved = self.checkpoint(step + 1) if self.cfg.train.save_steps and not self.strategy.deepspeed else None
+        # skipped steps left the weights at the last good ones, unless the step was applied inside backward
+        # (DeepSpeed's engine, or train.optimizer_in_backward, may have updated part of the weights)
+        in_backward = self.strategy.deepspeed or self.runner.in_backward is not None
+        saved = self.checkpoint(step + 1) if self.cfg.train.save_steps and not in_backward else None
         last = saved or (complete_checkpoints(self.out)[-1] if complete_checkpoints(self.out) else None)
         raise FittuneError(f"training diverged: {self.bad_in_a_row} consecutive steps with a non-finite loss or "
                            f"gradient (step {step + 1}, loss {loss}, grad norm {result.grad_norm}); last good "

@@ -68,6 +68,8 @@ class StepRunner:
         # the hook between forward and backward of each micro-batch, and whether DDP waits for the step's end
         self.before_backward: Callable[[bool], None] | None = None
         self.defer_sync = False
+        # set when the optimizer steps each parameter inside backward (fittune.optim.InBackwardOptimizer)
+        self.in_backward = None
 
     def run(self, plan: StepPlan) -> StepResult:
         """forward + backward of every micro-batch, then the optimizer step."""
@@ -112,6 +114,12 @@ class StepRunner:
 
     def optimizer_step(self, nll: torch.Tensor) -> StepResult:
         """Clip, step (unless the gradient is not finite), advance the schedule; gradients freed."""
+        if self.in_backward is not None:  # already stepped and freed in backward: no clipping, norm measured there
+            done = self.in_backward.finish_step()
+            if done.stepped:
+                self.optimizer.step()  # a no-op: tells the LR schedule that the step happened
+                self.scheduler.step()
+            return StepResult(float(nll), done.grad_norm, done.stepped, False)
         accel = self.accelerator
         if self.defer_sync and accel.num_processes > 1:
             _all_reduce_mean([p.grad for p in self.params if p.grad is not None], accel.num_processes)

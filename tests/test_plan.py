@@ -304,7 +304,7 @@ def test_make_plan_keeps_the_global_batch_when_halving():
     assert plan.command(rec) == (
         "accelerate launch --config_file accelerate_configs/deepspeed_zero2_offload.yaml --num_processes 1 "
         "train.py --config configs/qwen2.5-3b-full.yaml --train.micro_batch_size 1 --train.grad_accum 16")
-    by_key = {e.strategy.name: e for e in plan.estimates}
+    by_key = {r.option.key: r.estimate for r in plan.rows}
     assert not by_key["single"].fits and "GPU memory" in by_key["single"].limit
     assert plan.command(by_key["device_map"]).startswith(
         "python train.py --config configs/qwen2.5-3b-full.yaml --model.parallel auto --train.micro_batch_size")
@@ -314,7 +314,7 @@ def test_make_plan_keeps_the_global_batch_when_halving():
 def test_make_plan_multi_gpu_prefers_the_fastest_sharded_strategy():
     cfg = build_config(str(ROOT / "configs/qwen2.5-3b-full.yaml"), {})
     plan = P.make_plan(cfg, gpus=4, gpu_mem_gib=24, cpu_mem_gib=256, recipe="r.yaml", extra_args=["--train.lr", "1e-5"])
-    by_key = {e.strategy.name: e for e in plan.estimates}
+    by_key = {r.option.key: r.estimate for r in plan.rows}
     assert not by_key["ddp"].fits  # a full fp32 copy + Adam states per GPU is ~70 GiB
     assert plan.recommended.strategy.name == "zero2" and plan.recommended.processes == 4
     assert plan.command(plan.recommended) == (
@@ -369,3 +369,75 @@ def test_cli_bad_input_is_one_error_line_and_exit_2(args, message):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [message]
     assert proc.stdout == ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Low-bit optimizer states and the optimizer in backward (train.optimizer, train.optimizer_in_backward)
+
+
+def _qwen3b_tensors() -> list[int]:
+    """Every trainable tensor of Qwen2.5-3B by hand (published config): per layer q 2048x2048 + bias, k and v
+    256x2048 + biases, o 2048x2048, gate/up 11008x2048, down 2048x11008, two norms; the tied embedding;
+    the final norm."""
+    layer = [2048 * 2048, 2048, 256 * 2048, 256, 256 * 2048, 256, 2048 * 2048, 3 * [11008 * 2048], 2048, 2048]
+    flat = [n for x in layer for n in (x if isinstance(x, list) else [x])]
+    return flat * 36 + [151936 * 2048, 2048]
+
+
+def _by_hand(tensors: list[int], code_bytes: float, block: int, qmap: int) -> int:
+    """Both moments: quantized tensors (>= 4096 elements, whole blocks) as codes + fp32 scale per block + a
+    lookup table; the rest in bf16."""
+    one = sum(int(n * code_bytes) + n // block * 4 + qmap * 4 if n >= 4096 and n % block == 0 else 2 * n
+              for n in tensors)
+    return 2 * one
+
+
+@pytest.mark.parametrize("optimizer, code_bytes, block, qmap", [("adamw8bit", 1, 256, 256),
+                                                                 ("adamw4bit", 0.5, 128, 16)])
+def test_qwen25_3b_lowbit_states_follow_the_formula(optimizer, code_bytes, block, qmap):
+    cfg = build_config(str(ROOT / "configs/qwen2.5-3b-full-16gb.yaml"), {"train.optimizer": optimizer})
+    shape = model_shape(cfg, torch.bfloat16)
+    hand = _qwen3b_tensors()
+    assert sum(hand) == shape.trainable_params == 3_085_938_688
+    assert sorted(E.trainable_numels(shape)) == sorted(hand)
+    work = E.Workload(2, 1024, True, 512, "bf16", optimizer=optimizer, in_backward=True)
+    est = E.estimate(Strategy(), shape, work, 1)
+    assert est.gpu["optimizer"] == _by_hand(hand, code_bytes, block, qmap)
+    assert est.gpu["optimizer"] / 2**30 == pytest.approx(5.84 if optimizer == "adamw8bit" else 3.05, abs=0.01)
+    assert est.gpu["weights"] == 2 * 3_085_938_688  # bf16, no fp32 master copy
+    assert est.gpu["gradients"] == 2 * 151936 * 2048  # one gradient at a time: the tied embedding's
+    assert est.gpu_step["optimizer step"] == 2 * 4 * 151936 * 2048  # its two moments in fp32
+
+
+def test_lowbit_rows_and_refusals_in_the_plan():
+    cfg = build_config(str(ROOT / "configs/qwen2.5-3b-full.yaml"), {})  # fp32 AdamW, 2 x 8
+    plan = P.make_plan(cfg, gpus=1, gpu_mem_gib=16, cpu_mem_gib=16, recipe="configs/qwen2.5-3b-full.yaml")
+    rows = {r.option.key: r for r in plan.rows}
+    four = rows["single+adamw4bit_in_backward"].estimate
+    assert plan.recommended is four and four.fits  # the issue's case: nothing fitted 16 GB + 16 GiB before
+    assert (four.micro_batch, four.grad_accum) == (16, 1)  # same global batch, no accumulation in backward
+    assert plan.command(four).endswith(
+        "--model.dtype bfloat16 --train.mixed_precision bf16 --train.max_grad_norm 0 --train.optimizer adamw4bit "
+        "--train.optimizer_in_backward true --train.micro_batch_size 16 --train.grad_accum 1")
+    lora = P.make_plan(build_config(str(ROOT / "configs/qwen2.5-3b-lora.yaml"), {}), 1, 16, 16)
+    assert {r.estimate.why_not for r in lora.rows if r.option.recipe_overrides} == {"full fine-tuning only"}
+    own = P.make_plan(build_config(str(ROOT / "configs/qwen2.5-3b-full-16gb.yaml"), {}), 4, 24, 256)
+    by_key = {r.option.key: r.estimate for r in own.rows}
+    assert by_key["ddp"].why_not == by_key["zero2"].why_not == "not with optimizer_in_backward"
+    assert by_key["single+adamw8bit_in_backward"].why_not == "the recipe's own row"
+    # one process only, and several GPUs skip the single-GPU rows: the one-process device map remains
+    assert own.recommended is by_key["device_map"] and own.recommended.grad_accum == 1
+
+
+def test_cli_16gb_full_finetuning_acceptance():
+    proc = _plan_cli("--config", "configs/qwen2.5-3b-full-16gb.yaml", "--gpus", "1", "--gpu-mem", "16",
+                     "--cpu-mem", "16")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "all trainable (full fine-tuning)" in out and "CPU RAM 16.0 GiB" in out
+    assert "recommended: single GPU (one process, whole model on one GPU), micro-batch 2 x accumulation 1" in out
+    assert ("accelerate launch --config_file accelerate_configs/single_gpu.yaml train.py --config "
+            "configs/qwen2.5-3b-full-16gb.yaml --train.micro_batch_size 2 --train.grad_accum 1") in out
+    needed = float(re.search(r"needed\s+([\d.]+) GiB\s+of 16\.0 GiB", out).group(1))
+    cpu = float(re.search(r"CPU RAM\s+([\d.]+) GiB", out).group(1))
+    assert needed <= 16.0 and cpu <= 16.0
