@@ -283,7 +283,8 @@ def _recipe(directory: Path, data: dict[str, Path]) -> Path:
 def finetune_run(smollm2_dir, real_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("smollm2")
     out = root / "run"
-    launch("train.py", ["--config", _recipe(root, real_data), "--output_dir", out])
+    # ~100 s of CPU time; the timeout leaves room for a machine shared with other jobs
+    launch("train.py", ["--config", _recipe(root, real_data), "--output_dir", out], timeout=1800)
     return out
 
 
@@ -320,9 +321,10 @@ def test_strategy_matches_one_process(strategy, finetune_run, real_data, tmp_pat
     args = ["--config", finetune_run.parent / "smollm2.yaml", "--output_dir", out, "--train.max_steps", COMPARE_STEPS,
             "--data.test_path", real_data["test4"], "--eval.before_training", "false"]
     if strategy == "device_map":
-        launch("train.py", args + ["--model.parallel", "auto", "--model.max_memory", '{"cpu": "8GiB"}'])
+        launch("train.py", args + ["--model.parallel", "auto", "--model.max_memory", '{"cpu": "8GiB"}'], timeout=1200)
     else:
-        launch("train.py", args + ["--train.micro_batch_size", 4], nproc=2, config_file=STRATEGIES[strategy])
+        launch("train.py", args + ["--train.micro_batch_size", 4], nproc=2, config_file=STRATEGIES[strategy],
+               timeout=1200)
     ref = [r["loss"] for r in read_log(finetune_run)][:COMPARE_STEPS]
     assert [r["loss"] for r in read_log(out)] == pytest.approx(ref, rel=1e-4, abs=1e-4)
     if strategy == "fsdp2":  # Llama's decoder layers really sharded: each rank holds half of every weight
