@@ -305,8 +305,9 @@ def test_finetuning_beats_zero_shot(finetune_run):
 STRATEGIES = {"fsdp2": "accelerate_configs/fsdp2.yaml", "ddp": "accelerate_configs/cpu_2proc.yaml",
               "zero2": "accelerate_configs/deepspeed_zero2.yaml", "zero3": "accelerate_configs/deepspeed_zero3.yaml",
               "zero3_offload": "accelerate_configs/deepspeed_zero3_offload.yaml", "device_map": None}
-# FSDP2 (the strategy whose wrapping depends on the architecture) always runs; the others cost ~1 min of
-# CI each and run with FITTUNE_TEST_ALL_STRATEGIES=1
+# FSDP2 (the strategy whose wrapping depends on the architecture) always runs; the others run with
+# FITTUNE_TEST_ALL_STRATEGIES=1. Measured here by hand (3 steps, same losses to 4 decimals; wall time on a
+# shared 2-core machine): DDP 45 s, ZeRO-2 48 s, ZeRO-3 121 s, ZeRO-3 offload 107 s, device map 180 s
 ALL = os.environ.get("FITTUNE_TEST_ALL_STRATEGIES") == "1"
 
 
