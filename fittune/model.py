@@ -94,17 +94,15 @@ LIGER_PATCHES = {"qwen2": "apply_liger_kernel_to_qwen2", "qwen3": "apply_liger_k
                  "llama": "apply_liger_kernel_to_llama", "mistral": "apply_liger_kernel_to_mistral"}
 
 
-def use_liger(cfg: Config, model, device_map: bool | None = None) -> bool:
+def use_liger(cfg: Config, model, device_map: bool) -> bool:
     """Whether to use Liger kernels (train.kernels): `auto` when installed, on a GPU, for an architecture
     Liger patches (LIGER_PATCHES), never with a device map. `device_map`: the model is (to be) spread by
-    `model.parallel: auto`; None reads it from the config."""
+    `model.parallel: auto` (the run's `Strategy.device_map`)."""
     import importlib.util
 
     mode = cfg.train.kernels
     if mode == "torch":
         return False
-    if device_map is None:
-        device_map = cfg.model.parallel == "auto"
     model_type = getattr(model.config, "model_type", None)
     known = model_type in LIGER_PATCHES
     # a device map puts layers on other GPUs or the CPU, where Liger's Triton kernels (launched on the
@@ -159,7 +157,7 @@ def enable_gradient_checkpointing(model, lora: bool) -> None:
         model.enable_input_require_grads()
 
 
-def build_model(cfg: Config, mixed_precision: str, device_map: bool | None = None):
+def build_model(cfg: Config, mixed_precision: str, device_map: bool):
     """The model to train: loaded, optionally LoRA-wrapped, optionally checkpointed. `device_map`: as in
     `use_liger`."""
     path = resolve_model_path(cfg)

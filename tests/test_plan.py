@@ -85,14 +85,17 @@ def test_local_dir_and_unknown_hub_id(tmp_path):
         model_shape(_cfg(**{"model.name_or_path": "someone/not-a-model"}), torch.float32)
 
 
-def test_builtin_tiny_model_uses_built_config_or_says_it_approximates(tmp_path):
+def test_builtin_tiny_model_uses_built_config_or_says_it_approximates(tmp_path, monkeypatch):
+    from fittune.model import resolve_model_path
+
+    monkeypatch.setenv("FITTUNE_CACHE", str(tmp_path / "cache"))  # an empty cache: nothing built yet
     cfg = _cfg(output_dir=str(tmp_path))
     approx = model_shape(cfg, torch.float32)
     assert approx.vocab_size == cfg.model.tiny.vocab_size
     assert any("approximated" in n for n in approx.notes)
     built = Qwen2Config(vocab_size=1633, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    built.save_pretrained(tmp_path / "base_model")
+    built.save_pretrained(resolve_model_path(cfg))
     exact = model_shape(cfg, torch.float32)
     assert exact.vocab_size == 1633 and not exact.notes
     assert exact.total_params == approx.total_params - (2048 - 1633) * 128
