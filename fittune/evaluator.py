@@ -13,13 +13,14 @@ from fittune.strategy import Strategy
 
 def evaluate_and_report(model, accelerator, strategy: Strategy, cfg, tokenizer, examples: list[TokExample],
                         class_task: bool, out_dir: str | os.PathLike, title: str,
-                        compare: dict[str, dict] | None = None) -> dict:
+                        compare: dict[str, dict] | None = None, max_batch_tokens: int | None = None) -> dict:
     """Evaluate on `examples` (every rank its share), write `out_dir` on the main process (metrics.json,
     predictions.jsonl, report.md, confusion_matrix.png) and return the metrics on every rank.
 
-    `compare`: earlier columns of the report table (e.g. the majority baseline, the untrained model)."""
+    `compare`: earlier columns of the report table (e.g. the majority baseline, the untrained model);
+    `max_batch_tokens`: padded tokens a forward pass may hold besides `eval.batch_size` rows (None: no budget)."""
     records = score_examples(model, accelerator, strategy, examples, tokenizer, cfg.eval.batch_size,
-                             cfg.eval.max_new_tokens, cfg.eval.length_normalize)
+                             cfg.eval.max_new_tokens, cfg.eval.length_normalize, max_batch_tokens=max_batch_tokens)
     predictions = build_predictions(examples, records, class_task)
     metrics = compute_metrics(predictions)
     if accelerator.is_main_process:
@@ -28,9 +29,9 @@ def evaluate_and_report(model, accelerator, strategy: Strategy, cfg, tokenizer, 
 
 
 def validation_loss(model, accelerator, strategy: Strategy, examples: list[TokExample], tokenizer,
-                    batch_size: int) -> float:
+                    batch_size: int, max_batch_tokens: int | None = None) -> float:
     """Mean answer-token NLL of `examples` over all ranks (the periodic validation loss; no choice scoring,
-    no generation). The same on every rank."""
+    no generation, no progress bar). The same on every rank."""
     records = score_examples(model, accelerator, strategy, examples, tokenizer, batch_size, 0, False,
-                             loss_only=True)
+                             loss_only=True, max_batch_tokens=max_batch_tokens)
     return sum(r["nll"] for r in records) / max(1, sum(r["n_tokens"] for r in records))
