@@ -132,7 +132,8 @@ def load_rows(args, tokenizer) -> list[D.TokExample]:
         out = []
         for i in range(args.rows):
             p, cands = ids(args.prompt_len), [ids(3 + k % 3) for k in range(6)]
-            out.append(D.TokExample(str(i), p, cands[i % 6], cands, i % 6, cand_prompt_ids=p))
+            out.append(D.TokExample(str(i), p, cands[i % 6], cands, i % 6, choices=[f"c{k}" for k in range(6)],
+                                    cand_prompt_ids=p))
         return out
     if args.set == "six":
         examples = six_class_rows(args.rows)
@@ -208,7 +209,7 @@ def main() -> None:
     device = accelerator.device
     model, tokenizer = build_model(args, device)
     examples = load_rows(args, tokenizer)
-    class_task = args.set not in ("mc",)
+    class_task = args.set != "mc"
     prompt_lens = [len(e.cand_prompt_ids or e.prompt_ids) for e in examples]
     new_fn = lambda: score_examples(model, accelerator, Strategy(), examples, tokenizer, args.batch_size, 0,  # noqa: E731
                                     False, max_batch_tokens=args.max_batch_tokens)
