@@ -4,16 +4,18 @@
         [--output_dir DIR] [--key value ...]
 
 DIR is a training output dir, its final/, or any model/adapter directory. Without --config the run's saved
-config.yaml and held-out ids are reused; --data.path evaluates another file.
+config.yaml and held-out ids are reused (never its model.trust_remote_code); --data.path evaluates another file.
 """
 
 import sys
 
 from fittune.errors import run_cli
+from fittune.launch import install_parent_death_signal
 
 
 def main() -> None:
-    from fittune.evaluation import evaluate_main
+    install_parent_death_signal()  # a launcher killed from here on still ends this process
+    from fittune.evaluate_cli import evaluate_main
 
     evaluate_main(sys.argv[1:])
 

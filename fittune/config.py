@@ -338,6 +338,9 @@ class EvalConfig(_Section):
     """Rank choices by mean log-probability per token instead of the total."""
     max_new_tokens: _int(ge=0) = 64
     """Generation length for open answers (rows without choices or labels)."""
+    max_batch_tokens: _int(ge=1) | None = None
+    """At most this many tokens (rows x longest packed row, padding included) in one evaluation forward pass,
+    besides `batch_size` rows: long rows go a few at a time, short ones many at a time. None: rows only."""
 
 
 class Config(_Section):

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from fittune.config import BUILTIN_MODEL, Config
 from fittune.builtin_models import SMOLLM2
+from fittune.config import BUILTIN_MODEL, Config
 from fittune.errors import FittuneError
 from fittune.model import apply_lora, resolve_model_path
 

@@ -104,12 +104,3 @@ def place_model(model: torch.nn.Module, max_memory_cfg: dict[str, str] | None, d
 def input_device(model: torch.nn.Module) -> torch.device:
     """Where the model's inputs go: the device of its input embeddings."""
     return model.get_input_embeddings().weight.device
-
-
-def check_not_distributed(world_size: int, distributed_type: str) -> None:
-    """`model.parallel: auto` is one process driving several GPUs; a distributed launch would have every
-    process place the whole model on the same GPUs."""
-    if world_size > 1 or distributed_type in ("DEEPSPEED", "FSDP"):
-        raise FittuneError(f"model.parallel: auto splits one model across the GPUs of a single process, but this "
-                           f"launch is distributed ({world_size} process(es), {distributed_type.lower()}): launch "
-                           f"with --num_processes 1, or drop model.parallel and shard with FSDP2 / ZeRO-3 instead")

@@ -20,18 +20,35 @@ import torch
 
 from fittune import data as D
 from fittune import runlog
-from fittune.checkpoints import (CheckpointTarget, check_compatible, complete_checkpoints, find_resume_checkpoint,
-                                 load_checkpoint, read_state, remove_partial_checkpoints, save_checkpoint)
+from fittune.checkpoints import (
+    CheckpointTarget,
+    check_compatible,
+    complete_checkpoints,
+    find_resume_checkpoint,
+    load_checkpoint,
+    read_state,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 from fittune.config import BUILTIN_MODEL, Config, to_yaml
+from fittune.data import examples_digest
 from fittune.distributed import configure_deepspeed, make_accelerator, sum_across_ranks
 from fittune.errors import FittuneError
-from fittune.evaluation import class_name, evaluate_and_report, majority_baseline, validation_loss
+from fittune.evaluator import evaluate_and_report, validation_loss
 from fittune.final import save_final
 from fittune.launch import check_world_size
-from fittune.data import examples_digest
 from fittune.loss import install_chunked_loss
-from fittune.model import (build_model, compile_layers, count_parameters, load_tokenizer, prepare_builtin_model,
-                           resolve_model_path, use_liger, weights_dtype)
+from fittune.metrics import class_name, majority_baseline
+from fittune.model import (
+    build_model,
+    compile_layers,
+    count_parameters,
+    load_tokenizer,
+    prepare_builtin_model,
+    resolve_model_path,
+    use_liger,
+    weights_dtype,
+)
 from fittune.optim import build_optimizer
 from fittune.placement import input_device, place_model
 from fittune.precision import check_device_precision, run_precision
@@ -380,7 +397,7 @@ class FineTuneRecipe:
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
             row["val_loss"] = validation_loss(self.model, self.accelerator, self.strategy,
                                               self.test_set[:cfg.train.val_examples], self.tokenizer,
-                                              cfg.eval.batch_size)
+                                              cfg.eval.batch_size, cfg.eval.max_batch_tokens)
         if self.accelerator.is_main_process:
             runlog.append(self.out / "train_log.jsonl", row)
         self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
@@ -451,7 +468,8 @@ class FineTuneRecipe:
 
     def _evaluate(self, out_dir: Path, title: str) -> dict:
         return evaluate_and_report(self.model, self.accelerator, self.strategy, self.cfg, self.tokenizer,
-                                   self.test_set, self.class_task, out_dir, title, self.compare)
+                                   self.test_set, self.class_task, out_dir, title, self.compare,
+                                   self.cfg.eval.max_batch_tokens)
 
     def _write_ranks(self) -> None:
         """Which rows each rank trained on first, and what it holds of the weights: proof the ranks are real."""

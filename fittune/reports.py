@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
+
+from fittune.errors import FittuneError
+from fittune.rundir import (
+    atomic_write_text,
+    check_writable_dir,
+    claim_dir,
+    owned,
+    publish_dir,
+    remove_owned,
+    write_guard,
+)
 
 TABLE_METRICS = ["num_examples", "loss", "perplexity", "token_accuracy", "accuracy", "f1_weighted", "f1_macro",
                  "exact_match", "token_f1"]
@@ -41,8 +51,8 @@ def plot_confusion(cm: dict, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
     import numpy as np
+    from sklearn.metrics import ConfusionMatrixDisplay
 
     labels = [lb if len(lb) <= 24 else lb[:21] + "..." for lb in cm["labels"]]
     size = max(4.0, 0.6 * len(labels) + 2)
@@ -55,27 +65,54 @@ def plot_confusion(cm: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def check_eval_dir(out_dir: str | os.PathLike, flag: str = "--output_dir") -> Path:
+    """Refuse an evaluation output directory fittune may not replace: an existing non-empty directory that
+    fittune did not create (no `.fittune` marker; `eval/` inside a fittune run directory counts as fittune's),
+    or a file. Read-only, so it can run on every rank before any work."""
+    out = Path(out_dir)
+    if out.is_dir() and not _ours(out) and any(out.iterdir()):
+        check_writable_dir(out, flag)  # raises: not empty, not fittune's
+    if out.exists() and not out.is_dir():
+        raise FittuneError(f"{flag} {out} is a file, not a directory: choose another path")
+    tmp = _tmp_of(out)
+    if tmp.exists() and not _ours(tmp):
+        raise FittuneError(f"{tmp} exists and was not created by fittune: move it away (fittune builds "
+                           f"{out.name}/ next to it before replacing the old one)")
+    return out
+
+
+def _ours(path: Path) -> bool:
+    # eval/ of a run written before directories carried markers: its parent run directory is fittune's
+    return owned(path) or (path.name.startswith("eval") and owned(path.parent))
+
+
+def _tmp_of(out: Path) -> Path:
+    return out.with_name(out.name + ".tmp")
+
+
 def write_eval_outputs(out_dir: str | os.PathLike, metrics: dict, predictions: list[dict], title: str,
                        compare: dict[str, dict] | None = None) -> Path:
-    """Write metrics.json, predictions.jsonl, report.md (+ confusion_matrix.png) atomically to `out_dir`."""
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    with open(tmp / "predictions.jsonl", "w") as f:
-        for row in predictions:
-            f.write(json.dumps(row) + "\n")
-    report = [f"# {title}", "", markdown_table(compare or {"model": metrics}), ""]
-    if "per_class" in metrics:
-        report += ["## Per class", "", "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
-        report += [f"| {c} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"
-                   for c, v in metrics["per_class"].items()]
-        report += ["", "![confusion matrix](confusion_matrix.png)", ""]
-        plot_confusion(metrics["confusion_matrix"], tmp / "confusion_matrix.png", title)
-    (tmp / "report.md").write_text("\n".join(report))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    """Write metrics.json, predictions.jsonl, report.md (+ confusion_matrix.png) to `out_dir`: built in
+    `<out_dir>.tmp`, fsynced, then swapped in whole (`rundir.publish_dir`). Only a directory fittune created
+    is ever replaced; a user's non-empty directory is refused, never emptied."""
+    out = check_eval_dir(out_dir)
+    tmp = _tmp_of(out)
+    if tmp.exists():
+        remove_owned(tmp)  # a leftover of a crashed write (checked above: fittune's)
+    claim_dir(tmp, "eval")
+    lines = "".join(json.dumps(row) + "\n" for row in predictions)
+    with write_guard(f"evaluation results to {out}", "nothing in place of the old results was changed"):
+        atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(tmp / "predictions.jsonl", lines)
+        report = [f"# {title}", "", markdown_table(compare or {"model": metrics}), ""]
+        if "per_class" in metrics:
+            report += ["## Per class", "", "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
+            report += [f"| {c} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"
+                       for c, v in metrics["per_class"].items()]
+            report += ["", "![confusion matrix](confusion_matrix.png)", ""]
+            plot_confusion(metrics["confusion_matrix"], tmp / "confusion_matrix.png", title)
+        atomic_write_text(tmp / "report.md", "\n".join(report))
+        publish_dir(tmp, out)
     return out
 
 

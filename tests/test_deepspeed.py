@@ -2,11 +2,9 @@
 losses as DDP, real ranks, verified exports that reload without DeepSpeed, and clear config errors."""
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, STRATEGY_STEPS, independent_nll, launch, read_log, strategy_recipe, strategy_runs
 
 ZERO = ["zero2", "zero2_offload", "zero3", "zero3_offload"]

@@ -6,9 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
-
 from conftest import TINY_SHAPE, launch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 
 def load_preds(d: Path) -> list[dict]:
@@ -135,3 +134,44 @@ def test_bad_checkpoint_or_data_one_clear_error(lora_run, tmp_path, case):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("fittune: error:")]
     assert len(errors) == 1 and expect in errors[0], proc.stderr[-3000:]
     assert not (tmp_path / "ev" / "metrics.json").exists()
+
+
+def assert_same_evaluation(ref_dir: Path, got_dir: Path, what) -> None:
+    """Same ids, predictions, label metrics; per-choice scores within 1e-4 (fp32, other batch shapes)."""
+    ref, got = load_preds(ref_dir), load_preds(got_dir)
+    rm, gm = (json.loads((d / "metrics.json").read_text()) for d in (ref_dir, got_dir))
+    assert [p["id"] for p in got] == [p["id"] for p in ref], what
+    assert [p["pred"] for p in got] == [p["pred"] for p in ref], what
+    for p, r in zip(got, ref):
+        assert p["scores"] == pytest.approx(r["scores"], abs=1e-4), what
+        assert p["nll"] == pytest.approx(r["nll"], abs=1e-4, rel=1e-6) and p["n_tokens"] == r["n_tokens"], what
+    for m in ("accuracy", "f1_weighted", "f1_macro", "confusion_matrix", "per_class", "token_accuracy"):
+        assert gm[m] == rm[m], (what, m)
+    assert gm["loss"] == pytest.approx(rm["loss"], abs=1e-6), what
+
+
+@pytest.mark.parametrize("accel", ["deepspeed_zero3", "fsdp2"])
+def test_sharded_engines_score_like_one_process(lora_run, grid, tmp_path, accel):
+    """ZeRO-3 / FSDP2 on 2 CPU ranks (weights gathered by collectives in every packed forward pass)."""
+    d = tmp_path / accel
+    launch("evaluate.py", ["--checkpoint", lora_run, "--output_dir", d, "--eval.batch_size", 3], nproc=2,
+           config_file=f"accelerate_configs/{accel}.yaml")
+    assert_same_evaluation(grid[(1, 1)], d, accel)
+
+
+def test_classification_same_on_one_and_three_processes_and_fsdp2(tmp_path, tiny_model_dir, capsys):
+    """An 8-class set (every topic a candidate of every row) of a full model: in this process, on 3 ranks and
+    under FSDP2 on 2 ranks."""
+    from test_evaluate_safety import evaluate, make_run
+
+    run = make_run(tmp_path, tiny_model_dir, **{"data.choices_column": None, "data.answer_column": None,
+                                                "data.label_column": "topic", "data.test_size": 0.0925})
+    code, _, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "p1", "--eval.batch_size", 4], capsys)
+    assert code == 0, err[-3000:]
+    ref = load_preds(tmp_path / "p1")
+    assert len(ref) == 37 and all(len(p["scores"]) == 8 for p in ref)
+    launch("evaluate.py", ["--checkpoint", run, "--output_dir", tmp_path / "p3", "--eval.batch_size", 3], nproc=3)
+    assert_same_evaluation(tmp_path / "p1", tmp_path / "p3", "3 processes")
+    launch("evaluate.py", ["--checkpoint", run, "--output_dir", tmp_path / "fsdp2"], nproc=2,
+           config_file="accelerate_configs/fsdp2.yaml")
+    assert_same_evaluation(tmp_path / "p1", tmp_path / "fsdp2", "fsdp2")

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import yaml
-
 from conftest import STRATEGY_STEPS, independent_nll, launch, read_log, strategy_recipe, strategy_runs
 
 STEPS = STRATEGY_STEPS

@@ -235,6 +235,7 @@ BOUNDS = [
     ("train.max_bad_steps", 0, "train.max_bad_steps must be >= 1", 1),
     ("eval.batch_size", 0, "eval.batch_size must be >= 1", 1),
     ("eval.max_new_tokens", -5, r"eval.max_new_tokens must be >= 0 \(got -5\); 0 turns generation off", 0),
+    ("eval.max_batch_tokens", 0, r"eval.max_batch_tokens must be >= 1 \(got 0\)", 1),
 ]
 
 
@@ -249,13 +250,19 @@ def test_numeric_bounds(key, bad, message, edge):
     assert value == (tuple(edge) if isinstance(edge, list) else edge)
 
 
+def _optional_number(ann) -> bool:
+    """`int | None` (possibly with its Bound annotation)."""
+    args = [typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a for a in typing.get_args(ann)]
+    return type(None) in args and bool({int, float} & set(args))
+
+
 def _numeric_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += _numeric_keys(ann, f"{prefix}{name}.")
-        elif ann in (int, float) or typing.get_origin(ann) is tuple:
+        elif ann in (int, float) or typing.get_origin(ann) is tuple or _optional_number(ann):
             keys.append(prefix + name)
     return keys
 

@@ -79,9 +79,9 @@ def test_liger_kernels_match_torch_on_gpu(tiny_model_dir, request):
     """Liger's fused head + cross-entropy, RMSNorm, SwiGLU and RoPE against plain torch, fp32 on the GPU:
     loss and gradients to 1e-4 (Triton kernels sum in another order)."""
     pytest.importorskip("liger_kernel")
-    from fittune.model import apply_liger
-
     from transformers.models.qwen2 import modeling_qwen2
+
+    from fittune.model import apply_liger
 
     ref, fused = _model(tiny_model_dir).cuda(), _model(tiny_model_dir).cuda()
     batch = {k: v.cuda() for k, v in _batch(ref.config.vocab_size).items()}

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import ROOT, child_env, free_port, launch, read_log
 
 

@@ -5,8 +5,6 @@ step; the run then matches one started at the smaller micro-batch."""
 import json
 
 import pytest
-import yaml
-
 from conftest import launch, read_log
 
 

@@ -6,9 +6,8 @@ from collections import Counter
 
 import pytest
 import torch
-import yaml
-
 from conftest import launch, read_log
+
 from fittune.errors import FittuneError
 from fittune.placement import parse_max_memory, plan_device_map
 

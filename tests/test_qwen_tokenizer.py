@@ -185,10 +185,10 @@ def test_train_and_score_with_real_vocabulary(qwen25_tokenizer_dir, tmp_path, mo
     151,936-row embedding and tokenizer (151,665 tokens): the loss falls, the probability of the 271
     embedding rows no token reaches shrinks, and each of the 16 held-out predictions and its four candidate NLLs equal plain
     transformers' scores."""
+    from fittune.train_loop import train
     from safetensors.torch import load_file
 
     from fittune.config import Config
-    from fittune.train_loop import train
 
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
     model_dir = _tiny_qwen2(tmp_path / "model", qwen25_tokenizer_dir)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import ROOT, child_env, read_log, run_python, write_config
 
 

@@ -15,8 +15,18 @@ import pytest
 
 from fittune import runlog
 from fittune.errors import FittuneError
-from fittune.rundir import (MARKER, DirLock, RunDir, atomic_write_text, check_writable_dir, claim_dir,
-                            inspect_output_dir, publish_dir, remove_owned, write_guard)
+from fittune.rundir import (
+    MARKER,
+    DirLock,
+    RunDir,
+    atomic_write_text,
+    check_writable_dir,
+    claim_dir,
+    inspect_output_dir,
+    publish_dir,
+    remove_owned,
+    write_guard,
+)
 
 
 def _user_dir(tmp_path) -> Path:

@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import TINY_SHAPE, independent_nll, launch, read_log, run_python
+from safetensors.torch import load_file
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -1,0 +1,283 @@
+"""evaluate.py: score a saved model or adapter on its run's held-out rows (or other data), on any number of
+processes, without touching anything fittune did not create.
+
+Trust and identity rules (README "What fittune writes, and what it never touches"):
+  * `model.trust_remote_code` comes from this command line or an explicit `--config`, never from the run's own
+    saved config.yaml: a run directory received from someone else runs none of its own Python;
+  * a run directory that is being trained is refused (its lock), and held for the evaluation's duration;
+  * the held-out rows must be the rows the run held out (their content hash), unless `--data.path` says
+    explicitly that other data is meant, which is then said loudly;
+  * the output directory is new, empty, or fittune's own; it is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fittune.identity import examples_digest
+
+from fittune import data as D
+from fittune.checkpoints import CheckpointInfo, resolve_checkpoint
+from fittune.cli import split_flag
+from fittune.config import Config, build_config, parse_overrides
+from fittune.distributed import configure_deepspeed, make_accelerator
+from fittune.errors import FittuneError
+from fittune.evaluator import evaluate_and_report
+from fittune.metrics import class_name, majority_baseline
+from fittune.model import load_tokenizer, load_trained_model, resolve_model_path, weights_dtype
+from fittune.placement import place_model
+from fittune.precision import run_precision
+from fittune.reports import check_eval_dir, metrics_table
+from fittune.rundir import DirLock, owned
+from fittune.strategy import Strategy, strategy_of
+
+USAGE = """usage: accelerate launch evaluate.py --checkpoint DIR [--config FILE] [--output_dir DIR] [--section.key VALUE ...]
+  DIR: a training output dir, its final/, or a model/adapter dir.
+  Without --config the run's saved config.yaml and held-out ids are used (but never its
+  model.trust_remote_code: pass --model.trust_remote_code true to run a checkpoint's own code).
+  --data.path FILE evaluates every row of another file (said loudly)."""
+
+TRUST_KEY = "model.trust_remote_code"
+
+
+@dataclass
+class EvalRequest:
+    """What the evaluate.py command line asked for."""
+
+    checkpoint: str
+    config_file: str | None
+    """The explicit --config (None: the run's saved config.yaml)."""
+    out_dir: str | None
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def data_path_given(self) -> bool:
+        """The user named the data explicitly (--data.path): other data is meant, not refused."""
+        return "data.path" in self.overrides
+
+
+def parse_request(argv: list[str]) -> EvalRequest:
+    """`--checkpoint DIR [--config FILE] [--output_dir DIR] [--key value ...]` -> EvalRequest."""
+    checkpoint, rest = split_flag(argv, "checkpoint")
+    if checkpoint is None:
+        raise FittuneError("--checkpoint DIR is required (a training output dir, its final/, or a model dir); "
+                           "see python evaluate.py --help")
+    out_dir, rest = split_flag(rest, "output_dir")
+    config_file, rest = split_flag(rest, "config")
+    return EvalRequest(checkpoint, config_file, out_dir, parse_overrides(rest))
+
+
+def evaluate_main(argv: list[str]) -> dict | None:
+    """evaluate.py's entry point: returns the metrics (None for --help)."""
+    if "-h" in argv or "--help" in argv:
+        print(USAGE)
+        return None
+    req = parse_request(argv)
+    info = resolve_checkpoint(req.checkpoint)
+    cfg = eval_config(info, req)
+    return evaluate_checkpoint(info, cfg, req.out_dir, req.data_path_given)
+
+
+def eval_config(info: CheckpointInfo, req: EvalRequest) -> Config:
+    """The config to evaluate with: the explicit --config, else the run's saved one with its
+    `model.trust_remote_code` replaced by this command line's (default off)."""
+    if req.config_file is not None:
+        return build_config(req.config_file, req.overrides)
+    if info.config_file is None:
+        raise FittuneError(f"{req.checkpoint} has no saved fittune config: pass --config FILE describing the data")
+    # the saved config is part of the (possibly received) run directory: it cannot grant itself trust
+    return build_config(str(info.config_file), {**req.overrides, TRUST_KEY: req.overrides.get(TRUST_KEY, False)})
+
+
+def remote_code_notice(info: CheckpointInfo, cfg: Config) -> str | None:
+    """A line saying which code a checkpoint asked to run and that it is not run (None: nothing to say)."""
+    if cfg.model.trust_remote_code:
+        return None
+    asked = []
+    for path in (info.weights_dir / "config.json", info.weights_dir / "tokenizer_config.json"):
+        try:
+            if "auto_map" in json.loads(path.read_text()):
+                asked.append(path.name)
+        except (OSError, ValueError):
+            continue
+    saved = info.config_file is not None and "trust_remote_code: true" in info.config_file.read_text()
+    if not asked and not saved:
+        return None
+    what = f"{info.weights_dir} names its own code (auto_map in {', '.join(asked)})" if asked else \
+        f"the run's saved {info.config_file.name} allows remote code"
+    return (f"fittune: {what}; it is NOT run: model.trust_remote_code comes only from this command line or an "
+            f"explicit --config (pass --model.trust_remote_code true only for a checkpoint you trust)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which rows
+
+
+@dataclass
+class EvalData:
+    """The rows to evaluate, the training rows for the majority baseline, and where they come from."""
+
+    train: list[D.Example]
+    test: list[D.Example]
+    source: str
+
+
+def _saved_config(info: CheckpointInfo) -> dict | None:
+    import yaml
+
+    if info.config_file is None:
+        return None
+    return yaml.safe_load(info.config_file.read_text()) or {}
+
+
+def _heldout_record(info: CheckpointInfo) -> dict | None:
+    path = info.run_dir / "heldout_ids.json" if info.run_dir else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record.get("ids"), list):
+            raise ValueError("no list of ids")
+    except (ValueError, AttributeError) as e:
+        raise FittuneError(f"{path} is damaged ({e}): restore it, or pass --data.path to evaluate other data") from None
+    return record
+
+
+def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -> EvalData:
+    """The run's own held-out rows while the source and split are the run's (column mappings may change),
+    checked against their saved content hash; an explicit test file; or every row of other data."""
+    saved = _saved_config(info)
+    split_keys = ("path", "test_path", "test_size")
+    same_source = saved is not None and saved.get("seed") == cfg.seed and all(
+        (saved.get("data") or {}).get(k) == getattr(cfg.data, k) for k in split_keys)
+    record = _heldout_record(info) if same_source else None
+    if record is not None and not cfg.data.test_path:
+        examples = D.map_columns(D.read_rows(cfg.data.path, cfg.data), cfg.data, D.resolve_data_path(cfg.data.path))
+        test = D.select_ids(examples, record["ids"], cfg.data.path)
+        held = set(record["ids"])
+        check_identity(record, test, cfg.data.path, data_path_given, say)
+        return EvalData([e for e in examples if e.id not in held], test, "the run's held-out rows")
+    if same_source or cfg.data.test_path:
+        train, test = D.load_splits(cfg.data, cfg.seed)
+        if record is not None:
+            check_identity(record, test, cfg.data.test_path, data_path_given, say)
+        return EvalData(train, test, f"the test file {cfg.data.test_path}" if cfg.data.test_path else "the held-out split")
+    rows = D.read_rows(cfg.data.path, cfg.data)
+    test = D.map_columns(rows, cfg.data, D.resolve_data_path(cfg.data.path))
+    if saved is not None:
+        run_data = {k: (saved.get("data") or {}).get(k) for k in split_keys}
+        say(f"fittune: NOTE: evaluating all {len(test)} rows of {cfg.data.path}, which is NOT the held-out split "
+            f"of this run (the run used data {run_data}, seed {saved.get('seed')}): these numbers are not the run's "
+            f"held-out evaluation")
+    return EvalData([], test, f"all rows of {cfg.data.path}")
+
+
+def check_identity(record: dict, test: list[D.Example], source: str, data_path_given: bool, say) -> None:
+    """Refuse held-out rows whose content changed since training (an explicit --data.path: say it loudly)."""
+    saved = record.get("examples_sha256")
+    if saved is None:
+        say("fittune: warning: this run's heldout_ids.json has no content hash (written by an older fittune): "
+            "cannot check that the held-out rows are unchanged since training")
+        return
+    if examples_digest(test) == saved:
+        return
+    if data_path_given:
+        say(f"fittune: NOTE: the rows behind the run's held-out ids in {source} changed since training: evaluating "
+            f"their CURRENT content, which is other data than the run held out (--data.path given)")
+        return
+    raise FittuneError(f"the rows behind the run's {len(test)} held-out ids in {source} changed since training "
+                       f"(content hash differs): restore the data the run was trained on, or pass --data.path "
+                       f"explicitly to evaluate the current rows as other data")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run directory's lock
+
+
+def agree_on_refusal(accelerator, message: str | None) -> None:
+    """Raise `message` (decided on the main process) on every rank; no rank waits for one that stopped."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [message]
+        broadcast_object_list(box, from_process=0)
+        message = box[0]
+    if message:
+        raise FittuneError(message)
+
+
+def lock_run_dir(accelerator, info: CheckpointInfo) -> DirLock | None:
+    """Hold the run directory's lock (main process) while evaluating: a run being trained is refused."""
+    lock, refusal = None, None
+    if accelerator.is_main_process and info.run_dir is not None and owned(info.run_dir):
+        try:
+            lock = DirLock(info.run_dir).acquire("evaluate.py")
+        except FittuneError as e:
+            refusal = f"cannot evaluate now: {e}"
+    agree_on_refusal(accelerator, refusal)
+    return lock
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluate
+
+
+def evaluate_checkpoint(info: CheckpointInfo, cfg: Config, out_dir: str | None, data_path_given: bool = False) -> dict:
+    """Evaluate a saved model/adapter (see the module docstring for the rules); write the reports on the main
+    process; return the metrics."""
+    mixed = run_precision(cfg.train.mixed_precision)
+    accelerator = make_accelerator(mixed, 1, None, cfg.output_dir)
+    strategy = strategy_of(accelerator, cfg.model.parallel)
+    out = check_eval_dir(Path(out_dir) if out_dir else (info.run_dir or info.weights_dir) / "eval")
+    lock = lock_run_dir(accelerator, info)
+    try:
+        notice = remote_code_notice(info, cfg)
+        if notice:
+            accelerator.print(notice)
+        data = select_data(info, cfg, data_path_given, accelerator.print)
+        metrics = _score(accelerator, strategy, info, cfg, mixed, data, out)
+    finally:
+        if lock is not None:
+            lock.release()
+    accelerator.end_training()
+    return metrics
+
+
+def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, mixed: str, data: EvalData,
+           out: Path) -> dict:
+    weights = info.weights_dir
+    class_task = D.is_class_task(cfg.data)
+    tok_dir = weights if (weights / "tokenizer_config.json").is_file() else resolve_model_path(cfg)
+    tokenizer = load_tokenizer(str(tok_dir), cfg.model.trust_remote_code)
+    test_set, stats = D.tokenize_examples(data.test, tokenizer, cfg.data)
+    if stats.dropped:
+        accelerator.print(f"fittune: {stats.dropped} rows do not fit data.max_length and are not evaluated")
+    if not test_set:
+        raise FittuneError("no example to evaluate fits data.max_length")
+    model = _load_model(accelerator, strategy, weights, cfg, mixed)
+    compare = {}
+    if data.train and any(x.candidates for x in test_set):
+        train_set, _ = D.tokenize_examples(data.train, tokenizer, cfg.data)
+        compare["majority"] = majority_baseline([class_name(x, x.gold, class_task) for x in train_set if x.candidates],
+                                                [class_name(x, x.gold, class_task) for x in test_set if x.candidates])
+    budget = cfg.eval.max_batch_tokens  # the token budget of a scoring pass (None: rows only)
+    metrics = evaluate_and_report(model, accelerator, strategy, cfg, tokenizer, test_set, class_task, out, "model",
+                                  compare, max_batch_tokens=budget)
+    accelerator.print(f"fittune: evaluated {weights} on {len(test_set)} examples ({data.source}) "
+                      f"with {accelerator.num_processes} process(es)\n" + metrics_table({**compare, "model": metrics}))
+    accelerator.print(f"fittune: wrote {out}/ (metrics.json, predictions.jsonl, report.md)")
+    return metrics
+
+
+def _load_model(accelerator, strategy: Strategy, weights: Path, cfg: Config, mixed: str):
+    model = load_trained_model(weights, cfg, weights_dtype(cfg, mixed))
+    if strategy.device_map:  # strategy_of refused a device map under a distributed launch
+        place_model(model, cfg.model.max_memory, weights_dtype(cfg, mixed), training=False)
+    if strategy.deepspeed:
+        # ZeRO-3 loaded the weights partitioned: only the engine's hooks gather them for a forward pass
+        configure_deepspeed(accelerator, cfg.eval.batch_size, 1, 0.0)
+        return accelerator.prepare(model)
+    # a device map placed the model already (even all on one device): accelerate must not move it
+    return accelerator.prepare_model(model, device_placement=not strategy.device_map, evaluation_mode=True)

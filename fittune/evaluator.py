@@ -1,0 +1,37 @@
+"""What the training recipe and evaluate.py call: score a held-out set, compute its metrics, write its report."""
+
+from __future__ import annotations
+
+import os
+
+from fittune.data import TokExample
+from fittune.metrics import build_predictions, compute_metrics
+from fittune.reports import write_eval_outputs
+from fittune.scoring import score_examples
+from fittune.strategy import Strategy
+
+
+def evaluate_and_report(model, accelerator, strategy: Strategy, cfg, tokenizer, examples: list[TokExample],
+                        class_task: bool, out_dir: str | os.PathLike, title: str,
+                        compare: dict[str, dict] | None = None, max_batch_tokens: int | None = None) -> dict:
+    """Evaluate on `examples` (every rank its share), write `out_dir` on the main process (metrics.json,
+    predictions.jsonl, report.md, confusion_matrix.png) and return the metrics on every rank.
+
+    `compare`: earlier columns of the report table (e.g. the majority baseline, the untrained model);
+    `max_batch_tokens`: padded tokens a forward pass may hold besides `eval.batch_size` rows (None: no budget)."""
+    records = score_examples(model, accelerator, strategy, examples, tokenizer, cfg.eval.batch_size,
+                             cfg.eval.max_new_tokens, cfg.eval.length_normalize, max_batch_tokens=max_batch_tokens)
+    predictions = build_predictions(examples, records, class_task)
+    metrics = compute_metrics(predictions)
+    if accelerator.is_main_process:
+        write_eval_outputs(out_dir, metrics, predictions, title, {**(compare or {}), title: metrics})
+    return metrics
+
+
+def validation_loss(model, accelerator, strategy: Strategy, examples: list[TokExample], tokenizer,
+                    batch_size: int, max_batch_tokens: int | None = None) -> float:
+    """Mean answer-token NLL of `examples` over all ranks (the periodic validation loss; no choice scoring,
+    no generation, no progress bar). The same on every rank."""
+    records = score_examples(model, accelerator, strategy, examples, tokenizer, batch_size, 0, False,
+                             loss_only=True, max_batch_tokens=max_batch_tokens)
+    return sum(r["nll"] for r in records) / max(1, sum(r["n_tokens"] for r in records))

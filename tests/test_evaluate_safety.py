@@ -1,0 +1,187 @@
+"""evaluate.py never loses a user's files, never runs a received checkpoint's code, never evaluates a run that
+is being trained, and never scores changed rows as the run's held-out set (issue #11's evaluator findings).
+
+Most checks run evaluate.py in this process (fast); one launches two ranks to prove a refusal reaches both."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, launch
+from fittune.identity import examples_digest
+
+from fittune import data as D
+from fittune.config import build_config, to_yaml
+from fittune.rundir import MARKER, DirLock, claim_dir
+from fittune.tiny import DEMO_DATA
+
+
+def make_run(root: Path, model_dir: Path, hashed: bool = True, **overrides) -> Path:
+    """A finished fittune run directory as the training recipe leaves it: marker, config.yaml, final/ (here the
+    untrained tiny model), heldout_ids.json with the held-out rows' content hash; data in a file of its own."""
+    data = root / "qa.jsonl"
+    shutil.copy(DEMO_DATA, data)
+    run = claim_dir(root / "run", "train")
+    shutil.copytree(model_dir, run / "final")
+    cfg = build_config(None, {"output_dir": str(run), "seed": 1, "model.name_or_path": str(model_dir),
+                              "data.path": str(data), "data.choices_column": "choices", "data.test_size": 0.05,
+                              "data.max_length": 96, "eval.batch_size": 8, **overrides})
+    (run / "config.yaml").write_text(to_yaml(cfg, {"world_size": 1}))
+    _, test = D.load_splits(cfg.data, cfg.seed)
+    record = {"ids": [e.id for e in test]}
+    if hashed:
+        record["examples_sha256"] = examples_digest(test)
+    (run / "heldout_ids.json").write_text(json.dumps(record))
+    return run
+
+
+def evaluate(args: list, capsys) -> tuple[int, str, str]:
+    """Run evaluate.py in this process as `python evaluate.py ARGS`: (exit code, stdout, stderr)."""
+    argv = sys.argv
+    sys.argv = [str(ROOT / "evaluate.py")] + [str(a) for a in args]
+    code = 0
+    try:
+        runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("fittune: error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    return errors[0]
+
+
+def test_missing_checkpoint_flag_is_one_clear_error(capsys):
+    code, _, err = evaluate([], capsys)
+    assert code == 2 and "--checkpoint DIR is required" in one_error(err)
+
+
+def test_foreign_output_dir_is_refused_and_kept(tmp_path, tiny_model_dir, capsys):
+    run = make_run(tmp_path, tiny_model_dir)
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "thesis.tex").write_text("\\chapter{Results}")
+    (mine / "sub/data.csv").write_text("a,b\n1,2\n")
+    code, _, err = evaluate(["--checkpoint", run, "--output_dir", mine], capsys)
+    assert code == 2 and "not created by fittune" in one_error(err) and str(mine) in one_error(err)
+    assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == ["sub", "sub/data.csv", "thesis.tex"]
+    assert (mine / "thesis.tex").read_text() == "\\chapter{Results}" and (mine / "sub/data.csv").read_text() == "a,b\n1,2\n"
+
+    fresh = tmp_path / "new" / "eval-here"
+    for _ in range(2):  # a directory fittune made is fittune's: the second evaluation replaces it whole
+        code, out, err = evaluate(["--checkpoint", run, "--output_dir", fresh], capsys)
+        assert code == 0, err[-3000:]
+        assert (fresh / MARKER).is_file() and (fresh / "metrics.json").is_file()
+        assert not fresh.with_name("eval-here.tmp").exists()
+    metrics = json.loads((fresh / "metrics.json").read_text())
+    assert metrics["num_examples"] == len(json.loads((run / "heldout_ids.json").read_text())["ids"])
+
+
+def test_write_eval_outputs_never_replaces_a_foreign_directory(tmp_path):
+    from fittune.errors import FittuneError
+    from fittune.reports import write_eval_outputs
+
+    metrics = {"num_examples": 1, "loss": 1.0, "perplexity": 2.7, "token_accuracy": 0.0}
+    rows = [{"id": "0", "nll": 1.0, "n_tokens": 1, "n_correct_tokens": 0}]
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep")
+    with pytest.raises(FittuneError, match="not created by fittune"):
+        write_eval_outputs(theirs, metrics, rows, "model")
+    assert [p.name for p in theirs.iterdir()] == ["notes.txt"]
+    # a user's folder that happens to be called <out>.tmp is not a leftover of ours either
+    (tmp_path / "ev.tmp").mkdir()
+    (tmp_path / "ev.tmp" / "draft.md").write_text("keep")
+    with pytest.raises(FittuneError, match="not created by fittune"):
+        write_eval_outputs(tmp_path / "ev", metrics, rows, "model")
+    assert (tmp_path / "ev.tmp" / "draft.md").read_text() == "keep" and not (tmp_path / "ev").exists()
+    ours = write_eval_outputs(tmp_path / "ours", metrics, rows, "model")
+    assert json.loads((ours / "metrics.json").read_text()) == metrics
+    assert (ours / "predictions.jsonl").read_text() == json.dumps(rows[0]) + "\n" and (ours / MARKER).is_file()
+
+
+def test_run_being_trained_is_refused(tmp_path, tiny_model_dir, capsys):
+    run = make_run(tmp_path, tiny_model_dir)
+    lock = DirLock(run).acquire("train.py")  # another open file description: conflicts like another process
+    try:
+        start = time.monotonic()
+        code, _, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev"], capsys)
+    finally:
+        lock.release()
+    line = one_error(err)
+    assert code == 2 and str(run) in line and "train.py (pid" in line, line
+    assert time.monotonic() - start < 30 and not (tmp_path / "ev").exists()
+
+
+def test_run_being_trained_is_refused_on_every_rank(tmp_path, tiny_model_dir):
+    """Two ranks: only the main one takes the lock; the other learns of the refusal and exits too (no hang)."""
+    run = make_run(tmp_path, tiny_model_dir)
+    lock = DirLock(run).acquire("train.py")
+    try:
+        proc = launch("evaluate.py", ["--checkpoint", run, "--output_dir", tmp_path / "ev"], nproc=2, check=False,
+                      timeout=240)
+    finally:
+        lock.release()
+    assert proc.returncode != 0
+    assert "is in use by train.py" in one_error(proc.stderr)
+    assert not (tmp_path / "ev").exists()
+
+
+def test_checkpoint_cannot_grant_itself_remote_code(tmp_path, tiny_model_dir, capsys):
+    """A received run: final/config.json maps to its own .py and its saved config.yaml trusts remote code."""
+    run = make_run(tmp_path, tiny_model_dir, **{"model.trust_remote_code": True})
+    ran = tmp_path / "code-ran"
+    (run / "final" / "evil.py").write_text(f"import pathlib\npathlib.Path({str(ran)!r}).write_text('ran')\n")
+    config = json.loads((run / "final/config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilForCausalLM"}
+    (run / "final/config.json").write_text(json.dumps(config))
+    code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev"], capsys)
+    assert not ran.exists(), "the checkpoint's own code ran"
+    assert code == 0, err[-3000:]
+    notice = [line for line in out.splitlines() if "auto_map" in line]
+    assert len(notice) == 1 and "NOT run" in notice[0] and "--model.trust_remote_code true" in notice[0]
+
+
+def _change_heldout_row(run: Path) -> None:
+    cfg = build_config(str(run / "config.yaml"), {})
+    first = json.loads((run / "heldout_ids.json").read_text())["ids"][0]
+    path = Path(cfg.data.path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[int(first)]["question"] += " (edited after training)"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_changed_heldout_rows_are_refused_or_said_loudly(tmp_path, tiny_model_dir, capsys):
+    run = make_run(tmp_path, tiny_model_dir)
+    _change_heldout_row(run)
+    code, _, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev"], capsys)
+    assert code == 2 and "changed since training" in one_error(err)
+    assert not (tmp_path / "ev").exists()
+    data = build_config(str(run / "config.yaml"), {}).data.path
+    code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev", "--data.path", data], capsys)
+    assert code == 0, err[-3000:]
+    assert sum("changed since training" in line and "NOTE" in line for line in out.splitlines()) == 1
+
+
+def test_other_data_is_said_loudly_and_old_runs_warn_once(tmp_path, tiny_model_dir, capsys):
+    run = make_run(tmp_path, tiny_model_dir, hashed=False)
+    code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev"], capsys)
+    assert code == 0, err[-3000:]
+    assert sum("no content hash" in line for line in (out + err).splitlines()) == 1
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:12]))
+    code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev2", "--data.path", other], capsys)
+    assert code == 0, err[-3000:]
+    assert sum("NOT the held-out split" in line for line in out.splitlines()) == 1
+    assert json.loads((tmp_path / "ev2/metrics.json").read_text())["num_examples"] == 12
