@@ -155,7 +155,8 @@ def test_incompatible_checkpoint_refused(tmp_path, tiny_model_dir):
     assert proc.returncode != 0
     assert "belongs to a different run setup" in proc.stderr and "lora" in proc.stderr
     fresh = launch("train.py", ["--config", cfg, "--output_dir", run, "--train.max_steps", "4"], check=False)
-    assert fresh.returncode != 0 and "pass --resume auto" in fresh.stderr  # never mixes two runs in one dir
+    # never mixes two runs in one dir: the two ways on are named
+    assert fresh.returncode == 2 and "continue it with --resume auto, replace it with --overwrite" in fresh.stderr
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny_model_dir):
