@@ -16,12 +16,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fittune.identity import examples_digest
-
 from fittune import data as D
 from fittune.checkpoints import CheckpointInfo, resolve_checkpoint
 from fittune.cli import split_flag
 from fittune.config import Config, build_config, parse_overrides
+from fittune.data import examples_digest
 from fittune.distributed import configure_deepspeed, make_accelerator
 from fittune.errors import FittuneError
 from fittune.evaluator import evaluate_and_report

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, launch
-from fittune.identity import examples_digest
 
 from fittune import data as D
 from fittune.config import build_config, to_yaml
+from fittune.data import examples_digest
 from fittune.rundir import MARKER, DirLock, claim_dir
 from fittune.tiny import DEMO_DATA
 
