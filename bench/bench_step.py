@@ -116,7 +116,7 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config.use_cache = False
     n_params = sum(p.numel() for p in model.parameters()) if not deepspeed or strategy.zero_stage < 3 else None
-    liger = use_liger(cfg, model)  # as fittune.model.build_model does
+    liger = use_liger(cfg, model, strategy.device_map)  # as fittune.model.build_model does
     if liger:
         apply_liger(model)
     if lora:

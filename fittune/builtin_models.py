@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fittune.errors import FittuneError
+from fittune.tiny import tiny_stamp, write_tiny_model
 
 TINY_QWEN2 = "builtin:tiny-qwen2"
 SMOLLM2 = "builtin:smollm2-135m-instruct"
@@ -70,8 +71,6 @@ def _key(stamp: dict) -> str:
 def builtin_spec(name: str, tiny_shape, seed: int) -> BuiltinSpec:
     """The spec of built-in model `name` (`tiny_shape`/`seed` used by the tiny model only)."""
     if name == TINY_QWEN2:
-        from fittune.tiny import tiny_stamp, write_tiny_model
-
         return BuiltinSpec("tiny-qwen2", tiny_stamp(tiny_shape, seed), lambda d: write_tiny_model(d, tiny_shape, seed))
     if name == SMOLLM2:
         gguf = smollm2_gguf_path()
@@ -193,3 +192,10 @@ def write_smollm2(target: Path, gguf: Path) -> None:
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(target)
     tok.save_pretrained(target)
+
+
+def build_tiny_model_dir(target: str | os.PathLike, shape, seed: int) -> Path:
+    """Tokenizer + randomly initialised tiny Qwen2 model in `target` (a directory of the caller's choosing,
+    e.g. a test's): built atomically, verified by content hash, rebuilt if damaged, reused otherwise.
+    Deterministic for a given shape and seed, so every rank and every rerun gets the same weights."""
+    return materialise(Path(target), tiny_stamp(shape, seed), lambda d: write_tiny_model(d, shape, seed))

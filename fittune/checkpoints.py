@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fittune.errors import FittuneError
+from fittune.optim import tensor_bytes
 from fittune.rundir import (
     MARKER,
     atomic_write_text,
@@ -291,8 +292,7 @@ def _local(t):
 
 
 def _nbytes(t) -> int:
-    t = _local(t)
-    return t.numel() * t.element_size()
+    return tensor_bytes(_local(t))  # a torchao 8-/4-bit state counts its codes and scales, not its nominal dtype
 
 
 def checkpoint_bytes(target: CheckpointTarget) -> int:

@@ -99,6 +99,22 @@ def sum_across_ranks(accelerator: Accelerator, values: list[float]) -> list[floa
     return t.tolist()
 
 
+def on_main_then_agree(accelerator: Accelerator, work) -> None:
+    """Run `work()` on the main process only, then let every rank know whether it failed (one all-reduce):
+    a refusal or a failed write on the main process stops every rank instead of leaving them waiting in the
+    next collective. The main process re-raises its own exception; the others raise a FittuneError."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks are told
+            error = e
+    if sum_across_ranks(accelerator, [1.0 if error else 0.0])[0]:
+        if error is not None:
+            raise error
+        raise FittuneError("stopped: the main process failed (see its message)")
+
+
 def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_accum: int, max_grad_norm: float) -> None:
     """Fill the DeepSpeed config's "auto" values from the training recipe, before the engine is built.
 

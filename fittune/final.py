@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from fittune.distributed import on_main_then_agree
+from fittune.errors import FittuneError
 from fittune.rundir import atomic_write_text, fresh_tmp_dir, publish_dir, write_guard
 
 
@@ -15,7 +17,8 @@ def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str, log) 
     final = out / "final"
     # gathered from every rank's shards under ZeRO-3 / FSDP2 (a collective: every rank calls it)
     state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
+
+    def write() -> None:
         with write_guard("final/", f"the previous {final} (if any) is intact"):
             tmp = fresh_tmp_dir(final)
             unwrapped = accelerator.unwrap_model(model)
@@ -26,13 +29,14 @@ def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str, log) 
             tokenizer.save_pretrained(tmp)
             atomic_write_text(tmp / "fittune_config.yaml", config_yaml)
             publish_dir(tmp, final)
-    accelerator.wait_for_everyone()
+
+    on_main_then_agree(accelerator, write)  # a failed save or check stops every rank, none left waiting
     return final
 
 
 def verify_export(directory: Path, unwrapped, state_dict: dict) -> int:
     """Check the saved weights against the live (gathered) ones: the classic ZeRO-3 failure is an empty or
-    partial adapter_model.safetensors that loads silently. Raises RuntimeError, and final/ is not written."""
+    partial adapter_model.safetensors that loads silently. Raises FittuneError, and final/ is not written."""
     from safetensors.torch import load_file
 
     if hasattr(unwrapped, "peft_config"):
@@ -46,14 +50,14 @@ def verify_export(directory: Path, unwrapped, state_dict: dict) -> int:
     saved = {}
     for f in files:
         if not f.is_file():
-            raise RuntimeError(f"export check failed: {f.name} was not written")
+            raise FittuneError(f"export check failed: {f.name} was not written; final/ was not written")
         saved.update(load_file(f))
     problems = [k for k, v in saved.items() if v.numel() == 0 or k not in expected
                 or v.shape != expected[k].shape or not torch.equal(v.cpu(), expected[k].detach().cpu().to(v.dtype))]
     tied = {"lm_head.weight"} if getattr(getattr(unwrapped, "config", None), "tie_word_embeddings", False) else set()
     missing = [k for k in expected if k not in saved and k not in tied]
     if problems or missing or not saved:
-        raise RuntimeError(f"export check failed in {directory}: {len(problems)} saved tensors are empty or differ "
+        raise FittuneError(f"export check failed in {directory}: {len(problems)} saved tensors are empty or differ "
                            f"from the live weights (e.g. {problems[:3]}), {len(missing)} are missing "
                            f"(e.g. {missing[:3]}); final/ was not written")
     return len(saved)

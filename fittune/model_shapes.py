@@ -155,7 +155,7 @@ def _tiny_config(cfg: Config):
     if (built / "config.json").is_file():
         return AutoConfig.from_pretrained(str(built)), f"{built}/config.json (built tiny model)", []
     t = cfg.model.tiny
-    # Same fields as fittune.tiny.build_tiny_model_dir. The real vocabulary is the size of the BPE tokenizer
+    # Same fields as fittune.tiny.write_tiny_model. The real vocabulary is the size of the BPE tokenizer
     # trained on the demo corpus, known only once it is built (often below tiny.vocab_size, which is the
     # trainer's upper bound, special tokens included), so the embedding count here is approximate.
     config = Qwen2Config(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,

@@ -298,7 +298,7 @@ def build_optimizer(cfg, params: list, strategy: Strategy, mixed: str, fused: bo
 # Bytes: the live count and the planner's formula
 
 
-def _tensor_bytes(t) -> int:
+def tensor_bytes(t) -> int:
     """Storage bytes of a state tensor: a torchao quantized state counts its codes, scales and lookup table."""
     inner = getattr(t, "tensor_attrs", None)
     if inner:
@@ -312,7 +312,7 @@ def live_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     total = 0
     for p in (p for g in inner.param_groups for p in g["params"]):
         state = inner.state.get(p) or {}
-        total += sum(_tensor_bytes(v) for k, v in state.items() if k != "step")
+        total += sum(tensor_bytes(v) for k, v in state.items() if k != "step")
     return total
 
 

@@ -32,7 +32,7 @@ from fittune.checkpoints import (
 )
 from fittune.config import BUILTIN_MODEL, Config, to_yaml
 from fittune.data import examples_digest
-from fittune.distributed import configure_deepspeed, make_accelerator, sum_across_ranks
+from fittune.distributed import configure_deepspeed, make_accelerator, on_main_then_agree, sum_across_ranks
 from fittune.errors import FittuneError
 from fittune.evaluator import evaluate_and_report, validation_loss
 from fittune.final import save_final
@@ -53,7 +53,7 @@ from fittune.optim import build_optimizer
 from fittune.placement import input_device, place_model
 from fittune.precision import check_device_precision, run_precision
 from fittune.reports import metrics_table, plot_loss_curve
-from fittune.rundir import RunDir, atomic_write_text, inspect_output_dir
+from fittune.rundir import RunDir, atomic_write_text, inspect_output_dir, write_guard
 from fittune.signals import StopRequest
 from fittune.step import BatchSplit, OomAdaptive, StepPlan, StepResult, StepRunner
 from fittune.strategy import strategy_of
@@ -140,7 +140,7 @@ class FineTuneRecipe:
                 raise FittuneError(f"--resume auto: {self.out} holds a finished run without checkpoints "
                                    f"(train.save_steps was 0): nothing to resume; --overwrite replaces it")
 
-        self._on_main_then_agree(check)
+        on_main_then_agree(self.accelerator, check)
         self.resume_from = find_resume_checkpoint(self.out, cfg.resume) if cfg.resume else None
 
     def _setup_data(self) -> None:
@@ -226,7 +226,9 @@ class FineTuneRecipe:
         cfg = self.cfg
         return {"model": cfg.model.name_or_path, "lora": cfg.lora.model_dump() if cfg.lora.enabled else None,
                 "trainable_parameters": self.n_trainable, "global_batch_size": self.global_batch,
-                "seed": cfg.seed, "total_steps": self.total_steps, "optimizer": cfg.train.optimizer,
+                "seed": cfg.seed, "total_steps": self.total_steps, "lr": cfg.train.lr,
+                "lr_scheduler": cfg.train.lr_scheduler, "warmup_ratio": cfg.train.warmup_ratio,
+                "betas": list(cfg.train.betas), "weight_decay": cfg.train.weight_decay, "optimizer": cfg.train.optimizer,
                 "optimizer_in_backward": cfg.train.optimizer_in_backward, "model_dtype": cfg.model.dtype,
                 **self.digests}
 
@@ -250,23 +252,7 @@ class FineTuneRecipe:
         """The first writes: claim (create, mark, lock) output_dir, then the config, held-out ids and log."""
         cfg = self.cfg
         self.config_yaml = to_yaml(cfg, self._facts())
-        if self.accelerator.is_main_process:
-            self.run_dir = RunDir.claim(self.dir_check, self.lock, cfg.overwrite, self.program)
-            if self.run_dir.aside is not None:
-                self._log(f"--overwrite: the previous run was moved to {self.run_dir.aside}; it is removed when "
-                          f"this run has finished")
-            for partial in remove_partial_checkpoints(self.out):  # saves a crash cut short: never resumed from
-                self._log(f"removed incomplete checkpoint {partial}")
-            atomic_write_text(self.out / "config.yaml", self.config_yaml)
-            atomic_write_text(self.out / "heldout_ids.json", json.dumps(
-                {"ids": [x.id for x in self.test_set], "examples_sha256": self.heldout_ids_digest,
-                 "source_sha256": self.digests["source_sha256"]}, indent=0))
-            self._start_log()
-            self._log("resolved config\n" + self.config_yaml.rstrip())
-            if self.dropped[0]:
-                self._log(f"dropped {len(self.dropped[0])} rows whose answer does not fit data.max_length "
-                          f"(e.g. {self.dropped[0][0]})")
-        self.accelerator.wait_for_everyone()
+        on_main_then_agree(self.accelerator, self._write_run_files)
         if self.resume_from is not None:
             self._log(f"resumed from {self.resume_from} at step {self.counters.step} ({self.resume_how} restore)")
         elif cfg.resume == "auto":
@@ -274,6 +260,29 @@ class FineTuneRecipe:
         if cfg.log_with != "none":
             self.accelerator.init_trackers("tensorboard", config={k: v for k, v in _flat(cfg.model_dump()).items()
                                                                   if isinstance(v, (int, float, str, bool))})
+
+    def _write_run_files(self) -> None:
+        """Main process: claim output_dir, then the config, the held-out ids and the log."""
+        with write_guard(f"the run's files in {self.out}", "nothing that was there before was lost"):
+            self._claim_and_write()
+        self._log("resolved config\n" + self.config_yaml.rstrip())
+        if self.dropped[0]:
+            self._log(f"dropped {len(self.dropped[0])} rows whose answer does not fit data.max_length "
+                      f"(e.g. {self.dropped[0][0]})")
+
+    def _claim_and_write(self) -> None:
+        cfg = self.cfg
+        self.run_dir = RunDir.claim(self.dir_check, self.lock, cfg.overwrite, self.program)
+        if self.run_dir.aside is not None:
+            self._log(f"--overwrite: the previous run was moved to {self.run_dir.aside}; it is removed when "
+                      f"this run has finished")
+        for partial in remove_partial_checkpoints(self.out):  # saves a crash cut short: never resumed from
+            self._log(f"removed incomplete checkpoint {partial}")
+        atomic_write_text(self.out / "config.yaml", self.config_yaml)
+        atomic_write_text(self.out / "heldout_ids.json", json.dumps(
+            {"ids": [x.id for x in self.test_set], "examples_sha256": self.heldout_ids_digest,
+             "source_sha256": self.digests["source_sha256"]}, indent=0))
+        self._start_log()
 
     def _start_log(self) -> None:
         log = self.out / "train_log.jsonl"
@@ -305,17 +314,6 @@ class FineTuneRecipe:
             # the built-in tiny model starts from random weights; any other model is pretrained
             title = "untrained" if cfg.model.name_or_path == BUILTIN_MODEL else "zero-shot"
             self.compare[title] = self._evaluate(self.out / "eval_untrained", title)
-
-    def _on_main_then_agree(self, check) -> None:
-        """Run a check on the main process only; every rank then stops if it refused (no rank left waiting)."""
-        error = None
-        if self.accelerator.is_main_process:
-            try:
-                check()
-            except FittuneError as e:
-                error = e
-        if sum_across_ranks(self.accelerator, [1.0 if error else 0.0])[0]:
-            raise error or FittuneError("refused by the main process (see its message)")
 
     # ---- the loop ----------------------------------------------------------------------------------------
 
@@ -384,7 +382,9 @@ class FineTuneRecipe:
 
     def _log_step(self, step: int, loss: float, result: StepResult) -> None:
         cfg, c = self.cfg, self.counters
-        if not ((step + 1) % cfg.train.log_every == 0 or step + 1 == self.total_steps or self.bad_in_a_row):
+        logged = (step + 1) % cfg.train.log_every == 0 or step + 1 == self.total_steps or self.bad_in_a_row
+        validate = cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0  # the same on every rank
+        if not (logged or validate):
             return
         now = time.perf_counter()
         row = {"step": step + 1, "epoch": round((step + 1) / self.steps_per_epoch, 4), "loss": loss,
@@ -394,7 +394,7 @@ class FineTuneRecipe:
                "padding_frac": 1 - c.real_tokens / max(1, c.pad_slots),
                "overflow_skipped": c.skipped_overflow, "nonfinite_skipped": c.skipped_nonfinite}
         self._clock = (now, 0)
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
+        if validate:
             row["val_loss"] = validation_loss(self.model, self.accelerator, self.strategy,
                                               self.test_set[:cfg.train.val_examples], self.tokenizer,
                                               cfg.eval.batch_size, cfg.eval.max_batch_tokens)
@@ -462,7 +462,6 @@ class FineTuneRecipe:
             self._log(f"outputs in {self.out}/ (final/, eval/, config.yaml, train_log.jsonl, loss_curve.png)")
             if (old := self.run_dir.finish()) is not None:
                 self._log(f"--overwrite: removed the replaced run {old}")
-            self.run_dir.release()
         self.accelerator.end_training()
         return RunResult(metrics)
 
@@ -486,15 +485,24 @@ class FineTuneRecipe:
         if self.accelerator.is_main_process:
             atomic_write_text(self.out / "ranks.json", json.dumps(ranks, indent=1))
 
+    def release(self) -> None:
+        """Let go of output_dir's lock (the process ending does the same)."""
+        for holder in (self.run_dir, getattr(self, "lock", None)):
+            if holder is not None:
+                holder.release()
+
     def _log(self, msg: str) -> None:
         self.accelerator.print(f"fittune: {msg}", flush=True)
 
 
 def train(cfg: Config) -> RunResult:
-    """Run one fine-tuning job end to end."""
+    """Run one fine-tuning job end to end (the output directory's lock is released however it ends)."""
     recipe = FineTuneRecipe(cfg)
-    recipe.setup()
-    return recipe.train()
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        recipe.release()
 
 
 def local_shards(model) -> dict:

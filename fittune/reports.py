@@ -11,6 +11,7 @@ from fittune.rundir import (
     atomic_write_text,
     check_writable_dir,
     claim_dir,
+    marker_kind,
     owned,
     publish_dir,
     remove_owned,
@@ -72,6 +73,9 @@ def check_eval_dir(out_dir: str | os.PathLike, flag: str = "--output_dir") -> Pa
     out = Path(out_dir)
     if out.is_dir() and not _ours(out) and any(out.iterdir()):
         check_writable_dir(out, flag)  # raises: not empty, not fittune's
+        # fittune's, but not an evaluation output (a run directory, a checkpoint): never replaced by results
+        raise FittuneError(f"{flag} {out} is a fittune {marker_kind(out) or 'run'} directory, not an evaluation "
+                           f"output: choose a new or empty directory (e.g. {out / 'eval-other'})")
     if out.exists() and not out.is_dir():
         raise FittuneError(f"{flag} {out} is a file, not a directory: choose another path")
     tmp = _tmp_of(out)
@@ -82,8 +86,12 @@ def check_eval_dir(out_dir: str | os.PathLike, flag: str = "--output_dir") -> Pa
 
 
 def _ours(path: Path) -> bool:
-    # eval/ of a run written before directories carried markers: its parent run directory is fittune's
-    return owned(path) or (path.name.startswith("eval") and owned(path.parent))
+    """An evaluation output fittune wrote: its marker says `eval`, or (written before markers) it is the
+    `eval/` or `eval_untrained/` of a fittune run directory."""
+    kind = marker_kind(path)
+    if kind is not None:
+        return kind == "eval"
+    return path.name in ("eval", "eval_untrained") and owned(path.parent) and not (path / "config.yaml").exists()
 
 
 def _tmp_of(out: Path) -> Path:

@@ -115,8 +115,8 @@ def publish_dir(tmp: Path, final: Path) -> None:
         if _exchange(tmp, final):
             shutil.rmtree(tmp)  # now the old directory
         else:
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
+            # a name nobody else uses (never a user's `<name>.old`): fittune's own copy, removed right after
+            old = final.with_name(f".{final.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
             final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old)
@@ -175,7 +175,17 @@ def owned(path: Path) -> bool:
     if (path / MARKER).is_file():
         return True
     legacy = path / "config.yaml"
-    return legacy.is_file() and (path / "train_log.jsonl").is_file() and "\nrun:\n" in legacy.read_text()
+    if not (legacy.is_file() and (path / "train_log.jsonl").is_file()):
+        return False
+    return "\nrun:\n" in legacy.read_text(encoding="utf-8", errors="replace")
+
+
+def marker_kind(path: Path) -> str | None:
+    """What fittune created `path` for (`train`, `eval`, `checkpoint`...), from its marker; None without one."""
+    try:
+        return json.loads((path / MARKER).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def check_writable_dir(path: Path, flag: str) -> None:
@@ -209,52 +219,70 @@ def remove_owned(path: Path) -> None:
 # ---- one run per directory ----------------------------------------------------------------------------------
 
 
-def _holder(path: Path) -> str:
-    try:
-        info = json.loads((path / LOCK_INFO).read_text())
-        return f"{info['program']} (pid {info['pid']} on {info['host']}, since {info['since']})"
-    except (OSError, ValueError, KeyError):
-        return "another fittune process"
-
-
 class DirLock:
-    """An exclusive `flock` on a directory, held until `release` or the process ends (a kill -9 too).
+    """An exclusive lock on a run directory, held until `release` or the process ends (a kill -9 too).
 
-    On shared storage (NFS) Linux maps flock to POSIX locks, which the server arbitrates across nodes; only
-    the global main process takes it, so a multi-node run holds one lock."""
+    The lock is `flock` on the directory's `.fittune.lock` file, opened for writing: on shared storage (NFS)
+    Linux emulates flock with POSIX locks, which the server arbitrates across nodes and which need a file
+    open for writing. The file is created once (by the run that claims the directory) and never replaced
+    or removed, so every process locks the same inode; the holder writes who it is into it. Only the global
+    main process takes it, so a multi-node run holds one lock."""
 
     def __init__(self, path: Path):
         self.path = path
         self._fd: int | None = None
 
-    def acquire(self, program: str, record: bool = True) -> DirLock:
-        """Take the lock at once or raise naming the holder; `record`: write who holds it (a run's checks
-        take the lock without writing anything, so a refused run leaves the directory untouched)."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+    def acquire(self, program: str, record: bool = True, create: bool = True) -> DirLock | None:
+        """Take the lock at once or raise naming the holder. `record`: write who holds it (a run's checks
+        take the lock without writing anything, so a refused run leaves the directory untouched); `create`:
+        make the lock file if missing (else return None: nothing to lock yet)."""
+        lock_file = self.path / LOCK_INFO
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        try:
+            fd = os.open(lock_file, flags, 0o644)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise FittuneError(f"cannot open the lock file {lock_file} ({e.strerror}): fix the permissions of "
+                               f"{self.path}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = _holder_of(fd)
             os.close(fd)
-            raise FittuneError(f"{self.path} is in use by {_holder(self.path)}: wait for it to finish, or use "
-                               f"another directory") from None
+            raise FittuneError(f"{self.path} is in use by {holder}: wait for it to finish, or use another "
+                               f"directory") from None
+        except OSError as e:  # e.g. ENOLCK: a network filesystem without a lock service
+            os.close(fd)
+            raise FittuneError(f"cannot lock {lock_file} ({e.strerror}): this filesystem offers no file locks; "
+                               f"use an output_dir on a filesystem that does") from None
         self._fd = fd
         if record:
             self.record(program)
         return self
 
     def record(self, program: str) -> None:
-        """Say who holds the lock (read by the process that is refused)."""
-        if (self.path / MARKER).is_file():  # never write into a directory that is not ours
-            info = {"program": program, "pid": os.getpid(), "host": socket.gethostname(),
-                    "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            atomic_write_text(self.path / LOCK_INFO, json.dumps(info) + "\n")
+        """Say who holds the lock (read by a process that is refused), through the locked file itself."""
+        info = {"program": program, "pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        data = (json.dumps(info) + "\n").encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+        os.fsync(self._fd)
 
     def release(self) -> None:
         if self._fd is not None:
-            if (self.path / LOCK_INFO).is_file() and f'"pid": {os.getpid()},' in (self.path / LOCK_INFO).read_text():
-                (self.path / LOCK_INFO).unlink()
+            os.ftruncate(self._fd, 0)  # nobody holds it now; the file itself stays (one inode for everyone)
             os.close(self._fd)
             self._fd = None
+
+
+def _holder_of(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode())
+        return f"{info['program']} (pid {info['pid']} on {info['host']}, since {info['since']})"
+    except (OSError, ValueError, KeyError):
+        return "another fittune process"
 
 
 # ---- the training output directory ----------------------------------------------------------------------------
@@ -294,28 +322,29 @@ class RunDir:
     @classmethod
     def lock_existing(cls, check: OutputDirCheck, program: str) -> DirLock | None:
         """Lock an existing output_dir before anything is read from it for the run (None: nothing there)."""
-        return DirLock(check.path).acquire(program, record=False) if check.exists else None
+        return DirLock(check.path).acquire(program, record=False, create=False) if check.exists else None
 
     @classmethod
     def claim(cls, check: OutputDirCheck, lock: DirLock | None, overwrite: bool, program: str) -> RunDir:
         """Create or adopt the directory; with --overwrite move the old run aside (kept until `finish`)."""
         path, aside = check.path, None
         if overwrite and check.holds_run:
-            aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            path.rename(aside)  # still locked: the lock follows the directory
-            lock.path = aside
+            aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            path.rename(aside)  # still locked: the lock file moves with the directory
             path.mkdir()
+            if lock is not None:
+                lock.release()
+            lock = None
         claim_dir(path, "train")
-        new_lock = DirLock(path).acquire(program) if (lock is None or aside is not None) else lock
-        if lock is not None and aside is not None:
-            lock.release()
-        elif lock is not None:
+        if lock is None:
+            lock = DirLock(path).acquire(program)
+            if not check.holds_run and aside is None and any((path / f).exists() for f in RUN_FILES):
+                lock.release()  # it held no run when checked: another run started in it meanwhile
+                raise FittuneError(f"{path} was taken by another run while this one was starting: choose "
+                                   f"another output_dir")
+        else:
             lock.record(program)
-        if lock is None and any((path / f).exists() for f in RUN_FILES):
-            new_lock.release()  # it did not exist when checked: another run created it meanwhile
-            raise FittuneError(f"{path} was created by another run while this one was starting: choose another "
-                               f"output_dir")
-        return cls(path, new_lock, aside)
+        return cls(path, lock, aside)
 
     def finish(self) -> Path | None:
         """The new run has its results: remove the run it replaced (fittune's own, moved aside)."""

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from fittune.errors import FittuneError
 from fittune.rundir import append_line, atomic_write_text
 
 
@@ -29,7 +30,8 @@ def read_rows(path: Path) -> tuple[list[dict], str | None]:
             rows.append(json.loads(line))
         except ValueError:
             if k != len(lines) - 1:  # only a crash mid-append tears a line, and only the last one
-                raise ValueError(f"{path}:{k + 1} is not valid JSON (not the last line: not a torn write)") from None
+                raise FittuneError(f"{path}:{k + 1} is not valid JSON and is not the last line (so not a write a "
+                                   f"crash tore): fix or remove that line, then resume") from None
             torn = line
     return rows, torn
 

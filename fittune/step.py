@@ -187,7 +187,10 @@ class OomAdaptive:
                     return self.runner.optimizer_step(self._finish_in_place(step, plan))
                 return self.runner.run(plan)
             except _AgreedOom:
-                self.runner.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
+                # the failed step's partial gradients (the micro-batches done before the failure); directly,
+                # as accelerate's zero_grad does nothing while gradients are not synchronised
+                for p in self.runner.params:
+                    p.grad = None
                 self._shrink(step, "redoing the step")
                 plan = plan_for(self.split)
 

@@ -7,7 +7,6 @@ user's real model takes, so the demo and the tests exercise the real loading cod
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -66,17 +65,6 @@ def build_tokenizer(vocab_size: int):
 def tiny_stamp(shape: TinyModelConfig, seed: int) -> dict:
     """What identifies a built tiny model: its shape and seed (the same pair gives the same files)."""
     return {"model": "tiny-qwen2", "shape": shape.model_dump(), "seed": seed}
-
-
-def build_tiny_model_dir(target: str | os.PathLike, shape: TinyModelConfig, seed: int) -> Path:
-    """Tokenizer + randomly initialised tiny Qwen2 model in `target`: built atomically, verified by content
-    hash, rebuilt if damaged, reused otherwise (fittune.builtin_models.materialise).
-
-    Deterministic for a given shape and seed, so every rank and every rerun gets the same weights.
-    """
-    from fittune.builtin_models import materialise
-
-    return materialise(Path(target), tiny_stamp(shape, seed), lambda d: write_tiny_model(d, shape, seed))
 
 
 def write_tiny_model(target: Path, shape: TinyModelConfig, seed: int) -> None:

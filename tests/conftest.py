@@ -99,8 +99,8 @@ def fittune_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2 model + tokenizer saved with save_pretrained, as a user's local model directory."""
+    from fittune.builtin_models import build_tiny_model_dir
     from fittune.config import TinyModelConfig
-    from fittune.tiny import build_tiny_model_dir
 
     return build_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny-qwen2", TinyModelConfig(**TINY_SHAPE), 0)
 

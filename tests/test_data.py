@@ -15,8 +15,8 @@ from fittune.errors import FittuneError
 def tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
+    from fittune.builtin_models import build_tiny_model_dir
     from fittune.config import TinyModelConfig
-    from fittune.tiny import build_tiny_model_dir
 
     d = build_tiny_model_dir(tmp_path_factory.mktemp("tok") / "m", TinyModelConfig(vocab_size=512), 0)
     return AutoTokenizer.from_pretrained(d)

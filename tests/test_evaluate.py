@@ -118,8 +118,8 @@ def test_bad_checkpoint_or_data_one_clear_error(lora_run, tmp_path, case):
         args = ["--checkpoint", broken] + args
         expect = "cannot load adapter"
     elif case == "other_base":
+        from fittune.builtin_models import build_tiny_model_dir
         from fittune.config import TinyModelConfig
-        from fittune.tiny import build_tiny_model_dir
 
         other = build_tiny_model_dir(tmp_path / "wide", TinyModelConfig(**{**TINY_SHAPE, "hidden_size": 64}), 0)
         args = ["--checkpoint", lora_run, "--model.name_or_path", other] + args

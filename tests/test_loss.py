@@ -67,11 +67,11 @@ def test_liger_on_cpu_is_a_clear_error_and_auto_falls_back(tiny_model_dir):
     from fittune.model import use_liger
 
     model = _model(tiny_model_dir)
-    assert not use_liger(build_config(None, {"train.kernels": "torch"}), model)
+    assert not use_liger(build_config(None, {"train.kernels": "torch"}), model, False)
     if not torch.cuda.is_available():
-        assert not use_liger(build_config(None, {"lora.enabled": True}), model)  # auto: plain torch without a GPU
+        assert not use_liger(build_config(None, {"lora.enabled": True}), model, False)  # auto: plain torch without a GPU
         with pytest.raises(FittuneError, match="train.kernels: liger needs a CUDA GPU"):
-            use_liger(build_config(None, {"train.kernels": "liger"}), model)
+            use_liger(build_config(None, {"train.kernels": "liger"}), model, False)
 
 
 @pytest.mark.gpu

@@ -185,10 +185,10 @@ def test_train_and_score_with_real_vocabulary(qwen25_tokenizer_dir, tmp_path, mo
     151,936-row embedding and tokenizer (151,665 tokens): the loss falls, the probability of the 271
     embedding rows no token reaches shrinks, and each of the 16 held-out predictions and its four candidate NLLs equal plain
     transformers' scores."""
-    from fittune.train_loop import train
     from safetensors.torch import load_file
 
     from fittune.config import Config
+    from fittune.recipe import train
 
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
     model_dir = _tiny_qwen2(tmp_path / "model", qwen25_tokenizer_dir)
@@ -199,7 +199,7 @@ def test_train_and_score_with_real_vocabulary(qwen25_tokenizer_dir, tmp_path, mo
         "train": {"micro_batch_size": 8, "max_steps": 8, "lr": 3e-2, "warmup_ratio": 0.0, "log_every": 1,
                   "lr_scheduler": "constant", "weight_decay": 0.0},
         "eval": {"batch_size": 16}})
-    metrics = train(cfg)
+    metrics = train(cfg).metrics
     run = tmp_path / "run"
     losses = [json.loads(x)["loss"] for x in (run / "train_log.jsonl").read_text().splitlines()]
     assert len(losses) == 8 and losses[-1] < losses[0] - 2.0  # from ~ln(151,936) = 11.9

@@ -137,7 +137,7 @@ def test_torn_last_log_line_is_dropped_and_said(tmp_path):
     assert (repair.kept, repair.dropped_after_checkpoint, repair.torn_line) == (2, 1, '{"step": 4, "lo')
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2]
     (tmp_path / "bad.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    with pytest.raises(ValueError, match="not the last line"):
+    with pytest.raises(FittuneError, match="is not the last line"):
         runlog.read_rows(tmp_path / "bad.jsonl")
 
 

@@ -111,6 +111,27 @@ def test_oom_halves_the_micro_batch_and_keeps_the_update(tiny_model_dir, rows, m
         torch.testing.assert_close(w[k], ref_w[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
+def test_oom_mid_step_drops_the_gradients_already_accumulated(tiny_model_dir, rows, monkeypatch):
+    """The first micro-batch passes, the second runs out of memory: the redo must not count the first twice."""
+    items, pad = rows
+    ref = _runner(tiny_model_dir)
+    ref.accelerator.gradient_accumulation_steps = 4
+    ref.run(_plan(items, pad, 1))
+    ref_w = _weights(ref)
+
+    monkeypatch.setenv("FITTUNE_TEST_OOM_ABOVE", "1")
+    monkeypatch.setenv("FITTUNE_TEST_OOM_SKIP", "1")  # lets the first micro-batch of 2 through
+    runner = _runner(tiny_model_dir)
+    install_oom_injection(runner.accelerator.unwrap_model(runner.model), rank=0)
+    split = BatchSplit(2, 2)
+    runner.accelerator.gradient_accumulation_steps = 2
+    res = OomAdaptive(runner, split, 4, lambda m: None).run(0, lambda s: _plan(items, pad, s.micro_batch_size))
+    assert (split.micro_batch_size, split.grad_accum) == (1, 4) and res.stepped
+    w = _weights(runner)
+    for k in ref_w:
+        torch.testing.assert_close(w[k], ref_w[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
 def test_oom_at_micro_batch_one_is_a_clear_error(tiny_model_dir, rows, monkeypatch):
     from fittune.errors import FittuneError
 
