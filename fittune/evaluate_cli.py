@@ -156,12 +156,12 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
         examples = D.map_columns(D.read_rows(cfg.data.path, cfg.data), cfg.data, D.resolve_data_path(cfg.data.path))
         test = D.select_ids(examples, record["ids"], cfg.data.path)
         held = set(record["ids"])
-        check_identity(record, test, cfg.data.path, data_path_given, say)
+        check_identity(record, test, cfg.data, data_path_given, say)
         return EvalData([e for e in examples if e.id not in held], test, "the run's held-out rows")
     if same_source or cfg.data.test_path:
         train, test = D.load_splits(cfg.data, cfg.seed)
         if record is not None:
-            check_identity(record, test, cfg.data.test_path, data_path_given, say)
+            check_identity(record, test, cfg.data, data_path_given, say)
         return EvalData(train, test, f"the test file {cfg.data.test_path}" if cfg.data.test_path else "the held-out split")
     rows = D.read_rows(cfg.data.path, cfg.data)
     test = D.map_columns(rows, cfg.data, D.resolve_data_path(cfg.data.path))
@@ -173,8 +173,11 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
     return EvalData([], test, f"all rows of {cfg.data.path}")
 
 
-def check_identity(record: dict, test: list[D.Example], source: str, data_path_given: bool, say) -> None:
-    """Refuse held-out rows whose content changed since training (an explicit --data.path: say it loudly)."""
+def check_identity(record: dict, test: list[D.Example], data_cfg, data_path_given: bool, say) -> None:
+    """Refuse held-out rows whose content changed since training (an explicit --data.path: say it loudly).
+    The mapped rows are compared first; when they differ only because the column mapping or system prompt
+    changed (the user's choice here), the source file's bytes decide."""
+    source = data_cfg.test_path or data_cfg.path
     saved = record.get("examples_sha256")
     if saved is None:
         say("fittune: warning: this run's heldout_ids.json has no content hash (written by an older fittune): "
@@ -182,6 +185,8 @@ def check_identity(record: dict, test: list[D.Example], source: str, data_path_g
         return
     if examples_digest(test) == saved:
         return
+    if record.get("source_sha256") is not None and D.source_digest(data_cfg) == record["source_sha256"]:
+        return  # the same bytes, mapped differently (e.g. --data.label_column null): the same rows
     if data_path_given:
         say(f"fittune: NOTE: the rows behind the run's held-out ids in {source} changed since training: evaluating "
             f"their CURRENT content, which is other data than the run held out (--data.path given)")

@@ -93,6 +93,7 @@ class FineTuneRecipe:
     def __init__(self, cfg: Config, program: str = "train.py"):
         self.cfg, self.program, self.out = cfg, program, Path(cfg.output_dir)
         self.counters, self.bad_in_a_row, self.run_dir = RunCounters(), 0, None
+        self.lock, self.progress = None, None
         self._plan, self._plan_epoch = [], -1  # the epoch's global batches, made when an epoch starts
 
     # ---- setup: checks first, writes last ---------------------------------------------------------------
@@ -131,7 +132,7 @@ class FineTuneRecipe:
 
     def _check_output_dir(self) -> None:
         """Refuse a directory this run must not touch, and lock an existing one (main process; all agree)."""
-        cfg, self.lock = self.cfg, None
+        cfg = self.cfg
 
         def check() -> None:
             self.dir_check = inspect_output_dir(self.out, cfg.resume, cfg.overwrite)
@@ -486,8 +487,11 @@ class FineTuneRecipe:
             atomic_write_text(self.out / "ranks.json", json.dumps(ranks, indent=1))
 
     def release(self) -> None:
-        """Let go of output_dir's lock (the process ending does the same)."""
-        for holder in (self.run_dir, getattr(self, "lock", None)):
+        """Close the progress bar (an error then prints on its own line) and let go of output_dir's lock
+        (the process ending does the same)."""
+        if self.progress is not None:
+            self.progress.close()
+        for holder in (self.run_dir, self.lock):
             if holder is not None:
                 holder.release()
 

@@ -94,8 +94,9 @@ def test_open_answers_generate_the_same_text_on_two_processes(lora_run, tmp_path
     outs = []
     for nproc in (1, 2):
         d = tmp_path / f"gen{nproc}"
+        # no choices and no label: open answers (a label column alone would make it classification)
         launch("evaluate.py", ["--checkpoint", lora_run, "--output_dir", d, "--data.choices_column", "null",
-                               "--data.test_size", "0.0925", "--eval.max_new_tokens", "8", "--eval.batch_size", "3"],
+                               "--data.label_column", "null", "--data.test_size", "0.0925", "--eval.max_new_tokens", "8", "--eval.batch_size", "3"],
                nproc=nproc)
         outs.append(d)
     a, b = load_preds(outs[0]), load_preds(outs[1])
