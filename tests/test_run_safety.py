@@ -99,7 +99,9 @@ def _wait_for_log(path: Path, proc, timeout: float = 240.0) -> None:
 
 def test_one_run_per_directory_then_a_moved_torn_run_resumes(tmp_path, recipe):
     out = tmp_path / "run"
-    cfg = recipe(out, steps=12)
+    # long enough (the tiny model runs ~140 steps/s) that the run is still in its loop, with its signal
+    # handler, when it is suspended after its first logged step
+    cfg = recipe(out, steps=600)
     first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(cfg)], cwd=ROOT,
                              env=child_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -123,4 +125,4 @@ def test_one_run_per_directory_then_a_moved_torn_run_resumes(tmp_path, recipe):
     resumed = run_python("train.py", ["--config", cfg, "--output_dir", moved, "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "dropped a last line torn by a crash" in resumed.stdout
-    assert [r["step"] for r in read_log(moved)] == list(range(1, 13))  # no duplicated or missing step
+    assert [r["step"] for r in read_log(moved)] == list(range(1, 601))  # no duplicated or missing step
