@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from fittune.data import TokExample
+from fittune.distributed import on_main_then_agree
 from fittune.metrics import build_predictions, compute_metrics
 from fittune.reports import write_eval_outputs
 from fittune.scoring import score_examples
@@ -23,8 +24,9 @@ def evaluate_and_report(model, accelerator, strategy: Strategy, cfg, tokenizer, 
                              cfg.eval.max_new_tokens, cfg.eval.length_normalize, max_batch_tokens=max_batch_tokens)
     predictions = build_predictions(examples, records, class_task)
     metrics = compute_metrics(predictions)
-    if accelerator.is_main_process:
-        write_eval_outputs(out_dir, metrics, predictions, title, {**(compare or {}), title: metrics})
+    # the other ranks wait for the reports: a failed write fails every rank, and none leaves early
+    on_main_then_agree(accelerator, lambda: write_eval_outputs(out_dir, metrics, predictions, title,
+                                                                {**(compare or {}), title: metrics}))
     return metrics
 
 

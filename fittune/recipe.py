@@ -455,16 +455,22 @@ class FineTuneRecipe:
         self._write_ranks()
         save_final(self.model, self.accelerator, self.tokenizer, self.out, self.config_yaml, self._log)
         metrics = self._evaluate(self.out / "eval", "fine-tuned")
-        if self.accelerator.is_main_process:
-            plot_loss_curve(self.out / "train_log.jsonl", self.out / "loss_curve.png")
-            self._log(f"padding: {1 - c.real_tokens / max(1, c.pad_slots):.1%} of micro-batch slots were padding")
-            self._log(f"held-out metrics ({len(self.test_set)} examples)\n"
-                      + metrics_table({**self.compare, "fine-tuned": metrics}))
-            self._log(f"outputs in {self.out}/ (final/, eval/, config.yaml, train_log.jsonl, loss_curve.png)")
-            if (old := self.run_dir.finish()) is not None:
-                self._log(f"--overwrite: removed the replaced run {old}")
+        # every rank waits for the main process's last writes: none tears the process group down early, and a
+        # failed write there fails the run on every rank
+        on_main_then_agree(self.accelerator, lambda: self._report(metrics))
         self.accelerator.end_training()
         return RunResult(metrics)
+
+    def _report(self, metrics: dict) -> None:
+        """The loss curve, the summary lines and the metrics table (main process); the replaced run goes."""
+        c = self.counters
+        plot_loss_curve(self.out / "train_log.jsonl", self.out / "loss_curve.png")
+        self._log(f"padding: {1 - c.real_tokens / max(1, c.pad_slots):.1%} of micro-batch slots were padding")
+        self._log(f"held-out metrics ({len(self.test_set)} examples)\n"
+                  + metrics_table({**self.compare, "fine-tuned": metrics}))
+        self._log(f"outputs in {self.out}/ (final/, eval/, config.yaml, train_log.jsonl, loss_curve.png)")
+        if (old := self.run_dir.finish()) is not None:
+            self._log(f"--overwrite: removed the replaced run {old}")
 
     def _evaluate(self, out_dir: Path, title: str) -> dict:
         return evaluate_and_report(self.model, self.accelerator, self.strategy, self.cfg, self.tokenizer,

@@ -70,6 +70,33 @@ def test_check_world_size_refuses_fewer_processes_than_asked():
     check_world_size(1)  # the parent here is pytest's, not an accelerate launch: nothing to compare
 
 
+# ---- how an entry point exits ------------------------------------------------------------------------------
+
+EXIT = textwrap.dedent("""
+    import atexit, sys
+    from fittune.errors import FittuneError, run_cli
+    atexit.register(lambda: print("interpreter teardown ran", flush=True))
+    def main():
+        print("work done")  # still in the buffer (stdout is a pipe): the exit must flush it
+        if sys.argv[1] == "error":
+            raise FittuneError("bad input")
+        return int(sys.argv[1])
+    run_cli(main)
+""")
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+@pytest.mark.parametrize("outcome, code", [("0", 0), ("143", 143), ("error", 2)])
+def test_exit_code_and_teardown(world, outcome, code):
+    """The entry point's code reaches the launcher. One rank of several skips the interpreter's teardown, where
+    the communication threads' C++ destructors can abort a rank whose work is done; a lone process does not."""
+    proc = subprocess.run([sys.executable, "-c", EXIT, outcome], cwd=ROOT, capture_output=True, text=True,
+                          env={**child_env(1), "WORLD_SIZE": world, "RANK": "0", "PYTHONUNBUFFERED": ""}, timeout=60)
+    assert proc.returncode == code and "work done" in proc.stdout, proc.stderr
+    assert ("interpreter teardown ran" in proc.stdout) == (world == "1")
+    assert ("fittune: error: bad input" in proc.stderr) == (outcome == "error")
+
+
 # ---- the parent death signal and the second signal, on small scripts (no training) -----------------------
 
 @dataclass
