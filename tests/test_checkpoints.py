@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,12 +93,26 @@ CASES = [("1proc", 1, None, False), ("ddp", 2, None, False), ("zero2", 2, "accel
          ("fsdp2-lora", 2, "accelerate_configs/fsdp2.yaml", True), ("fsdp2-full", 2, "accelerate_configs/fsdp2.yaml", False)]
 
 
-@pytest.mark.parametrize("name, nproc, accel, lora", CASES, ids=[c[0] for c in CASES])
-def test_sigkill_then_resume_auto_matches_uninterrupted(tmp_path, tiny_model_dir, name, nproc, accel, lora):
-    cfg = recipe(tmp_path, tiny_model_dir, lora=lora)
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    subprocess.run(launch_cmd(nproc, accel, ["--config", cfg, "--output_dir", ref]), cwd=ROOT, env=child_env(1),
+def uninterrupted(cfg: Path, out: Path, nproc: int, accel: str | None) -> Path:
+    subprocess.run(launch_cmd(nproc, accel, ["--config", cfg, "--output_dir", out]), cwd=ROOT, env=child_env(1),
                    check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process_ref(tmp_path_factory, tiny_model_dir) -> Path:
+    """The uninterrupted 1-process run: the reference of the SIGKILL (1proc) and the SIGTERM tests (when and
+    whether it checkpoints changes nothing in the training)."""
+    d = tmp_path_factory.mktemp("one-process-ref")
+    return uninterrupted(recipe(d, tiny_model_dir), d / "ref", 1, None)
+
+
+@pytest.mark.parametrize("name, nproc, accel, lora", CASES, ids=[c[0] for c in CASES])
+def test_sigkill_then_resume_auto_matches_uninterrupted(request, tmp_path, tiny_model_dir, name, nproc, accel, lora):
+    cfg = recipe(tmp_path, tiny_model_dir, lora=lora)
+    run = tmp_path / "run"
+    ref = (request.getfixturevalue("one_process_ref") if name == "1proc"
+           else uninterrupted(cfg, tmp_path / "ref", nproc, accel))
     at = random.Random(name).randint(6, 15)  # a random step, reproducible per case
     kill_when_logged(launch_cmd(nproc, accel, ["--config", cfg, "--output_dir", run]), run / "train_log.jsonl", at)
     done = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*") if not p.name.endswith(".tmp")]
@@ -111,10 +126,9 @@ def test_sigkill_then_resume_auto_matches_uninterrupted(tmp_path, tiny_model_dir
     assert kept == [f"step-{STEPS - 4:08d}", f"step-{STEPS:08d}"]  # the newest two (keep_checkpoints: 2)
 
 
-def test_sigterm_saves_and_resume_completes(tmp_path, tiny_model_dir):
+def test_sigterm_saves_and_resume_completes(tmp_path, tiny_model_dir, one_process_ref):
     cfg = recipe(tmp_path, tiny_model_dir, save_steps=0)  # no periodic checkpoints: the signal alone saves
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    launch("train.py", ["--config", cfg, "--output_dir", ref])
+    ref, run = one_process_ref, tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(cfg), "--output_dir", str(run)]
     code = kill_when_logged(cmd, run / "train_log.jsonl", 5, sig=signal.SIGTERM)
     assert code == 143  # 128 + SIGTERM, so a scheduler requeues the job
@@ -128,7 +142,7 @@ def test_partial_checkpoint_is_skipped(tmp_path, tiny_model_dir):
     cfg = recipe(tmp_path, tiny_model_dir, max_steps=8)
     ref, run = tmp_path / "ref", tmp_path / "run"
     launch("train.py", ["--config", cfg, "--output_dir", ref])
-    launch("train.py", ["--config", cfg, "--output_dir", run])
+    shutil.copytree(ref, run)  # the same run (a moved run directory resumes), then:
     # simulate a crash in the middle of saving step 8: its directory never got its final name, and a file
     # in it is cut short; the run's end (final/, eval/) never happened
     ckpts = run / "checkpoints"
@@ -136,7 +150,7 @@ def test_partial_checkpoint_is_skipped(tmp_path, tiny_model_dir):
     weights = ckpts / "step-00000008.tmp" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:50])
     for d in ("final", "eval"):
-        __import__("shutil").rmtree(run / d)
+        shutil.rmtree(run / d)
     proc = launch("train.py", ["--config", cfg, "--output_dir", run, "--resume", "auto"])
     assert f"resumed from {ckpts / 'step-00000004'}" in proc.stdout
     assert not (ckpts / "step-00000008.tmp").exists()  # cleaned up, never resumed from
@@ -225,20 +239,20 @@ def test_lora_zero3_two_processes_resumes_on_one(tmp_path, tiny_model_dir):
     equals the uninterrupted 2-process run's within 1e-5 (only the order of float sums differs)."""
     cfg = recipe(tmp_path, tiny_model_dir, lora=True, max_steps=12)
     zero3 = "accelerate_configs/deepspeed_zero3.yaml"
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    launch("train.py", ["--config", cfg, "--output_dir", ref], nproc=2, config_file=zero3)
+    run = tmp_path / "run"
     launch("train.py", ["--config", cfg, "--output_dir", run, "--train.keep_checkpoints", "3"], nproc=2, config_file=zero3)
+    ref_losses, ref_weights = [r["loss"] for r in read_log(run)], final_weights(run)  # the uninterrupted run
     # keep only the step-4 checkpoint, as if the 2-GPU job had died at step 6
     for d in ("final", "eval", "checkpoints/step-00000008", "checkpoints/step-00000012"):
-        __import__("shutil").rmtree(run / d)
+        shutil.rmtree(run / d)
     state = json.loads((run / "checkpoints/step-00000004/trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["strategy"] == "zero3"
     proc = launch("train.py", ["--config", cfg, "--output_dir", run, "--resume", "auto", "--train.keep_checkpoints", "3",
                                "--train.micro_batch_size", "2", "--train.grad_accum", "4"])  # 1 x 2 x 4 = 2 x 2 x 2
     assert "(portable restore)" in proc.stdout
-    la, lb = [r["loss"] for r in read_log(ref)], [r["loss"] for r in read_log(run)]
-    assert len(lb) == 12 and la == pytest.approx(lb, abs=1e-5, rel=1e-5)
-    for k, v in final_weights(ref).items():
+    lb = [r["loss"] for r in read_log(run)]
+    assert len(lb) == 12 and ref_losses == pytest.approx(lb, abs=1e-5, rel=1e-5)
+    for k, v in ref_weights.items():
         torch.testing.assert_close(final_weights(run)[k], v, atol=1e-5, rtol=1e-5)
 
 

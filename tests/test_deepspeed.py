@@ -5,23 +5,21 @@ import json
 
 import pytest
 import yaml
-from conftest import ROOT, STRATEGY_STEPS, independent_nll, launch, read_log, strategy_recipe, strategy_runs
+from conftest import ROOT, STRATEGY_STEPS, independent_nll, launch, read_log
 
 ZERO = ["zero2", "zero2_offload", "zero3", "zero3_offload"]
 STEPS = STRATEGY_STEPS
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory, tiny_model_dir):
-    return strategy_recipe(tmp_path_factory.mktemp("ds"), tiny_model_dir)
+def recipe(shared_strategy_recipe):
+    return shared_strategy_recipe
 
 
 @pytest.fixture(scope="module")
-def runs(recipe, tmp_path_factory):
+def runs(strategy_run):
     """Every ZeRO config x {LoRA, full}, plus the 2-process DDP reference: the same command but --config_file."""
-    return strategy_runs(recipe, tmp_path_factory.mktemp("zero-runs"),
-                         {"ddp": "accelerate_configs/cpu_2proc.yaml",
-                          **{z: f"accelerate_configs/deepspeed_{z}.yaml" for z in ZERO}})
+    return {(s, m): strategy_run(s, m) for m in ("lora", "full") for s in ["ddp"] + ZERO}
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -6,21 +6,20 @@ import json
 
 import pytest
 import yaml
-from conftest import STRATEGY_STEPS, independent_nll, launch, read_log, strategy_recipe, strategy_runs
+from conftest import STRATEGY_STEPS, independent_nll, launch, read_log
 
 STEPS = STRATEGY_STEPS
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory, tiny_model_dir):
-    return strategy_recipe(tmp_path_factory.mktemp("fsdp"), tiny_model_dir)
+def recipe(shared_strategy_recipe):
+    return shared_strategy_recipe
 
 
 @pytest.fixture(scope="module")
-def runs(recipe, tmp_path_factory):
+def runs(strategy_run):
     """{DDP, FSDP2} x {LoRA, full}: the same command, only --config_file differs."""
-    return strategy_runs(recipe, tmp_path_factory.mktemp("fsdp-runs"),
-                         {"ddp": "accelerate_configs/cpu_2proc.yaml", "fsdp2": "accelerate_configs/fsdp2.yaml"})
+    return {(s, m): strategy_run(s, m) for m in ("lora", "full") for s in ("ddp", "fsdp2")}
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
