@@ -27,12 +27,13 @@ demo: install
 	$(PYTHON) -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no train.py
 
 # one pytest worker per CPU (xdist); a test file stays on one worker, so its module fixtures run once, and
-# the runs several files compare against are made once per session (tests/conftest.py, build_once)
+# the runs several files compare against are made once per session (tests/conftest.py, build_once); the
+# files are handed out slowest first (conftest's FILE_SECONDS), not reordered by their number of tests
 TEST_WORKERS ?= auto
 
 test: install-test
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 install-real: install
 	$(PYTHON) -m pip install -e ".[real]"
