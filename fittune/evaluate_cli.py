@@ -24,6 +24,7 @@ from fittune.data import examples_digest
 from fittune.distributed import configure_deepspeed, make_accelerator
 from fittune.errors import FittuneError
 from fittune.evaluator import evaluate_and_report
+from fittune.launch import check_world_size
 from fittune.metrics import class_name, majority_baseline
 from fittune.model import load_tokenizer, load_trained_model, resolve_model_path, weights_dtype
 from fittune.placement import place_model
@@ -233,6 +234,7 @@ def evaluate_checkpoint(info: CheckpointInfo, cfg: Config, out_dir: str | None, 
     process; return the metrics."""
     mixed = run_precision(cfg.train.mixed_precision)
     accelerator = make_accelerator(mixed, 1, None, cfg.output_dir)
+    check_world_size(accelerator.num_processes)  # fewer processes than the launch asked for: before any write
     strategy = strategy_of(accelerator, cfg.model.parallel)
     out = check_eval_dir(Path(out_dir) if out_dir else (info.run_dir or info.weights_dir) / "eval")
     lock = lock_run_dir(accelerator, info)

@@ -462,15 +462,15 @@ class FineTuneRecipe:
         return RunResult(metrics)
 
     def _report(self, metrics: dict) -> None:
-        """The loss curve, the summary lines and the metrics table (main process); the replaced run goes."""
+        """The replaced run goes; the loss curve, the summary lines and the metrics table (main process)."""
         c = self.counters
+        if (old := self.run_dir.finish()) is not None:  # first: final/ and eval/ are there, the plot may fail
+            self._log(f"--overwrite: removed the replaced run {old}")
         plot_loss_curve(self.out / "train_log.jsonl", self.out / "loss_curve.png")
         self._log(f"padding: {1 - c.real_tokens / max(1, c.pad_slots):.1%} of micro-batch slots were padding")
         self._log(f"held-out metrics ({len(self.test_set)} examples)\n"
                   + metrics_table({**self.compare, "fine-tuned": metrics}))
         self._log(f"outputs in {self.out}/ (final/, eval/, config.yaml, train_log.jsonl, loss_curve.png)")
-        if (old := self.run_dir.finish()) is not None:
-            self._log(f"--overwrite: removed the replaced run {old}")
 
     def _evaluate(self, out_dir: Path, title: str) -> dict:
         return evaluate_and_report(self.model, self.accelerator, self.strategy, self.cfg, self.tokenizer,

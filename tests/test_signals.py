@@ -277,14 +277,21 @@ def test_signal_to_two_process_launcher_saves_and_leaves_no_orphan(tmp_path, tin
     assert result.left_alive == []
 
 
-def test_two_processes_asked_one_started_is_refused(tmp_path, tiny_config):
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_two_processes_asked_one_started_is_refused(tmp_path, tiny_config, tiny_model_dir, script):
     run = tmp_path / "run"
     accel = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    proc = subprocess.run(launcher_cmd(accel, tiny_config(), run), cwd=ROOT, env=child_env(2),
-                          capture_output=True, text=True, timeout=300)
+    cfg = tiny_config()
+    cmd = launcher_cmd(accel, cfg, run)
+    if script == "evaluate.py":  # a model and its data: the refusal comes before it is loaded or anything written
+        cmd = cmd[:cmd.index(str(ROOT / "train.py"))] + [str(ROOT / "evaluate.py"), "--checkpoint",
+                                                          str(tiny_model_dir), "--config", str(cfg),
+                                                          "--output_dir", str(run)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(2), capture_output=True, text=True, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("fittune: error:")]
     assert len(errors) == 1 and "2 processes were asked for (--num_processes 2) but 1 started" in errors[0], \
         proc.stderr[-3000:]
+    assert proc.returncode != 0 and not run.exists()
     # the worker exits 2; accelerate's single-process launcher turns any failure into its own exit 1
     assert "returned non-zero exit status 2" in proc.stderr and proc.returncode == 1
     assert not run.exists()
