@@ -18,6 +18,7 @@ from fittune.rundir import (
     claim_dir,
     owned,
     publish_dir,
+    remove_leftover,
     remove_owned,
     write_guard,
 )
@@ -112,10 +113,7 @@ def partial_checkpoints(output_dir: str | Path) -> list[Path]:
 def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
     """Remove the partial checkpoints fittune wrote (its marker inside); returns them. Anything else that
     merely looks like one is left alone."""
-    removed = [d for d in partial_checkpoints(output_dir) if owned(d)]
-    for d in removed:
-        remove_owned(d)
-    return removed
+    return [d for d in partial_checkpoints(output_dir) if remove_leftover(d)]
 
 
 def find_resume_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
@@ -347,9 +345,10 @@ def _prepare_tmp(target: CheckpointTarget, output_dir: Path, tmp: Path, intact: 
         raise FittuneError(f"{e}; {intact}") from None
     if target.accelerator.is_main_process:
         checkpoint_root(output_dir).mkdir(parents=True, exist_ok=True)
-        if tmp.is_dir() and owned(tmp):  # a leftover of a crashed save of this step: ours
-            remove_owned(tmp)
-        tmp.mkdir()  # fails on anything else in the way (never removed: it is not ours)
+        remove_leftover(tmp)  # a crashed save of this step (even one killed before marking it): ours
+        if tmp.exists() or tmp.is_symlink():  # never removed: it is not ours
+            raise FittuneError(f"could not write checkpoint {tmp}: it already exists and was not created by "
+                               f"fittune (no {MARKER} marker); move it out of {tmp.parent}; {intact}")
         claim_dir(tmp, "checkpoint")
 
 

@@ -113,13 +113,13 @@ def publish_dir(tmp: Path, final: Path) -> None:
     fsync_tree(tmp)
     if final.exists():
         if _exchange(tmp, final):
-            shutil.rmtree(tmp)  # now the old directory
+            remove_tree(tmp)  # now the old directory
         else:
             # a name nobody else uses (never a user's `<name>.old`): fittune's own copy, removed right after
             old = final.with_name(f".{final.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
             final.rename(old)
             tmp.rename(final)
-            shutil.rmtree(old)
+            remove_tree(old)
     else:
         tmp.rename(final)
     fsync_dir(final.parent)
@@ -207,13 +207,45 @@ def claim_dir(path: Path, kind: str) -> Path:
     return path
 
 
+def remove_tree(path: Path) -> None:
+    """Remove a directory of fittune's with its marker last, so a kill part-way leaves a directory still
+    marked as fittune's (which the next run removes) rather than an unmarked one it must refuse to touch."""
+    for child in path.iterdir():
+        if child.name == MARKER:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    (path / MARKER).unlink(missing_ok=True)
+    path.rmdir()
+
+
+def interrupted_claim(path: Path) -> bool:
+    """Whether `path` is a directory that `claim_dir` created but was killed before marking: empty, or holding
+    only its marker's temporary file (a kill between `mkdir` and the marker's rename). Removing it loses
+    nothing, and leaving it would block every later save of the same name."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    return all(c.is_file() and c.name.startswith(f".{MARKER}.tmp-") for c in path.iterdir())
+
+
+def remove_leftover(path: Path) -> bool:
+    """Remove a leftover of fittune's own at `path` (marked, or an interrupted claim); True if it was one.
+    Anything else there is left alone."""
+    if interrupted_claim(path) or (path.is_dir() and not path.is_symlink() and owned(path)):
+        remove_tree(path)
+        return True
+    return False
+
+
 def remove_owned(path: Path) -> None:
     """Remove a directory fittune created (refuses anything else: a guard against deleting user files)."""
     if not path.exists():
         return
     if not owned(path):
         raise FittuneError(f"refusing to delete {path}: it was not created by fittune (no {MARKER} marker)")
-    shutil.rmtree(path)
+    remove_tree(path)
 
 
 # ---- one run per directory ----------------------------------------------------------------------------------

@@ -479,3 +479,31 @@ def test_partial_checkpoints_removed_only_when_fittunes(tmp_path):
     (other / "keep.txt").write_text("not fittune's")
     assert remove_partial_checkpoints(out) == [ours]
     assert not ours.exists() and (other / "keep.txt").is_file()
+
+
+def test_save_killed_before_marking_its_tmp_does_not_block_the_next_save(tmp_path):
+    """A kill between creating step-N.tmp and writing its marker (as CI once hit: SIGKILL mid-save, then
+    `--resume auto` failed with "File exists") leaves an empty directory, or one holding only the marker's
+    temporary file: fittune removes it and saves step N. A foreign step-N.tmp stays, and the save says so."""
+    from fittune.checkpoints import remove_partial_checkpoints
+    from fittune.errors import FittuneError
+    from fittune.rundir import MARKER
+
+    t, out = small_target(), run_dir(tmp_path)
+    ckpts = out / "checkpoints"
+    empty, half = ckpts / "step-00000001.tmp", ckpts / "step-00000002.tmp"
+    half.mkdir(parents=True)
+    empty.mkdir()
+    (half / f".{MARKER}.tmp-4242").write_text('{"created_by": "fitt')  # killed mid-write of the marker
+    foreign = ckpts / "step-00000003.tmp"
+    foreign.mkdir()
+    (foreign / f".{MARKER}.tmp-1").write_text("")
+    (foreign / "notes.txt").write_text("someone else's")
+    assert remove_partial_checkpoints(out) == [empty, half]
+    assert (foreign / "notes.txt").is_file()
+    half.mkdir()  # the save itself meets the leftover too (a kill after the resume's sweep)
+    assert save(t, out, 2).name == "step-00000002" and not half.exists()
+    with pytest.raises(FittuneError, match=r"step-00000003.tmp: it already exists and was not created by fittune"
+                                           r".*move it out.*previous checkpoint is intact: .*step-00000002"):
+        save(t, out, 3)
+    assert (foreign / "notes.txt").read_text() == "someone else's"

@@ -24,6 +24,7 @@ from fittune.rundir import (
     claim_dir,
     inspect_output_dir,
     publish_dir,
+    remove_leftover,
     remove_owned,
     write_guard,
 )
@@ -111,6 +112,30 @@ def test_publish_dir_swaps_atomically_and_keeps_no_old_copy(tmp_path):
     (tmp / "w").write_text("new")
     publish_dir(tmp, final)
     assert (final / "w").read_text() == "new" and not tmp.exists() and not (tmp_path / "final.old").exists()
+
+
+def test_a_removal_cut_short_leaves_a_directory_still_marked_ours(tmp_path, monkeypatch):
+    """fittune removes its directories marker last: a kill part-way through (here: the second file's unlink
+    fails) leaves the rest still marked, so the next run removes it instead of refusing it as foreign."""
+    d = claim_dir(tmp_path / "step-00000004.tmp", "checkpoint")
+    for name in "abc":
+        (d / name).write_text(name)
+    (d / "sub").mkdir()
+    (d / "sub" / "x").write_text("x")
+    real_unlink, calls = Path.unlink, []
+
+    def dying_unlink(self, missing_ok=False):
+        calls.append(self.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands for the kill
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", dying_unlink)
+    with pytest.raises(KeyboardInterrupt):
+        remove_owned(d)
+    monkeypatch.undo()
+    assert MARKER not in calls and (d / MARKER).is_file()
+    assert remove_leftover(d) and not d.exists()
 
 
 def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
