@@ -207,10 +207,17 @@ class Stopped:
     left_alive: list[int]
 
 
+# The launch starts with SIGINT at its default, as in a terminal: a background job of a non-interactive shell
+# (`make test &` in a script) inherits SIGINT *ignored*, and Python keeps an inherited ignore, so the launcher
+# would never see the Ctrl-C this test sends. exec keeps a default disposition; only an ignore is inherited.
+DEFAULT_SIGINT = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                  "os.execv(sys.argv[1], sys.argv[1:])"]
+
+
 def signal_launcher(cmd: list[str], log: Path, sig: int, at_row: int = 2) -> Stopped:
     """Start a launch; once `at_row` steps are logged, send `sig` to the launcher process alone."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(DEFAULT_SIGINT + cmd, cwd=ROOT, env=child_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     workers = []
     try:
         deadline = time.time() + 300
