@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fittune.distributed import agree_on_failure, raise_if_any_failed
 from fittune.errors import FittuneError
 from fittune.optim import tensor_bytes
 from fittune.rundir import (
@@ -236,38 +237,6 @@ def _name_the_bad_file(path: Path, rank: int, error: Exception) -> FittuneError:
                         f"older checkpoint or start a new output_dir")
 
 
-# ---- ranks agree ---------------------------------------------------------------------------------------
-
-
-def _agree(accelerator, failure: Exception | None) -> Exception | None:
-    """Every rank learns whether any rank failed (a sum of failure flags), so all raise together and none
-    waits forever in the next collective; a rank that did not fail itself raises the failed rank's message
-    (only the main process prints errors)."""
-    import torch
-
-    flag = torch.tensor([1.0 if failure else 0.0], device=accelerator.device)
-    if accelerator.num_processes == 1:
-        return failure
-    flag = accelerator.reduce(flag, reduction="sum")
-    if not flag.item():
-        return None
-    from accelerate.utils import gather_object
-
-    # every rank calls the gather (a collective), the failed ones included
-    kind = "" if failure is None or isinstance(failure, FittuneError) else f"{type(failure).__name__}: "
-    messages = gather_object([f"{kind}{failure}" if failure is not None else ""])
-    if failure is not None:
-        return failure
-    rank, message = next((i, m) for i, m in enumerate(messages) if m)
-    return FittuneError(f"on process {rank}: {message}")
-
-
-def _raise_if_any(accelerator, failure: Exception | None) -> None:
-    agreed = _agree(accelerator, failure)
-    if agreed is not None:
-        raise agreed
-
-
 # ---- save --------------------------------------------------------------------------------------------------
 
 
@@ -425,7 +394,7 @@ def save_checkpoint(target: CheckpointTarget, output_dir: str | Path, step: int,
                 phase()
         except Exception as e:  # a failed write (now a FittuneError) or a bug: the ranks agree before raising
             failure = e
-        agreed = _agree(acc, failure)
+        agreed = agree_on_failure(acc, failure)
         if agreed is not None:
             if acc.is_main_process and tmp.is_dir() and owned(tmp):
                 remove_owned(tmp)  # the half-written step-N.tmp (ours); never the previous checkpoint
@@ -450,14 +419,14 @@ def _exact_restore(target: CheckpointTarget, path: Path, trusted: bool) -> None:
                                f"checkpoint or start a new output_dir")
     except FittuneError as e:
         failure = e
-    _raise_if_any(acc, failure)  # before any collective inside load_state
+    raise_if_any_failed(acc, failure)  # before any collective inside load_state
     try:
         acc.load_state(str(path))
     except FittuneError:
         raise
     except Exception as e:  # a file cut or overwritten inside: UnpicklingError, RuntimeError, SafetensorError
         failure = _name_the_bad_file(path, acc.process_index, e)
-    _raise_if_any(acc, failure)
+    raise_if_any_failed(acc, failure)
 
 
 def _portable_restore(target: CheckpointTarget, path: Path, state: dict) -> None:

@@ -99,20 +99,45 @@ def sum_across_ranks(accelerator: Accelerator, values: list[float]) -> list[floa
     return t.tolist()
 
 
+def agree_on_failure(accelerator: Accelerator, failure: Exception | None) -> Exception | None:
+    """Every rank learns whether any rank failed (a sum of failure flags; the messages are gathered only
+    then), so all stop together and none waits forever in the next collective. A failed rank gets its own
+    exception back; the others a FittuneError with the first failed rank's message (only the main process
+    prints errors). None when no rank failed."""
+    if accelerator.num_processes == 1:
+        return failure
+    flag = torch.tensor([1.0 if failure else 0.0], device=accelerator.device)
+    if not accelerator.reduce(flag, reduction="sum").item():
+        return None
+    from accelerate.utils import gather_object
+
+    # every rank calls the gather (a collective), the failed ones included
+    kind = "" if failure is None or isinstance(failure, FittuneError) else f"{type(failure).__name__}: "
+    messages = gather_object([f"{kind}{failure}" if failure is not None else ""])
+    if failure is not None:
+        return failure
+    rank, message = next((i, m) for i, m in enumerate(messages) if m)
+    return FittuneError(f"on process {rank}: {message}")
+
+
+def raise_if_any_failed(accelerator: Accelerator, failure: Exception | None) -> None:
+    """`agree_on_failure`, then raise what it returns on every rank."""
+    agreed = agree_on_failure(accelerator, failure)
+    if agreed is not None:
+        raise agreed
+
+
 def on_main_then_agree(accelerator: Accelerator, work) -> None:
-    """Run `work()` on the main process only, then let every rank know whether it failed (one all-reduce):
-    a refusal or a failed write on the main process stops every rank instead of leaving them waiting in the
-    next collective. The main process re-raises its own exception; the others raise a FittuneError."""
+    """Run `work()` on the main process only, then let every rank know whether it failed: a refusal or a
+    failed write on the main process stops every rank instead of leaving them waiting in the next
+    collective. The main process re-raises its own exception; the others raise a FittuneError naming it."""
     error = None
     if accelerator.is_main_process:
         try:
             work()
         except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks are told
             error = e
-    if sum_across_ranks(accelerator, [1.0 if error else 0.0])[0]:
-        if error is not None:
-            raise error
-        raise FittuneError("stopped: the main process failed (see its message)")
+    raise_if_any_failed(accelerator, error)
 
 
 def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_accum: int, max_grad_norm: float) -> None:

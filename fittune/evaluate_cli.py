@@ -21,7 +21,7 @@ from fittune.checkpoints import CheckpointInfo, resolve_checkpoint
 from fittune.cli import split_flag
 from fittune.config import Config, build_config, parse_overrides
 from fittune.data import examples_digest
-from fittune.distributed import configure_deepspeed, make_accelerator
+from fittune.distributed import configure_deepspeed, make_accelerator, raise_if_any_failed
 from fittune.errors import FittuneError
 from fittune.evaluator import evaluate_and_report
 from fittune.launch import check_world_size
@@ -201,18 +201,6 @@ def check_identity(record: dict, test: list[D.Example], data_cfg, data_path_give
 # The run directory's lock
 
 
-def agree_on_refusal(accelerator, message: str | None) -> None:
-    """Raise `message` (decided on the main process) on every rank; no rank waits for one that stopped."""
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        box = [message]
-        broadcast_object_list(box, from_process=0)
-        message = box[0]
-    if message:
-        raise FittuneError(message)
-
-
 def lock_run_dir(accelerator, info: CheckpointInfo) -> DirLock | None:
     """Hold the run directory's lock (main process) while evaluating: a run being trained is refused."""
     lock, refusal = None, None
@@ -220,8 +208,8 @@ def lock_run_dir(accelerator, info: CheckpointInfo) -> DirLock | None:
         try:
             lock = DirLock(info.run_dir).acquire("evaluate.py")
         except FittuneError as e:
-            refusal = f"cannot evaluate now: {e}"
-    agree_on_refusal(accelerator, refusal)
+            refusal = FittuneError(f"cannot evaluate now: {e}")
+    raise_if_any_failed(accelerator, refusal)  # every rank stops with the main one: none left waiting
     return lock
 
 

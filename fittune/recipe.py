@@ -399,8 +399,7 @@ class FineTuneRecipe:
             row["val_loss"] = validation_loss(self.model, self.accelerator, self.strategy,
                                               self.test_set[:cfg.train.val_examples], self.tokenizer,
                                               cfg.eval.batch_size, cfg.eval.max_batch_tokens)
-        if self.accelerator.is_main_process:
-            runlog.append(self.out / "train_log.jsonl", row)
+        on_main_then_agree(self.accelerator, lambda: self._write(runlog.append, self.out / "train_log.jsonl", row))
         self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
                              step=row["step"])
         self.progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
@@ -489,8 +488,14 @@ class FineTuneRecipe:
                   "examples_seen": self.total_steps * cfg.train.micro_batch_size * cfg.train.grad_accum,
                   "first_step_ids": [self.train_set[j].id for m in first for j in m], **local_shards(self.model)}
         ranks = gather_object([report])
-        if self.accelerator.is_main_process:
-            atomic_write_text(self.out / "ranks.json", json.dumps(ranks, indent=1))
+        on_main_then_agree(self.accelerator, lambda: self._write(atomic_write_text, self.out / "ranks.json",
+                                                                 json.dumps(ranks, indent=1)))
+
+    def _write(self, write, path: Path, content) -> None:
+        """A write of the main process into the run: a full disk is one clear error that stops every rank."""
+        with write_guard(str(path), "the checkpoints already saved are intact (--resume auto continues from the "
+                                    "last one)"):
+            write(path, content)
 
     def release(self) -> None:
         """Close the progress bar (an error then prints on its own line) and let go of output_dir's lock

@@ -233,6 +233,40 @@ def test_write_failure_on_one_rank_stops_every_rank_with_its_reason(tmp_path, ti
     assert (run / "checkpoints" / "step-00000004" / "trainer_state.json").is_file()
 
 
+
+RANK0_LOG_FULL = """
+import errno, os
+if os.environ.get("RANK") == "0":  # only the main process writes train_log.jsonl
+    import fittune.rundir as rundir
+    real_append = rundir.append_line
+    def append_line(path, line):
+        if str(path).endswith("train_log.jsonl") and '"step": 6,' in line:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return real_append(path, line)
+    rundir.append_line = append_line
+"""
+
+
+def test_failed_log_write_on_the_main_process_stops_every_rank_then_resumes(tmp_path, tiny_model_dir):
+    """DDP on 2 processes; the main process cannot append step 6 to train_log.jsonl (a full disk): both
+    processes stop with one clear line (no traceback, no rank left waiting), the step-4 checkpoint is intact,
+    and once there is space `--resume auto` finishes the run with every step logged once."""
+    cfg = recipe(tmp_path, tiny_model_dir, max_steps=8)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(RANK0_LOG_FULL)
+    run = tmp_path / "run"
+    proc = launch("train.py", ["--config", cfg, "--output_dir", run], nproc=2, check=False,
+                  extra_env={"PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)])})
+    assert proc.returncode != 0 and proc.stderr.count("fittune: error:") == 1, proc.stderr[-3000:]
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("fittune: error:"))
+    assert f"could not write {run / 'train_log.jsonl'} ([Errno 28] No space left on device (injected))" in line, line
+    assert "the checkpoints already saved are intact" in line and "Traceback" not in proc.stderr.split(line)[0]
+    assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000004"]
+    launch("train.py", ["--config", cfg, "--output_dir", run, "--resume", "auto"], nproc=2)
+    assert [r["step"] for r in read_log(run)] == list(range(1, 9)) and (run / "final").is_dir()
+
 def test_lora_zero3_two_processes_resumes_on_one(tmp_path, tiny_model_dir):
     """A LoRA checkpoint written by ZeRO-3 on 2 processes resumes on 1 process without DeepSpeed (from its
     unsharded adapter + optimizer moments; same global batch, so the same data order). The final loss
