@@ -34,11 +34,6 @@ class CheckpointInfo:
     run_dir: Path | None
     config_file: Path | None
 
-    @property
-    def heldout_ids(self) -> list[str] | None:
-        path = self.run_dir / "heldout_ids.json" if self.run_dir else None
-        return json.loads(path.read_text())["ids"] if path and path.is_file() else None
-
 
 def _has_weights(d: Path) -> bool:
     return (d / "adapter_config.json").is_file() or (d / "config.json").is_file()

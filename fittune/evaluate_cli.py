@@ -256,9 +256,8 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, m
         train_set, _ = D.tokenize_examples(data.train, tokenizer, cfg.data)
         compare["majority"] = majority_baseline([class_name(x, x.gold, class_task) for x in train_set if x.candidates],
                                                 [class_name(x, x.gold, class_task) for x in test_set if x.candidates])
-    budget = cfg.eval.max_batch_tokens  # the token budget of a scoring pass (None: rows only)
     metrics = evaluate_and_report(model, accelerator, strategy, cfg, tokenizer, test_set, class_task, out, "model",
-                                  compare, max_batch_tokens=budget)
+                                  compare)
     accelerator.print(f"fittune: evaluated {weights} on {len(test_set)} examples ({data.source}) "
                       f"with {accelerator.num_processes} process(es)\n" + metrics_table({**compare, "model": metrics}))
     accelerator.print(f"fittune: wrote {out}/ (metrics.json, predictions.jsonl, report.md)")

@@ -14,14 +14,15 @@ from fittune.strategy import Strategy
 
 def evaluate_and_report(model, accelerator, strategy: Strategy, cfg, tokenizer, examples: list[TokExample],
                         class_task: bool, out_dir: str | os.PathLike, title: str,
-                        compare: dict[str, dict] | None = None, max_batch_tokens: int | None = None) -> dict:
+                        compare: dict[str, dict] | None = None) -> dict:
     """Evaluate on `examples` (every rank its share), write `out_dir` on the main process (metrics.json,
     predictions.jsonl, report.md, confusion_matrix.png) and return the metrics on every rank.
 
-    `compare`: earlier columns of the report table (e.g. the majority baseline, the untrained model);
-    `max_batch_tokens`: padded tokens a forward pass may hold besides `eval.batch_size` rows (None: no budget)."""
+    `compare`: earlier columns of the report table (e.g. the majority baseline, the untrained model). A pass
+    holds at most `eval.batch_size` rows and `eval.max_batch_tokens` padded tokens (None: no token budget)."""
     records = score_examples(model, accelerator, strategy, examples, tokenizer, cfg.eval.batch_size,
-                             cfg.eval.max_new_tokens, cfg.eval.length_normalize, max_batch_tokens=max_batch_tokens)
+                             cfg.eval.max_new_tokens, cfg.eval.length_normalize,
+                             max_batch_tokens=cfg.eval.max_batch_tokens)
     predictions = build_predictions(examples, records, class_task)
     metrics = compute_metrics(predictions)
     # the other ranks wait for the reports: a failed write fails every rank, and none leaves early

@@ -473,8 +473,7 @@ class FineTuneRecipe:
 
     def _evaluate(self, out_dir: Path, title: str) -> dict:
         return evaluate_and_report(self.model, self.accelerator, self.strategy, self.cfg, self.tokenizer,
-                                   self.test_set, self.class_task, out_dir, title, self.compare,
-                                   self.cfg.eval.max_batch_tokens)
+                                   self.test_set, self.class_task, out_dir, title, self.compare)
 
     def _write_ranks(self) -> None:
         """Which rows each rank trained on first, and what it holds of the weights: proof the ranks are real."""
