@@ -214,24 +214,31 @@ if os.environ.get("RANK") == "1":  # only the second training process
 """
 
 
-def test_write_failure_on_one_rank_stops_every_rank_with_its_reason(tmp_path, tiny_model_dir):
-    """DDP on 2 processes; only rank 1's write of its RNG state for step 8 fails (a full disk, injected by a
-    sitecustomize in that process only): both processes stop (no hang), the one line printed (by rank 0)
-    carries rank 1's reason, and the step-4 checkpoint is intact."""
+def fail_two_ranks(tmp_path, tiny_model_dir, hook_code: str) -> tuple[Path, Path, str]:
+    """An 8-step DDP run on 2 processes with `hook_code` as their sitecustomize (a failure injected into the
+    ranks it names): it must fail with exactly one `fittune: error:` line and no traceback before it.
+    Returns (run dir, recipe, that line)."""
     cfg = recipe(tmp_path, tiny_model_dir, max_steps=8)
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(RANK1_DISK_FULL)
+    (hook / "sitecustomize.py").write_text(hook_code)
     run = tmp_path / "run"
     proc = launch("train.py", ["--config", cfg, "--output_dir", run], nproc=2, check=False,
                   extra_env={"PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)])})
     assert proc.returncode != 0 and proc.stderr.count("fittune: error:") == 1, proc.stderr[-3000:]
     line = next(x for x in proc.stderr.splitlines() if x.startswith("fittune: error:"))
+    assert "Traceback" not in proc.stderr.split(line)[0], proc.stderr[-3000:]  # the launcher's own comes after
+    return run, cfg, line
+
+def test_write_failure_on_one_rank_stops_every_rank_with_its_reason(tmp_path, tiny_model_dir):
+    """DDP on 2 processes; only rank 1's write of its RNG state for step 8 fails (a full disk, injected by a
+    sitecustomize in that process only): both processes stop (no hang), the one line printed (by rank 0)
+    carries rank 1's reason, and the step-4 checkpoint is intact."""
+    run, _, line = fail_two_ranks(tmp_path, tiny_model_dir, RANK1_DISK_FULL)
     assert "on process 1: could not write checkpoint" in line and "No space left on device (injected)" in line
     assert f"previous checkpoint is intact: {run / 'checkpoints' / 'step-00000004'}" in line
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004"]
     assert (run / "checkpoints" / "step-00000004" / "trainer_state.json").is_file()
-
 
 
 RANK0_LOG_FULL = """
@@ -251,17 +258,9 @@ def test_failed_log_write_on_the_main_process_stops_every_rank_then_resumes(tmp_
     """DDP on 2 processes; the main process cannot append step 6 to train_log.jsonl (a full disk): both
     processes stop with one clear line (no traceback, no rank left waiting), the step-4 checkpoint is intact,
     and once there is space `--resume auto` finishes the run with every step logged once."""
-    cfg = recipe(tmp_path, tiny_model_dir, max_steps=8)
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(RANK0_LOG_FULL)
-    run = tmp_path / "run"
-    proc = launch("train.py", ["--config", cfg, "--output_dir", run], nproc=2, check=False,
-                  extra_env={"PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)])})
-    assert proc.returncode != 0 and proc.stderr.count("fittune: error:") == 1, proc.stderr[-3000:]
-    line = next(x for x in proc.stderr.splitlines() if x.startswith("fittune: error:"))
+    run, cfg, line = fail_two_ranks(tmp_path, tiny_model_dir, RANK0_LOG_FULL)
     assert f"could not write {run / 'train_log.jsonl'} ([Errno 28] No space left on device (injected))" in line, line
-    assert "the checkpoints already saved are intact" in line and "Traceback" not in proc.stderr.split(line)[0]
+    assert "the checkpoints already saved are intact" in line
     assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000004"]
     launch("train.py", ["--config", cfg, "--output_dir", run, "--resume", "auto"], nproc=2)
