@@ -192,7 +192,7 @@ def check_writable_dir(path: Path, flag: str) -> None:
     """Refuse an existing non-empty directory that fittune did not create (read-only check)."""
     if path.exists() and not path.is_dir():
         raise FittuneError(f"{flag} {path} is a file, not a directory: choose another path")
-    if path.is_dir() and not owned(path) and any(path.iterdir()):
+    if path.is_dir() and not owned(path) and not interrupted_claim(path):  # empty, or a claim cut short: adopted
         raise FittuneError(f"{flag} {path} is not empty and was not created by fittune (no {MARKER} marker): "
                            f"choose a new or empty directory; fittune never writes into or deletes files it "
                            f"did not create")
@@ -202,6 +202,8 @@ def claim_dir(path: Path, kind: str) -> Path:
     """Create `path` (parents too) or adopt an empty one, and mark it as fittune's."""
     path.mkdir(parents=True, exist_ok=True)
     if not (path / MARKER).is_file():
+        for stale in path.glob(f".{MARKER}.tmp-*"):  # a marker write killed part-way (`interrupted_claim`)
+            stale.unlink()
         atomic_write_text(path / MARKER, json.dumps({"created_by": "fittune", "kind": kind,
                                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
     return path

@@ -138,6 +138,23 @@ def test_a_removal_cut_short_leaves_a_directory_still_marked_ours(tmp_path, monk
     assert remove_leftover(d) and not d.exists()
 
 
+def test_a_claim_cut_short_is_adopted_but_a_users_file_beside_it_is_not(tmp_path):
+    """A kill while `claim_dir` writes the marker leaves only the marker's temporary file: the next run adopts
+    the directory (not "not created by fittune") and drops that file; one user file more and it is refused."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / f".{MARKER}.tmp-4242").write_text('{"created_by": "fitt')
+    check_writable_dir(run, "output_dir")
+    claim_dir(run, "train")
+    assert [p.name for p in run.iterdir()] == [MARKER]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / f".{MARKER}.tmp-4242").write_text("")
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(FittuneError, match="not empty and was not created by fittune"):
+        check_writable_dir(mine, "output_dir")
+
+
 def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
     target = tmp_path / "config.yaml"
     atomic_write_text(target, "old\n")
