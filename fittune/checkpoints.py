@@ -16,10 +16,9 @@ from fittune.rundir import (
     MARKER,
     atomic_write_text,
     check_free_space,
-    claim_dir,
+    claim_build_dir,
     owned,
     publish_dir,
-    remove_leftover,
     remove_owned,
     write_guard,
 )
@@ -109,7 +108,10 @@ def partial_checkpoints(output_dir: str | Path) -> list[Path]:
 def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
     """Remove the partial checkpoints fittune wrote (its marker inside); returns them. Anything else that
     merely looks like one is left alone."""
-    return [d for d in partial_checkpoints(output_dir) if remove_leftover(d)]
+    removed = [d for d in partial_checkpoints(output_dir) if owned(d)]
+    for d in removed:
+        remove_owned(d)
+    return removed
 
 
 def find_resume_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
@@ -309,11 +311,8 @@ def _prepare_tmp(target: CheckpointTarget, output_dir: Path, tmp: Path, intact: 
         raise FittuneError(f"{e}; {intact}") from None
     if target.accelerator.is_main_process:
         checkpoint_root(output_dir).mkdir(parents=True, exist_ok=True)
-        remove_leftover(tmp)  # a crashed save of this step (even one killed before marking it): ours
-        if tmp.exists() or tmp.is_symlink():  # never removed: it is not ours
-            raise FittuneError(f"could not write checkpoint {tmp}: it already exists and was not created by "
-                               f"fittune (no {MARKER} marker); move it out of {tmp.parent}; {intact}")
-        claim_dir(tmp, "checkpoint")
+        claim_build_dir(tmp, "checkpoint", f"could not write checkpoint {tmp}: it already exists and was not "
+                        f"created by fittune (no {MARKER} marker); move it out of {tmp.parent}; {intact}")
 
 
 # what torch.save's zip writer raises (as RuntimeError) when the disk fills up under it, e.g.

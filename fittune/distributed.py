@@ -106,8 +106,7 @@ def agree_on_failure(accelerator: Accelerator, failure: Exception | None) -> Exc
     prints errors). None when no rank failed."""
     if accelerator.num_processes == 1:
         return failure
-    flag = torch.tensor([1.0 if failure else 0.0], device=accelerator.device)
-    if not accelerator.reduce(flag, reduction="sum").item():
+    if not sum_across_ranks(accelerator, [1.0 if failure else 0.0])[0]:
         return None
     from accelerate.utils import gather_object
 

@@ -32,7 +32,13 @@ from fittune.checkpoints import (
 )
 from fittune.config import BUILTIN_MODEL, Config, to_yaml
 from fittune.data import examples_digest
-from fittune.distributed import configure_deepspeed, make_accelerator, on_main_then_agree, sum_across_ranks
+from fittune.distributed import (
+    configure_deepspeed,
+    make_accelerator,
+    on_main_then_agree,
+    raise_if_any_failed,
+    sum_across_ranks,
+)
 from fittune.errors import FittuneError
 from fittune.evaluator import evaluate_and_report, validation_loss
 from fittune.final import save_final
@@ -323,6 +329,7 @@ class FineTuneRecipe:
         from tqdm.auto import tqdm
 
         self.stop = StopRequest()
+        self._log_failure: Exception | None = None  # a failed train_log write on the main process, not yet agreed
         self.progress = tqdm(total=self.total_steps, initial=self.counters.step, desc="training",
                              disable=not self.accelerator.is_main_process, dynamic_ncols=True)
         self.model.train()
@@ -367,8 +374,10 @@ class FineTuneRecipe:
         step_tokens = sum(self.lengths[j] for m in micro for j in m)
         c.real_tokens += step_tokens
         c.skipped_overflow += int(result.overflow)
-        total_nll, total_tokens, stop = sum_across_ranks(self.accelerator, [result.nll, step_tokens,
-                                                                            self.stop.requested])
+        total_nll, total_tokens, stop, log_failed = sum_across_ranks(
+            self.accelerator, [result.nll, step_tokens, self.stop.requested, self._log_failure is not None])
+        if log_failed:  # the main process could not log the last step: every rank stops, none left waiting
+            self._agree_on_the_log()
         loss = total_nll / self._n_targets
         if result.stepped and math.isfinite(loss):
             c.optimizer_steps += 1
@@ -399,7 +408,11 @@ class FineTuneRecipe:
             row["val_loss"] = validation_loss(self.model, self.accelerator, self.strategy,
                                               self.test_set[:cfg.train.val_examples], self.tokenizer,
                                               cfg.eval.batch_size, cfg.eval.max_batch_tokens)
-        on_main_then_agree(self.accelerator, lambda: self._write(runlog.append, self.out / "train_log.jsonl", row))
+        if self.accelerator.is_main_process and self._log_failure is None:
+            try:
+                self._write(runlog.append, self.out / "train_log.jsonl", row)
+            except Exception as e:  # noqa: BLE001 - every rank learns of it at the next step's all-reduce
+                self._log_failure = e
         self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
                              step=row["step"])
         self.progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
@@ -428,8 +441,14 @@ class FineTuneRecipe:
         self.accelerator.end_training()
         return RunResult(None, code)
 
+    def _agree_on_the_log(self) -> None:
+        """Every rank stops if the main process failed to log a step (its flag rides on the per-step all-reduce;
+        this collective runs only then and before a checkpoint or the end, so no checkpoint outruns its log)."""
+        raise_if_any_failed(self.accelerator, self._log_failure)
+
     def checkpoint(self, step: int) -> Path:
         """Save a resumable checkpoint of the state after `step` steps."""
+        self._agree_on_the_log()
         state = {**asdict(self.counters), "step": step, "micro_batch_size": self.split.micro_batch_size,
                  "grad_accum": self.split.grad_accum, "world_size": self.world, "strategy": self.strategy.name,
                  "epoch": step // self.steps_per_epoch, "step_in_epoch": step % self.steps_per_epoch,
@@ -444,6 +463,7 @@ class FineTuneRecipe:
         """Last checkpoint, final/ (verified), held-out evaluation, plots; the replaced run is removed."""
         self.progress.close()
         self.stop.restore()
+        self._agree_on_the_log()
         c = self.counters
         if c.skipped_overflow:
             self._log(f"{c.skipped_overflow} steps skipped for fp16 overflow (loss scale lowered)")

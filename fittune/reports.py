@@ -10,13 +10,11 @@ from fittune.errors import FittuneError
 from fittune.rundir import (
     atomic_write_text,
     check_writable_dir,
-    claim_dir,
+    claim_build_dir,
     interrupted_claim,
     marker_kind,
     owned,
     publish_dir,
-    remove_leftover,
-    remove_owned,
     write_guard,
 )
 
@@ -81,7 +79,7 @@ def check_eval_dir(out_dir: str | os.PathLike, flag: str = "--output_dir") -> Pa
     if out.exists() and not out.is_dir():
         raise FittuneError(f"{flag} {out} is a file, not a directory: choose another path")
     tmp = _tmp_of(out)
-    if tmp.exists() and not _ours(tmp) and not interrupted_claim(tmp):  # the last: ours, removed when writing
+    if tmp.exists() and not _ours(tmp) and not interrupted_claim(tmp):  # the last is adopted when writing
         raise FittuneError(f"{tmp} exists and was not created by fittune: move it away (fittune builds "
                            f"{out.name}/ next to it before replacing the old one)")
     return out
@@ -107,9 +105,7 @@ def write_eval_outputs(out_dir: str | os.PathLike, metrics: dict, predictions: l
     is ever replaced; a user's non-empty directory is refused, never emptied."""
     out = check_eval_dir(out_dir)
     tmp = _tmp_of(out)
-    remove_leftover(tmp)  # a crashed write's leftover (even one killed before marking it): ours
-    remove_owned(tmp)  # anything else in the way is not ours: refused, never deleted
-    claim_dir(tmp, "eval")
+    claim_build_dir(tmp, "eval", f"{tmp} exists and was not created by fittune: move it away")  # refused above
     lines = "".join(json.dumps(row) + "\n" for row in predictions)
     with write_guard(f"evaluation results to {out}", "nothing in place of the old results was changed"):
         atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -211,7 +211,11 @@ def claim_dir(path: Path, kind: str) -> Path:
 
 def remove_tree(path: Path) -> None:
     """Remove a directory of fittune's with its marker last, so a kill part-way leaves a directory still
-    marked as fittune's (which the next run removes) rather than an unmarked one it must refuse to touch."""
+    marked as fittune's (which the next run removes) rather than an unmarked one it must refuse to touch.
+    A symbolic link is refused: removing through it would empty a directory somewhere else."""
+    if path.is_symlink():
+        raise FittuneError(f"refusing to delete {path}: it is a symbolic link, which fittune never creates; "
+                           f"remove or move it yourself")
     for child in path.iterdir():
         if child.name == MARKER:
             continue
@@ -224,21 +228,22 @@ def remove_tree(path: Path) -> None:
 
 
 def interrupted_claim(path: Path) -> bool:
-    """Whether `path` is a directory that `claim_dir` created but was killed before marking: empty, or holding
-    only its marker's temporary file (a kill between `mkdir` and the marker's rename). Removing it loses
-    nothing, and leaving it would block every later save of the same name."""
+    """Whether `path` is a directory `claim_dir` may adopt although it has no marker: empty, or holding only
+    the marker's temporary file (a claim killed between `mkdir` and the marker's rename). Adopted, never
+    deleted: refusing it would block every later save of the same name."""
     if not path.is_dir() or path.is_symlink():
         return False
     return all(c.is_file() and c.name.startswith(f".{MARKER}.tmp-") for c in path.iterdir())
 
 
-def remove_leftover(path: Path) -> bool:
-    """Remove a leftover of fittune's own at `path` (marked, or an interrupted claim); True if it was one.
-    Anything else there is left alone."""
-    if interrupted_claim(path) or (path.is_dir() and not path.is_symlink() and owned(path)):
-        remove_tree(path)
-        return True
-    return False
+def claim_build_dir(tmp: Path, kind: str, refusal: str) -> Path:
+    """An empty, marked `tmp` to build a directory in before it is published: fittune's leftover of a crashed
+    attempt is removed, a claim cut short is adopted, anything else there is refused with `refusal`."""
+    if tmp.is_dir() and not tmp.is_symlink() and owned(tmp):
+        remove_tree(tmp)
+    elif (tmp.exists() or tmp.is_symlink()) and not interrupted_claim(tmp):
+        raise FittuneError(refusal)
+    return claim_dir(tmp, kind)
 
 
 def remove_owned(path: Path) -> None:

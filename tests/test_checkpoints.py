@@ -517,7 +517,7 @@ def test_partial_checkpoints_removed_only_when_fittunes(tmp_path):
 def test_save_killed_before_marking_its_tmp_does_not_block_the_next_save(tmp_path):
     """A kill between creating step-N.tmp and writing its marker (as CI once hit: SIGKILL mid-save, then
     `--resume auto` failed with "File exists") leaves an empty directory, or one holding only the marker's
-    temporary file: fittune removes it and saves step N. A foreign step-N.tmp stays, and the save says so."""
+    temporary file: the save of step N adopts it. A foreign step-N.tmp stays, and the save says so."""
     from fittune.checkpoints import remove_partial_checkpoints
     from fittune.errors import FittuneError
     from fittune.rundir import MARKER
@@ -532,10 +532,10 @@ def test_save_killed_before_marking_its_tmp_does_not_block_the_next_save(tmp_pat
     foreign.mkdir()
     (foreign / f".{MARKER}.tmp-1").write_text("")
     (foreign / "notes.txt").write_text("someone else's")
-    assert remove_partial_checkpoints(out) == [empty, half]
+    assert remove_partial_checkpoints(out) == []  # none is marked: adopted when saved again, never deleted
     assert (foreign / "notes.txt").is_file()
-    half.mkdir()  # the save itself meets the leftover too (a kill after the resume's sweep)
-    assert save(t, out, 2).name == "step-00000002" and not half.exists()
+    assert save(t, out, 1).name == "step-00000001" and save(t, out, 2).name == "step-00000002"
+    assert not empty.exists() and not half.exists()  # each adopted, written and published
     with pytest.raises(FittuneError, match=r"step-00000003.tmp: it already exists and was not created by fittune"
                                            r".*move it out.*previous checkpoint is intact: .*step-00000002"):
         save(t, out, 3)

@@ -106,7 +106,7 @@ def test_write_eval_outputs_never_replaces_a_foreign_directory(tmp_path):
     with pytest.raises(FittuneError, match="not created by fittune"):
         write_eval_outputs(tmp_path / "ev", metrics, rows, "model")
     assert (tmp_path / "ev.tmp" / "draft.md").read_text() == "keep" and not (tmp_path / "ev").exists()
-    (tmp_path / "ours.tmp").mkdir()  # a write killed between creating <out>.tmp and marking it: ours, removed
+    (tmp_path / "ours.tmp").mkdir()  # a write killed between creating <out>.tmp and marking it: adopted
     ours = write_eval_outputs(tmp_path / "ours", metrics, rows, "model")
     assert json.loads((ours / "metrics.json").read_text()) == metrics and not (tmp_path / "ours.tmp").exists()
     assert (ours / "predictions.jsonl").read_text() == json.dumps(rows[0]) + "\n" and (ours / MARKER).is_file()

@@ -24,7 +24,6 @@ from fittune.rundir import (
     claim_dir,
     inspect_output_dir,
     publish_dir,
-    remove_leftover,
     remove_owned,
     write_guard,
 )
@@ -135,7 +134,8 @@ def test_a_removal_cut_short_leaves_a_directory_still_marked_ours(tmp_path, monk
         remove_owned(d)
     monkeypatch.undo()
     assert MARKER not in calls and (d / MARKER).is_file()
-    assert remove_leftover(d) and not d.exists()
+    remove_owned(d)  # the next run's sweep
+    assert not d.exists()
 
 
 def test_a_claim_cut_short_is_adopted_but_a_users_file_beside_it_is_not(tmp_path):
@@ -153,6 +153,17 @@ def test_a_claim_cut_short_is_adopted_but_a_users_file_beside_it_is_not(tmp_path
     (mine / "notes.txt").write_text("keep")
     with pytest.raises(FittuneError, match="not empty and was not created by fittune"):
         check_writable_dir(mine, "output_dir")
+
+
+def test_a_link_to_a_fittune_directory_is_never_emptied(tmp_path):
+    """A user's link (e.g. checkpoints/step-N -> an archived checkpoint) is refused, and the target kept."""
+    archive = claim_dir(tmp_path / "archive", "checkpoint")
+    (archive / "model.safetensors").write_text("weights")
+    link = tmp_path / "step-00000001"
+    link.symlink_to(archive, target_is_directory=True)
+    with pytest.raises(FittuneError, match="symbolic link"):
+        remove_owned(link)
+    assert (archive / "model.safetensors").read_text() == "weights" and link.is_symlink()
 
 
 def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path, monkeypatch):

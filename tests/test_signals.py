@@ -298,7 +298,6 @@ def test_two_processes_asked_one_started_is_refused(tmp_path, tiny_config, tiny_
     errors = [line for line in proc.stderr.splitlines() if line.startswith("fittune: error:")]
     assert len(errors) == 1 and "2 processes were asked for (--num_processes 2) but 1 started" in errors[0], \
         proc.stderr[-3000:]
-    assert proc.returncode != 0 and not run.exists()
     # the worker exits 2; accelerate's single-process launcher turns any failure into its own exit 1
     assert "returned non-zero exit status 2" in proc.stderr and proc.returncode == 1
     assert not run.exists()
