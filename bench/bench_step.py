@@ -173,7 +173,8 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
            "planned_gib": planned_gib(case, cfg), "stepped": stepped, "first_loss": first_loss,
            "kernels": ("liger" if liger else "torch") + ("+compile" if case["compile"] else ""),
            "optimizer": "torchao CPUOffloadOptimizer (fused fp32 AdamW on the CPU)" if case["torchao_offload"]
-           else setup.choice.describe(), "grad_accum": case["accum"]}
+           else setup.choice.describe(), "grad_accum": case["accum"],
+           "cpu_threads": torch.get_num_threads()}  # DeepSpeed's CPU Adam and torchao's offload step use them
     # drop every reference (the Accelerator keeps its prepared objects) so the next case starts from zero
     accelerator.free_memory()
     del model, optimizer, batch, params, head, scheduler

@@ -8,8 +8,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+# BUDGET (seconds, 0 = none): the whole script's share of one device call; a case that would start with less
+# than 45 s of it left is skipped and said so, a later one gets at most what is left (its log says timeout)
+BUDGET=${BUDGET:-0}
 run() {  # run <timeout> <log name> <command...>
   local t=$1 name=$2; shift 2
+  if [ "$BUDGET" -gt 0 ]; then
+    local left=$((BUDGET - SECONDS))
+    if [ "$left" -lt 45 ]; then echo "== $name skipped: $left s of the $BUDGET s budget left"; return; fi
+    [ "$left" -lt "$t" ] && t=$left
+  fi
   local t0=$SECONDS
   timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "== $name exit $? ($((SECONDS - t0)) s)"
   grep -h '^{' "$OUT/$name.log" >> "$OUT/rows.jsonl"

@@ -9,11 +9,19 @@ the same device call. No fittune code. One JSON row.
 
 import argparse
 import json
+import os
 import time
 
 import torch
 from accelerate import Accelerator
 from transformers import Qwen2Config, Qwen2ForCausalLM
+
+TINY = os.environ.get("TINY") == "1"
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -27,9 +35,13 @@ def main() -> None:
     ds = acc.state.deepspeed_plugin.deepspeed_config  # the values a user fills by hand for "auto"
     ds.update(train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=args.acc,
               train_batch_size=mb * args.acc * acc.num_processes, gradient_clipping=1.0)
-    cfg = Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                      num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True,
-                      rope_theta=1e6, rms_norm_eps=1e-6)
+    if TINY:  # checks the script on the CPU (bench/run_gpu_fullft.sh with TINY=1), measures nothing
+        cfg = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    else:
+        cfg = Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                          num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True,
+                          rope_theta=1e6, rms_norm_eps=1e-6)
     torch.manual_seed(0)
     with torch.device(acc.device):  # built on the GPU (85 s in fp32 on the CPU)
         model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
@@ -44,7 +56,7 @@ def main() -> None:
     t0 = None
     for i in range(args.warm + args.steps):
         if i == args.warm:
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
         for _ in range(args.acc):
             with acc.accumulate(model):
@@ -52,10 +64,11 @@ def main() -> None:
                 acc.backward(loss)
                 opt.step()
                 opt.zero_grad()
-    torch.cuda.synchronize()
+    sync()
     dt = (time.perf_counter() - t0) / args.steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     row = {"case": f"naive-zero2_offload-2x1024-ckpt-acc{args.acc}", "micro_batch": mb, "seq": seq,
-           "grad_accum": args.acc, "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+           "grad_accum": args.acc, "peak_gib": round(peak, 2),
            "tokens_per_s": round(mb * seq * args.acc / dt, 1), "s_per_step": round(dt, 2), "loss": round(loss.item(), 3)}
     if acc.is_main_process:
         print(json.dumps(row), flush=True)

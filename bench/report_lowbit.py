@@ -41,7 +41,9 @@ def main():
         err = f"{(planned - peak) / peak:+.1%}" if planned and peak else "-"
         ds = next((n for n in rows if n["case"] == f"naive-zero2_offload-2x1024-ckpt-acc{r.get('grad_accum', 1)}"), {})
         vs_ds = ratio(r["tokens_per_s"], ds.get("tokens_per_s")) if "zero2_offload" in r["case"] else "-"
-        print(f"| {r['case']} | {r.get('optimizer', '-')} | {r.get('grad_accum', 1)} | {peak} | {planned} | {err} | "
+        offload = "offload" in r["case"]  # CPU-bound: the threads its step was given matter
+        label = f"{r['case']} ({r.get('cpu_threads')} CPU threads)" if offload else r["case"]
+        print(f"| {label} | {r.get('optimizer', '-')} | {r.get('grad_accum', 1)} | {peak} | {planned} | {err} | "
               f"{r['tokens_per_s']:,.0f} | {ratio(r['tokens_per_s'], amp)} | {ratio(r['tokens_per_s'], bf16)} | {vs_ds} |")
     for r in rows:
         if r["case"].startswith("naive-"):

@@ -301,7 +301,7 @@ def _optimizer_bytes(shape: ModelShape, work: Workload) -> int:
 def _lowbit_step_temp(shape: ModelShape, work: Workload) -> int:
     """torchao's low-bit step of one tensor (it steps one tensor at a time): both moments in fp32 while they
     are re-quantized block by block (2 x 4 B per element of the largest tensor), the rest of its compiled
-    step being element-wise. An upper estimate, not yet measured (bench/run_gpu_lowbit.sh measures it).
+    step being element-wise. An upper estimate, not yet measured (bench/run_gpu_fullft.sh measures it).
     0 for torch's fused AdamW (in place) and torchao's bf16 AdamW (element-wise, moments in bf16)."""
     if work.optimizer == "adamw":
         return 0
