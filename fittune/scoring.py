@@ -100,7 +100,7 @@ class PackedBatch:
 
     inputs: dict[str, torch.Tensor]
     row: torch.Tensor
-    """Per scored token: its batch row."""
+    """Per scored token: its batch row (ascending: collate_packed lays the rows out one after the other)."""
     col: torch.Tensor
     """Per scored token: the kept logits column that predicts it."""
     target: torch.Tensor
@@ -174,16 +174,18 @@ def score_batch(model, batch: PackedBatch, device) -> SlotScores:
     """One forward pass; the fp32 log-softmax one row at a time (at most kept columns x vocabulary)."""
     logits = model(**{k: v.to(device) for k, v in batch.inputs.items()}).logits
     dev = logits.device  # the head's device (a device map may put it elsewhere than the inputs)
-    row, col, target = batch.row.to(dev), batch.col.to(dev), batch.target.to(dev)
+    col, target = batch.col.to(dev), batch.target.to(dev)
     lp = torch.empty(target.numel(), dtype=torch.float32, device=dev)
     correct = torch.empty(target.numel(), dtype=torch.bool, device=dev)
-    for b in range(logits.size(0)):
-        sel = (row == b).nonzero().squeeze(1)
-        if sel.numel() == 0:
-            continue
-        rows = logits[b, col[sel]]
-        lp[sel] = rows.float().log_softmax(-1).gather(1, target[sel, None]).squeeze(1)
-        correct[sel] = rows.argmax(-1) == target[sel]
+    # collate_packed lays the kept tokens out row after row: each row's span is counted on the CPU, so the loop
+    # waits on no GPU result
+    start = 0
+    for b, n in enumerate(torch.bincount(batch.row, minlength=logits.size(0)).tolist()):
+        span = slice(start, start + n)
+        rows = logits[b, col[span]]
+        lp[span] = rows.float().log_softmax(-1).gather(1, target[span, None]).squeeze(1)
+        correct[span] = rows.argmax(-1) == target[span]
+        start += n
     slot = batch.slot.to(dev)
     sums = torch.zeros(batch.n_slots, dtype=torch.float64, device=dev).index_add_(0, slot, lp.double())
     counts = torch.zeros(batch.n_slots, dtype=torch.long, device=dev).index_add_(0, slot, torch.ones_like(slot))
