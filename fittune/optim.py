@@ -71,6 +71,8 @@ class OptimizerChoice:
     in_backward: bool
     """Each parameter stepped inside backward (train.optimizer_in_backward)."""
     fp16_weights: bool = False
+    cpu_adam: bool = False
+    """DeepSpeed's optimizer offload: accelerate swaps torch's AdamW for DeepSpeedCPUAdam, run in CPU RAM."""
 
     @property
     def torchao(self) -> bool:
@@ -80,7 +82,8 @@ class OptimizerChoice:
     def describe(self) -> str:
         """One line for the run log."""
         states = {"adamw": "AdamW", "adamw8bit": "AdamW, 8-bit states", "adamw4bit": "AdamW, 4-bit states"}
-        parts = [states[self.name] + (" (torchao)" if self.torchao else " (torch)")]
+        library = "torchao" if self.torchao else "DeepSpeed CPU Adam, in CPU RAM" if self.cpu_adam else "torch"
+        parts = [f"{states[self.name]} ({library})"]
         if self.stochastic_rounding:
             parts.append("bf16 weights with stochastic rounding")
         if self.in_backward:
@@ -93,7 +96,8 @@ def choose(optimizer: str, in_backward: bool, trainable_dtype: torch.dtype, stra
     DeepSpeed and FSDP2 keep fp32 master weights of a bf16 module themselves: no stochastic rounding there."""
     native = not strategy.sharded
     return OptimizerChoice(optimizer, native and trainable_dtype == torch.bfloat16, in_backward,
-                           fp16_weights=native and trainable_dtype == torch.float16)
+                           fp16_weights=native and trainable_dtype == torch.float16,
+                           cpu_adam=strategy.deepspeed and strategy.offload_optimizer)
 
 
 def unsupported(choice: OptimizerChoice, strategy: Strategy, mixed: str, lora: bool) -> str | None:

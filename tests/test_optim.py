@@ -152,6 +152,16 @@ def test_one_process_only_for_torchao_and_in_backward(name):
     assert "fp16 loss scaling" in unsupported(choose("adamw", True, torch.float32, one), one, "fp16", False)
 
 
+@pytest.mark.parametrize("name, library", [("single", "(torch)"), ("zero2", "(torch)"),
+                                           ("zero2_offload", "(DeepSpeed CPU Adam, in CPU RAM)"),
+                                           ("zero3_offload", "(DeepSpeed CPU Adam, in CPU RAM)")])
+def test_the_run_log_names_the_optimizer_that_runs(name, library):
+    """Under DeepSpeed's optimizer offload accelerate swaps torch's AdamW for DeepSpeedCPUAdam
+    (accelerate.utils.map_pytorch_optim_to_deepspeed): the run log's optimizer line says so."""
+    strategy = Strategy.named(name, 2)
+    assert choose("adamw", False, torch.float32, strategy).describe() == f"AdamW {library}"
+
+
 def test_bf16_weights_lose_small_updates_without_stochastic_rounding():
     """1.0 - 1e-3 is 1.0 in bf16 (its spacing below 1 is 2^-8 = 0.0039): plain bf16 AdamW never moves; with
     stochastic rounding each element moves by 1e-3 per step on average (Adam's step is lr x sign(gradient)
