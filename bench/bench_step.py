@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fittune.config import build_config  # noqa: E402
 from fittune.distributed import configure_deepspeed, make_accelerator  # noqa: E402
+from fittune.hardware import run_cpu_threads, set_cpu_threads  # noqa: E402
 from fittune.loss import install_chunked_loss  # noqa: E402
 from fittune.model import apply_liger, apply_lora, compile_layers, enable_gradient_checkpointing, use_liger  # noqa: E402
 from fittune.optim import build_optimizer  # noqa: E402
@@ -44,7 +45,8 @@ def parse_case(name: str) -> dict:
     a '-torch' suffix turns Liger kernels off (train.kernels: torch) for comparison; '-compile' adds
     train.compile (torch.compile of each decoder layer). Issue #13 (fittune/optim.py): '-bf16' trains bf16
     weights (stochastic rounding), '-8bit' / '-4bit' torchao's low-bit AdamW states, '-inbwd'
-    train.optimizer_in_backward; '-accN' N micro-batches per optimizer step (tokens/s counts all of them)."""
+    train.optimizer_in_backward; '-accN' N micro-batches per optimizer step (tokens/s counts all of them);
+    '-cpu1' train.cpu_threads 1 (what accelerate launch gives a GPU process; default: fittune's choice)."""
     parts = name.split("-")
     method, rest = parts[0], parts[1:]
     strategy = "single"
@@ -56,7 +58,7 @@ def parse_case(name: str) -> dict:
     return {"name": name, "method": method, "strategy": strategy, "micro": micro, "seq": seq,
             "ckpt": "ckpt" in rest, "kernels": "torch" if "torch" in rest else "auto", "compile": "compile" in rest,
             "bf16_weights": "bf16" in rest, "optimizer": optimizer, "in_backward": "inbwd" in rest, "accum": accum,
-            "torchao_offload": "aooffload" in rest}
+            "torchao_offload": "aooffload" in rest, "cpu_threads": 1 if "cpu1" in rest else None}
 
 
 def hf_config(seq: int):
@@ -99,6 +101,9 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
     accelerator = accelerator or make_accelerator("bf16", 1, None, "/tmp/fittune-bench")
     dev = accelerator.device
     strategy = strategy_of(accelerator)
+    threads = run_cpu_threads(case["cpu_threads"], strategy, dev)  # as train.py chooses them
+    if threads.why:
+        set_cpu_threads(threads)
     deepspeed = strategy.deepspeed
     if deepspeed:
         configure_deepspeed(accelerator, case["micro"], case["accum"], 1.0)

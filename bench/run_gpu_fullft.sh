@@ -6,9 +6,11 @@
 #   1. the naive loops (../shared/bench/naive_baseline.py's own `run`: fp32 master + bf16 autocast, pure bf16)
 #   2. bf16 weights + torchao 8-bit, then 4-bit AdamW stepped in backward (peak <= 14 / 11.5 GiB, speed)
 #   3. the fp32-master path, profiled ($OUT/profile), and the naive fp32-master loop's profile beside it
-#   4. ZeRO-2 + CPU optimizer offload at 8 micro-batches a step, DeepSpeed's CPU Adam given every core,
-#      against the naive DeepSpeed loop at the same global batch; torchao's CPUOffloadOptimizer
-#   5. the GPU tests of tests/test_optim.py (pytest wheel in .whl), then, if time is left, the same at 1 micro-batch a step, and 1 OpenMP thread (accelerate's default)
+#   4. ZeRO-2 + CPU optimizer offload at 8 micro-batches a step (fittune gives DeepSpeed's CPU Adam the
+#      machine's cores, train.cpu_threads) against the naive DeepSpeed loop at the same global batch (one
+#      thread: what accelerate launch gives a GPU process); torchao's CPUOffloadOptimizer
+#   5. the GPU tests of tests/test_optim.py (pytest wheel in .whl), then, if time is left, the same at 1
+#      micro-batch a step, and fittune at 1 thread (what the thread choice is worth)
 # Last thing printed: bench/report_lowbit.py's table. On the CPU, TINY=1 runs the same script on a toy shape
 # (checks the script, measures nothing). From the repo root, on this machine:
 #   mkdir -p .bench && cp ../shared/bench/naive_baseline.py .bench/
@@ -30,13 +32,13 @@ run 150 lowbit-4bit-inbwd python3 bench/bench_step.py --case full-2x1024-ckpt-bf
 PROFILE="$OUT/profile" run 120 fp32-master python3 bench/bench_step.py --case full-2x1024-ckpt --steps 6 --warm 3
 run 90 naive-profile python3 bench/naive_lowbit.py --profile "$OUT/profile"
 run 200 naive-ds-acc8 $Z2 bench/naive_deepspeed_offload.py --acc 8 --steps 2 --warm 1
-run 200 z2o-acc8-threads $Z2 --num_cpu_threads_per_process "$T" bench/bench_step.py --case full-zero2_offload-2x1024-ckpt-acc8 --steps 2 --warm 1
+run 200 z2o-acc8 $Z2 bench/bench_step.py --case full-zero2_offload-2x1024-ckpt-acc8 --steps 2 --warm 1
 OMP_NUM_THREADS=$T run 150 torchao-offload python3 bench/bench_step.py --case full-2x1024-ckpt-aooffload --steps 3 --warm 2
 run 120 gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_optim.py -k "on_gpu or compiled or round_trips or equals"
 tail -2 "$OUT/gpu_tests.log"
 run 150 naive-ds-acc1 $Z2 bench/naive_deepspeed_offload.py --acc 1
-run 150 z2o-acc1-threads $Z2 --num_cpu_threads_per_process "$T" bench/bench_step.py --case full-zero2_offload-2x1024-ckpt --steps 3 --warm 2
 run 150 z2o-acc1 $Z2 bench/bench_step.py --case full-zero2_offload-2x1024-ckpt --steps 3 --warm 2
+run 150 z2o-acc1-cpu1 $Z2 bench/bench_step.py --case full-zero2_offload-2x1024-ckpt-cpu1 --steps 3 --warm 2
 grep -h '^{' "$OUT/naive.log" > "$OUT/naive.jsonl"
 python3 bench/report_lowbit.py "$OUT/rows.jsonl" "$OUT/naive.jsonl" "$(cat "$OUT/gpu.txt")" | tee "$OUT/table.md"
 head -25 "$OUT"/profile/*.txt > "$OUT/profile_top.txt" 2>/dev/null

@@ -288,6 +288,12 @@ class TrainConfig(_Section):
     does so for LoRA runs when liger-kernel is installed and the model is on a GPU (for full fine-tuning it
     measured slower, see bench/RESULTS.md); `torch` never. Never required."""
 
+    cpu_threads: _int(ge=1) | None = None
+    """CPU threads of each process (torch.set_num_threads). None: as launched, except in a GPU run whose
+    optimizer step runs on the CPU (DeepSpeed optimizer offload, FSDP2 offload): `accelerate launch` starts
+    each GPU process with one thread, which would leave that step (DeepSpeed's CPU Adam) on one core, so it
+    gets this machine's physical cores divided by its processes. The run log says what was chosen."""
+
     optimizer: Literal["adamw", "adamw8bit", "adamw4bit"] = "adamw"
     """AdamW with its two moments in the trainable weights' dtype (`adamw`: torch's fused/foreach AdamW; with
     bf16 weights torchao's AdamW with bf16 stochastic rounding), or block-quantized to 8 bits (`adamw8bit`,

@@ -1,4 +1,5 @@
-"""The machine the memory planner plans for: GPU count and memory, CPU RAM, bf16 support.
+"""The machine: what the memory planner plans for (GPU count and memory, CPU RAM, bf16 support), and the
+CPU threads a run computes with.
 
 What is not given on the command line is read from this machine (CUDA devices, psutil's total RAM); with no
 GPU here the planner plans for one DEFAULT_GPU_MEM_GIB GPU and says so in a note.
@@ -6,10 +7,13 @@ GPU here the planner plans for one DEFAULT_GPU_MEM_GIB GPU and says so in a note
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import psutil
 import torch
+
+from fittune.strategy import Strategy
 
 GIB = 1024**3
 DEFAULT_GPU_MEM_GIB = 16.0  # planned for when there is no GPU here and --gpu-mem is not given
@@ -70,3 +74,47 @@ def detect_hardware(gpus: int | None, gpu_mem_gib: float | None, cpu_mem_gib: fl
         parts.append("CPU RAM detected")
     source = ", ".join(parts) if parts else "as given"
     return Hardware(gpus, float(gpu_mem_gib), float(cpu_mem_gib), local.bf16, notes, source)
+
+
+@dataclass(frozen=True)
+class CpuThreads:
+    """The CPU threads each process of a run computes with, and why."""
+
+    count: int
+    why: str
+    """For the run log; empty when the count is left as launched."""
+
+
+def physical_cores() -> int:
+    """This process's share of the machine's physical cores (hyper-threads do not speed up Adam's arithmetic;
+    a CPU affinity mask, e.g. a container's, limits it further)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(psutil.cpu_count(logical=False) or usable, usable))
+
+
+def choose_cpu_threads(requested: int | None, gpu_run_steps_on_cpu: bool, local_processes: int, current: int,
+                       cores: int) -> CpuThreads:
+    """train.cpu_threads if given; else, when a GPU run's optimizer step runs on the CPU, `cores` split over
+    the `local_processes` on this machine (never fewer than the `current` threads); else as launched."""
+    if requested is not None:
+        return CpuThreads(requested, "train.cpu_threads")
+    share = max(1, cores // max(1, local_processes))
+    if not gpu_run_steps_on_cpu or share <= current:
+        return CpuThreads(current, "")
+    return CpuThreads(share, f"the optimizer step runs on the CPU: {cores} physical cores / {local_processes} "
+                             f"process(es) on this machine (accelerate launch starts each GPU process with "
+                             f"{current}; set train.cpu_threads to choose)")
+
+
+def run_cpu_threads(requested: int | None, strategy: Strategy, device: torch.device) -> CpuThreads:
+    """choose_cpu_threads for this process: its strategy and device, the processes on this machine
+    (LOCAL_WORLD_SIZE, set by the launcher), its threads now and the physical cores."""
+    return choose_cpu_threads(requested, device.type == "cuda" and strategy.steps_on_cpu,
+                              int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.get_num_threads(), physical_cores())
+
+
+def set_cpu_threads(threads: CpuThreads) -> None:
+    """Apply `threads` to torch's OpenMP pool, which DeepSpeed's CPU Adam shares (its extension links no
+    OpenMP of its own), and to OMP_NUM_THREADS for any OpenMP runtime loaded after this."""
+    torch.set_num_threads(threads.count)
+    os.environ["OMP_NUM_THREADS"] = str(threads.count)

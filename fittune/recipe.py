@@ -42,6 +42,7 @@ from fittune.distributed import (
 from fittune.errors import FittuneError
 from fittune.evaluator import evaluate_and_report, validation_loss
 from fittune.final import save_final
+from fittune.hardware import run_cpu_threads, set_cpu_threads
 from fittune.launch import check_world_size
 from fittune.loss import install_chunked_loss
 from fittune.metrics import class_name, majority_baseline
@@ -134,6 +135,10 @@ class FineTuneRecipe:
         if cfg.train.compile and self.strategy.sharded:
             raise FittuneError("train.compile works with one process, DDP and model.parallel: auto, not under "
                                "DeepSpeed or FSDP2 (their hooks run inside each layer call): turn it off there")
+        threads = run_cpu_threads(cfg.train.cpu_threads, self.strategy, self.accelerator.device)
+        if threads.why:
+            set_cpu_threads(threads)
+            self._log(f"CPU threads per process: {threads.count} ({threads.why})")
         set_seed(cfg.seed)
 
     def _check_output_dir(self) -> None:
@@ -503,7 +508,7 @@ class FineTuneRecipe:
         first_batch = D.plan_global_batches(self.lengths, self.global_batch, cfg.seed, 0, cfg.data.group_by_length)[0]
         first = D.micro_batches_for_rank(first_batch, self.lengths, cfg.train.micro_batch_size, cfg.train.grad_accum,
                                          self.world, self.rank)
-        report = {"rank": self.rank, "world_size": self.world,
+        report = {"rank": self.rank, "world_size": self.world, "cpu_threads": torch.get_num_threads(),
                   "examples_seen": self.total_steps * cfg.train.micro_batch_size * cfg.train.grad_accum,
                   "first_step_ids": [self.train_set[j].id for m in first for j in m], **local_shards(self.model)}
         ranks = gather_object([report])

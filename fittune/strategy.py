@@ -67,6 +67,11 @@ class Strategy:
         return self.offload_optimizer or self.offload_params
 
     @property
+    def steps_on_cpu(self) -> bool:
+        """The optimizer step runs on the CPU (DeepSpeed's CPU Adam; FSDP2 offload steps the CPU shards)."""
+        return self.offload_optimizer or (self.fsdp and self.offload_params)
+
+    @property
     def name(self) -> str:
         """The strategy's name (see the module docstring), shared by the planner, logs and checkpoints."""
         if self.device_map:

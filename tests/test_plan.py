@@ -3,6 +3,7 @@ the chunked-loss saving, and the CLI (the 16 GB acceptance case and bad input). 
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -324,6 +325,36 @@ def test_make_plan_multi_gpu_prefers_the_fastest_sharded_strategy():
         "accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml --num_processes 4 train.py "
         "--config r.yaml --train.lr 1e-5 --train.micro_batch_size 2 --train.grad_accum 8")
     assert plan.global_batch == 2 * 8 * 4
+
+
+@pytest.mark.parametrize("strategy, on_gpu, local, expected", [
+    ("zero2_offload", True, 2, 8),   # accelerate's one thread per GPU process would run CPU Adam on one core
+    ("zero3_offload", True, 4, 4),
+    ("fsdp2_offload", True, 1, 16),  # FSDP2 offload steps the CPU shards
+    ("zero2_offload", True, 32, 1),  # never fewer than launched (16 cores cannot feed 32 processes more)
+    ("zero2", True, 2, 1),           # the step runs on the GPU: left as launched
+    ("zero2_offload", False, 2, 1),  # a CPU run: accelerate launch already splits the cores
+])
+def test_cpu_threads_for_a_step_on_the_cpu(strategy, on_gpu, local, expected):
+    s = Strategy.named(strategy, local)
+    got = H.choose_cpu_threads(None, on_gpu and s.steps_on_cpu, local, current=1, cores=16)
+    assert got.count == expected and bool(got.why) == (expected != 1)
+    assert H.choose_cpu_threads(3, on_gpu and s.steps_on_cpu, local, 1, 16) == H.CpuThreads(3, "train.cpu_threads")
+
+
+def test_set_cpu_threads_sizes_the_openmp_pool_deepspeeds_cpu_adam_uses(monkeypatch):
+    """DeepSpeed's CPU Adam extension links no OpenMP of its own (its built cpu_adam.so leaves GOMP_parallel
+    undefined and needs no libgomp): its loops run on the OpenMP runtime torch loaded, process-wide, whose
+    size set_cpu_threads sets (read here through that runtime's own symbol, not through torch)."""
+    import ctypes
+
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # restored afterwards
+    before = torch.get_num_threads()
+    try:
+        H.set_cpu_threads(H.CpuThreads(3, "test"))
+        assert ctypes.CDLL(None).omp_get_max_threads() == 3 and os.environ["OMP_NUM_THREADS"] == "3"
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU default")
