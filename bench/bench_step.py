@@ -46,7 +46,7 @@ def parse_case(name: str) -> dict:
     train.compile (torch.compile of each decoder layer). Issue #13 (fittune/optim.py): '-bf16' trains bf16
     weights (stochastic rounding), '-8bit' / '-4bit' torchao's low-bit AdamW states, '-inbwd'
     train.optimizer_in_backward; '-accN' N micro-batches per optimizer step (tokens/s counts all of them);
-    '-cpu1' train.cpu_threads 1 (what accelerate launch gives a GPU process; default: fittune's choice)."""
+    '-cpu1' train.cpu_threads 1 (what torchrun gives each of several processes; default: fittune's choice)."""
     parts = name.split("-")
     method, rest = parts[0], parts[1:]
     strategy = "single"

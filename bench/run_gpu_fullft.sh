@@ -6,11 +6,11 @@
 #   1. the naive loops (../shared/bench/naive_baseline.py's own `run`: fp32 master + bf16 autocast, pure bf16)
 #   2. bf16 weights + torchao 8-bit, then 4-bit AdamW stepped in backward (peak <= 14 / 11.5 GiB, speed)
 #   3. the fp32-master path, profiled ($OUT/profile), and the naive fp32-master loop's profile beside it
-#   4. ZeRO-2 + CPU optimizer offload at 8 micro-batches a step (fittune gives DeepSpeed's CPU Adam the
-#      machine's cores, train.cpu_threads) against the naive DeepSpeed loop at the same global batch (one
-#      thread: what accelerate launch gives a GPU process); torchao's CPUOffloadOptimizer
+#   4. ZeRO-2 + CPU optimizer offload at 8 micro-batches a step against the naive DeepSpeed loop at the same
+#      global batch; torchao's CPUOffloadOptimizer
 #   5. the GPU tests of tests/test_optim.py (pytest wheel in .whl), then, if time is left, the same at 1
-#      micro-batch a step, and fittune at 1 thread (what the thread choice is worth)
+#      micro-batch a step, and fittune at 1 CPU thread (torchrun's default for several processes a machine:
+#      what fittune's thread choice, train.cpu_threads, is worth to DeepSpeed's CPU Adam)
 # Last thing printed: bench/report_lowbit.py's table. On the CPU, TINY=1 runs the same script on a toy shape
 # (checks the script, measures nothing). From the repo root, on this machine:
 #   mkdir -p .bench && cp ../shared/bench/naive_baseline.py .bench/

@@ -290,9 +290,10 @@ class TrainConfig(_Section):
 
     cpu_threads: _int(ge=1) | None = None
     """CPU threads of each process (torch.set_num_threads). None: as launched, except in a GPU run whose
-    optimizer step runs on the CPU (DeepSpeed optimizer offload, FSDP2 offload): `accelerate launch` starts
-    each GPU process with one thread, which would leave that step (DeepSpeed's CPU Adam) on one core, so it
-    gets this machine's physical cores divided by its processes. The run log says what was chosen."""
+    optimizer step runs on the CPU (DeepSpeed optimizer offload, FSDP2 offload), which gets this machine's
+    physical cores divided by its processes when it was launched with fewer: torchrun starts each of several
+    processes on a machine with one thread, and accelerate's FSDP launch even a single one, which would
+    leave that step (DeepSpeed's CPU Adam, the CPU shards' AdamW) on one core. The run log says the choice."""
 
     optimizer: Literal["adamw", "adamw8bit", "adamw4bit"] = "adamw"
     """AdamW with its two moments in the trainable weights' dtype (`adamw`: torch's fused/foreach AdamW; with

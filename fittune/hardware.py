@@ -102,8 +102,8 @@ def choose_cpu_threads(requested: int | None, gpu_run_steps_on_cpu: bool, local_
     if not gpu_run_steps_on_cpu or share <= current:
         return CpuThreads(current, "")
     return CpuThreads(share, f"the optimizer step runs on the CPU: {cores} physical cores / {local_processes} "
-                             f"process(es) on this machine (accelerate launch starts each GPU process with "
-                             f"{current}; set train.cpu_threads to choose)")
+                             f"process(es) on this machine; it was launched with {current} (set "
+                             f"train.cpu_threads to choose)")
 
 
 def run_cpu_threads(requested: int | None, strategy: Strategy, device: torch.device) -> CpuThreads:

@@ -328,7 +328,7 @@ def test_make_plan_multi_gpu_prefers_the_fastest_sharded_strategy():
 
 
 @pytest.mark.parametrize("strategy, on_gpu, local, expected", [
-    ("zero2_offload", True, 2, 8),   # accelerate's one thread per GPU process would run CPU Adam on one core
+    ("zero2_offload", True, 2, 8),   # torchrun's one thread per process would run CPU Adam on one core
     ("zero3_offload", True, 4, 4),
     ("fsdp2_offload", True, 1, 16),  # FSDP2 offload steps the CPU shards
     ("zero2_offload", True, 32, 1),  # never fewer than launched (16 cores cannot feed 32 processes more)
