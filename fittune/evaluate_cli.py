@@ -87,8 +87,11 @@ def eval_config(info: CheckpointInfo, req: EvalRequest) -> Config:
         return build_config(req.config_file, req.overrides)
     if info.config_file is None:
         raise FittuneError(f"{req.checkpoint} has no saved fittune config: pass --config FILE describing the data")
+    overrides = {**req.overrides, TRUST_KEY: req.overrides.get(TRUST_KEY, False)}
+    if req.data_path_given and "data.test_path" not in overrides:
+        overrides["data.test_path"] = None  # --data.path names the data to score: not the run's test file
     # the saved config is part of the (possibly received) run directory: it cannot grant itself trust
-    return build_config(str(info.config_file), {**req.overrides, TRUST_KEY: req.overrides.get(TRUST_KEY, False)})
+    return build_config(str(info.config_file), overrides)
 
 
 def remote_code_notice(info: CheckpointInfo, cfg: Config) -> str | None:

@@ -186,3 +186,19 @@ def test_other_data_is_said_loudly_and_old_runs_warn_once(tmp_path, tiny_model_d
     assert code == 0, err[-3000:]
     assert sum("NOT the held-out split" in line for line in out.splitlines()) == 1
     assert json.loads((tmp_path / "ev2/metrics.json").read_text())["num_examples"] == 12
+
+
+def test_data_path_is_scored_even_when_the_run_had_a_test_file(tmp_path, tiny_model_dir, capsys):
+    """--data.path names the data to score: the run's own data.test_path (kept in its config.yaml) must not
+    silently take its place."""
+    rows = DEMO_DATA.read_text().splitlines(keepends=True)
+    (tmp_path / "test.jsonl").write_text("".join(rows[-20:]))
+    run = make_run(tmp_path, tiny_model_dir, **{"data.test_path": str(tmp_path / "test.jsonl")})
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(rows[:12]))
+    code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev", "--data.path", other], capsys)
+    assert code == 0, err[-3000:]
+    assert sum("NOT the held-out split" in line for line in out.splitlines()) == 1
+    assert json.loads((tmp_path / "ev/metrics.json").read_text())["num_examples"] == 12
+    code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev"], capsys)  # the run's own
+    assert code == 0 and json.loads((tmp_path / "ev/metrics.json").read_text())["num_examples"] == 20
