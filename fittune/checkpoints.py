@@ -14,6 +14,7 @@ from fittune.errors import FittuneError
 from fittune.optim import tensor_bytes
 from fittune.rundir import (
     MARKER,
+    DirLock,
     atomic_write_text,
     check_free_space,
     claim_build_dir,
@@ -47,6 +48,8 @@ def resolve_checkpoint(path: str) -> CheckpointInfo:
         raise FittuneError(f"checkpoint must be a directory (a training output dir or its final/): {path}")
     if (p / "config.yaml").is_file() and (p / "final").is_dir():
         return CheckpointInfo(p / "final", p, p / "config.yaml")
+    if owned(p, "train") and not _has_weights(p):
+        raise FittuneError(_unfinished_run(p))
     if not _has_weights(p):
         raise FittuneError(f"{path} holds no model or adapter (no config.json / adapter_config.json); "
                            f"pass a training output dir or its final/")
@@ -54,6 +57,22 @@ def resolve_checkpoint(path: str) -> CheckpointInfo:
         return CheckpointInfo(p, p.parent, p.parent / "config.yaml")
     own = p / "fittune_config.yaml"
     return CheckpointInfo(p, None, own if own.is_file() else None)
+
+
+def _unfinished_run(run: Path) -> str:
+    """Why a training run directory without final/ cannot be evaluated, and what can be."""
+    try:
+        lock = DirLock(run).acquire("evaluate.py", record=False, create=False)
+    except FittuneError as e:
+        return f"cannot evaluate now: {e}"
+    if lock is not None:
+        lock.release()
+    latest = complete_checkpoints(run)[-1:] if (run / "checkpoints").is_dir() else []
+    adapter = [c / "adapter" for c in latest if (c / "adapter" / "adapter_config.json").is_file()]
+    saved = (f"; or evaluate its last checkpoint's adapter now: --checkpoint {adapter[0]} --output_dir DIR"
+             if adapter else "")
+    return (f"{run} is a fittune training run that has no final/ yet (it stopped before the end): finish it with "
+            f"train.py --output_dir {run} --resume auto (and the same recipe){saved}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -108,9 +127,9 @@ def partial_checkpoints(output_dir: str | Path) -> list[Path]:
 def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
     """Remove the partial checkpoints fittune wrote (its marker inside); returns them. Anything else that
     merely looks like one is left alone."""
-    removed = [d for d in partial_checkpoints(output_dir) if owned(d)]
+    removed = [d for d in partial_checkpoints(output_dir) if owned(d, "checkpoint")]
     for d in removed:
-        remove_owned(d)
+        remove_owned(d, "checkpoint")
     return removed
 
 
@@ -311,8 +330,12 @@ def _prepare_tmp(target: CheckpointTarget, output_dir: Path, tmp: Path, intact: 
         raise FittuneError(f"{e}; {intact}") from None
     if target.accelerator.is_main_process:
         checkpoint_root(output_dir).mkdir(parents=True, exist_ok=True)
-        claim_build_dir(tmp, "checkpoint", f"could not write checkpoint {tmp}: it already exists and was not "
-                        f"created by fittune (no {MARKER} marker); move it out of {tmp.parent}; {intact}")
+        final = tmp.with_name(tmp.name[:-4])
+        if final.is_symlink() or (final.exists() and not owned(final, "checkpoint")):  # it would be replaced
+            raise FittuneError(f"could not write checkpoint {final}: it already exists and is not a fittune "
+                               f"checkpoint; move it out of {final.parent}; {intact}")
+        claim_build_dir(tmp, "checkpoint", f"could not write checkpoint {tmp}: it already exists and is not a "
+                        f"fittune checkpoint; move it out of {tmp.parent}; {intact}")
 
 
 # what torch.save's zip writer raises (as RuntimeError) when the disk fills up under it, e.g.
@@ -362,8 +385,8 @@ def _publish(target: CheckpointTarget, output_dir: Path, tmp: Path, final: Path,
         return
     publish_dir(tmp, final)
     for old in complete_checkpoints(output_dir)[:-keep]:
-        if owned(old):  # fittune's own (its marker): anything else in checkpoints/ is left alone
-            remove_owned(old)
+        if owned(old, "checkpoint"):  # fittune's own checkpoint: anything else in checkpoints/ is left alone
+            remove_owned(old, "checkpoint")
 
 
 def save_checkpoint(target: CheckpointTarget, output_dir: str | Path, step: int, state: dict, config_yaml: str,
@@ -390,8 +413,8 @@ def save_checkpoint(target: CheckpointTarget, output_dir: str | Path, step: int,
             failure = e
         agreed = agree_on_failure(acc, failure)
         if agreed is not None:
-            if acc.is_main_process and tmp.is_dir() and owned(tmp):
-                remove_owned(tmp)  # the half-written step-N.tmp (ours); never the previous checkpoint
+            if acc.is_main_process and tmp.is_dir() and owned(tmp, "checkpoint"):
+                remove_owned(tmp, "checkpoint")  # the half-written step-N.tmp (ours); never the previous one
             raise agreed
     return final
 

@@ -13,6 +13,7 @@ Trust and identity rules (README "What fittune writes, and what it never touches
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from fittune.strategy import Strategy, strategy_of
 
 USAGE = """usage: accelerate launch evaluate.py --checkpoint DIR [--config FILE] [--output_dir DIR] [--section.key VALUE ...]
   DIR: a training output dir, its final/, or a model/adapter dir.
+  Without --output_dir the results go to RUN/eval-heldout (RUN/eval-NAME with --data.path NAME.jsonl),
+  beside the eval/ that training wrote; outside a fittune run --output_dir is required.
   Without --config the run's saved config.yaml and held-out ids are used (but never its
   model.trust_remote_code: pass --model.trust_remote_code true to run a checkpoint's own code).
   --data.path FILE evaluates every row of another file (said loudly)."""
@@ -227,7 +230,7 @@ def evaluate_checkpoint(info: CheckpointInfo, cfg: Config, out_dir: str | None, 
     accelerator = make_accelerator(mixed, 1, None, cfg.output_dir)
     check_world_size(accelerator.num_processes)  # fewer processes than the launch asked for: before any write
     strategy = strategy_of(accelerator, cfg.model.parallel)
-    out = check_eval_dir(Path(out_dir) if out_dir else (info.run_dir or info.weights_dir) / "eval")
+    out = check_eval_dir(Path(out_dir) if out_dir else default_eval_dir(info, cfg, data_path_given))
     lock = lock_run_dir(accelerator, info)
     try:
         notice = remote_code_notice(info, cfg)
@@ -240,6 +243,19 @@ def evaluate_checkpoint(info: CheckpointInfo, cfg: Config, out_dir: str | None, 
             lock.release()
     accelerator.end_training()
     return metrics
+
+
+def default_eval_dir(info: CheckpointInfo, cfg: Config, data_path_given: bool) -> Path:
+    """Where evaluate.py writes without --output_dir: in the training run, beside the eval/ that training wrote
+    (never replaced by default), named after what is scored; nowhere else (a directory fittune did not create
+    gets nothing written into it)."""
+    run = info.run_dir
+    if run is None or not owned(run, "train"):
+        raise FittuneError(f"pass --output_dir DIR: {info.weights_dir} is not in a fittune training run's "
+                           f"directory, and fittune writes only into directories it creates")
+    if not data_path_given:
+        return run / "eval-heldout"
+    return run / ("eval-" + re.sub(r"[^A-Za-z0-9._-]+", "-", Path(cfg.data.path).stem).strip("-"))
 
 
 def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, mixed: str, data: EvalData,

@@ -9,6 +9,7 @@ from pathlib import Path
 from fittune.errors import FittuneError
 from fittune.rundir import (
     atomic_write_text,
+    check_not_inside_fittune_dir,
     check_writable_dir,
     claim_build_dir,
     interrupted_claim,
@@ -71,6 +72,7 @@ def check_eval_dir(out_dir: str | os.PathLike, flag: str = "--output_dir") -> Pa
     fittune did not create (no `.fittune` marker; `eval/` inside a fittune run directory counts as fittune's),
     or a file. Read-only, so it can run on every rank before any work."""
     out = Path(out_dir)
+    check_not_inside_fittune_dir(out, flag, allowed_parent_kind="train")  # beside a run's own eval/ is fine
     if out.is_dir() and not _ours(out) and any(out.iterdir()):
         check_writable_dir(out, flag)  # raises: not empty, not fittune's
         # fittune's, but not an evaluation output (a run directory, a checkpoint): never replaced by results

@@ -170,12 +170,14 @@ def check_free_space(directory: Path, need_bytes: int, what: str) -> None:
 # ---- ownership --------------------------------------------------------------------------------------------
 
 
-def owned(path: Path) -> bool:
-    """Whether fittune created `path` (its marker, or a run directory written by fittune before markers)."""
+def owned(path: Path, kind: str | None = None) -> bool:
+    """Whether fittune created `path` (its marker, or a run directory written by fittune before markers);
+    with `kind`, for that purpose (`train`, `eval`, `checkpoint`): fittune replaces or removes a directory only
+    as what it made it for, never e.g. a run someone placed where a checkpoint goes."""
     if (path / MARKER).is_file():
-        return True
+        return kind is None or marker_kind(path) == kind
     legacy = path / "config.yaml"
-    if not (legacy.is_file() and (path / "train_log.jsonl").is_file()):
+    if kind not in (None, "train") or not (legacy.is_file() and (path / "train_log.jsonl").is_file()):
         return False
     return "\nrun:\n" in legacy.read_text(encoding="utf-8", errors="replace")
 
@@ -186,6 +188,27 @@ def marker_kind(path: Path) -> str | None:
         return json.loads((path / MARKER).read_text()).get("kind")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def fittune_ancestor(path: Path) -> Path | None:
+    """The nearest directory above `path` that fittune created (None: none): what is inside fittune's own
+    directories (checkpoints, final/, eval/) is replaced and removed by fittune, so nothing else belongs there."""
+    for parent in Path(path).resolve().parents:
+        if owned(parent):
+            return parent
+    return None
+
+
+def check_not_inside_fittune_dir(path: Path, flag: str, allowed_parent_kind: str | None = None) -> None:
+    """Refuse `path` inside a directory fittune created, except directly inside one of `allowed_parent_kind`
+    (an evaluation beside a run's own eval/)."""
+    above = fittune_ancestor(path)
+    if above is None or (allowed_parent_kind and above == Path(path).resolve().parent
+                         and owned(above, allowed_parent_kind)):
+        return
+    raise FittuneError(f"{flag} {path} is inside {above}, a fittune {marker_kind(above) or 'train'} directory: "
+                       f"fittune replaces and removes what is inside its own directories (checkpoints, final/, "
+                       f"eval/), so nothing of yours belongs there; choose a directory outside it")
 
 
 def check_writable_dir(path: Path, flag: str) -> None:
@@ -238,20 +261,24 @@ def interrupted_claim(path: Path) -> bool:
 
 def claim_build_dir(tmp: Path, kind: str, refusal: str) -> Path:
     """An empty, marked `tmp` to build a directory in before it is published: fittune's leftover of a crashed
-    attempt is removed, a claim cut short is adopted, anything else there is refused with `refusal`."""
-    if tmp.is_dir() and not tmp.is_symlink() and owned(tmp):
+    attempt (the same kind) is removed, a claim cut short is adopted, anything else there is refused with
+    `refusal`."""
+    if tmp.is_dir() and not tmp.is_symlink() and owned(tmp, kind):
         remove_tree(tmp)
     elif (tmp.exists() or tmp.is_symlink()) and not interrupted_claim(tmp):
         raise FittuneError(refusal)
     return claim_dir(tmp, kind)
 
 
-def remove_owned(path: Path) -> None:
-    """Remove a directory fittune created (refuses anything else: a guard against deleting user files)."""
+def remove_owned(path: Path, kind: str) -> None:
+    """Remove a directory fittune created as `kind` (refuses anything else: a guard against deleting user files
+    or another of fittune's directories that ended up where this one was expected)."""
     if not path.exists():
         return
-    if not owned(path):
-        raise FittuneError(f"refusing to delete {path}: it was not created by fittune (no {MARKER} marker)")
+    if not owned(path, kind):
+        what = f"a fittune {marker_kind(path)} directory" if owned(path) else f"not created by fittune (no {MARKER} marker)"
+        raise FittuneError(f"refusing to delete {path}: it is {what}, not the {kind} directory fittune expected "
+                           f"there; move it away")
     remove_tree(path)
 
 
@@ -339,7 +366,11 @@ class OutputDirCheck:
 
 def inspect_output_dir(path: Path, resume: str | None, overwrite: bool) -> OutputDirCheck:
     """Refuse an output_dir a fresh run must not touch; read-only (the refused run changes nothing)."""
+    check_not_inside_fittune_dir(path, "output_dir")
     check_writable_dir(path, "output_dir")
+    if path.is_dir() and owned(path) and not owned(path, "train"):
+        raise FittuneError(f"output_dir {path} is a fittune {marker_kind(path)} directory, not a training run: "
+                           f"choose another output_dir")
     exists = path.is_dir()
     holds_run = exists and any((path / f).exists() for f in RUN_FILES)
     finished = exists and (path / "final").is_dir()
@@ -389,7 +420,7 @@ class RunDir:
         """The new run has its results: remove the run it replaced (fittune's own, moved aside)."""
         old, self.aside = self.aside, None
         if old is not None:
-            remove_owned(old)
+            remove_owned(old, "train")
         return old
 
     def release(self) -> None:

@@ -536,7 +536,28 @@ def test_save_killed_before_marking_its_tmp_does_not_block_the_next_save(tmp_pat
     assert (foreign / "notes.txt").is_file()
     assert save(t, out, 1).name == "step-00000001" and save(t, out, 2).name == "step-00000002"
     assert not empty.exists() and not half.exists()  # each adopted, written and published
-    with pytest.raises(FittuneError, match=r"step-00000003.tmp: it already exists and was not created by fittune"
+    with pytest.raises(FittuneError, match=r"step-00000003.tmp: it already exists and is not a fittune checkpoint"
                                            r".*move it out.*previous checkpoint is intact: .*step-00000002"):
         save(t, out, 3)
     assert (foreign / "notes.txt").read_text() == "someone else's"
+
+
+def test_a_save_never_replaces_or_rotates_away_what_is_not_a_fittune_checkpoint(tmp_path):
+    """fittune's marker is not enough: a run someone trained at checkpoints/step-N (fittune refuses that
+    output_dir now, but an older fittune did not), or an evaluation written there, is neither replaced by the
+    save of step N nor removed by the rotation; only fittune's checkpoints are."""
+    from fittune.errors import FittuneError
+    from fittune.rundir import claim_dir
+
+    t, out = small_target(), run_dir(tmp_path)
+    nested = claim_dir(out / "checkpoints/step-00000002", "train")
+    (nested / "train_log.jsonl").write_text('{"step": 1}\n')
+    evaluation = claim_dir(out / "checkpoints/step-00000000", "eval")
+    (evaluation / "trainer_state.json").write_text("{}")  # looks complete to the rotation
+    with pytest.raises(FittuneError, match=r"step-00000002: it already exists and is not a fittune checkpoint"):
+        save(t, out, 2)
+    assert (nested / "train_log.jsonl").read_text() == '{"step": 1}\n'
+    save(t, out, 1, keep=1)
+    save(t, out, 3, keep=1)  # the rotation drops step 1, keeps the others' directories
+    assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["step-00000000", "step-00000002",
+                                                                     "step-00000003"]

@@ -125,6 +125,27 @@ def test_run_being_trained_is_refused(tmp_path, tiny_model_dir, capsys):
     assert time.monotonic() - start < 30 and not (tmp_path / "ev").exists()
 
 
+
+def test_a_run_without_final_says_why_and_what_to_evaluate(tmp_path, tiny_model_dir, capsys):
+    """A run still training (no final/ yet) is refused for its lock, not as "holds no model"; a run stopped
+    before its end says how to finish it and which saved adapter can be evaluated now."""
+    run = make_run(tmp_path, tiny_model_dir)
+    shutil.rmtree(run / "final")
+    lock = DirLock(run).acquire("train.py")
+    try:
+        code, _, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev"], capsys)
+    finally:
+        lock.release()
+    assert code == 2 and "is in use by train.py (pid" in one_error(err)
+    adapter = claim_dir(run / "checkpoints/step-00000004", "checkpoint") / "adapter"
+    (adapter.parent / "trainer_state.json").write_text("{}")
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    code, _, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev"], capsys)
+    line = one_error(err)
+    assert code == 2 and "has no final/ yet" in line and f"--output_dir {run} --resume auto" in line
+    assert f"--checkpoint {adapter} --output_dir DIR" in line and not (tmp_path / "ev").exists()
+
 def test_run_being_trained_is_refused_on_every_rank(tmp_path, tiny_model_dir):
     """Two ranks: only the main one takes the lock; the other learns of the refusal and exits too (no hang)."""
     run = make_run(tmp_path, tiny_model_dir)
@@ -202,3 +223,32 @@ def test_data_path_is_scored_even_when_the_run_had_a_test_file(tmp_path, tiny_mo
     assert json.loads((tmp_path / "ev/metrics.json").read_text())["num_examples"] == 12
     code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev"], capsys)  # the run's own
     assert code == 0 and json.loads((tmp_path / "ev/metrics.json").read_text())["num_examples"] == 20
+
+
+def test_default_output_is_beside_the_training_report_and_never_outside_a_run(tmp_path, tiny_model_dir, capsys):
+    """Without --output_dir the results go next to the eval/ that training wrote (its majority / untrained /
+    fine-tuned report is never replaced by default), named after what was scored; for a model directory that
+    is not a fittune run nothing is written into it (--output_dir is asked for); and no evaluation is written
+    inside a checkpoint, where the run's own saves would replace it."""
+    run = make_run(tmp_path, tiny_model_dir)
+    report = claim_dir(run / "eval", "eval") / "report.md"
+    report.write_text("| majority | untrained | fine-tuned |")
+    code, _, err = evaluate(["--checkpoint", run], capsys)
+    assert code == 0, err[-3000:]
+    assert report.read_text() == "| majority | untrained | fine-tuned |"
+    assert json.loads((run / "eval-heldout/metrics.json").read_text())["num_examples"] > 0
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:12]))
+    code, _, err = evaluate(["--checkpoint", run, "--data.path", other], capsys)
+    assert code == 0 and json.loads((run / "eval-other/metrics.json").read_text())["num_examples"] == 12
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before = sorted(p.name for p in model.iterdir())
+    code, _, err = evaluate(["--checkpoint", model, "--config", run / "config.yaml"], capsys)
+    assert code == 2 and "pass --output_dir DIR" in one_error(err)
+    assert sorted(p.name for p in model.iterdir()) == before
+    inside = claim_dir(run / "checkpoints/step-00000002", "checkpoint") / "ev"
+    code, _, err = evaluate(["--checkpoint", run, "--output_dir", inside], capsys)
+    assert code == 2 and "is inside" in one_error(err) and "fittune checkpoint directory" in one_error(err)
+    assert not inside.exists()

@@ -42,7 +42,7 @@ def test_foreign_non_empty_directory_is_refused_and_never_deleted(tmp_path):
     with pytest.raises(FittuneError, match="not empty and was not created by fittune"):
         check_writable_dir(d, "--output_dir")
     with pytest.raises(FittuneError, match="refusing to delete"):
-        remove_owned(d)
+        remove_owned(d, "train")
     assert (d / "thesis.tex").read_text() == "my thesis" and (d / "sub" / "data.csv").is_file()
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -131,10 +131,10 @@ def test_a_removal_cut_short_leaves_a_directory_still_marked_ours(tmp_path, monk
 
     monkeypatch.setattr(Path, "unlink", dying_unlink)
     with pytest.raises(KeyboardInterrupt):
-        remove_owned(d)
+        remove_owned(d, "checkpoint")
     monkeypatch.undo()
     assert MARKER not in calls and (d / MARKER).is_file()
-    remove_owned(d)  # the next run's sweep
+    remove_owned(d, "checkpoint")  # the next run's sweep
     assert not d.exists()
 
 
@@ -162,7 +162,7 @@ def test_a_link_to_a_fittune_directory_is_never_emptied(tmp_path):
     link = tmp_path / "step-00000001"
     link.symlink_to(archive, target_is_directory=True)
     with pytest.raises(FittuneError, match="symbolic link"):
-        remove_owned(link)
+        remove_owned(link, "checkpoint")
     assert (archive / "model.safetensors").read_text() == "weights" and link.is_symlink()
 
 
@@ -200,3 +200,33 @@ def test_lock_is_released_by_a_finished_holder(tmp_path):
     t0 = time.monotonic()
     DirLock(out).acquire("b").release()
     assert time.monotonic() - t0 < 1.0
+
+
+def test_output_dir_is_never_inside_a_fittune_directory_nor_another_kind_of_one(tmp_path):
+    """A run inside another (its checkpoints/, final/, eval/ or anywhere below) could be replaced or removed by
+    that run's own saves, and a fittune directory made for something else (an evaluation, a checkpoint) is not a
+    run to resume or replace: each is refused before anything is written, with one line."""
+    run = claim_dir(tmp_path / "run", "train")
+    ckpt = claim_dir(run / "checkpoints/step-00002000", "checkpoint")
+    evaluation = claim_dir(tmp_path / "eval-dev", "eval")
+    (evaluation / "metrics.json").write_text("{}")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for inside in (ckpt, run / "final", run / "eval" / "sub", run / "new"):
+        for resume, overwrite in ((None, False), (None, True), ("auto", False)):
+            with pytest.raises(FittuneError, match=rf"output_dir .* is inside {run}, a fittune train directory"):
+                inspect_output_dir(inside, resume, overwrite)
+    for resume, overwrite in ((None, False), (None, True), ("auto", False)):
+        with pytest.raises(FittuneError, match="is a fittune eval directory, not a training run"):
+            inspect_output_dir(evaluation, resume, overwrite)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert not inspect_output_dir(tmp_path / "beside", None, False).exists  # a sibling is fine
+
+
+def test_removal_checks_what_fittune_made_the_directory_for(tmp_path):
+    checkpoint = claim_dir(tmp_path / "step-00000001", "checkpoint")
+    nested_run = claim_dir(tmp_path / "step-00000002", "train")
+    with pytest.raises(FittuneError, match="it is a fittune train directory, not the checkpoint directory"):
+        remove_owned(nested_run, "checkpoint")
+    assert nested_run.is_dir()
+    remove_owned(checkpoint, "checkpoint")
+    assert not checkpoint.exists()
