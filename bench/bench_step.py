@@ -58,7 +58,7 @@ def parse_case(name: str) -> dict:
     return {"name": name, "method": method, "strategy": strategy, "micro": micro, "seq": seq,
             "ckpt": "ckpt" in rest, "kernels": "torch" if "torch" in rest else "auto", "compile": "compile" in rest,
             "bf16_weights": "bf16" in rest, "optimizer": optimizer, "in_backward": "inbwd" in rest, "accum": accum,
-            "torchao_offload": "aooffload" in rest, "cpu_threads": 1 if "cpu1" in rest else None}
+            "torchao_offload": "aooffload" in rest, "cpu_threads": 1 if "cpu1" in rest else 0}
 
 
 def hf_config(seq: int):

@@ -7,10 +7,12 @@ from typing import Any
 
 from fittune.config import (
     BUILTIN_DATA,
+    DATA_MAPPING_KEYS,
     Config,
     build_config,
     help_text,
     parse_overrides,
+    recipe_data_path,
 )
 from fittune.errors import FittuneError
 from fittune.tiny import DEMO_DATA
@@ -37,41 +39,46 @@ def split_flag(argv: list[str], name: str) -> tuple[str | None, list[str]]:
 
 
 @dataclass(frozen=True)
-class DemoRecipe:
-    """What a command without --config takes from the demo recipe, and the line that says so."""
+class RecipeChoice:
+    """The recipe file a command reads, what of it is skipped, and the line that says so (None: nothing)."""
 
-    path: str
-    skip_sections: tuple[str, ...]
-    note: str
+    path: str | None
+    skip: tuple[str, ...]
+    note: str | None
 
 
-def demo_recipe(overrides: dict[str, Any], shown: str | None = None, verb: str = "running") -> DemoRecipe:
-    """The demo recipe for a command without --config. When the user brings their own data (`data.path`),
-    its data section (the demo set's column mapping) is skipped: the data settings start from the defaults,
-    so no column the user never named is looked for. `shown`: the recipe path to print."""
-    shown = shown or str(DEMO_RECIPE)
+def choose_recipe(config_file: str | None, overrides: dict[str, Any]) -> RecipeChoice:
+    """train.py's recipe: the --config file, or without one the offline demo recipe (said). When the recipe's
+    data is the built-in set and the user brings their own (`data.path`), the recipe's column mapping, written
+    for the built-in set's columns, is skipped: the mapping starts from the defaults, so no column the user
+    never named is looked for; the recipe's other settings (max_length, test split, ...) still apply."""
+    recipe = config_file or str(DEMO_RECIPE)
     own = overrides.get("data.path") not in (None, BUILTIN_DATA)
-    if not own:
-        return DemoRecipe(str(DEMO_RECIPE), (), f"no --config given: {verb} the offline demo recipe {shown} "
-                                                 f"(every setting not given on the command line comes from it)")
-    return DemoRecipe(str(DEMO_RECIPE), ("data",),
-                      f"no --config given and data.path is your own: the data settings start from the defaults "
-                      f"(question_column 'question', answer_column 'answer', no choices or label column; set yours "
-                      f"with --data.KEY), every other setting comes from the offline demo recipe {shown}")
+    notes = [] if config_file else [f"no --config given: running the offline demo recipe {recipe} (every setting "
+                                    f"not given on the command line comes from it)"]
+    if not own or recipe_data_path(recipe) != BUILTIN_DATA:
+        return RecipeChoice(recipe, (), notes[0] if notes else None)
+    skip = tuple(f"data.{k}" for k in DATA_MAPPING_KEYS if f"data.{k}" not in overrides)
+    notes.append(f"data.path is your own and {recipe} maps the built-in set's columns: the column mapping starts "
+                 f"from the defaults (question_column 'question', answer_column 'answer', no choices or label "
+                 f"column; set yours with --data.KEY)")
+    return RecipeChoice(recipe, skip, "; ".join(notes))
 
 
 def parse_args(argv: list[str], prog: str) -> Config | None:
     """`[--config FILE] [--section.key VALUE ...]` -> validated Config (FittuneError on any problem);
     None after printing the help for `-h` / `--help`."""
     if "-h" in argv or "--help" in argv:
-        print(f"usage: accelerate launch {prog} [--config FILE] [--section.key VALUE ...]\n\nconfig keys:")
+        print(f"usage: accelerate launch {prog} [--config FILE] [--section.key VALUE ...]\n\nWithout --config, "
+              f"{prog} runs the offline demo recipe {DEMO_RECIPE}: its values replace the defaults below.\n\n"
+              f"config keys:")
         print(help_text())
         return None
     config_file, rest = split_flag(argv, "config")
     overrides = parse_overrides(rest)
-    skip: tuple[str, ...] = ()
-    if config_file is None and prog == "train.py":  # no recipe given: the offline demo
-        recipe = demo_recipe(overrides)
+    if prog != "train.py":
+        return build_config(config_file, overrides)
+    recipe = choose_recipe(config_file, overrides)
+    if recipe.note:
         print(f"fittune: {recipe.note}", flush=True)
-        config_file, skip = recipe.path, recipe.skip_sections
-    return build_config(config_file, overrides, skip)
+    return build_config(recipe.path, overrides, recipe.skip)

@@ -288,8 +288,8 @@ class TrainConfig(_Section):
     does so for LoRA runs when liger-kernel is installed and the model is on a GPU (for full fine-tuning it
     measured slower, see bench/RESULTS.md); `torch` never. Never required."""
 
-    cpu_threads: _int(ge=1) | None = None
-    """CPU threads of each process (torch.set_num_threads). None: as launched, except in a GPU run whose
+    cpu_threads: _int(ge=0) = 0
+    """CPU threads of each process (torch.set_num_threads). 0: as launched, except in a GPU run whose
     optimizer step runs on the CPU (DeepSpeed optimizer offload, FSDP2 offload), which gets this machine's
     physical cores divided by its processes when it was launched with fewer: torchrun starts each of several
     processes on a machine with one thread, and accelerate's FSDP launch even a single one, which would
@@ -483,17 +483,33 @@ def _read_config_file(config_file: str) -> dict[str, Any]:
     return tree
 
 
-def build_config(config_file: str | None, overrides: dict[str, Any], skip_sections: tuple[str, ...] = ()) -> Config:
+# the data keys that describe a data set's columns and layout: a recipe's values for the built-in set mean
+# nothing for the user's own file (cli.choose_recipe skips them then)
+DATA_MAPPING_KEYS = ("format", "hub_split", "csv_header", "column_names", "id_column", "question_column",
+                     "answer_column", "choices_column", "answer_format", "label_column", "messages_column")
+
+
+def recipe_data_path(config_file: str) -> str:
+    """The data.path a recipe file names (the built-in set when it names none)."""
+    data = _read_config_file(config_file).get("data")
+    return str(data.get("path", BUILTIN_DATA)) if isinstance(data, dict) else BUILTIN_DATA
+
+
+def build_config(config_file: str | None, overrides: dict[str, Any], skip: tuple[str, ...] = ()) -> Config:
     """Load an optional YAML recipe, apply dotted overrides, validate. Raises FittuneError on any problem.
 
     A run's saved config.yaml loads too: its `run:` section (facts recorded at training time) is skipped.
-    `skip_sections`: top-level sections of the file left at their defaults (e.g. the demo recipe's `data`
-    mapping when the user brings their own data). Data keys taken from the file remember it
-    (`cfg.data.origin(name)`), so an error about them can say where they came from.
+    `skip`: sections (`data`) or dotted keys (`data.label_column`) of the file left at their defaults (e.g. a
+    recipe's column mapping of the built-in set when the user brings their own data). Data keys taken from
+    the file remember it (`cfg.data.origin(name)`), so an error about them can say where they came from.
     """
     tree = _read_config_file(config_file) if config_file else {}
-    for section in skip_sections:
-        tree.pop(section, None)
+    for key in skip:
+        section, _, name = key.partition(".")
+        if not name:
+            tree.pop(section, None)
+        elif isinstance(tree.get(section), dict):
+            tree[section].pop(name, None)
     valid = set(all_keys())
     for key in _flatten(tree):
         if key not in valid:
@@ -519,6 +535,7 @@ _BOUND_HINTS = {
     "train.eval_every": "0 turns the periodic validation off",
     "train.save_steps": "0 turns checkpoints off",
     "train.max_grad_norm": "0 turns clipping off",
+    "train.cpu_threads": "0 keeps the launcher's count, or fittune's for a CPU optimizer step",
     "train.loss_chunk_size": "0 computes the loss over all logits at once",
     "eval.max_new_tokens": "0 turns generation off",
 }

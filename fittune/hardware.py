@@ -92,11 +92,11 @@ def physical_cores() -> int:
     return max(1, min(psutil.cpu_count(logical=False) or usable, usable))
 
 
-def choose_cpu_threads(requested: int | None, gpu_run_steps_on_cpu: bool, local_processes: int, current: int,
+def choose_cpu_threads(requested: int, gpu_run_steps_on_cpu: bool, local_processes: int, current: int,
                        cores: int) -> CpuThreads:
-    """train.cpu_threads if given; else, when a GPU run's optimizer step runs on the CPU, `cores` split over
+    """train.cpu_threads if set (not 0); else, when a GPU run's optimizer step runs on the CPU, `cores` split over
     the `local_processes` on this machine (never fewer than the `current` threads); else as launched."""
-    if requested is not None:
+    if requested:
         return CpuThreads(requested, "train.cpu_threads")
     share = max(1, cores // max(1, local_processes))
     if not gpu_run_steps_on_cpu or share <= current:
@@ -106,7 +106,7 @@ def choose_cpu_threads(requested: int | None, gpu_run_steps_on_cpu: bool, local_
                              f"train.cpu_threads to choose)")
 
 
-def run_cpu_threads(requested: int | None, strategy: Strategy, device: torch.device) -> CpuThreads:
+def run_cpu_threads(requested: int, strategy: Strategy, device: torch.device) -> CpuThreads:
     """choose_cpu_threads for this process: its strategy and device, the processes on this machine
     (LOCAL_WORLD_SIZE, set by the launcher), its threads now and the physical cores."""
     return choose_cpu_threads(requested, device.type == "cuda" and strategy.steps_on_cpu,

@@ -5,11 +5,12 @@ import json
 import typing
 
 import pytest
+from conftest import ROOT
 from pydantic import BaseModel
 
 from fittune import data as D
 from fittune.cli import DEMO_RECIPE, parse_args
-from fittune.config import Config, DataConfig, build_config, help_text
+from fittune.config import DATA_MAPPING_KEYS, Config, DataConfig, build_config, help_text
 from fittune.errors import FittuneError
 from fittune.tiny import DEMO_DATA
 
@@ -164,12 +165,31 @@ def test_own_data_without_config_starts_from_neutral_data_defaults(tmp_path, cap
                       "--data.answer_column", "response"], prog="train.py")
     train, test = D.load_splits(cfg.data, cfg.seed)  # passes the column stage
     out = capsys.readouterr().out
-    assert "data.path is your own: the data settings start from the defaults" in out and str(DEMO_RECIPE) in out
-    assert cfg.data == DataConfig(path=str(path), question_column="prompt", answer_column="response")
-    assert cfg.train.epochs == 20  # the rest of the demo recipe still applies
+    assert "the column mapping starts from the defaults" in out and str(DEMO_RECIPE) in out
+    mapping = {k: getattr(cfg.data, k) for k in DATA_MAPPING_KEYS}
+    assert mapping == {**{k: getattr(DataConfig(), k) for k in DATA_MAPPING_KEYS}, "question_column": "prompt",
+                       "answer_column": "response"}
+    assert cfg.train.epochs == 20 and cfg.data.max_length == 128  # the rest of the demo recipe still applies
     assert len(train) == 9 and test[0].answer == f"a{test[0].id}"
     assert D.describe_task(cfg.data).kind == "open_generation"
 
+
+
+def test_own_data_with_a_recipe_for_the_builtin_set_drops_only_its_column_mapping(tmp_path, capsys):
+    """Was: the README's own-data example (`--config configs/qwen2.5-3b-lora.yaml --data.path my_qa.jsonl`)
+    failed on "column 'topic'" then "column 'choices'": the recipe maps the built-in set's columns."""
+    data = write_jsonl(tmp_path / "my_qa.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(10)])
+    cfg = parse_args(["--config", str(ROOT / "configs/qwen2.5-3b-lora.yaml"), "--data.path", data,
+                      "--data.label_column", "answer"], prog="train.py")
+    assert "maps the built-in set's columns: the column mapping starts from the defaults" in capsys.readouterr().out
+    assert cfg.data.choices_column is None and cfg.data.label_column == "answer"  # the user's own key stays
+    assert cfg.data.max_length == 1024 and cfg.lora.r == 16  # the recipe's other settings apply
+    train, test = D.load_splits(cfg.data, cfg.seed)
+    assert len(train) + len(test) == 10
+    own = tmp_path / "own.yaml"
+    own.write_text(f"data:\n  path: {data}\n  label_column: answer\n")
+    cfg = parse_args(["--config", str(own), "--data.path", data], prog="train.py")
+    assert cfg.data.label_column == "answer"  # a recipe for the user's own data keeps its mapping
 
 def test_demo_recipe_is_said_and_keeps_its_mapping(capsys):
     cfg = parse_args([], prog="train.py")
@@ -233,6 +253,7 @@ BOUNDS = [
     ("train.save_steps", -1, "train.save_steps must be >= 0", 0),
     ("train.keep_checkpoints", 0, "train.keep_checkpoints must be >= 1", 1),
     ("train.max_bad_steps", 0, "train.max_bad_steps must be >= 1", 1),
+    ("train.cpu_threads", -1, "train.cpu_threads must be >= 0", 0),
     ("eval.batch_size", 0, "eval.batch_size must be >= 1", 1),
     ("eval.max_new_tokens", -5, r"eval.max_new_tokens must be >= 0 \(got -5\); 0 turns generation off", 0),
     ("eval.max_batch_tokens", 0, r"eval.max_batch_tokens must be >= 1 \(got 0\)", 1),

@@ -337,7 +337,7 @@ def test_make_plan_multi_gpu_prefers_the_fastest_sharded_strategy():
 ])
 def test_cpu_threads_for_a_step_on_the_cpu(strategy, on_gpu, local, expected):
     s = Strategy.named(strategy, local)
-    got = H.choose_cpu_threads(None, on_gpu and s.steps_on_cpu, local, current=1, cores=16)
+    got = H.choose_cpu_threads(0, on_gpu and s.steps_on_cpu, local, current=1, cores=16)
     assert got.count == expected and bool(got.why) == (expected != 1)
     assert H.choose_cpu_threads(3, on_gpu and s.steps_on_cpu, local, 1, 16) == H.CpuThreads(3, "train.cpu_threads")
 
