@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     PrivateAttr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -164,7 +165,14 @@ class LoraConfig(_Section):
     """Dropout on the LoRA input."""
     target_modules: str | list[str] = "all-linear"
     """Modules that get adapters: `all-linear` (every linear layer but the output head) or a list of names
-    such as `[q_proj, v_proj]`."""
+    such as `[q_proj, v_proj]` (one name alone, `q_proj`, is that list of one)."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _one_name_is_a_list(cls, v: str | list[str]) -> str | list[str]:
+        # PEFT reads a bare string as a regular expression over the whole module path, so `q_proj` alone
+        # would match nothing ("model.layers.0.self_attn.q_proj" is not "q_proj")
+        return [v] if isinstance(v, str) and v != "all-linear" else v
 
 
 class DataConfig(_Section):

@@ -367,3 +367,17 @@ def test_source_digest_of_a_saved_dataset(tmp_path):
     rows[2]["answer"] = "changed"
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds2"))
     assert D.source_digest(DataConfig(path=str(tmp_path / "ds2"))) != first
+
+
+def test_one_lora_target_module_name_is_a_list_of_one(tiny_model_dir):
+    """Was: `--lora.target_modules q_proj` failed "Target modules q_proj not found" (PEFT reads a bare string
+    as a regular expression over the whole module path)."""
+    from transformers import AutoModelForCausalLM
+
+    from fittune.model import apply_lora
+
+    cfg = build_config(None, {"lora.enabled": True, "lora.target_modules": "q_proj"})
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg)
+    adapted = {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_proj"}
+    assert build_config(None, {}).lora.target_modules == "all-linear"
