@@ -31,7 +31,7 @@ import yaml
 
 from fittune.checkpoints import check_files, require_trusted
 from fittune.errors import FittuneError, run_cli
-from fittune.rundir import fsync_dir, fsync_tree, write_guard
+from fittune.rundir import fsync_dir, fsync_tree, readable_like_umask, write_guard
 
 USAGE = "--checkpoint DIR --output OUT [--merge] [--trust_checkpoint]"
 
@@ -157,6 +157,7 @@ def export(checkpoint: str, output: str, merge: bool = False, trust_checkpoint: 
     try:
         with write_guard(f"the export {out}", f"nothing was written to {out}"):
             _write_export(src, tmp, merge, trust_checkpoint)
+            readable_like_umask(tmp)
             fsync_tree(tmp)
             _rename_new(tmp, out)
             fsync_dir(out.parent)

@@ -86,6 +86,28 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+def _umask() -> int:
+    try:  # Linux says it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def readable_like_umask(root: Path) -> None:
+    """Give every file below `root` the permissions a new file gets (0o666 minus the umask): safetensors
+    writes its files owner-only (0600), which would leave a model directory others cannot read beside its
+    config files that they can."""
+    mode = 0o666 & ~_umask()
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            os.chmod(os.path.join(dirpath, name), mode)
+
+
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
 
@@ -110,6 +132,7 @@ def publish_dir(tmp: Path, final: Path) -> None:
     """Put a finished directory `tmp` in place of `final` (created by fittune) with no moment where neither
     exists: an atomic exchange, then the old one is removed. Where exchange is not supported, the old one is
     renamed aside first and removed after."""
+    readable_like_umask(tmp)
     fsync_tree(tmp)
     if final.exists():
         if _exchange(tmp, final):

@@ -230,3 +230,21 @@ def test_removal_checks_what_fittune_made_the_directory_for(tmp_path):
     assert nested_run.is_dir()
     remove_owned(checkpoint, "checkpoint")
     assert not checkpoint.exists()
+
+
+def test_published_files_are_readable_like_any_new_file(tmp_path):
+    """safetensors writes owner-only files (0600): a published directory gets the umask's permissions."""
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(0o022)
+    try:
+        tmp = tmp_path / "final.tmp"
+        tmp.mkdir()
+        save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text("{}")
+        publish_dir(tmp, tmp_path / "final")
+    finally:
+        os.umask(old)
+    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "final").iterdir()} == {
+        "model.safetensors": 0o644, "config.json": 0o644}

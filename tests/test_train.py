@@ -2,6 +2,7 @@
 process-count equivalence, bad input."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,9 @@ def test_end_to_end_learns_and_final_reloads_without_fittune(tmp_path, method):
         assert (run / f).is_file(), f
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["run"]["world_size"] == 1 and saved["train"]["max_steps"] == 60
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f.stat().st_mode & 0o777 for f in (run / "final").iterdir()} == {0o666 & ~umask}  # weights too
 
     # final/ loads with plain transformers / peft and reproduces the in-memory model's per-example NLL
     from transformers import AutoModelForCausalLM, AutoTokenizer
