@@ -441,8 +441,10 @@ class FineTuneRecipe:
         self.progress.close()
         path = self.checkpoint(step + 1)
         code = self.stop.exit_code or 143
+        replaced = self.run_dir.replaced() if self.run_dir is not None else []  # the main process holds run_dir
+        kept = "".join(f"; the run it replaces stays at {old} until this one finishes" for old in replaced)
         self._log(f"stopped by signal after step {step + 1}: checkpoint {path}; continue with --resume auto "
-                  f"(exit code {code})")
+                  f"(exit code {code}){kept}")
         self.accelerator.end_training()
         return RunResult(None, code)
 
@@ -488,7 +490,7 @@ class FineTuneRecipe:
     def _report(self, metrics: dict) -> None:
         """The replaced run goes; the loss curve, the summary lines and the metrics table (main process)."""
         c = self.counters
-        if (old := self.run_dir.finish()) is not None:  # first: final/ and eval/ are there, the plot may fail
+        for old in self.run_dir.finish():  # first: final/ and eval/ are there, the plot may fail
             self._log(f"--overwrite: removed the replaced run {old}")
         plot_loss_curve(self.out / "train_log.jsonl", self.out / "loss_curve.png")
         self._log(f"padding: {1 - c.real_tokens / max(1, c.pad_slots):.1%} of micro-batch slots were padding")

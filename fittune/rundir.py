@@ -29,6 +29,7 @@ from fittune.errors import FittuneError
 
 MARKER = ".fittune"
 LOCK_INFO = ".fittune.lock"
+REPLACED = ".fittune.replaced"  # the runs --overwrite moved aside, removed when the run replacing them finishes
 # what a run leaves in its directory: any of these means the directory holds a run
 RUN_FILES = ("config.yaml", "train_log.jsonl", "heldout_ids.json", "final", "checkpoints", "eval")
 
@@ -422,13 +423,16 @@ class RunDir:
         """Create or adopt the directory; with --overwrite move the old run aside (kept until `finish`)."""
         path, aside = check.path, None
         if overwrite and check.holds_run:
-            aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-"
+                                   f"{os.urandom(2).hex()}")
             path.rename(aside)  # still locked: the lock file moves with the directory
             path.mkdir()
             if lock is not None:
                 lock.release()
             lock = None
         claim_dir(path, "train")
+        if aside is not None:  # kept on disk: a later --resume auto of this run finishes and removes them
+            atomic_write_text(path / REPLACED, json.dumps([aside.name] + [p.name for p in _replaced(aside, path.name)]))
         if lock is None:
             lock = DirLock(path).acquire(program)
             if not check.holds_run and aside is None and any((path / f).exists() for f in RUN_FILES):
@@ -439,12 +443,32 @@ class RunDir:
             lock.record(program)
         return cls(path, lock, aside)
 
-    def finish(self) -> Path | None:
-        """The new run has its results: remove the run it replaced (fittune's own, moved aside)."""
-        old, self.aside = self.aside, None
-        if old is not None:
-            remove_owned(old, "train")
+    def replaced(self) -> list[Path]:
+        """The runs this one replaced (--overwrite), still on disk until it finishes (also after a stop and a
+        --resume auto, and those an earlier replacement left, which the replaced run carried)."""
+        return _replaced(self.path)
+
+    def finish(self) -> list[Path]:
+        """The new run has its results: remove the runs it replaced (fittune's own, moved aside)."""
+        old = self.replaced()
+        for run in old:
+            remove_owned(run, "train")
+        (self.path / REPLACED).unlink(missing_ok=True)
+        self.aside = None
         return old
 
     def release(self) -> None:
         self.lock.release()
+
+
+def _replaced(run: Path, name: str | None = None) -> list[Path]:
+    """The replaced runs recorded in `run` that are still there: only `<name>.replaced-*` siblings that are
+    fittune runs (the record lives in a directory that may have come from elsewhere: it names nothing else).
+    `name`: the run's own name, when `run` is itself now a replaced run moved aside."""
+    try:
+        names = json.loads((run / REPLACED).read_text())
+    except (OSError, ValueError):
+        return []
+    prefix = f"{name or run.name}.replaced-"
+    paths = [run.parent / n for n in names if isinstance(n, str) and n.startswith(prefix) and "/" not in n]
+    return [p for p in paths if p.is_dir() and not p.is_symlink() and owned(p, "train")]

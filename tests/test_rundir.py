@@ -72,8 +72,38 @@ def test_overwrite_moves_the_old_run_aside_until_finish(tmp_path):
     run = RunDir.claim(check, lock, True, "test")
     assert run.aside is not None and (run.aside / "config.yaml").read_text() == "old\n"
     assert not (out / "config.yaml").exists() and (out / MARKER).is_file()
-    assert run.finish() is not None and not run.aside and not list(tmp_path.glob("run.replaced-*"))
+    aside = run.aside
+    assert run.finish() == [aside] and not run.aside and not list(tmp_path.glob("run.replaced-*"))
     run.release()
+
+
+def _claim(out, overwrite: bool, resume: str | None = None) -> RunDir:
+    check = inspect_output_dir(out, resume, overwrite)
+    return RunDir.claim(check, RunDir.lock_existing(check, "test"), overwrite, "test")
+
+
+def test_a_replaced_run_is_removed_by_whichever_run_finishes_the_replacement(tmp_path):
+    """Was: an --overwrite stopped part-way (Ctrl-C, then --resume auto, or a second --overwrite) left the old
+    run at <dir>.replaced-* for good. The replacing run records it; the run that finishes removes it, and
+    nothing else the record may name."""
+    out = claim_dir(tmp_path / "run", "train")
+    atomic_write_text(out / "config.yaml", "first\n")
+    other = claim_dir(tmp_path / "other", "train")
+    first = _claim(out, overwrite=True)  # stopped before it finished: no finish()
+    first.release()
+    assert [p.read_text() for p in (r / "config.yaml" for r in first.replaced())] == ["first\n"]
+    atomic_write_text(out / "config.yaml", "second\n")
+    resumed = _claim(out, overwrite=False, resume="auto")  # --resume auto of the replacing run
+    assert resumed.replaced() == first.replaced()
+    resumed.release()
+    second = _claim(out, overwrite=True)  # or yet another --overwrite: it carries the first one along
+    assert len(second.replaced()) == 2
+    records = json.loads((out / ".fittune.replaced").read_text()) + ["other", "../other"]
+    atomic_write_text(out / ".fittune.replaced", json.dumps(records))
+    removed = second.finish()
+    second.release()
+    assert len(removed) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["other", "run"]
+    assert other.is_dir() and not (out / ".fittune.replaced").exists()
 
 
 _HOLD = """
