@@ -53,8 +53,13 @@ def _detect_format(path: str, fmt: str) -> str:
         raise FittuneError(f"cannot tell the format of {path}: use .jsonl, .json, .csv or .parquet, or set data.format")
     if "/" in path and not path.startswith((".", "/")) and len(path.split("/")) == 2:
         return "hub"
-    raise FittuneError(f"data file not found: {path} (set data.path to a .jsonl/.json/.csv/.parquet file, "
-                       f"a save_to_disk directory or a hub dataset name)")
+    raise FittuneError(f"data file not found: {path}{_relative_to_cwd(path)} (set data.path to a "
+                       f".jsonl/.json/.csv/.parquet file, a save_to_disk directory or a hub dataset name)")
+
+
+def _relative_to_cwd(path: str) -> str:
+    """For a relative path: where it was looked for (the current directory, not the recipe's)."""
+    return "" if Path(path).is_absolute() else f", looked for in the current directory {Path.cwd()}"
 
 
 def read_rows(path: str, cfg: DataConfig) -> list[dict[str, Any]]:
@@ -62,7 +67,7 @@ def read_rows(path: str, cfg: DataConfig) -> list[dict[str, Any]]:
     path = resolve_data_path(path)
     fmt = _detect_format(path, cfg.format)
     if fmt != "hub" and not Path(path).exists():
-        raise FittuneError(f"data file not found: {path}")
+        raise FittuneError(f"data file not found: {path}{_relative_to_cwd(path)} (data.path / data.test_path)")
     if fmt == "jsonl":
         rows = _read_jsonl(path)
     elif fmt == "json":
