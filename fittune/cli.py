@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fittune.config import (
@@ -15,6 +16,7 @@ from fittune.config import (
     recipe_data_path,
 )
 from fittune.errors import FittuneError
+from fittune.rundir import owned
 from fittune.tiny import DEMO_DATA
 
 DEMO_RECIPE = DEMO_DATA.parent / "demo.yaml"
@@ -52,6 +54,8 @@ def choose_recipe(config_file: str | None, overrides: dict[str, Any]) -> RecipeC
     data is the built-in set and the user brings their own (`data.path`), the recipe's column mapping, written
     for the built-in set's columns, is skipped: the mapping starts from the defaults, so no column the user
     never named is looked for; the recipe's other settings (max_length, test split, ...) still apply."""
+    if config_file is None and (saved := resumed_recipe(overrides)) is not None:
+        return saved
     recipe = config_file or str(DEMO_RECIPE)
     own = overrides.get("data.path") not in (None, BUILTIN_DATA)
     notes = [] if config_file else [f"no --config given: running the offline demo recipe {recipe} (every setting "
@@ -63,6 +67,23 @@ def choose_recipe(config_file: str | None, overrides: dict[str, Any]) -> RecipeC
                  f"from the defaults (question_column 'question', answer_column 'answer', no choices or label "
                  f"column; set yours with --data.KEY)")
     return RecipeChoice(recipe, skip, "; ".join(notes))
+
+
+def resumed_recipe(overrides: dict[str, Any]) -> RecipeChoice | None:
+    """`--output_dir RUN --resume ...` without --config: the run's own saved recipe (RUN/config.yaml), not the
+    demo's; never its model.trust_remote_code (a run directory may come from elsewhere: only this command line
+    grants that). None when output_dir holds no fittune run."""
+    out = overrides.get("output_dir")
+    if not overrides.get("resume") or out is None:
+        return None
+    saved = Path(str(out)) / "config.yaml"
+    if not (saved.is_file() and owned(saved.parent, "train")):
+        return None
+    # what each command grants for itself (trust, replacing a run) is never taken from the saved file
+    per_command = ("model.trust_remote_code", "trust_checkpoint", "overwrite", "resume")
+    return RecipeChoice(str(saved), per_command,
+                        f"--resume without --config: continuing with the run's own recipe {saved} (every setting "
+                        f"not given on the command line comes from it, except {', '.join(per_command)})")
 
 
 def parse_args(argv: list[str], prog: str) -> Config | None:

@@ -191,6 +191,24 @@ def test_own_data_with_a_recipe_for_the_builtin_set_drops_only_its_column_mappin
     cfg = parse_args(["--config", str(own), "--data.path", data], prog="train.py")
     assert cfg.data.label_column == "answer"  # a recipe for the user's own data keeps its mapping
 
+
+def test_resume_without_config_continues_with_the_runs_own_recipe(tmp_path, capsys):
+    """Was: `train.py --output_dir RUN --resume auto` read the demo recipe and refused the run as "a different
+    run setup". The run's saved config.yaml is the recipe; what a command grants itself is not taken from it."""
+    from fittune.config import to_yaml
+    from fittune.rundir import claim_dir
+
+    run = claim_dir(tmp_path / "run", "train")
+    saved = build_config(None, {"output_dir": str(run), "train.lr": 0.123, "model.trust_remote_code": True,
+                                "trust_checkpoint": True, "overwrite": True})
+    (run / "config.yaml").write_text(to_yaml(saved, {"world_size": 1}))
+    cfg = parse_args(["--output_dir", str(run), "--resume", "auto", "--train.max_steps", "7"], prog="train.py")
+    assert "continuing with the run's own recipe" in capsys.readouterr().out
+    assert cfg.train.lr == 0.123 and cfg.train.max_steps == 7 and cfg.resume == "auto"
+    assert not cfg.model.trust_remote_code and not cfg.trust_checkpoint and not cfg.overwrite
+    fresh = parse_args(["--output_dir", str(tmp_path / "new"), "--resume", "auto"], prog="train.py")
+    assert fresh.train.lr != 0.123 and "offline demo recipe" in capsys.readouterr().out
+
 def test_demo_recipe_is_said_and_keeps_its_mapping(capsys):
     cfg = parse_args([], prog="train.py")
     assert f"running the offline demo recipe {DEMO_RECIPE}" in capsys.readouterr().out
