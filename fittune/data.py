@@ -76,6 +76,7 @@ def read_rows(path: str, cfg: DataConfig) -> list[dict[str, Any]]:
         import pandas as pd
 
         text = _utf8_text(Path(path).read_bytes(), path)
+        _check_csv_width(text, cfg, path)
         try:
             frame = pd.read_csv(io.StringIO(text), header=0 if cfg.csv_header else None, names=cfg.column_names,
                                 dtype=str, keep_default_na=False)
@@ -226,6 +227,27 @@ def _cell(row: dict, cfg: DataConfig, name: str, where: str, what: str, column: 
     return value
 
 
+def _check_csv_width(text: str, cfg: DataConfig, path: str) -> None:
+    """data.column_names must name every field: pandas would turn extra leading fields into an index (every
+    column shifted) or silently drop names."""
+    import csv
+
+    first = next(csv.reader(io.StringIO(text)), None)
+    if cfg.column_names and first is not None and len(first) != len(cfg.column_names):
+        raise FittuneError(f"{path}: its rows have {len(first)} fields but data.column_names names "
+                           f"{len(cfg.column_names)} ({', '.join(cfg.column_names)}): name every field, in order")
+
+
+def _column_hint(cfg: DataConfig, name: str, source: str) -> str:
+    """What usually causes a missing column, where it is not the key's value itself."""
+    if name == "answer_column" and cfg.label_column:
+        return "; for a classification set (data.label_column) with no answer column set data.answer_column null"
+    if str(source).lower().endswith(".csv") and cfg.csv_header and not cfg.column_names:
+        return ("; if the file has no header row (the columns above are its first row's values), set "
+                "data.csv_header false and name the fields with data.column_names")
+    return ""
+
+
 def _check_columns(columns: list, cfg: DataConfig, source: str) -> None:
     wanted = ["id_column", "label_column"]
     wanted += ["messages_column"] if cfg.messages_column else ["question_column", "answer_column"]
@@ -237,7 +259,7 @@ def _check_columns(columns: list, cfg: DataConfig, source: str) -> None:
             origin = cfg.origin(name)
             fix = f"; it was {origin}: set --data.{name} to one of the columns, or null" if origin else ""
             raise FittuneError(f"{source}: column '{col}' ({_key(cfg, name)}) not found; the columns are: "
-                               f"{', '.join(map(str, columns))}{fix}")
+                               f"{', '.join(map(str, columns))}{fix}{_column_hint(cfg, name, source)}")
 
 
 def map_columns(rows: list[dict], cfg: DataConfig, source: str, classes: list[str] | None = None) -> list[Example]:

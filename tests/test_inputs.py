@@ -399,3 +399,21 @@ def test_one_lora_target_module_name_is_a_list_of_one(tiny_model_dir):
     adapted = {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj"}
     assert build_config(None, {}).lora.target_modules == "all-linear"
+
+
+def test_csv_and_classification_mistakes_get_the_fix_named(tmp_path):
+    """A headerless CSV read with its first row as the header, data.column_names of the wrong length (pandas
+    would shift every column), and a classification mapping that keeps the default answer column."""
+    csv = tmp_path / "mmlu.csv"
+    csv.write_text("What is 1+1?,1,2,3,4,B\nWhat is 2+2?,2,3,4,5,C\n")
+    cfg = DataConfig(path=str(csv), choices_column=["A", "B", "C", "D"], answer_format="letter")
+    with pytest.raises(FittuneError, match="no header row .* set data.csv_header false and name the fields with "
+                                           "data.column_names"):
+        D.map_columns(D.read_rows(str(csv), cfg), cfg, str(csv))
+    five = DataConfig(path=str(csv), csv_header=False, column_names=["question", "A", "B", "C", "answer"])
+    with pytest.raises(FittuneError, match=r"its rows have 6 fields but data.column_names names 5 .*name every field"):
+        D.read_rows(str(csv), five)
+    data = write_jsonl(tmp_path / "cites.jsonl", [{"text": "we use X", "label": "Uses"}])
+    cls = DataConfig(path=data, question_column="text", label_column="label")
+    with pytest.raises(FittuneError, match="column 'answer' .* set data.answer_column null"):
+        D.map_columns(D.read_rows(data, cls), cls, data)
