@@ -480,11 +480,14 @@ def _read_config_file(config_file: str) -> dict[str, Any]:
     if not path.is_file():
         raise FittuneError(f"config file not found: {config_file}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise FittuneError(f"config file {config_file} is not valid YAML: {e}") from None
     except UnicodeDecodeError as e:
         raise FittuneError(f"config file {config_file} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    if tree is None:  # an empty file would silently train every default: most likely the wrong file
+        raise FittuneError(f"config file {config_file} is empty: write the recipe's settings in it (see configs/), "
+                           f"or leave out --config to run the offline demo")
     if not isinstance(tree, dict):
         raise FittuneError(f"config file {config_file} must hold a mapping of keys, not {type(tree).__name__}")
     tree.pop("run", None)

@@ -31,7 +31,7 @@ from fittune.model import load_tokenizer, load_trained_model, resolve_model_path
 from fittune.placement import place_model
 from fittune.precision import run_precision
 from fittune.reports import check_eval_dir, metrics_table
-from fittune.rundir import DirLock, owned
+from fittune.rundir import MARKER, DirLock, owned
 from fittune.strategy import Strategy, strategy_of
 
 USAGE = """usage: accelerate launch evaluate.py --checkpoint DIR [--config FILE] [--output_dir DIR] [--section.key VALUE ...]
@@ -279,7 +279,9 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, m
                                   compare)
     accelerator.print(f"fittune: evaluated {weights} on {len(test_set)} examples ({data.source}) "
                       f"with {accelerator.num_processes} process(es)\n" + metrics_table({**compare, "model": metrics}))
-    accelerator.print(f"fittune: wrote {out}/ (metrics.json, predictions.jsonl, report.md)")
+    if accelerator.is_main_process:
+        files = ", ".join(sorted(p.name for p in out.iterdir() if p.name != MARKER))
+        print(f"fittune: wrote {out}/ ({files})", flush=True)
     return metrics
 
 

@@ -237,6 +237,8 @@ def test_default_output_is_beside_the_training_report_and_never_outside_a_run(tm
     assert code == 0, err[-3000:]
     assert report.read_text() == "| majority | untrained | fine-tuned |"
     assert json.loads((run / "eval-heldout/metrics.json").read_text())["num_examples"] > 0
+    table = json.loads((run / "eval-heldout/comparison.json").read_text())  # the report's columns, to plot
+    assert list(table) == ["majority", "model"] and table["model"]["accuracy"] >= 0
     other = tmp_path / "other.jsonl"
     other.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:12]))
     code, _, err = evaluate(["--checkpoint", run, "--data.path", other], capsys)

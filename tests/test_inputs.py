@@ -417,3 +417,11 @@ def test_csv_and_classification_mistakes_get_the_fix_named(tmp_path):
     cls = DataConfig(path=data, question_column="text", label_column="label")
     with pytest.raises(FittuneError, match="column 'answer' .* set data.answer_column null"):
         D.map_columns(D.read_rows(data, cls), cls, data)
+
+
+def test_an_empty_config_file_is_refused(tmp_path):
+    """Was: accepted, and every default trained (open generation on the built-in set) without a word."""
+    empty = tmp_path / "recipe.yaml"
+    empty.write_text("# nothing here yet\n")
+    with pytest.raises(FittuneError, match=r"config file .*recipe.yaml is empty"):
+        build_config(str(empty), {})
