@@ -310,7 +310,17 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = 
     recommended = next((e for e in estimates if e.fits and e.applicable
                         and not (_single_gpu(e.strategy) and hw.gpus > 1)), None)
     return Plan(cfg, shape, hw, precision.mixed, precision.why, global_batch, estimates, recommended,
-                recipe or "<recipe.yaml>", list(extra_args), list(shape.notes) + list(hw.notes), rows)
+                recipe or "<recipe.yaml>", list(extra_args), list(shape.notes) + _hardware_notes(cfg, hw), rows)
+
+
+def _hardware_notes(cfg: Config, hw: Hardware) -> list[str]:
+    """The hardware notes, except that an fp16-only GPU plans the same only for recipes that can run in fp16."""
+    needs_bf16 = cfg.model.dtype == "bfloat16" or cfg.train.optimizer_in_backward or cfg.train.mixed_precision == "bf16"
+    if not needs_bf16:
+        return list(hw.notes)
+    return [n if not n.startswith("bf16 support assumed") else
+            "bf16 support assumed: this recipe needs a GPU with bf16 (bf16 weights, bf16 mixed precision or the "
+            "optimizer step in backward refuse fp16)" for n in hw.notes]
 
 
 # ---------------------------------------------------------------------------------------------------------

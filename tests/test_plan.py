@@ -469,9 +469,13 @@ def test_cli_16gb_full_finetuning_acceptance():
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "all trainable (full fine-tuning)" in out and "CPU RAM 16.0 GiB" in out
+    if not torch.cuda.is_available():  # bf16 is assumed, and this recipe cannot fall back to fp16
+        assert "this recipe needs a GPU with bf16" in out and "fp16-only GPU gives the same plan" not in out
     assert "recommended: single GPU (one process, whole model on one GPU), micro-batch 2 x accumulation 1" in out
     assert ("accelerate launch --config_file accelerate_configs/single_gpu.yaml train.py --config "
             "configs/qwen2.5-3b-full-16gb.yaml --train.micro_batch_size 2 --train.grad_accum 1") in out
+    if not torch.cuda.is_available():  # bf16 is assumed, and this recipe cannot fall back to fp16
+        assert "this recipe needs a GPU with bf16" in out and "fp16-only GPU gives the same plan" not in out
     needed = float(re.search(r"needed\s+([\d.]+) GiB\s+of 16\.0 GiB", out).group(1))
     cpu = float(re.search(r"CPU RAM\s+([\d.]+) GiB", out).group(1))
     assert needed <= 16.0 and cpu <= 16.0
