@@ -411,13 +411,16 @@ _ALIASES = {"learning_rate": "lr", "gradient_accumulation_steps": "grad_accum", 
             "model_name_or_path": "name_or_path", "warmup": "warmup_ratio", "max_seq_length": "max_length"}
 
 
-def _unknown_key_error(key: str) -> FittuneError:
+def _unknown_key_error(key: str, config_file: str | None = None) -> FittuneError:
+    """An unknown key, with the nearest known one; `config_file`: the recipe it was found in."""
     valid = all_keys()
     section, _, leaf = key.rpartition(".")
+    leaf = next(iter(difflib.get_close_matches(leaf, list(_ALIASES), n=1, cutoff=0.85)), leaf)  # a typo'd alias
     alias = f"{section}.{_ALIASES[leaf]}" if section and leaf in _ALIASES else _ALIASES.get(leaf)
     close = [alias] if alias in valid else difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid top-level keys: {', '.join(Config.model_fields)}"
-    return FittuneError(f"unknown config key '{key}'{hint}")
+    where = f" in {config_file}" if config_file else ""
+    return FittuneError(f"unknown config key '{key}'{where}{hint}")
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -524,7 +527,7 @@ def build_config(config_file: str | None, overrides: dict[str, Any], skip: tuple
     valid = set(all_keys())
     for key in _flatten(tree):
         if key not in valid:
-            raise _unknown_key_error(key)
+            raise _unknown_key_error(key, config_file)
     data = tree.get("data")
     from_file = {k for k in data if f"data.{k}" not in overrides} if isinstance(data, dict) else set()
     for key, value in overrides.items():
@@ -565,7 +568,9 @@ def _format_validation_error(e: ValidationError) -> str:
         elif not loc or msg.startswith(loc.split(".")[0] + ".") or f" {loc}." in msg:
             parts.append(msg)  # a cross-field check that names its keys itself
         else:
-            parts.append(f"{loc}: {msg}")
+            got = err.get("input")
+            shown = f" (got {got!r})" if isinstance(got, (str, int, float, bool)) else ""
+            parts.append(f"{loc}: {msg}{shown}")
     return "invalid config: " + "; ".join(parts)
 
 

@@ -152,7 +152,11 @@ def apply_lora(model, cfg: Config):
 
 def enable_gradient_checkpointing(model, lora: bool) -> None:
     """Non-reentrant checkpointing; with LoRA, make the embeddings' output require grad so gradients flow."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:  # transformers' current name; gradient_checkpointing_enable warns (removed in v6)
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         model.enable_input_require_grads()
 

@@ -425,3 +425,13 @@ def test_an_empty_config_file_is_refused(tmp_path):
     empty.write_text("# nothing here yet\n")
     with pytest.raises(FittuneError, match=r"config file .*recipe.yaml is empty"):
         build_config(str(empty), {})
+
+
+def test_config_errors_show_the_value_and_the_file(tmp_path):
+    with pytest.raises(FittuneError, match=r"train.max_steps: Input should be a valid integer.*\(got 'abc'\)"):
+        build_config(None, {"train.max_steps": "abc"})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lerning_rate: 0.1\n")
+    with pytest.raises(FittuneError, match=rf"unknown config key 'train.lerning_rate' in {recipe}; did you mean "
+                                           r"'train.lr'\?"):
+        build_config(str(recipe), {})
