@@ -417,12 +417,15 @@ def _resolve_gold(answer: Any, choices: list[str], fmt: str, where: str) -> int:
         letter = str(answer).strip().upper()
         letters = string.ascii_uppercase[: len(choices)]
         if len(letter) != 1 or letter not in letters:
-            raise FittuneError(f"{where}: answer {answer!r} is not a choice letter ({', '.join(letters)})")
+            hint = "; the answers look like indexes: set data.answer_format index" if letter.isdigit() else \
+                "; fix the row, or set data.answer_format to text/index"
+            raise FittuneError(f"{where}: answer {answer!r} is not a choice letter ({', '.join(letters)}){hint}")
         return letters.index(letter)
     try:
         idx = int(answer)
     except (TypeError, ValueError):
-        raise FittuneError(f"{where}: answer {answer!r} is not a choice index") from None
+        raise FittuneError(f"{where}: answer {answer!r} is not a choice index; fix the row, or set "
+                           f"data.answer_format to text/letter") from None
     if not 0 <= idx < len(choices):
         raise FittuneError(f"{where}: answer index {idx} is out of range for {len(choices)} choices")
     return idx

@@ -555,6 +555,10 @@ def plan_main(argv: list[str]) -> Plan | None:
     gpu_mem, argv = split_flag(argv, "gpu-mem")
     cpu_mem, argv = split_flag(argv, "cpu-mem")
     config_file, rest = split_flag(argv, "config")
+    for flag in ("--gpu", "--gpu_mem", "--cpu_mem", "--gpu-memory", "--mem"):
+        if any(a == flag or a.startswith(flag + "=") for a in rest):
+            raise FittuneError(f"unknown flag {flag}: the planner's hardware flags are --gpus N, --gpu-mem GiB and "
+                               f"--cpu-mem GiB")
     gpus, gpu_mem, cpu_mem = _number("gpus", gpus, int), _number("gpu-mem", gpu_mem, float), \
         _number("cpu-mem", cpu_mem, float)
     if config_file is None:

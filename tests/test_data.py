@@ -109,6 +109,9 @@ def test_csv_without_header_and_letter_answers(tmp_path):
     bad.write_text("q,1,2,3,4,E\n")
     with pytest.raises(FittuneError, match="row 1: answer 'E' is not a choice letter"):
         D.map_columns(D.read_rows(str(bad), cfg), cfg, str(bad))
+    bad.write_text("q,1,2,3,4,3\n")  # MMLU-Redux's answers are indexes
+    with pytest.raises(FittuneError, match="answer '3' is not a choice letter .* set data.answer_format index"):
+        D.map_columns(D.read_rows(str(bad), cfg), cfg, str(bad))
 
 
 def test_class_label_task():

@@ -479,3 +479,8 @@ def test_cli_16gb_full_finetuning_acceptance():
     needed = float(re.search(r"needed\s+([\d.]+) GiB\s+of 16\.0 GiB", out).group(1))
     cpu = float(re.search(r"CPU RAM\s+([\d.]+) GiB", out).group(1))
     assert needed <= 16.0 and cpu <= 16.0
+
+
+def test_a_misnamed_hardware_flag_names_the_right_ones(capsys):
+    with pytest.raises(FittuneError, match="unknown flag --gpu: the planner's hardware flags are --gpus N"):
+        P.plan_main(["--gpu", "1"])
