@@ -8,7 +8,7 @@ import torch
 
 from fittune.distributed import on_main_then_agree
 from fittune.errors import FittuneError
-from fittune.rundir import atomic_write_text, fresh_tmp_dir, publish_dir, write_guard
+from fittune.rundir import MARKER, atomic_write_text, claim_build_dir, publish_dir, write_guard
 
 
 def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str, log) -> Path:
@@ -20,7 +20,8 @@ def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str, log) 
 
     def write() -> None:
         with write_guard("final/", f"the previous {final} (if any) is intact"):
-            tmp = fresh_tmp_dir(final)
+            tmp = claim_build_dir(final.with_name("final.tmp"), "final", f"{out / 'final.tmp'} exists and is not "
+                                  f"fittune's (no {MARKER} marker): move it away; the previous {final} is intact")
             unwrapped = accelerator.unwrap_model(model)
             # a copy: with a device map (hf_device_map), save_pretrained empties the dict it is given
             unwrapped.save_pretrained(tmp, state_dict=dict(state_dict), safe_serialization=True)
@@ -28,6 +29,7 @@ def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str, log) 
             log(f"final/: {checked} saved tensors verified equal to the live (gathered) weights")
             tokenizer.save_pretrained(tmp)
             atomic_write_text(tmp / "fittune_config.yaml", config_yaml)
+            (tmp / MARKER).unlink()  # final/ is the model directory people copy: no marker of fittune's in it
             publish_dir(tmp, final)
 
     on_main_then_agree(accelerator, write)  # a failed save or check stops every rank, none left waiting

@@ -149,14 +149,6 @@ def publish_dir(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def fresh_tmp_dir(path: Path) -> Path:
-    """An empty `<path>.tmp` to build a directory in (a leftover from a crashed attempt is ours: removed)."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
 def _is_write_failure(e: BaseException) -> bool:
     if isinstance(e, OSError):
         return True

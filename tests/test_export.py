@@ -126,3 +126,30 @@ def test_export_full_disk_is_one_clear_error(tmp_path, tiny_model_dir, monkeypat
     with pytest.raises(FittuneError, match="could not write the export .*No space left.*nothing was written"):
         export(str(ckpt), str(tmp_path / "model"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_final_is_built_in_a_marked_tmp_and_published_without_the_marker(tmp_path, tiny_model_dir):
+    """final.tmp left by a crash is fittune's (its marker) and is removed; one that is not is refused and kept;
+    the published final/ (the directory people copy) carries no marker of fittune's."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fittune.errors import FittuneError
+    from fittune.final import save_final
+    from fittune.rundir import MARKER, claim_dir
+
+    acc = Accelerator(cpu=True)
+    model = acc.prepare(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    run = claim_dir(tmp_path / "run", "train")
+    leftover = claim_dir(run / "final.tmp", "final")
+    (leftover / "model.safetensors").write_text("half-written")
+    final = save_final(model, acc, tokenizer, run, "seed: 0\n", lambda msg: None)
+    assert (final / "model.safetensors").is_file() and not (final / MARKER).exists()
+    assert not (run / "final.tmp").exists()
+    mine = run / "final.tmp"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(FittuneError, match="final.tmp exists and is not fittune's"):
+        save_final(model, acc, tokenizer, run, "seed: 0\n", lambda msg: None)
+    assert (mine / "notes.txt").read_text() == "mine" and (final / "model.safetensors").is_file()
