@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,13 +61,15 @@ def resolve_checkpoint(path: str) -> CheckpointInfo:
 
 
 def _unfinished_run(run: Path) -> str:
-    """Why a training run directory without final/ cannot be evaluated, and what can be."""
-    try:
-        lock = DirLock(run).acquire("evaluate.py", record=False, create=False)
-    except FittuneError as e:
-        return f"cannot evaluate now: {e}"
-    if lock is not None:
-        lock.release()
+    """Why a training run directory without final/ cannot be evaluated, and what can be. Only the main process
+    looks at the lock (every rank gets here; ranks probing at once would see each other as the holder)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            lock = DirLock(run).acquire("evaluate.py", record=False, create=False)
+        except FittuneError as e:
+            return f"cannot evaluate now: {e}"
+        if lock is not None:
+            lock.release()
     latest = complete_checkpoints(run)[-1:] if (run / "checkpoints").is_dir() else []
     adapter = [c / "adapter" for c in latest if (c / "adapter" / "adapter_config.json").is_file()]
     saved = (f"; or evaluate its last checkpoint's adapter now: --checkpoint {adapter[0]} --output_dir DIR"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -165,14 +166,16 @@ class LoraConfig(_Section):
     """Dropout on the LoRA input."""
     target_modules: str | list[str] = "all-linear"
     """Modules that get adapters: `all-linear` (every linear layer but the output head) or a list of names
-    such as `[q_proj, v_proj]` (one name alone, `q_proj`, is that list of one)."""
+    such as `[q_proj, v_proj]` (one name alone, `q_proj`, is that list of one), or a regular expression over the
+    full module path as PEFT reads one (`.*\\.(q_proj|v_proj)`)."""
 
     @field_validator("target_modules")
     @classmethod
     def _one_name_is_a_list(cls, v: str | list[str]) -> str | list[str]:
         # PEFT reads a bare string as a regular expression over the whole module path, so `q_proj` alone
         # would match nothing ("model.layers.0.self_attn.q_proj" is not "q_proj")
-        return [v] if isinstance(v, str) and v != "all-linear" else v
+        plain_name = isinstance(v, str) and re.fullmatch(r"[\w.]+", v) and v.lower() != "all-linear"
+        return [v] if plain_name else v  # a regular expression stays one, for PEFT
 
 
 class DataConfig(_Section):

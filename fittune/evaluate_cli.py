@@ -12,6 +12,7 @@ Trust and identity rules (README "What fittune writes, and what it never touches
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from fittune.strategy import Strategy, strategy_of
 
 USAGE = """usage: accelerate launch evaluate.py --checkpoint DIR [--config FILE] [--output_dir DIR] [--section.key VALUE ...]
   DIR: a training output dir, its final/, or a model/adapter dir.
-  Without --output_dir the results go to RUN/eval-heldout (RUN/eval-NAME with --data.path NAME.jsonl),
+  Without --output_dir the results go to RUN/eval-heldout (RUN/eval-NAME-HASH for other data: NAME.jsonl),
   beside the eval/ that training wrote; outside a fittune run --output_dir is required.
   Without --config the run's saved config.yaml and held-out ids are used (but never its
   model.trust_remote_code: pass --model.trust_remote_code true to run a checkpoint's own code).
@@ -80,21 +81,21 @@ def evaluate_main(argv: list[str]) -> dict | None:
     req = parse_request(argv)
     info = resolve_checkpoint(req.checkpoint)
     cfg = eval_config(info, req)
-    return evaluate_checkpoint(info, cfg, req.out_dir, req.data_path_given)
+    return evaluate_checkpoint(info, cfg, req)
 
 
 def eval_config(info: CheckpointInfo, req: EvalRequest) -> Config:
     """The config to evaluate with: the explicit --config, else the run's saved one with its
     `model.trust_remote_code` replaced by this command line's (default off)."""
+    overrides = dict(req.overrides)
+    if req.data_path_given and "data.test_path" not in overrides:
+        overrides["data.test_path"] = None  # --data.path names the data to score: not a recipe's test file
     if req.config_file is not None:
-        return build_config(req.config_file, req.overrides)
+        return build_config(req.config_file, overrides)
     if info.config_file is None:
         raise FittuneError(f"{req.checkpoint} has no saved fittune config: pass --config FILE describing the data")
-    overrides = {**req.overrides, TRUST_KEY: req.overrides.get(TRUST_KEY, False)}
-    if req.data_path_given and "data.test_path" not in overrides:
-        overrides["data.test_path"] = None  # --data.path names the data to score: not the run's test file
     # the saved config is part of the (possibly received) run directory: it cannot grant itself trust
-    return build_config(str(info.config_file), overrides)
+    return build_config(str(info.config_file), {**overrides, TRUST_KEY: overrides.get(TRUST_KEY, False)})
 
 
 def remote_code_notice(info: CheckpointInfo, cfg: Config) -> str | None:
@@ -223,20 +224,20 @@ def lock_run_dir(accelerator, info: CheckpointInfo) -> DirLock | None:
 # Evaluate
 
 
-def evaluate_checkpoint(info: CheckpointInfo, cfg: Config, out_dir: str | None, data_path_given: bool = False) -> dict:
+def evaluate_checkpoint(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> dict:
     """Evaluate a saved model/adapter (see the module docstring for the rules); write the reports on the main
     process; return the metrics."""
     mixed = run_precision(cfg.train.mixed_precision)
     accelerator = make_accelerator(mixed, 1, None, cfg.output_dir)
     check_world_size(accelerator.num_processes)  # fewer processes than the launch asked for: before any write
     strategy = strategy_of(accelerator, cfg.model.parallel)
-    out = check_eval_dir(Path(out_dir) if out_dir else default_eval_dir(info, cfg, data_path_given))
+    out = check_eval_dir(Path(req.out_dir) if req.out_dir else default_eval_dir(info, cfg, req))
     lock = lock_run_dir(accelerator, info)
     try:
         notice = remote_code_notice(info, cfg)
         if notice:
             accelerator.print(notice)
-        data = select_data(info, cfg, data_path_given, accelerator.print)
+        data = select_data(info, cfg, req.data_path_given, accelerator.print)
         metrics = _score(accelerator, strategy, info, cfg, mixed, data, out)
     finally:
         if lock is not None:
@@ -245,7 +246,7 @@ def evaluate_checkpoint(info: CheckpointInfo, cfg: Config, out_dir: str | None, 
     return metrics
 
 
-def default_eval_dir(info: CheckpointInfo, cfg: Config, data_path_given: bool) -> Path:
+def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Path:
     """Where evaluate.py writes without --output_dir: in the training run, beside the eval/ that training wrote
     (never replaced by default), named after what is scored; nowhere else (a directory fittune did not create
     gets nothing written into it)."""
@@ -253,9 +254,12 @@ def default_eval_dir(info: CheckpointInfo, cfg: Config, data_path_given: bool) -
     if run is None or not owned(run, "train"):
         raise FittuneError(f"pass --output_dir DIR: {info.weights_dir} is not in a fittune training run's "
                            f"directory, and fittune writes only into directories it creates")
-    if not data_path_given:
+    if not req.data_path_given and req.config_file is None:  # the run's own recipe: its held-out rows
         return run / "eval-heldout"
-    return run / ("eval-" + re.sub(r"[^A-Za-z0-9._-]+", "-", Path(cfg.data.path).stem).strip("-"))
+    # other data: named after its file, and its full path (two test.jsonl never share a folder)
+    source = str(D.resolve_data_path(cfg.data.path))
+    stem = re.sub(r"[^\w.-]+", "-", Path(source).stem).strip("-.") or "data"
+    return run / f"eval-{stem}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
 
 
 def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, mixed: str, data: EvalData,

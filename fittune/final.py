@@ -29,8 +29,10 @@ def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str, log) 
             log(f"final/: {checked} saved tensors verified equal to the live (gathered) weights")
             tokenizer.save_pretrained(tmp)
             atomic_write_text(tmp / "fittune_config.yaml", config_yaml)
-            (tmp / MARKER).unlink()  # final/ is the model directory people copy: no marker of fittune's in it
             publish_dir(tmp, final)
+            # final/ is the model directory people copy: no marker of fittune's in it (a kill just before this
+            # leaves a hidden file that changes nothing; until publish_dir, final.tmp stays fittune's)
+            (final / MARKER).unlink(missing_ok=True)
 
     on_main_then_agree(accelerator, write)  # a failed save or check stops every rank, none left waiting
     return final

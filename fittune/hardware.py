@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 import torch
@@ -85,21 +86,38 @@ class CpuThreads:
     """For the run log; empty when the count is left as launched."""
 
 
+def _cgroup_cpu_limit() -> int | None:
+    """The CPUs a container's CPU quota allows (cgroup v2 cpu.max, v1 cfs_quota_us), None without a quota."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text().strip()
+            period = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    return max(1, int(int(quota) / int(period)))
+
+
 def physical_cores() -> int:
-    """This process's share of the machine's physical cores (hyper-threads do not speed up Adam's arithmetic;
-    a CPU affinity mask, e.g. a container's, limits it further)."""
+    """The physical cores this process may use: hyper-threads do not speed up Adam's arithmetic, and a CPU
+    affinity mask or a container's CPU quota (Docker --cpus, Kubernetes limits) limit it further."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(psutil.cpu_count(logical=False) or usable, usable))
+    limits = [psutil.cpu_count(logical=False) or usable, usable, _cgroup_cpu_limit() or usable]
+    return max(1, min(limits))
 
 
 def choose_cpu_threads(requested: int, gpu_run_steps_on_cpu: bool, local_processes: int, current: int,
                        cores: int) -> CpuThreads:
-    """train.cpu_threads if set (not 0); else, when a GPU run's optimizer step runs on the CPU, `cores` split over
-    the `local_processes` on this machine (never fewer than the `current` threads); else as launched."""
+    """train.cpu_threads if set (not 0); else, when a GPU run's optimizer step runs on the CPU and the process
+    was launched with the launchers' one thread, `cores` split over the `local_processes` on this machine; else
+    as launched (a count the user chose, OMP_NUM_THREADS or --num_cpu_threads_per_process, is kept)."""
     if requested:
         return CpuThreads(requested, "train.cpu_threads")
     share = max(1, cores // max(1, local_processes))
-    if not gpu_run_steps_on_cpu or share <= current:
+    if not gpu_run_steps_on_cpu or current != 1 or share == 1:
         return CpuThreads(current, "")
     return CpuThreads(share, f"the optimizer step runs on the CPU: {cores} physical cores / {local_processes} "
                              f"process(es) on this machine; it was launched with {current} (set "

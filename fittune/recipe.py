@@ -490,8 +490,11 @@ class FineTuneRecipe:
     def _report(self, metrics: dict) -> None:
         """The replaced run goes; the loss curve, the summary lines and the metrics table (main process)."""
         c = self.counters
-        for old in self.run_dir.finish():  # first: final/ and eval/ are there, the plot may fail
+        cleanup = self.run_dir.finish()  # first: final/ and eval/ are there, the plot may fail
+        for old in cleanup.removed:
             self._log(f"--overwrite: removed the replaced run {old}")
+        for why in cleanup.kept:
+            self._log(f"--overwrite: kept a replaced run: {why}")
         plot_loss_curve(self.out / "train_log.jsonl", self.out / "loss_curve.png")
         self._log(f"padding: {1 - c.real_tokens / max(1, c.pad_slots):.1%} of micro-batch slots were padding")
         self._log(f"held-out metrics ({len(self.test_set)} examples)\n"

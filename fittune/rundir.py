@@ -100,13 +100,18 @@ def _umask() -> int:
 
 
 def readable_like_umask(root: Path) -> None:
-    """Give every file below `root` the permissions a new file gets (0o666 minus the umask): safetensors
+    """Give every file below `root` the permissions a new file gets (0o666, 0o777 for an executable one,
+    minus the umask): safetensors
     writes its files owner-only (0600), which would leave a model directory others cannot read beside its
     config files that they can."""
-    mode = 0o666 & ~_umask()
+    umask = _umask()
     for dirpath, _, files in os.walk(root):
         for name in files:
-            os.chmod(os.path.join(dirpath, name), mode)
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            executable = os.stat(path).st_mode & 0o111  # e.g. DeepSpeed's zero_to_fp32.py stays runnable
+            os.chmod(path, (0o777 if executable else 0o666) & ~umask)
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -137,16 +142,25 @@ def publish_dir(tmp: Path, final: Path) -> None:
     fsync_tree(tmp)
     if final.exists():
         if _exchange(tmp, final):
-            remove_tree(tmp)  # now the old directory
+            _remove_replaced(tmp, final)  # tmp now holds the old directory
         else:
             # a name nobody else uses (never a user's `<name>.old`): fittune's own copy, removed right after
             old = final.with_name(f".{final.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
             final.rename(old)
             tmp.rename(final)
-            remove_tree(old)
+            _remove_replaced(old, final)
     else:
         tmp.rename(final)
     fsync_dir(final.parent)
+
+
+def _remove_replaced(old: Path, new: Path) -> None:
+    """Remove the directory `publish_dir` swapped out, marked first as the new one is (final/ carries no
+    marker once published), so a kill part-way leaves a directory fittune still recognises as its own."""
+    kind = marker_kind(new)
+    if kind is not None and not (old / MARKER).is_file():
+        claim_dir(old, kind)
+    remove_tree(old)
 
 
 def _is_write_failure(e: BaseException) -> bool:
@@ -399,6 +413,15 @@ def inspect_output_dir(path: Path, resume: str | None, overwrite: bool) -> Outpu
     return OutputDirCheck(path, exists, holds_run, finished)
 
 
+@dataclass
+class ReplacedCleanup:
+    """What `RunDir.finish` did with the runs --overwrite had moved aside."""
+
+    removed: list[Path]
+    kept: list[str]
+    """Why each run that is still there was kept (another process holds it)."""
+
+
 class RunDir:
     """A training run's claimed output directory: created/marked, locked, the replaced run moved aside."""
 
@@ -440,14 +463,26 @@ class RunDir:
         --resume auto, and those an earlier replacement left, which the replaced run carried)."""
         return _replaced(self.path)
 
-    def finish(self) -> list[Path]:
-        """The new run has its results: remove the runs it replaced (fittune's own, moved aside)."""
-        old = self.replaced()
-        for run in old:
-            remove_owned(run, "train")
-        (self.path / REPLACED).unlink(missing_ok=True)
+    def finish(self) -> ReplacedCleanup:
+        """The new run has its results: remove the runs it replaced (fittune's own, moved aside), except one
+        that another process holds (e.g. an evaluate.py of it): that one is kept, and said."""
+        cleanup = ReplacedCleanup([], [])
+        for run in self.replaced():
+            try:
+                lock = DirLock(run).acquire("train.py", record=False, create=False)
+            except FittuneError as e:
+                cleanup.kept.append(f"{e}; remove it yourself once that has finished")
+                continue
+            try:
+                remove_owned(run, "train")
+            finally:
+                if lock is not None:
+                    lock.release()
+            cleanup.removed.append(run)
+        if not cleanup.kept:
+            (self.path / REPLACED).unlink(missing_ok=True)
         self.aside = None
-        return old
+        return cleanup
 
     def release(self) -> None:
         self.lock.release()
@@ -460,6 +495,8 @@ def _replaced(run: Path, name: str | None = None) -> list[Path]:
     try:
         names = json.loads((run / REPLACED).read_text())
     except (OSError, ValueError):
+        return []
+    if not isinstance(names, list):
         return []
     prefix = f"{name or run.name}.replaced-"
     paths = [run.parent / n for n in names if isinstance(n, str) and n.startswith(prefix) and "/" not in n]

@@ -223,6 +223,11 @@ def test_data_path_is_scored_even_when_the_run_had_a_test_file(tmp_path, tiny_mo
     assert json.loads((tmp_path / "ev/metrics.json").read_text())["num_examples"] == 12
     code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev"], capsys)  # the run's own
     assert code == 0 and json.loads((tmp_path / "ev/metrics.json").read_text())["num_examples"] == 20
+    recipe = tmp_path / "recipe.yaml"  # an explicit --config with its own test file: --data.path still wins
+    recipe.write_text((run / "config.yaml").read_text())
+    code, out, err = evaluate(["--checkpoint", run, "--config", recipe, "--output_dir", tmp_path / "ev",
+                               "--data.path", other], capsys)
+    assert code == 0 and json.loads((tmp_path / "ev/metrics.json").read_text())["num_examples"] == 12
 
 
 def test_default_output_is_beside_the_training_report_and_never_outside_a_run(tmp_path, tiny_model_dir, capsys):
@@ -242,7 +247,15 @@ def test_default_output_is_beside_the_training_report_and_never_outside_a_run(tm
     other = tmp_path / "other.jsonl"
     other.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:12]))
     code, _, err = evaluate(["--checkpoint", run, "--data.path", other], capsys)
-    assert code == 0 and json.loads((run / "eval-other/metrics.json").read_text())["num_examples"] == 12
+    [named] = run.glob("eval-other-*")  # the file's name and a hash of its path: two test.jsonl never collide
+    assert code == 0 and json.loads((named / "metrics.json").read_text())["num_examples"] == 12
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b/other.jsonl").write_text(other.read_text())
+    assert evaluate(["--checkpoint", run, "--data.path", tmp_path / "b/other.jsonl"], capsys)[0] == 0
+    assert len(list(run.glob("eval-other-*"))) == 2
+    for reserved in ("final", "checkpoints", "eval.tmp"):  # the run's own names are not evaluation outputs
+        code, _, err = evaluate(["--checkpoint", run, "--output_dir", run / reserved], capsys)
+        assert code == 2 and "name it eval-SOMETHING there" in one_error(err)
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)

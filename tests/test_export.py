@@ -1,6 +1,7 @@
 """python -m fittune.export: a merged LoRA model gives the adapter model's logits; a sharded ZeRO checkpoint
 becomes one safetensors model equal to the trained weights."""
 
+import shutil
 import subprocess
 import sys
 
@@ -153,3 +154,20 @@ def test_final_is_built_in_a_marked_tmp_and_published_without_the_marker(tmp_pat
     with pytest.raises(FittuneError, match="final.tmp exists and is not fittune's"):
         save_final(model, acc, tokenizer, run, "seed: 0\n", lambda msg: None)
     assert (mine / "notes.txt").read_text() == "mine" and (final / "model.safetensors").is_file()
+    shutil.rmtree(mine)
+    import fittune.rundir as rundir
+
+    real_fsync_tree = rundir.fsync_tree
+
+    def full_disk(root):
+        raise OSError(28, "No space left on device")
+
+    rundir.fsync_tree = full_disk  # the publish fails: final.tmp must stay recognisably fittune's
+    try:
+        with pytest.raises(FittuneError, match="could not write final/"):
+            save_final(model, acc, tokenizer, run, "seed: 0\n", lambda msg: None)
+    finally:
+        rundir.fsync_tree = real_fsync_tree
+    assert (run / "final.tmp" / MARKER).is_file() and (final / "model.safetensors").is_file()
+    save_final(model, acc, tokenizer, run, "seed: 0\n", lambda msg: None)  # the next save removes it
+    assert not (run / "final.tmp").exists() and not (final / MARKER).exists()

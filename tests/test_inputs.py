@@ -399,6 +399,8 @@ def test_one_lora_target_module_name_is_a_list_of_one(tiny_model_dir):
     adapted = {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj"}
     assert build_config(None, {}).lora.target_modules == "all-linear"
+    for kept in ("All-Linear", r".*\.(q_proj|v_proj)"):  # PEFT's special value and a regular expression stay
+        assert build_config(None, {"lora.target_modules": kept}).lora.target_modules == kept
 
 
 def test_csv_and_classification_mistakes_get_the_fix_named(tmp_path):

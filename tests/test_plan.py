@@ -331,7 +331,7 @@ def test_make_plan_multi_gpu_prefers_the_fastest_sharded_strategy():
     ("zero2_offload", True, 2, 8),   # torchrun's one thread per process would run CPU Adam on one core
     ("zero3_offload", True, 4, 4),
     ("fsdp2_offload", True, 1, 16),  # FSDP2 offload steps the CPU shards
-    ("zero2_offload", True, 32, 1),  # never fewer than launched (16 cores cannot feed 32 processes more)
+    ("zero2_offload", True, 32, 1),  # 16 cores cannot feed 32 processes more than one thread each
     ("zero2", True, 2, 1),           # the step runs on the GPU: left as launched
     ("zero2_offload", False, 2, 1),  # a CPU run: accelerate launch already splits the cores
 ])
@@ -340,6 +340,13 @@ def test_cpu_threads_for_a_step_on_the_cpu(strategy, on_gpu, local, expected):
     got = H.choose_cpu_threads(0, on_gpu and s.steps_on_cpu, local, current=1, cores=16)
     assert got.count == expected and bool(got.why) == (expected != 1)
     assert H.choose_cpu_threads(3, on_gpu and s.steps_on_cpu, local, 1, 16) == H.CpuThreads(3, "train.cpu_threads")
+    kept = H.choose_cpu_threads(0, on_gpu and s.steps_on_cpu, local, current=4, cores=16)  # the user's OMP_NUM_THREADS
+    assert kept == H.CpuThreads(4, "")
+
+
+def test_physical_cores_honours_a_container_cpu_quota(monkeypatch):
+    monkeypatch.setattr(H, "_cgroup_cpu_limit", lambda: 1)
+    assert H.physical_cores() == 1
 
 
 def test_set_cpu_threads_sizes_the_openmp_pool_deepspeeds_cpu_adam_uses(monkeypatch):

@@ -73,7 +73,7 @@ def test_overwrite_moves_the_old_run_aside_until_finish(tmp_path):
     assert run.aside is not None and (run.aside / "config.yaml").read_text() == "old\n"
     assert not (out / "config.yaml").exists() and (out / MARKER).is_file()
     aside = run.aside
-    assert run.finish() == [aside] and not run.aside and not list(tmp_path.glob("run.replaced-*"))
+    assert run.finish().removed == [aside] and not run.aside and not list(tmp_path.glob("run.replaced-*"))
     run.release()
 
 
@@ -100,9 +100,13 @@ def test_a_replaced_run_is_removed_by_whichever_run_finishes_the_replacement(tmp
     assert len(second.replaced()) == 2
     records = json.loads((out / ".fittune.replaced").read_text()) + ["other", "../other"]
     atomic_write_text(out / ".fittune.replaced", json.dumps(records))
-    removed = second.finish()
+    held = DirLock(second.replaced()[0]).acquire("evaluate.py")  # someone evaluates the replaced run
+    cleanup = second.finish()
+    assert len(cleanup.removed) == 1 and "in use by evaluate.py" in cleanup.kept[0] and held.path.is_dir()
+    held.release()
+    assert second.finish().removed == [held.path]  # the record stayed: a later finish removes it
     second.release()
-    assert len(removed) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["other", "run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "run"]
     assert other.is_dir() and not (out / ".fittune.replaced").exists()
 
 
@@ -273,8 +277,10 @@ def test_published_files_are_readable_like_any_new_file(tmp_path):
         tmp.mkdir()
         save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text("{}")
+        (tmp / "zero_to_fp32.py").write_text("print()")
+        (tmp / "zero_to_fp32.py").chmod(0o700)  # DeepSpeed makes its recovery script executable
         publish_dir(tmp, tmp_path / "final")
     finally:
         os.umask(old)
     assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "final").iterdir()} == {
-        "model.safetensors": 0o644, "config.json": 0o644}
+        "model.safetensors": 0o644, "config.json": 0o644, "zero_to_fp32.py": 0o755}
