@@ -41,7 +41,9 @@ USAGE = """usage: accelerate launch evaluate.py --checkpoint DIR [--config FILE]
   beside the eval/ that training wrote; outside a fittune run --output_dir is required.
   Without --config the run's saved config.yaml and held-out ids are used (but never its
   model.trust_remote_code: pass --model.trust_remote_code true to run a checkpoint's own code).
-  --data.path FILE evaluates every row of another file (said loudly)."""
+  --data.path FILE evaluates every row of another file (said loudly).
+  Any config key can be given (--eval.batch_size 16, --eval.max_batch_tokens 8192, --data.KEY ...):
+  python train.py --help lists them all."""
 
 TRUST_KEY = "model.trust_remote_code"
 

@@ -281,6 +281,9 @@ class FineTuneRecipe:
         if self.dropped[0]:
             self._log(f"dropped {len(self.dropped[0])} rows whose answer does not fit data.max_length "
                       f"(e.g. {self.dropped[0][0]})")
+        if self.dropped[1]:
+            self._log(f"{self.dropped[1]} rows had the start of their prompt cut to fit data.max_length (raise it "
+                      f"to keep them whole)")
 
     def _claim_and_write(self) -> None:
         cfg = self.cfg

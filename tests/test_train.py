@@ -172,14 +172,17 @@ def test_demo_beats_untrained_and_majority(tmp_path):
 
 def test_bf16_lora_keeps_adapters_fp32(tmp_path, tiny_config):
     """bf16 mixed precision (CPU autocast): frozen base loaded in bf16, LoRA weights trained and saved in fp32.
-    (Also: train.cpu_threads reaches the process, which the launcher started with OMP_NUM_THREADS=1.)"""
+    (Also: train.cpu_threads reaches the process, which the launcher started with OMP_NUM_THREADS=1; rows whose
+    prompt was cut to data.max_length are counted on screen, not only in config.yaml.)"""
     run = tmp_path / "run"
-    recipe = tiny_config(lora={"enabled": True, "r": 4, "dropout": 0.0},
+    recipe = tiny_config(lora={"enabled": True, "r": 4, "dropout": 0.0}, data={"max_length": 40},
                          train={"mixed_precision": "bf16", "max_steps": 4, "gradient_checkpointing": True,
                                 "cpu_threads": 2})
     proc = launch("train.py", ["--config", recipe, "--output_dir", run])
     assert "CPU threads per process: 2 (train.cpu_threads)" in proc.stdout
     assert json.loads((run / "ranks.json").read_text())[0]["cpu_threads"] == 2
+    truncated = yaml.safe_load((run / "config.yaml").read_text())["run"]["truncated_rows"]
+    assert truncated > 0 and f"{truncated} rows had the start of their prompt cut" in proc.stdout
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["run"]["mixed_precision"] == "bf16"
     adapter = load_file(run / "final/adapter_model.safetensors")
