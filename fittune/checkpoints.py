@@ -51,6 +51,11 @@ def resolve_checkpoint(path: str) -> CheckpointInfo:
         return CheckpointInfo(p / "final", p, p / "config.yaml")
     if owned(p, "train") and not _has_weights(p):
         raise FittuneError(_unfinished_run(p))
+    if owned(p, "checkpoint") and not _has_weights(p):
+        adapter = p / "adapter"
+        what = (f"evaluate its adapter: --checkpoint {adapter}" if (adapter / "adapter_config.json").is_file()
+                else f"export it first: python -m fittune.export --checkpoint {p} --output DIR")
+        raise FittuneError(f"{path} is a fittune training checkpoint (resumable state, not a model): {what}")
     if not _has_weights(p):
         raise FittuneError(f"{path} holds no model or adapter (no config.json / adapter_config.json); "
                            f"pass a training output dir or its final/")
@@ -166,8 +171,9 @@ def read_state(path: Path) -> dict:
     return state
 
 
-def check_compatible(state: dict, fingerprint: dict, path: Path) -> None:
-    """Refuse a checkpoint written for another model, adapter setup or batch plan, naming each difference."""
+def check_compatible(state: dict, fingerprint: dict, path: Path, world_size: int | None = None) -> None:
+    """Refuse a checkpoint written for another model, adapter setup or batch plan, naming each difference (and,
+    when the process count changed, how to keep the checkpoint's global batch)."""
     version = state.get("format_version")
     if version != FORMAT_VERSION:
         when = "a newer" if isinstance(version, int) and version > FORMAT_VERSION else "an older"
@@ -176,9 +182,17 @@ def check_compatible(state: dict, fingerprint: dict, path: Path) -> None:
                            f"a new output_dir")
     saved = state.get("fingerprint", {})
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in fingerprint.items() if saved.get(k) != v]
-    if diffs:
-        raise FittuneError(f"cannot resume from {path}: it belongs to a different run setup ({'; '.join(diffs)}); "
-                           f"resume with the same recipe, or start a new output_dir")
+    if not diffs:
+        return
+    how = "resume with the same recipe, or start a new output_dir"
+    written_by = state.get("world_size")
+    batch = saved.get("global_batch_size")
+    if saved.get("global_batch_size") != fingerprint.get("global_batch_size") and world_size and written_by \
+            and written_by != world_size:
+        how = (f"it was written by {written_by} process(es), this launch has {world_size}: launch {written_by}, or "
+               f"keep its global batch ({batch} = train.micro_batch_size x train.grad_accum x processes) with "
+               f"--train.grad_accum")
+    raise FittuneError(f"cannot resume from {path}: it belongs to a different run setup ({'; '.join(diffs)}); {how}")
 
 
 # ---- trust: loading a sharded checkpoint unpickles it ------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,6 @@ def parse_args(argv: list[str], prog: str) -> Config | None:
     if prog != "train.py":
         return build_config(config_file, overrides)
     recipe = choose_recipe(config_file, overrides)
-    if recipe.note:
+    if recipe.note and int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
         print(f"fittune: {recipe.note}", flush=True)
     return build_config(recipe.path, overrides, recipe.skip)

@@ -252,16 +252,18 @@ def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Pat
     """Where evaluate.py writes without --output_dir: in the training run, beside the eval/ that training wrote
     (never replaced by default), named after what is scored; nowhere else (a directory fittune did not create
     gets nothing written into it)."""
-    run = info.run_dir
+    run, prefix = info.run_dir, "eval-"
+    if run is not None and owned(run, "checkpoint") and owned(run.parent.parent, "train"):
+        run, prefix = run.parent.parent, f"eval-{run.name}-"  # a checkpoint's adapter: RUN/eval-step-N-...
     if run is None or not owned(run, "train"):
         raise FittuneError(f"pass --output_dir DIR: {info.weights_dir} is not in a fittune training run's "
                            f"directory, and fittune writes only into directories it creates")
     if not req.data_path_given and req.config_file is None:  # the run's own recipe: its held-out rows
-        return run / "eval-heldout"
+        return run / f"{prefix}heldout"
     # other data: named after its file, and its full path (two test.jsonl never share a folder)
     source = str(D.resolve_data_path(cfg.data.path))
     stem = re.sub(r"[^\w.-]+", "-", Path(source).stem).strip("-.") or "data"
-    return run / f"eval-{stem}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
+    return run / f"{prefix}{stem}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
 
 
 def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, mixed: str, data: EvalData,

@@ -94,6 +94,34 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+@dataclass(frozen=True)
+class DataFit:
+    """What data.max_length did to the rows: said in the log, kept in config.yaml."""
+
+    train_dropped: list[str]
+    """Ids of training rows whose answer does not fit (not trained on)."""
+    heldout_dropped: list[str]
+    """Ids of held-out rows whose answer does not fit: not in the held-out metrics."""
+    truncated: int
+    """Rows kept with the start of their prompt cut."""
+    heldout_total: int
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.train_dropped:
+            notes.append(f"dropped {len(self.train_dropped)} training rows whose answer does not fit "
+                         f"data.max_length (e.g. {self.train_dropped[0]})")
+        if self.heldout_dropped:
+            notes.append(f"NOTE: {len(self.heldout_dropped)} of the {self.heldout_total} held-out rows do not fit "
+                         f"data.max_length (e.g. {self.heldout_dropped[0]}) and are left out of the held-out "
+                         f"metrics, which cover the other {self.heldout_total - len(self.heldout_dropped)}; raise "
+                         f"data.max_length to score them all")
+        if self.truncated:
+            notes.append(f"{self.truncated} rows had the start of their prompt cut to fit data.max_length (raise it "
+                         f"to keep them whole)")
+        return notes
+
+
 class FineTuneRecipe:
     """One fine-tuning run: built by `setup`, run by `train`."""
 
@@ -168,7 +196,8 @@ class FineTuneRecipe:
         self.test_set, test_stats = D.tokenize_examples(test_examples, self.tokenizer, cfg.data)
         if not self.test_set:
             raise FittuneError("no held-out example fits data.max_length: raise it or check the data")
-        self.dropped = (train_stats.dropped_ids + test_stats.dropped_ids, train_stats.truncated + test_stats.truncated)
+        self.fit = DataFit(train_stats.dropped_ids, test_stats.dropped_ids, train_stats.truncated + test_stats.truncated,
+                           len(test_examples))
         self.digests = {"source_sha256": D.source_digest(cfg.data), "train_sha256": examples_digest(train_examples),
                         "heldout_sha256": examples_digest(test_examples)}
         by_id = {e.id: e for e in test_examples}
@@ -248,7 +277,7 @@ class FineTuneRecipe:
         if self.resume_from is None:
             return
         state = read_state(self.resume_from)
-        check_compatible(state, self.fingerprint(), self.resume_from)
+        check_compatible(state, self.fingerprint(), self.resume_from, self.world)
         how = load_checkpoint(self.target, self.resume_from, state, self.cfg.trust_checkpoint)
         self.counters = RunCounters(**{k: state[k] for k in asdict(self.counters) if k in state})
         if state.get("world_size") == self.world:  # the same layout keeps an adapted micro-batch (oom_adaptive)
@@ -278,12 +307,8 @@ class FineTuneRecipe:
         with write_guard(f"the run's files in {self.out}", "nothing that was there before was lost"):
             self._claim_and_write()
         self._log("resolved config\n" + self.config_yaml.rstrip())
-        if self.dropped[0]:
-            self._log(f"dropped {len(self.dropped[0])} rows whose answer does not fit data.max_length "
-                      f"(e.g. {self.dropped[0][0]})")
-        if self.dropped[1]:
-            self._log(f"{self.dropped[1]} rows had the start of their prompt cut to fit data.max_length (raise it "
-                      f"to keep them whole)")
+        for line in self.fit.notes():
+            self._log(line)
 
     def _claim_and_write(self) -> None:
         cfg = self.cfg
@@ -315,7 +340,8 @@ class FineTuneRecipe:
                 "model_path": self.model_path, "global_batch_size": self.global_batch,
                 "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                 "train_examples": len(self.train_set), "heldout_examples": len(self.test_set),
-                "truncated_rows": self.dropped[1], "dropped_rows": len(self.dropped[0]),
+                "truncated_rows": self.fit.truncated, "dropped_rows": len(self.fit.train_dropped + self.fit.heldout_dropped),
+                "heldout_dropped_rows": len(self.fit.heldout_dropped),
                 "resumed_from": str(self.resume_from) if self.resume_from else None, **self.digests}
 
     def _setup_baselines(self) -> None:
@@ -500,7 +526,9 @@ class FineTuneRecipe:
             self._log(f"--overwrite: kept a replaced run: {why}")
         plot_loss_curve(self.out / "train_log.jsonl", self.out / "loss_curve.png")
         self._log(f"padding: {1 - c.real_tokens / max(1, c.pad_slots):.1%} of micro-batch slots were padding")
-        self._log(f"held-out metrics ({len(self.test_set)} examples)\n"
+        left_out = f" of {self.fit.heldout_total}: {len(self.fit.heldout_dropped)} do not fit data.max_length" \
+            if self.fit.heldout_dropped else ""
+        self._log(f"held-out metrics ({len(self.test_set)} examples{left_out})\n"
                   + metrics_table({**self.compare, "fine-tuned": metrics}))
         self._log(f"outputs in {self.out}/ (final/, eval/, config.yaml, train_log.jsonl, loss_curve.png)")
 

@@ -502,6 +502,19 @@ def test_old_format_is_refused_clearly(tmp_path):
         check_compatible({"format_version": 1, "fingerprint": {}}, {}, tmp_path)
 
 
+
+def test_a_changed_process_count_says_how_to_keep_the_global_batch(tmp_path):
+    """Was "resume with the same recipe" when only the launch changed (2 processes -> 1)."""
+    from fittune.checkpoints import FORMAT_VERSION, check_compatible
+    from fittune.errors import FittuneError
+
+    state = {"format_version": FORMAT_VERSION, "world_size": 2, "fingerprint": {"global_batch_size": 16}}
+    with pytest.raises(FittuneError, match=r"global_batch_size: checkpoint 16 vs now 8.*written by 2 process\(es\), "
+                                           r"this launch has 1: launch 2, or keep its global batch \(16 = "):
+        check_compatible(state, {"global_batch_size": 8}, tmp_path, world_size=1)
+    with pytest.raises(FittuneError, match="resume with the same recipe"):  # same launch, other recipe
+        check_compatible(state, {"global_batch_size": 8}, tmp_path, world_size=2)
+
 def test_partial_checkpoints_removed_only_when_fittunes(tmp_path):
     from fittune.checkpoints import remove_partial_checkpoints
 

@@ -190,3 +190,15 @@ def test_aligned_batch_gives_the_logits_of_unpadded_rows(tiny_model_dir):
             got = logits[i, :len(c)]
             torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
             assert targets[i, :len(c)].tolist() == c
+
+
+def test_held_out_rows_that_do_not_fit_are_said_apart_from_training_rows():
+    """Was one count for both ("dropped 39 rows"): held-out rows left out bias the metrics, so they are said
+    with the share of the split the metrics cover."""
+    from fittune.recipe import DataFit
+
+    notes = DataFit(["3", "8"], ["5"], 0, 17).notes()
+    assert notes[0] == "dropped 2 training rows whose answer does not fit data.max_length (e.g. 3)"
+    assert notes[1].startswith("NOTE: 1 of the 17 held-out rows do not fit data.max_length (e.g. 5)")
+    assert "which cover the other 16" in notes[1] and len(notes) == 2
+    assert DataFit([], [], 0, 17).notes() == []

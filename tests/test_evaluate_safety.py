@@ -145,6 +145,16 @@ def test_a_run_without_final_says_why_and_what_to_evaluate(tmp_path, tiny_model_
     line = one_error(err)
     assert code == 2 and "has no final/ yet" in line and f"--output_dir {run} --resume auto" in line
     assert f"--checkpoint {adapter} --output_dir DIR" in line and not (tmp_path / "ev").exists()
+    code, _, err = evaluate(["--checkpoint", adapter.parent], capsys)  # the checkpoint itself: not a model
+    assert code == 2 and f"is a fittune training checkpoint (resumable state, not a model): evaluate its " \
+                         f"adapter: --checkpoint {adapter}" in one_error(err)
+    from fittune.checkpoints import resolve_checkpoint
+    from fittune.evaluate_cli import EvalRequest, default_eval_dir
+
+    shutil.copy(run / "config.yaml", adapter.parent / "config.yaml")  # as a checkpoint holds its recipe
+    info = resolve_checkpoint(str(adapter))
+    cfg = build_config(str(run / "config.yaml"), {})
+    assert default_eval_dir(info, cfg, EvalRequest(str(adapter), None, None)) == run / "eval-step-00000004-heldout"
 
 def test_run_being_trained_is_refused_on_every_rank(tmp_path, tiny_model_dir):
     """Two ranks: only the main one takes the lock; the other learns of the refusal and exits too (no hang)."""

@@ -181,7 +181,9 @@ def test_bf16_lora_keeps_adapters_fp32(tmp_path, tiny_config):
     proc = launch("train.py", ["--config", recipe, "--output_dir", run])
     assert "CPU threads per process: 2 (train.cpu_threads)" in proc.stdout
     assert json.loads((run / "ranks.json").read_text())[0]["cpu_threads"] == 2
-    truncated = yaml.safe_load((run / "config.yaml").read_text())["run"]["truncated_rows"]
+    facts = yaml.safe_load((run / "config.yaml").read_text())["run"]
+    truncated = facts["truncated_rows"]
+    assert facts["heldout_dropped_rows"] == 0
     assert truncated > 0 and f"{truncated} rows had the start of their prompt cut" in proc.stdout
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["run"]["mixed_precision"] == "bf16"
