@@ -283,8 +283,12 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, m
         train_set, _ = D.tokenize_examples(data.train, tokenizer, cfg.data)
         compare["majority"] = majority_baseline([class_name(x, x.gold, class_task) for x in train_set if x.candidates],
                                                 [class_name(x, x.gold, class_task) for x in test_set if x.candidates])
+    if accelerator.is_main_process and (out / "metrics.json").is_file():
+        print(f"fittune: replacing the previous evaluation in {out} (its evaluation.json said what it was)",
+              flush=True)
+    about = {"model": str(weights), "data": data.source}
     metrics = evaluate_and_report(model, accelerator, strategy, cfg, tokenizer, test_set, class_task, out, "model",
-                                  compare)
+                                  compare, about)
     accelerator.print(f"fittune: evaluated {weights} on {len(test_set)} examples ({data.source}) "
                       f"with {accelerator.num_processes} process(es)\n" + metrics_table({**compare, "model": metrics}))
     if accelerator.is_main_process:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from fittune.data import TokExample
 from fittune.distributed import on_main_then_agree
@@ -14,20 +15,25 @@ from fittune.strategy import Strategy
 
 def evaluate_and_report(model, accelerator, strategy: Strategy, cfg, tokenizer, examples: list[TokExample],
                         class_task: bool, out_dir: str | os.PathLike, title: str,
-                        compare: dict[str, dict] | None = None) -> dict:
+                        compare: dict[str, dict] | None = None, about: dict | None = None) -> dict:
     """Evaluate on `examples` (every rank its share), write `out_dir` on the main process (metrics.json,
-    predictions.jsonl, report.md, confusion_matrix.png) and return the metrics on every rank.
+    predictions.jsonl, report.md, confusion_matrix.png, evaluation.json) and return the metrics on every rank.
 
     `compare`: earlier columns of the report table (e.g. the majority baseline, the untrained model). A pass
-    holds at most `eval.batch_size` rows and `eval.max_batch_tokens` padded tokens (None: no token budget)."""
+    holds at most `eval.batch_size` rows and `eval.max_batch_tokens` padded tokens (None: no token budget).
+    `about`: what was evaluated (the model, the data), kept in evaluation.json with the settings that change
+    the numbers, so two evaluations can be told apart."""
     records = score_examples(model, accelerator, strategy, examples, tokenizer, cfg.eval.batch_size,
                              cfg.eval.max_new_tokens, cfg.eval.length_normalize,
                              max_batch_tokens=cfg.eval.max_batch_tokens)
     predictions = build_predictions(examples, records, class_task)
     metrics = compute_metrics(predictions)
     # the other ranks wait for the reports: a failed write fails every rank, and none leaves early
+    settings = {**(about or {}), "examples": len(examples), "processes": accelerator.num_processes,
+                "strategy": strategy.name, "eval": cfg.eval.model_dump(mode="json"),
+                "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     on_main_then_agree(accelerator, lambda: write_eval_outputs(out_dir, metrics, predictions, title,
-                                                                {**(compare or {}), title: metrics}))
+                                                                {**(compare or {}), title: metrics}, settings))
     return metrics
 
 

@@ -533,8 +533,10 @@ class FineTuneRecipe:
         self._log(f"outputs in {self.out}/ (final/, eval/, config.yaml, train_log.jsonl, loss_curve.png)")
 
     def _evaluate(self, out_dir: Path, title: str) -> dict:
+        about = {"model": f"{self.cfg.model.name_or_path} ({title}, step {self.counters.step} of this run)",
+                 "data": "the run's held-out rows (heldout_ids.json)"}
         return evaluate_and_report(self.model, self.accelerator, self.strategy, self.cfg, self.tokenizer,
-                                   self.test_set, self.class_task, out_dir, title, self.compare)
+                                   self.test_set, self.class_task, out_dir, title, self.compare, about)
 
     def _write_ranks(self) -> None:
         """Which rows each rank trained on first, and what it holds of the weights: proof the ranks are real."""

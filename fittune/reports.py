@@ -104,9 +104,10 @@ def _tmp_of(out: Path) -> Path:
 
 
 def write_eval_outputs(out_dir: str | os.PathLike, metrics: dict, predictions: list[dict], title: str,
-                       compare: dict[str, dict] | None = None) -> Path:
+                       compare: dict[str, dict] | None = None, settings: dict | None = None) -> Path:
     """Write metrics.json, predictions.jsonl, report.md (+ confusion_matrix.png; + comparison.json, every
-    column of the report's table, when it compares with baselines) to `out_dir`: built in
+    column of the report's table, when it compares with baselines; + evaluation.json, `settings`: what was
+    evaluated and how) to `out_dir`: built in
     `<out_dir>.tmp`, fsynced, then swapped in whole (`rundir.publish_dir`). Only a directory fittune created
     is ever replaced; a user's non-empty directory is refused, never emptied."""
     out = check_eval_dir(out_dir)
@@ -116,6 +117,8 @@ def write_eval_outputs(out_dir: str | os.PathLike, metrics: dict, predictions: l
     with write_guard(f"evaluation results to {out}", "nothing in place of the old results was changed"):
         atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         atomic_write_text(tmp / "predictions.jsonl", lines)
+        if settings:
+            atomic_write_text(tmp / "evaluation.json", json.dumps(settings, indent=2) + "\n")
         if compare and len(compare) > 1:  # the majority baseline, the untrained model ... as numbers to plot
             atomic_write_text(tmp / "comparison.json", json.dumps(compare, indent=2) + "\n")
         report = [f"# {title}", "", markdown_table(compare or {"model": metrics}), ""]

@@ -254,6 +254,12 @@ def test_default_output_is_beside_the_training_report_and_never_outside_a_run(tm
     assert json.loads((run / "eval-heldout/metrics.json").read_text())["num_examples"] > 0
     table = json.loads((run / "eval-heldout/comparison.json").read_text())  # the report's columns, to plot
     assert list(table) == ["majority", "model"] and table["model"]["accuracy"] >= 0
+    about = json.loads((run / "eval-heldout/evaluation.json").read_text())  # what was evaluated, and how
+    assert about["model"] == str(run / "final") and about["data"] == "the run's held-out rows"
+    assert about["processes"] == 1 and about["eval"]["batch_size"] == 8 and about["examples"] > 0
+    code, out, _ = evaluate(["--checkpoint", run, "--eval.length_normalize", "true"], capsys)
+    assert code == 0 and f"replacing the previous evaluation in {run / 'eval-heldout'}" in out
+    assert json.loads((run / "eval-heldout/evaluation.json").read_text())["eval"]["length_normalize"] is True
     other = tmp_path / "other.jsonl"
     other.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:12]))
     code, _, err = evaluate(["--checkpoint", run, "--data.path", other], capsys)

@@ -29,11 +29,14 @@ def test_end_to_end_learns_and_final_reloads_without_fittune(tmp_path, method):
     assert len(losses) == 60
     # it learns: a random tiny model starts near log(vocab); LoRA on it moves slower than full fine-tuning
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.25, losses
-    for f in ["config.yaml", "heldout_ids.json", "loss_curve.png", "eval/metrics.json", "eval/predictions.jsonl",
+    for f in ["config.yaml", "heldout_ids.json", "loss_curve.png", "eval/metrics.json", "eval/evaluation.json",
+              "eval/predictions.jsonl",
               "eval/report.md", "eval/confusion_matrix.png", "final/tokenizer_config.json"]:
         assert (run / f).is_file(), f
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["run"]["world_size"] == 1 and saved["train"]["max_steps"] == 60
+    about = json.loads((run / "eval/evaluation.json").read_text())
+    assert "step 60 of this run" in about["model"] and about["processes"] == 1 and about["eval"] == saved["eval"]
     umask = os.umask(0)
     os.umask(umask)
     assert {f.stat().st_mode & 0o777 for f in (run / "final").iterdir()} == {0o666 & ~umask}  # weights too
