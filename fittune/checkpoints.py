@@ -75,7 +75,7 @@ def _unfinished_run(run: Path) -> str:
             return f"cannot evaluate now: {e}"
         if lock is not None:
             lock.release()
-    latest = complete_checkpoints(run)[-1:] if (run / "checkpoints").is_dir() else []
+    latest = complete_checkpoints(run)[-1:]
     adapter = [c / "adapter" for c in latest if (c / "adapter" / "adapter_config.json").is_file()]
     saved = (f"; or evaluate its last checkpoint's adapter now: --checkpoint {adapter[0]} --output_dir DIR"
              if adapter else "")

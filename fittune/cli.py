@@ -98,8 +98,6 @@ def parse_args(argv: list[str], prog: str) -> Config | None:
         return None
     config_file, rest = split_flag(argv, "config")
     overrides = parse_overrides(rest)
-    if prog != "train.py":
-        return build_config(config_file, overrides)
     recipe = choose_recipe(config_file, overrides)
     if recipe.note and int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
         print(f"fittune: {recipe.note}", flush=True)

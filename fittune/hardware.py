@@ -29,10 +29,12 @@ class Hardware:
     """Memory of the smallest GPU."""
     cpu_mem_gib: float
     bf16: bool
-    """The GPUs support bf16 (assumed without a GPU here: fp16 plans the same, both are 2 bytes)."""
+    """The GPUs support bf16 (assumed without a GPU here: `bf16_assumed`)."""
     notes: list[str] = field(default_factory=list)
     source: str = ""
     """What was detected rather than given (shown in the plan)."""
+    bf16_assumed: bool = False
+    """No GPU here to ask: bf16 support is assumed (the planner says what that means for the recipe)."""
 
 
 @dataclass(frozen=True)
@@ -67,14 +69,14 @@ def detect_hardware(gpus: int | None, gpu_mem_gib: float | None, cpu_mem_gib: fl
             notes.append(f"no CUDA GPU on this machine and no --gpus/--gpu-mem: planning for "
                          f"{gpus or 1} GPU{'s' if (gpus or 1) > 1 else ''} x {gpu_mem_gib or DEFAULT_GPU_MEM_GIB:g} "
                          f"GiB; pass --gpus N --gpu-mem GiB for your hardware")
-        notes.append("bf16 support assumed (an fp16-only GPU gives the same plan: both are 2 bytes)")
         gpus = gpus or 1
         gpu_mem_gib = gpu_mem_gib or DEFAULT_GPU_MEM_GIB
     if cpu_mem_gib is None:
         cpu_mem_gib = psutil.virtual_memory().total / GIB
         parts.append("CPU RAM detected")
     source = ", ".join(parts) if parts else "as given"
-    return Hardware(gpus, float(gpu_mem_gib), float(cpu_mem_gib), local.bf16, notes, source)
+    return Hardware(gpus, float(gpu_mem_gib), float(cpu_mem_gib), local.bf16, notes, source,
+                    bf16_assumed=not local.count)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ plan and the command line.
 
 from __future__ import annotations
 
+import difflib
 import math
 import shlex
 import sys
@@ -29,7 +30,7 @@ from fittune.activations import (
     layer_activation_terms,
 )
 from fittune.cli import DEMO_RECIPE, split_flag
-from fittune.config import Config, build_config, parse_overrides
+from fittune.config import Config, all_keys, build_config, parse_overrides
 from fittune.errors import FittuneError, run_cli
 from fittune.estimate import (
     Estimate,
@@ -314,13 +315,14 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = 
 
 
 def _hardware_notes(cfg: Config, hw: Hardware) -> list[str]:
-    """The hardware notes, except that an fp16-only GPU plans the same only for recipes that can run in fp16."""
-    needs_bf16 = cfg.model.dtype == "bfloat16" or cfg.train.optimizer_in_backward or cfg.train.mixed_precision == "bf16"
-    if not needs_bf16:
+    """The hardware notes, and what an assumed bf16 GPU means for this recipe."""
+    if not hw.bf16_assumed:
         return list(hw.notes)
-    return [n if not n.startswith("bf16 support assumed") else
-            "bf16 support assumed: this recipe needs a GPU with bf16 (bf16 weights, bf16 mixed precision or the "
-            "optimizer step in backward refuse fp16)" for n in hw.notes]
+    needs_bf16 = cfg.model.dtype == "bfloat16" or cfg.train.optimizer_in_backward or cfg.train.mixed_precision == "bf16"
+    assumed = ("bf16 support assumed: this recipe needs a GPU with bf16 (bf16 weights, bf16 mixed precision or the "
+               "optimizer step in backward refuse fp16)" if needs_bf16 else
+               "bf16 support assumed (an fp16-only GPU gives the same plan: both are 2 bytes)")
+    return list(hw.notes) + [assumed]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -543,6 +545,21 @@ def _raw_overrides(argv: list[str]) -> list[str]:
     return out
 
 
+HARDWARE_FLAGS = ("gpus", "gpu-mem", "cpu-mem")
+
+
+def _check_hardware_flags(args: list[str]) -> None:
+    """An unknown `--name` that looks like one of the planner's own flags (`--gpu`, `--gpu_mem`) is named as
+    such, not as an unknown config key."""
+    keys = set(all_keys())
+    for arg in args:
+        name = arg[2:].split("=")[0] if arg.startswith("--") else ""
+        close = difflib.get_close_matches(name.replace("_", "-"), HARDWARE_FLAGS, n=1, cutoff=0.6)
+        if name and name not in keys and close:
+            raise FittuneError(f"unknown flag --{name}: did you mean --{close[0]}? (the planner's hardware flags "
+                               f"are --gpus N, --gpu-mem GiB and --cpu-mem GiB)")
+
+
 def plan_main(argv: list[str]) -> Plan | None:
     """`python -m fittune.plan` without the error handling: parse argv, plan, print (None after --help).
     Raises FittuneError on bad input."""
@@ -555,10 +572,7 @@ def plan_main(argv: list[str]) -> Plan | None:
     gpu_mem, argv = split_flag(argv, "gpu-mem")
     cpu_mem, argv = split_flag(argv, "cpu-mem")
     config_file, rest = split_flag(argv, "config")
-    for flag in ("--gpu", "--gpu_mem", "--cpu_mem", "--gpu-memory", "--mem"):
-        if any(a == flag or a.startswith(flag + "=") for a in rest):
-            raise FittuneError(f"unknown flag {flag}: the planner's hardware flags are --gpus N, --gpu-mem GiB and "
-                               f"--cpu-mem GiB")
+    _check_hardware_flags(rest)
     gpus, gpu_mem, cpu_mem = _number("gpus", gpus, int), _number("gpu-mem", gpu_mem, float), \
         _number("cpu-mem", cpu_mem, float)
     if config_file is None:

@@ -72,10 +72,7 @@ def check_eval_dir(out_dir: str | os.PathLike, flag: str = "--output_dir") -> Pa
     fittune did not create (no `.fittune` marker; `eval/` inside a fittune run directory counts as fittune's),
     or a file. Read-only, so it can run on every rank before any work."""
     out = Path(out_dir)
-    check_not_inside_fittune_dir(out, flag, allowed_parent_kind="train")  # beside a run's own eval/ is fine
-    if owned(out.resolve().parent, "train") and not (out.name.startswith("eval") and not out.name.endswith(".tmp")):
-        raise FittuneError(f"{flag} {out} is inside the run {out.parent}, whose other names (final/, checkpoints/, "
-                           f"...) are the run's own: name it eval-SOMETHING there, or choose a directory outside")
+    check_not_inside_fittune_dir(out, flag, evaluation=True)  # RUN/eval-* beside a run's own eval/ is fine
     if out.is_dir() and not _ours(out) and any(out.iterdir()):
         check_writable_dir(out, flag)  # raises: not empty, not fittune's
         # fittune's, but not an evaluation output (a run directory, a checkpoint): never replaced by results

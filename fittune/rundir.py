@@ -101,9 +101,8 @@ def _umask() -> int:
 
 def readable_like_umask(root: Path) -> None:
     """Give every file below `root` the permissions a new file gets (0o666, 0o777 for an executable one,
-    minus the umask): safetensors
-    writes its files owner-only (0600), which would leave a model directory others cannot read beside its
-    config files that they can."""
+    minus the umask): safetensors writes its files owner-only (0600), which would leave a model directory
+    others cannot read beside config files that they can."""
     umask = _umask()
     for dirpath, _, files in os.walk(root):
         for name in files:
@@ -229,13 +228,18 @@ def fittune_ancestor(path: Path) -> Path | None:
     return None
 
 
-def check_not_inside_fittune_dir(path: Path, flag: str, allowed_parent_kind: str | None = None) -> None:
-    """Refuse `path` inside a directory fittune created, except directly inside one of `allowed_parent_kind`
-    (an evaluation beside a run's own eval/)."""
+def check_not_inside_fittune_dir(path: Path, flag: str, evaluation: bool = False) -> None:
+    """Refuse `path` inside a directory fittune created, except, for an evaluation, an `eval*` directory
+    directly inside a training run, beside the run's own eval/ (the run's other names are its own)."""
     above = fittune_ancestor(path)
-    if above is None or (allowed_parent_kind and above == Path(path).resolve().parent
-                         and owned(above, allowed_parent_kind)):
+    if above is None:
         return
+    real = Path(path).resolve()
+    if evaluation and above == real.parent and owned(above, "train"):
+        if real.name.startswith("eval") and not real.name.endswith(".tmp"):
+            return
+        raise FittuneError(f"{flag} {path} is inside the run {above}, whose other names (final/, checkpoints/, "
+                           f"...) are the run's own: name it eval-SOMETHING there, or choose a directory outside")
     raise FittuneError(f"{flag} {path} is inside {above}, a fittune {marker_kind(above) or 'train'} directory: "
                        f"fittune replaces and removes what is inside its own directories (checkpoints, final/, "
                        f"eval/), so nothing of yours belongs there; choose a directory outside it")

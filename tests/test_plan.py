@@ -489,5 +489,8 @@ def test_cli_16gb_full_finetuning_acceptance():
 
 
 def test_a_misnamed_hardware_flag_names_the_right_ones(capsys):
-    with pytest.raises(FittuneError, match="unknown flag --gpu: the planner's hardware flags are --gpus N"):
-        P.plan_main(["--gpu", "1"])
+    for wrong, right in (("--gpu", "--gpus"), ("--gpu_mem", "--gpu-mem"), ("--cpu-memory", "--cpu-mem")):
+        with pytest.raises(FittuneError, match=f"unknown flag {wrong}: did you mean {right}\\?"):
+            P.plan_main([wrong, "1"])
+    with pytest.raises(FittuneError, match="unknown config key 'train.lrr'"):  # a config key stays one
+        P.plan_main(["--train.lrr", "1"])
