@@ -6,14 +6,15 @@ DIR may be:
   * a run's `final/` (or the run dir): an adapter is copied, or with `--merge` folded into its base model;
   * a training checkpoint `checkpoints/step-N/`: a LoRA checkpoint exports its unsharded adapter (merged with
     `--merge`); a full fine-tuning checkpoint is consolidated into one safetensors model, from DeepSpeed ZeRO
-    shards (any stage) or from accelerate's single-file state.
+    shards (any stage), FSDP2's sharded torch.distributed.checkpoint files, or accelerate's single-file state.
 The result loads with `AutoModelForCausalLM.from_pretrained(OUT)` (or PEFT for an unmerged adapter) without
 fittune or DeepSpeed; tied input/output embeddings stay tied.
 
 OUT must not exist: the export is built in a hidden directory next to it, fsynced and renamed into place, so
 OUT is either complete or absent. DeepSpeed shards are pickles (DeepSpeed reads them with
-`torch.load(weights_only=False)`, which runs any code they hold): they are read only from a run directory
-fittune wrote, or with `--trust_checkpoint` for a checkpoint from a source you trust.
+`torch.load(weights_only=False)`, which runs any code they hold), and so is FSDP2's checkpoint metadata: they
+are read only from a run directory fittune wrote, or with `--trust_checkpoint` for a checkpoint from a source
+you trust.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import pickle
 import shutil
 import sys
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,6 +37,7 @@ from fittune.errors import FittuneError, run_cli
 from fittune.rundir import fsync_dir, fsync_tree, readable_like_umask, write_guard
 
 USAGE = "--checkpoint DIR --output OUT [--merge] [--trust_checkpoint]"
+FSDP_MODEL_DIR = "pytorch_model_fsdp_0"  # accelerate's save_state under FSDP with SHARDED_STATE_DICT
 
 
 def _run_config(d: Path) -> dict:
@@ -169,7 +173,8 @@ def export(checkpoint: str, output: str, merge: bool = False, trust_checkpoint: 
 
 
 def _consolidated_state_dict(src: Path, trusted: bool) -> dict[str, torch.Tensor]:
-    """One state dict from a training checkpoint: ZeRO shards (any stage) or accelerate's model file."""
+    """One state dict from a training checkpoint: ZeRO shards (any stage), FSDP2 shards or accelerate's model
+    file."""
     if (src / "pytorch_model").is_dir():
         require_trusted(src, trusted, "DeepSpeed ZeRO shards (DeepSpeed's zero_to_fp32 reads them with "
                                       "torch.load(weights_only=False))")
@@ -179,9 +184,12 @@ def _consolidated_state_dict(src: Path, trusted: bool) -> dict[str, torch.Tensor
         )
 
         return get_fp32_state_dict_from_zero_checkpoint(str(src), tag="pytorch_model")
+    if (src / FSDP_MODEL_DIR).is_dir():
+        require_trusted(src, trusted, "FSDP2's torch.distributed.checkpoint metadata (.metadata is a pickle)")
+        return _fsdp2_state_dict(src / FSDP_MODEL_DIR)
     files = sorted(src.glob("model*.safetensors"))
     if not files:
-        raise FittuneError(f"{src} holds no model weights (no ZeRO shards, no model.safetensors)")
+        raise FittuneError(f"{src} holds no model weights (no ZeRO or FSDP2 shards, no model.safetensors)")
     from safetensors.torch import load_file
 
     state = {}
@@ -192,6 +200,34 @@ def _consolidated_state_dict(src: Path, trusted: bool) -> dict[str, torch.Tensor
             raise FittuneError(f"{f} cannot be read ({str(e).strip() or type(e).__name__}): the checkpoint is "
                                f"damaged; export another checkpoint") from None
     return state
+
+
+def _fsdp2_state_dict(shards: Path) -> dict[str, torch.Tensor]:
+    """The whole model from FSDP2's sharded checkpoint (accelerate's `save_state`: torch.distributed.checkpoint
+    files holding {"model": state_dict}), read in this one process: every tensor is allocated whole, with the
+    shape and dtype the checkpoint's metadata records, and the shards of all ranks are read into it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(shards))
+    try:
+        entries = reader.read_metadata().state_dict_metadata
+        whole = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()
+                 if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+        if not whole:
+            raise FittuneError(f"{shards} holds no model tensors: the checkpoint is damaged; export another one")
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process, on purpose
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": {k[len("model."):]: t for k, t in whole.items()}}, storage_reader=reader,
+                     no_dist=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, CheckpointException) as e:
+        if isinstance(e, CheckpointException):  # a missing or cut shard: the reader's own error, per rank
+            e = next(iter(e.failures.values()))[0]
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FittuneError(f"{shards} cannot be read ({type(e).__name__}: {reason}): the checkpoint is damaged; "
+                           f"export another checkpoint") from None
+    return {k[len("model."):]: t for k, t in whole.items()}
 
 
 def main(argv: list[str]) -> None:

@@ -1,5 +1,5 @@
-"""python -m fittune.export: a merged LoRA model gives the adapter model's logits; a sharded ZeRO checkpoint
-becomes one safetensors model equal to the trained weights."""
+"""python -m fittune.export: a merged LoRA model gives the adapter model's logits; a sharded ZeRO or FSDP2
+checkpoint becomes one safetensors model equal to the trained weights."""
 
 import shutil
 import subprocess
@@ -37,13 +37,17 @@ def test_merged_lora_export_matches_adapter_logits(tmp_path, tiny_config):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
-@pytest.mark.parametrize("accel", ["deepspeed_zero2", "deepspeed_zero3"])
-def test_zero_checkpoint_consolidates_to_one_model(tmp_path, tiny_config, accel):
+SHARDS = {"deepspeed_zero2": "pytorch_model", "deepspeed_zero3": "pytorch_model", "fsdp2": "pytorch_model_fsdp_0"}
+
+
+@pytest.mark.parametrize("accel", list(SHARDS))
+def test_sharded_checkpoint_consolidates_to_one_model(tmp_path, tiny_config, accel):
+    """ZeRO shards and FSDP2's torch.distributed.checkpoint shards become the model the run itself wrote."""
     run = tmp_path / "run"
     launch("train.py", ["--config", tiny_config(train={"max_steps": 4, "save_steps": 4}), "--output_dir", run],
            nproc=2, config_file=f"accelerate_configs/{accel}.yaml")
     ckpt = run / "checkpoints" / "step-00000004"
-    assert (ckpt / "pytorch_model").is_dir()  # really sharded by DeepSpeed
+    assert (ckpt / SHARDS[accel]).is_dir() and not list(ckpt.glob("model*.safetensors"))  # really sharded
     proc = export("--checkpoint", ckpt, "--output", tmp_path / "model")
     assert proc.returncode == 0, proc.stderr[-2000:]
     from transformers import AutoModelForCausalLM
