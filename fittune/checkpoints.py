@@ -242,21 +242,45 @@ def _load_fully(f: Path) -> None:
         load(f, map_location="cpu", weights_only=True)  # torch.load + numpy's RNG state types, no code
 
 
-def _corrupt(path: Path, f: Path, reason: str) -> FittuneError:
-    return FittuneError(f"checkpoint {path} is damaged: {f.relative_to(path)} cannot be read ({reason}); resume "
-                        f"from an older checkpoint (--resume {path.parent}/step-N) or start a new output_dir")
+def _corrupt(path: Path, f: Path, reason: str, export: bool = False) -> FittuneError:
+    fix = (f"export an older checkpoint ({path.parent}/step-N)" if export else
+           f"resume from an older checkpoint (--resume {path.parent}/step-N) or start a new output_dir")
+    return FittuneError(f"checkpoint {path} is damaged: {f.relative_to(path)} cannot be read ({reason}); {fix}")
 
 
-def check_files(path: Path) -> None:
+def check_files(path: Path, export: bool = False) -> None:
     """Refuse a checkpoint with a cut or overwritten tensor file, naming it, before any of it is loaded."""
     for pattern in _TENSOR_FILES:
         for f in sorted(path.rglob(pattern)):
             reason = _damaged(f)
             if reason:
-                raise _corrupt(path, f, reason)
+                raise _corrupt(path, f, reason, export)
 
 
-def _name_the_bad_file(path: Path, rank: int, error: Exception) -> FittuneError:
+def check_dcp_files(path: Path, export: bool = False) -> None:
+    """Refuse torch.distributed.checkpoint shards (FSDP2's) under `path` with a file missing or shorter than
+    the checkpoint's metadata records, naming it (torch would raise a zip error from inside its reader on
+    every rank). Reads `.metadata`, a pickle: call it only for a checkpoint already trusted."""
+    import torch.distributed.checkpoint as dcp
+
+    for meta in sorted(path.rglob(".metadata")):
+        try:
+            storage = dcp.FileSystemReader(str(meta.parent)).read_metadata().storage_data
+        except Exception as e:  # UnpicklingError, EOFError: a cut or overwritten .metadata
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise _corrupt(path, meta, reason, export) from None
+        needed: dict[str, int] = {}  # file -> the end of its last record
+        for info in storage.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+        for name, size in sorted(needed.items()):
+            f = meta.parent / name
+            if not f.is_file():
+                raise _corrupt(path, f, "missing", export)
+            if f.stat().st_size < size:
+                raise _corrupt(path, f, f"{f.stat().st_size} bytes, its metadata records {size}", export)
+
+
+def _name_the_bad_file(path: Path, rank: int, error: BaseException) -> FittuneError:
     """A load failed: find the file that cannot be read (tensors only) and name it; else report the error."""
     files = sorted(path.glob("model*.safetensors")) + sorted(path.glob("optimizer*.bin"))
     files += [f for f in (path / "scaler.pt", path / f"random_states_{rank}.pkl") if f.is_file()]
@@ -265,6 +289,8 @@ def _name_the_bad_file(path: Path, rank: int, error: Exception) -> FittuneError:
             _load_fully(f)
         except Exception as e:  # UnpicklingError, RuntimeError (zip), SafetensorError: what a bad file raises
             return _corrupt(path, f, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    if hasattr(error, "failures"):  # torch.distributed.checkpoint's CheckpointException: the first rank's error
+        error = next(iter(error.failures.values()))[0]
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return FittuneError(f"could not load checkpoint {path} ({type(error).__name__}: {reason}); resume from an "
                         f"older checkpoint or start a new output_dir")
@@ -447,6 +473,8 @@ def _exact_restore(target: CheckpointTarget, path: Path, trusted: bool) -> None:
     failure = None
     try:
         check_files(path)
+        if strategy.sharded:  # trusted by now
+            check_dcp_files(path)
         rng = path / f"random_states_{acc.process_index}.pkl"
         if not rng.is_file():  # accelerate skips a missing RNG file silently: the resume would not be exact
             raise FittuneError(f"checkpoint {path} is incomplete: {rng.name} is missing; resume from an older "
@@ -454,11 +482,14 @@ def _exact_restore(target: CheckpointTarget, path: Path, trusted: bool) -> None:
     except FittuneError as e:
         failure = e
     raise_if_any_failed(acc, failure)  # before any collective inside load_state
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         acc.load_state(str(path))
     except FittuneError:
         raise
-    except Exception as e:  # a file cut or overwritten inside: UnpicklingError, RuntimeError, SafetensorError
+    except (Exception, CheckpointException) as e:  # a file cut or overwritten inside: UnpicklingError,
+        # RuntimeError, SafetensorError; torch.distributed.checkpoint's CheckpointException is a BaseException
         failure = _name_the_bad_file(path, acc.process_index, e)
     raise_if_any_failed(acc, failure)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from fittune.checkpoints import check_files, require_trusted
+from fittune.checkpoints import check_dcp_files, check_files, require_trusted
 from fittune.errors import FittuneError, run_cli
 from fittune.rundir import fsync_dir, fsync_tree, readable_like_umask, write_guard
 
@@ -178,7 +178,7 @@ def _consolidated_state_dict(src: Path, trusted: bool) -> dict[str, torch.Tensor
     if (src / "pytorch_model").is_dir():
         require_trusted(src, trusted, "DeepSpeed ZeRO shards (DeepSpeed's zero_to_fp32 reads them with "
                                       "torch.load(weights_only=False))")
-        check_files(src)  # a cut shard is named here, not as a zip error from inside DeepSpeed
+        check_files(src, export=True)  # a cut shard is named here, not as a zip error from inside DeepSpeed
         from deepspeed.utils.zero_to_fp32 import (
             get_fp32_state_dict_from_zero_checkpoint,
         )
@@ -186,6 +186,7 @@ def _consolidated_state_dict(src: Path, trusted: bool) -> dict[str, torch.Tensor
         return get_fp32_state_dict_from_zero_checkpoint(str(src), tag="pytorch_model")
     if (src / FSDP_MODEL_DIR).is_dir():
         require_trusted(src, trusted, "FSDP2's torch.distributed.checkpoint metadata (.metadata is a pickle)")
+        check_dcp_files(src, export=True)  # a missing or cut shard is named here
         return _fsdp2_state_dict(src / FSDP_MODEL_DIR)
     files = sorted(src.glob("model*.safetensors"))
     if not files:

@@ -494,6 +494,36 @@ def test_damaged_checkpoint_is_one_clear_error_naming_the_file(tmp_path, damage)
     assert not evidence.exists()  # weights_only: the pickle's code never ran
 
 
+@pytest.mark.parametrize("damage", ["shard-cut", "shard-missing", "metadata-cut"])
+def test_damaged_distributed_checkpoint_shards_are_named(tmp_path, damage):
+    """FSDP2's torch.distributed.checkpoint files: a shard shorter than its metadata records, a missing shard
+    or a cut .metadata is named before torch's reader fails inside (a zip error on every rank)."""
+    import torch.distributed.checkpoint as dcp
+
+    from fittune.checkpoints import check_dcp_files
+    from fittune.errors import FittuneError
+
+    ckpt = tmp_path / "step-00000001"
+    state = {"model": {"w": torch.randn(64, 32), "b": torch.randn(32)}}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(ckpt / "pytorch_model_fsdp_0")), no_dist=True)
+    check_dcp_files(ckpt)  # whole: passes
+    shard = next((ckpt / "pytorch_model_fsdp_0").glob("*.distcp"))
+    if damage == "shard-cut":
+        shard.write_bytes(shard.read_bytes()[:-10])
+        bad, why = shard, "bytes, its metadata records"
+    elif damage == "shard-missing":
+        shard.unlink()
+        bad, why = shard, "missing"
+    else:
+        bad = ckpt / "pytorch_model_fsdp_0" / ".metadata"
+        bad.write_bytes(bad.read_bytes()[:20])
+        why = "cannot be read"
+    with pytest.raises(FittuneError, match="is damaged") as e:
+        check_dcp_files(ckpt)
+    assert f"pytorch_model_fsdp_0/{bad.name}" in str(e.value) and why in str(e.value)
+    assert "--resume" in str(e.value)
+
+
 def test_old_format_is_refused_clearly(tmp_path):
     from fittune.checkpoints import check_compatible
     from fittune.errors import FittuneError

@@ -72,6 +72,12 @@ def test_sharded_checkpoint_consolidates_to_one_model(tmp_path, tiny_config, acc
     export_in_process(str(received), str(tmp_path / "model2"), trust_checkpoint=True)
     again = load_file(tmp_path / "model2" / "model.safetensors")
     assert set(again) == set(exported) and all(torch.equal(again[k], exported[k]) for k in exported)
+    # a cut shard is named before the shard reader fails inside, and nothing is written
+    shard = max((received / SHARDS[accel]).glob("*"), key=lambda f: f.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(FittuneError, match=f"{SHARDS[accel]}/{shard.name} cannot be read.*export an older"):
+        export_in_process(str(received), str(tmp_path / "model3"), trust_checkpoint=True)
+    assert not (tmp_path / "model3").exists()
 
 
 def accelerate_checkpoint(root, model_dir):
