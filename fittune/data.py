@@ -490,6 +490,7 @@ class TokExample:
     answer: str = ""
     train_on_prompt: bool = False
     cand_prompt_ids: list[int] | None = None  # the prompt cut further, if needed, to fit the longest choice
+    question: str = ""  # the last user turn as written, so predictions.jsonl can be read without the data file
 
     @property
     def input_ids(self) -> list[int]:
@@ -517,6 +518,10 @@ class TokenizeStats:
     dropped_ids: list[str] = field(default_factory=list)
 
 
+def _last_user_turn(messages: list[dict[str, str]]) -> str:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
 def tokenize_examples(examples: list[Example], tokenizer, cfg: DataConfig) -> tuple[list[TokExample], TokenizeStats]:
     """Tokenize prompts and answers; cut prompts from the left to fit `max_length`, drop rows that cannot fit.
 
@@ -541,7 +546,7 @@ def tokenize_examples(examples: list[Example], tokenizer, cfg: DataConfig) -> tu
             stats.truncated += 1
         # keep the end of the prompt, next to the answer
         out.append(TokExample(e.id, p[-budget:], a, cands, e.gold, e.label, e.choices, e.answer,
-                              cfg.train_on_prompt, p[-cand_budget:]))
+                              cfg.train_on_prompt, p[-cand_budget:], _last_user_turn(e.messages)))
     return out, stats
 
 

@@ -36,10 +36,10 @@ def token_f1(pred: str, gold: str) -> float:
 
 
 def build_predictions(examples: list[TokExample], records: list[dict], class_task: bool) -> list[dict]:
-    """One row per example: id, gold, pred, correct, and the choice scores or generated text."""
+    """One row per example: id, the question, gold, pred, correct, and the choice scores or generated text."""
     rows = []
     for e, rec in zip(examples, records):
-        row = {"id": e.id, "nll": rec["nll"], "n_tokens": rec["n_tokens"], "n_correct_tokens": rec["n_correct"]}
+        row = {"id": e.id, "question": e.question, "nll": rec["nll"], "n_tokens": rec["n_tokens"], "n_correct_tokens": rec["n_correct"]}
         if e.candidates and "scores" in rec:
             best = max(range(len(rec["scores"])), key=lambda k: (rec["scores"][k], -k))
             row.update(gold=class_name(e, e.gold, class_task), pred=class_name(e, best, class_task),

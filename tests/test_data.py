@@ -44,6 +44,7 @@ def test_chat_template_and_answer_only_labels(tokenizer):
                       "<|im_start|>assistant\n")
     (tok,), stats = D.tokenize_examples(ex, tokenizer, cfg)
     assert stats.truncated == stats.dropped == 0
+    assert tok.question == "What is dropout?"  # what predictions.jsonl shows beside the answer
     labels = tok.labels
     n_prompt = len(tok.prompt_ids)
     assert labels[:n_prompt] == [D.IGNORE_INDEX] * n_prompt  # no loss on the prompt

@@ -9,6 +9,9 @@ import pytest
 from conftest import TINY_SHAPE, launch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
+from fittune.config import DataConfig
+from fittune.data import read_rows
+
 
 def load_preds(d: Path) -> list[dict]:
     return [json.loads(line) for line in (d / "predictions.jsonl").read_text().splitlines()]
@@ -75,6 +78,9 @@ def test_metrics_equal_independent_recomputation(grid):
     assert metrics["loss"] == pytest.approx(sum(p["nll"] for p in preds) / n_tok)
     assert metrics["token_accuracy"] == pytest.approx(sum(p["n_correct_tokens"] for p in preds) / n_tok)
     assert (d / "report.md").is_file() and (d / "confusion_matrix.png").stat().st_size > 1000
+    # each row reads on its own: the question as written in the data (ids are row numbers without data.id_column)
+    questions = {str(i): r["question"] for i, r in enumerate(read_rows("builtin:ai-research-qa", DataConfig()))}
+    assert all(p["question"] == questions[p["id"]] for p in preds)
 
 
 def test_saved_adapter_matches_in_memory_model(lora_run, grid):
