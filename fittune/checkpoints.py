@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from fittune.rundir import (
     owned,
     publish_dir,
     remove_owned,
+    sealed,
     write_guard,
 )
 from fittune.strategy import Strategy
@@ -121,7 +123,8 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    found = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step-") and not d.name.endswith(".tmp")
+    # only fittune's own names (step-<digits>): a step-best/ or step-N.bak copied aside there is the user's
+    found = [d for d in root.iterdir() if re.fullmatch(r"step-\d+", d.name) and d.is_dir() and not d.is_symlink()
              and (d / STATE_FILE).is_file()]
     return sorted(found, key=lambda d: int(d.name.split("-")[1]))
 
@@ -199,9 +202,10 @@ def check_compatible(state: dict, fingerprint: dict, path: Path, world_size: int
 
 
 def inside_fittune_run(path: Path) -> bool:
-    """Whether `path` is a checkpoint in the `checkpoints/` of a run directory fittune wrote (its marker)."""
+    """Whether `path` is a checkpoint in the `checkpoints/` of a run directory that fittune created right here
+    under this account (its marker's seal verifies: not a run copied, unpacked or received from elsewhere)."""
     real = Path(path).resolve()  # a symlink planted in a run's checkpoints/ is judged by where it points
-    return real.parent.name == "checkpoints" and owned(real.parent.parent)
+    return real.parent.name == "checkpoints" and owned(real.parent.parent, "train") and sealed(real.parent.parent)
 
 
 def require_trusted(path: Path, trusted: bool, why: str) -> None:
@@ -209,10 +213,11 @@ def require_trusted(path: Path, trusted: bool, why: str) -> None:
     trusted (`--trust_checkpoint`): unpickling runs whatever code the file holds."""
     if trusted or inside_fittune_run(path):
         return
-    raise FittuneError(f"{path} is not inside a run directory fittune wrote (no {MARKER} marker in the run "
-                       f"directory above checkpoints/), and loading it unpickles {why}. A checkpoint is "
-                       f"code-equivalent: unpickling runs any code it contains, so load only checkpoints from a "
-                       f"trusted source; if you trust this one, pass --trust_checkpoint")
+    raise FittuneError(f"{path} is not inside a run directory that fittune created here under your account (the "
+                       f"{MARKER} marker of the run directory above checkpoints/ is missing, or its seal does not "
+                       f"verify: a run copied, unpacked or received from elsewhere), and loading it unpickles "
+                       f"{why}. A checkpoint is code-equivalent: unpickling runs any code it contains, so load "
+                       f"only checkpoints from a trusted source; if you trust this one, pass --trust_checkpoint")
 
 
 def _damaged(f: Path) -> str | None:
@@ -468,10 +473,10 @@ def save_checkpoint(target: CheckpointTarget, output_dir: str | Path, step: int,
 def _exact_restore(target: CheckpointTarget, path: Path, trusted: bool) -> None:
     """accelerate's `load_state`: every rank's weights, optimizer and RNG as they were."""
     acc, strategy = target.accelerator, target.strategy
-    if strategy.sharded:  # DeepSpeed's engine and FSDP2's distributed-checkpoint metadata use plain pickle
-        require_trusted(path, trusted, f"{strategy.name} optimizer and model shards written with pickle")
     failure = None
-    try:
+    try:  # every rank checks; all stop if any is refused (e.g. a node without this account's trust key)
+        if strategy.sharded:  # DeepSpeed's engine and FSDP2's distributed-checkpoint metadata use plain pickle
+            require_trusted(path, trusted, f"{strategy.name} optimizer and model shards written with pickle")
         check_files(path)
         if strategy.sharded:  # trusted by now
             check_dcp_files(path)

@@ -34,7 +34,7 @@ import yaml
 
 from fittune.checkpoints import check_dcp_files, check_files, require_trusted
 from fittune.errors import FittuneError, run_cli
-from fittune.rundir import fsync_dir, fsync_tree, readable_like_umask, write_guard
+from fittune.rundir import check_not_inside_fittune_dir, fsync_dir, fsync_tree, readable_like_umask, write_guard
 
 USAGE = "--checkpoint DIR --output OUT [--merge] [--trust_checkpoint]"
 FSDP_MODEL_DIR = "pytorch_model_fsdp_0"  # accelerate's save_state under FSDP with SHARDED_STATE_DICT
@@ -154,6 +154,7 @@ def export(checkpoint: str, output: str, merge: bool = False, trust_checkpoint: 
     out = Path(output)
     if out.exists() or out.is_symlink():
         raise FittuneError(f"{output} already exists: choose a new --output directory")
+    check_not_inside_fittune_dir(out, "--output")  # a run's final/, eval/ ... are replaced with what is inside
     out.parent.mkdir(parents=True, exist_ok=True)
     # a name of our own next to OUT (same filesystem, so the final rename is atomic); never a user's path
     tmp = out.with_name(f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}")

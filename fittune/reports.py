@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 
 from fittune.errors import FittuneError
 from fittune.rundir import (
+    atomic_write_bytes,
     atomic_write_text,
     check_not_inside_fittune_dir,
     check_writable_dir,
@@ -72,6 +74,8 @@ def check_eval_dir(out_dir: str | os.PathLike, flag: str = "--output_dir") -> Pa
     fittune did not create (no `.fittune` marker; `eval/` inside a fittune run directory counts as fittune's),
     or a file. Read-only, so it can run on every rank before any work."""
     out = Path(out_dir)
+    if out.is_symlink():  # results are published by swapping directories: never through a link
+        raise FittuneError(f"{flag} {out} is a symbolic link: give the directory's own path, or a new one")
     check_not_inside_fittune_dir(out, flag, evaluation=True)  # RUN/eval-* beside a run's own eval/ is fine
     if out.is_dir() and not _ours(out) and any(out.iterdir()):
         check_writable_dir(out, flag)  # raises: not empty, not fittune's
@@ -88,12 +92,8 @@ def check_eval_dir(out_dir: str | os.PathLike, flag: str = "--output_dir") -> Pa
 
 
 def _ours(path: Path) -> bool:
-    """An evaluation output fittune wrote: its marker says `eval`, or (written before markers) it is the
-    `eval/` or `eval_untrained/` of a fittune run directory."""
-    kind = marker_kind(path)
-    if kind is not None:
-        return kind == "eval"
-    return path.name in ("eval", "eval_untrained") and owned(path.parent) and not (path / "config.yaml").exists()
+    """An evaluation output fittune wrote: its marker says `eval` (never a symbolic link)."""
+    return owned(path, "eval")
 
 
 def _tmp_of(out: Path) -> Path:
@@ -150,5 +150,7 @@ def plot_loss_curve(log_path: Path, out_path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(out_path, png.getvalue())  # whole or not at all, and never through a link there

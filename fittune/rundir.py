@@ -15,6 +15,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -32,6 +34,10 @@ LOCK_INFO = ".fittune.lock"
 REPLACED = ".fittune.replaced"  # the runs --overwrite moved aside, removed when the run replacing them finishes
 # what a run leaves in its directory: any of these means the directory holds a run
 RUN_FILES = ("config.yaml", "train_log.jsonl", "heldout_ids.json", "final", "checkpoints", "eval")
+# every name a run writes at its top level (with MARKER, LOCK_INFO, REPLACED, fittune's hidden temporary
+# names and evaluate.py's marked eval-* directories): anything else there is the user's
+RUN_NAMES = frozenset(RUN_FILES) | {"eval_untrained", "ranks.json", "loss_curve.png", "tensorboard", "final.tmp",
+                                    "eval.tmp", "eval_untrained.tmp"}
 
 
 # ---- durable writes ---------------------------------------------------------------------------------------
@@ -137,29 +143,26 @@ def publish_dir(tmp: Path, final: Path) -> None:
     """Put a finished directory `tmp` in place of `final` (created by fittune) with no moment where neither
     exists: an atomic exchange, then the old one is removed. Where exchange is not supported, the old one is
     renamed aside first and removed after."""
+    if final.is_symlink():  # exchanging it would put a link to someone's directory where fittune removes
+        raise FittuneError(f"{final} is a symbolic link, which fittune never creates: remove the link (what it "
+                           f"points to is not fittune's to replace)")
     readable_like_umask(tmp)
     fsync_tree(tmp)
     if final.exists():
+        kind = marker_kind(tmp)
+        if kind is not None and not (final / MARKER).is_file():
+            claim_dir(final, kind)  # marked before the swap: a kill right after it leaves a <name>.tmp of ours
         if _exchange(tmp, final):
-            _remove_replaced(tmp, final)  # tmp now holds the old directory
+            remove_tree(tmp)  # tmp now holds the old directory (marked above)
         else:
             # a name nobody else uses (never a user's `<name>.old`): fittune's own copy, removed right after
             old = final.with_name(f".{final.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
             final.rename(old)
             tmp.rename(final)
-            _remove_replaced(old, final)
+            remove_tree(old)
     else:
         tmp.rename(final)
     fsync_dir(final.parent)
-
-
-def _remove_replaced(old: Path, new: Path) -> None:
-    """Remove the directory `publish_dir` swapped out, marked first as the new one is (final/ carries no
-    marker once published), so a kill part-way leaves a directory fittune still recognises as its own."""
-    kind = marker_kind(new)
-    if kind is not None and not (old / MARKER).is_file():
-        claim_dir(old, kind)
-    remove_tree(old)
 
 
 def _is_write_failure(e: BaseException) -> bool:
@@ -200,15 +203,12 @@ def check_free_space(directory: Path, need_bytes: int, what: str) -> None:
 
 
 def owned(path: Path, kind: str | None = None) -> bool:
-    """Whether fittune created `path` (its marker, or a run directory written by fittune before markers);
-    with `kind`, for that purpose (`train`, `eval`, `checkpoint`): fittune replaces or removes a directory only
-    as what it made it for, never e.g. a run someone placed where a checkpoint goes."""
-    if (path / MARKER).is_file():
-        return kind is None or marker_kind(path) == kind
-    legacy = path / "config.yaml"
-    if kind not in (None, "train") or not (legacy.is_file() and (path / "train_log.jsonl").is_file()):
+    """Whether fittune created `path` (its marker; never a symbolic link, which fittune does not create); with
+    `kind`, for that purpose (`train`, `eval`, `checkpoint`): fittune replaces or removes a directory only as
+    what it made it for, never e.g. a run someone placed where a checkpoint goes."""
+    if path.is_symlink() or not (path / MARKER).is_file():
         return False
-    return "\nrun:\n" in legacy.read_text(encoding="utf-8", errors="replace")
+    return kind is None or marker_kind(path) == kind
 
 
 def marker_kind(path: Path) -> str | None:
@@ -256,14 +256,77 @@ def check_writable_dir(path: Path, flag: str) -> None:
 
 
 def claim_dir(path: Path, kind: str) -> Path:
-    """Create `path` (parents too) or adopt an empty one, and mark it as fittune's."""
+    """Create `path` (parents too) or adopt an empty one, and mark it as fittune's (sealed: `sealed`)."""
     path.mkdir(parents=True, exist_ok=True)
     if not (path / MARKER).is_file():
         for stale in path.glob(f".{MARKER}.tmp-*"):  # a marker write killed part-way (`interrupted_claim`)
             stale.unlink()
-        atomic_write_text(path / MARKER, json.dumps({"created_by": "fittune", "kind": kind,
-                                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        marker = {"created_by": "fittune", "kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "nonce": os.urandom(16).hex()}
+        key = _trust_key(create=True)
+        if key is not None:  # no key (an unwritable config directory): unsealed, so never trusted to unpickle
+            marker["seal"] = _seal(key, marker, path.stat().st_ino)
+        atomic_write_text(path / MARKER, json.dumps(marker) + "\n")
     return path
+
+
+# ---- the seal: "created here by fittune under this account" --------------------------------------------------
+
+
+def trust_key_path() -> Path:
+    """This account's secret key for sealing markers ($XDG_CONFIG_HOME/fittune/trust.key, owner-only)."""
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "fittune" / "trust.key"
+
+
+def _trust_key(create: bool) -> bytes | None:
+    """The key (made once, atomically: concurrent first runs agree on one); None when absent and not
+    `create`, or when it cannot be made."""
+    path = trust_key_path()
+    try:
+        return bytes.fromhex(path.read_text().strip()) or None
+    except ValueError:
+        return None  # damaged: nothing verifies, so nothing is trusted (README: delete it to start over)
+    except OSError:
+        if not create:
+            return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".trust.key.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(os.urandom(32).hex() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # the first creator wins; a second keeps the first's key
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        return bytes.fromhex(path.read_text().strip()) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _seal(key: bytes, marker: dict, inode: int) -> str:
+    """HMAC of the marker's fields and the directory's inode: a marker copied into another directory, or a
+    directory copied or unpacked from elsewhere (a new inode, another account's key), does not verify."""
+    fields = {k: marker.get(k) for k in ("kind", "created", "nonce")} | {"inode": inode}
+    return hmac.new(key, json.dumps(fields, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+def sealed(path: Path) -> bool:
+    """Whether `path` is a directory fittune created right here under this account: its marker's seal
+    verifies with this account's key. Renaming it on the same filesystem keeps the seal; a copy does not."""
+    if path.is_symlink():
+        return False
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        key = _trust_key(create=False)
+        return (key is not None and isinstance(marker, dict) and isinstance(marker.get("seal"), str)
+                and hmac.compare_digest(marker["seal"], _seal(key, marker, path.stat().st_ino)))
+    except (OSError, ValueError):
+        return False
 
 
 def remove_tree(path: Path) -> None:
@@ -307,8 +370,10 @@ def claim_build_dir(tmp: Path, kind: str, refusal: str) -> Path:
 def remove_owned(path: Path, kind: str) -> None:
     """Remove a directory fittune created as `kind` (refuses anything else: a guard against deleting user files
     or another of fittune's directories that ended up where this one was expected)."""
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return
+    if path.is_symlink():
+        remove_tree(path)  # raises: a link is never fittune's, and removing through it would empty its target
     if not owned(path, kind):
         what = f"a fittune {marker_kind(path)} directory" if owned(path) else f"not created by fittune (no {MARKER} marker)"
         raise FittuneError(f"refusing to delete {path}: it is {what}, not the {kind} directory fittune expected "
@@ -337,12 +402,16 @@ class DirLock:
         take the lock without writing anything, so a refused run leaves the directory untouched); `create`:
         make the lock file if missing (else return None: nothing to lock yet)."""
         lock_file = self.path / LOCK_INFO
-        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        # O_NOFOLLOW: the holder's note is written into this file, never through a link into someone's file
+        flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
         try:
             fd = os.open(lock_file, flags, 0o644)
         except FileNotFoundError:
             return None
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise FittuneError(f"{lock_file} is a symbolic link, which fittune never creates (it writes into "
+                                   f"its lock file): remove the link") from None
             raise FittuneError(f"cannot open the lock file {lock_file} ({e.strerror}): fix the permissions of "
                                f"{self.path}") from None
         try:
@@ -388,6 +457,20 @@ def _holder_of(fd: int) -> str:
 # ---- the training output directory ----------------------------------------------------------------------------
 
 
+def foreign_entries(run: Path) -> list[str]:
+    """What in the run directory `run` fittune did not write: names it never uses, and symbolic links (never
+    fittune's), which --overwrite would delete with the run, or through which fittune would write."""
+    ours = RUN_NAMES | {MARKER, LOCK_INFO, REPLACED}
+    foreign = []
+    for entry in sorted(run.iterdir()):
+        name = entry.name
+        temporary = name.startswith(".") and (".tmp-" in name or ".old-" in name)  # atomic writes, publish_dir
+        evaluation = name.startswith("eval") and owned(entry, "eval")  # evaluate.py's RUN/eval-NAME
+        if entry.is_symlink() or not (name in ours or temporary or evaluation):
+            foreign.append(name + ("@" if entry.is_symlink() else "/" if entry.is_dir() else ""))
+    return foreign
+
+
 @dataclass
 class OutputDirCheck:
     """What a training run found in its output_dir (decided before anything is written)."""
@@ -414,6 +497,14 @@ def inspect_output_dir(path: Path, resume: str | None, overwrite: bool) -> Outpu
     if holds_run and not resume and not overwrite:
         raise FittuneError(f"{path} already holds a {'finished' if finished else 'started'} run: continue it with "
                            f"--resume auto, replace it with --overwrite, or choose another output_dir")
+    foreign = foreign_entries(path) if holds_run else []
+    links = [f for f in foreign if f.endswith("@")]
+    if links:  # e.g. final@ or eval@ pointing at a folder of yours: fittune would replace what it points to
+        raise FittuneError(f"{path} holds symbolic links ({', '.join(links)}), which fittune never creates and "
+                           f"would write through: remove them (what they point to stays yours)")
+    if overwrite and foreign:
+        raise FittuneError(f"--overwrite replaces the whole run {path}, and it also holds {', '.join(foreign)}, "
+                           f"which fittune did not write: move them out first, or choose another output_dir")
     return OutputDirCheck(path, exists, holds_run, finished)
 
 
@@ -472,6 +563,11 @@ class RunDir:
         that another process holds (e.g. an evaluate.py of it): that one is kept, and said."""
         cleanup = ReplacedCleanup([], [])
         for run in self.replaced():
+            foreign = foreign_entries(run)
+            if foreign:  # put there since it was moved aside: never deleted with it
+                cleanup.kept.append(f"{run} was kept: it holds {', '.join(foreign)}, which fittune did not write; "
+                                    f"move those out and remove it yourself")
+                continue
             try:
                 lock = DirLock(run).acquire("train.py", record=False, create=False)
             except FittuneError as e:

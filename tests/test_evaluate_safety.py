@@ -110,6 +110,20 @@ def test_write_eval_outputs_never_replaces_a_foreign_directory(tmp_path):
     ours = write_eval_outputs(tmp_path / "ours", metrics, rows, "model")
     assert json.loads((ours / "metrics.json").read_text()) == metrics and not (tmp_path / "ours.tmp").exists()
     assert (ours / "predictions.jsonl").read_text() == json.dumps(rows[0]) + "\n" and (ours / MARKER).is_file()
+    # was: an eval/ folder of the user's inside a directory that looked like a run (config.yaml with a run:
+    # section and a train_log.jsonl), or a link named eval in a run, counted as fittune's and was emptied
+    look_alike = tmp_path / "project"
+    (look_alike / "eval").mkdir(parents=True)
+    (look_alike / "config.yaml").write_text("run:\n  name: mine\n")
+    (look_alike / "train_log.jsonl").write_text("{}\n")
+    (look_alike / "eval" / "results.csv").write_text("keep")
+    link = tmp_path / "link-to-theirs"
+    link.symlink_to(theirs, target_is_directory=True)
+    for out, why in ((look_alike / "eval", "not created by fittune"), (link, "symbolic link")):
+        with pytest.raises(FittuneError, match=why):
+            write_eval_outputs(out, metrics, rows, "model")
+    assert (look_alike / "eval" / "results.csv").read_text() == "keep"
+    assert [p.name for p in theirs.iterdir()] == ["notes.txt"]
 
 
 def test_run_being_trained_is_refused(tmp_path, tiny_model_dir, capsys):
@@ -283,3 +297,17 @@ def test_default_output_is_beside_the_training_report_and_never_outside_a_run(tm
     code, _, err = evaluate(["--checkpoint", run, "--output_dir", inside], capsys)
     assert code == 2 and "is inside" in one_error(err) and "fittune checkpoint directory" in one_error(err)
     assert not inside.exists()
+
+
+def test_the_loss_plot_replaces_a_link_never_its_target(tmp_path):
+    """Was: loss_curve.png was saved through whatever was at that name (a link to a user's photo)."""
+    from fittune.reports import plot_loss_curve
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(b"my photo")
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5, "val_loss": 1.7}\n')
+    (tmp_path / "loss_curve.png").symlink_to(photo)
+    plot_loss_curve(log, tmp_path / "loss_curve.png")
+    assert photo.read_bytes() == b"my photo" and not (tmp_path / "loss_curve.png").is_symlink()
+    assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

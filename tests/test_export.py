@@ -119,6 +119,15 @@ def test_export_is_atomic_and_never_touches_other_paths(tmp_path, tiny_model_dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.tmp", "run"]
     with pytest.raises(FittuneError, match="already exists"):
         export(str(ckpt), str(tmp_path / "model"))
+    # never into a fittune directory, whose final/, eval/ ... fittune replaces with what is inside them
+    from fittune.rundir import claim_dir
+
+    run = claim_dir(tmp_path / "a-run", "train")
+    claim_dir(run / "eval", "eval")
+    for inside in (run / "eval" / "exported", run / "merged"):
+        with pytest.raises(FittuneError, match="--output .* is inside .*choose a directory outside it"):
+            export(str(ckpt), str(inside))
+        assert not inside.exists()
 
 
 def test_export_full_disk_is_one_clear_error(tmp_path, tiny_model_dir, monkeypatch):

@@ -22,6 +22,7 @@ from fittune.rundir import (
     atomic_write_text,
     check_writable_dir,
     claim_dir,
+    foreign_entries,
     inspect_output_dir,
     publish_dir,
     remove_owned,
@@ -284,3 +285,108 @@ def test_published_files_are_readable_like_any_new_file(tmp_path):
         os.umask(old)
     assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "final").iterdir()} == {
         "model.safetensors": 0o644, "config.json": 0o644, "zero_to_fp32.py": 0o755}
+
+
+def test_overwrite_never_deletes_what_fittune_did_not_write_inside_a_run(tmp_path):
+    """Was: --overwrite removed the whole old run, notes and data files a user had put in it included. Now the
+    run is replaced only when everything in it is fittune's; otherwise the names are listed and nothing moves."""
+    out = claim_dir(tmp_path / "run", "train")
+    for name in ("config.yaml", "train_log.jsonl", "ranks.json", f".config.yaml.tmp-{os.getpid()}"):
+        atomic_write_text(out / name, "x\n")
+    claim_dir(out / "eval-mmlu-1234abcd", "eval")  # evaluate.py's output inside the run: fittune's
+    assert foreign_entries(out) == []
+    (out / "notes.txt").write_text("mine")
+    (out / "data").mkdir()
+    with pytest.raises(FittuneError, match=r"also holds data/, notes.txt, which fittune did not write: move them out"):
+        _claim(out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and not list(tmp_path.glob("run.replaced-*"))
+    assert _claim(out, overwrite=False, resume="auto").path == out  # resuming leaves them where they are
+
+
+def test_a_file_added_to_a_replaced_run_keeps_it(tmp_path):
+    out = claim_dir(tmp_path / "run", "train")
+    atomic_write_text(out / "config.yaml", "old\n")
+    run = _claim(out, overwrite=True)
+    aside = run.aside
+    (aside / "notes.txt").write_text("written after it was moved aside")
+    cleanup = run.finish()
+    assert cleanup.removed == [] and "notes.txt" in cleanup.kept[0] and (aside / "notes.txt").is_file()
+    run.release()
+
+
+def test_links_in_a_run_are_refused_before_fittune_writes_through_them(tmp_path):
+    """A link where fittune writes (final/, eval/, its lock file) would have fittune replace, mark or truncate
+    what it points to: each is refused with the link named, and the target is unchanged."""
+    mine = _user_dir(tmp_path)
+    out = claim_dir(tmp_path / "run", "train")
+    atomic_write_text(out / "config.yaml", "x\n")
+    (out / "eval").symlink_to(mine, target_is_directory=True)
+    for resume, overwrite in (("auto", False), (None, True)):
+        with pytest.raises(FittuneError, match=r"symbolic links \(eval@\)"):
+            inspect_output_dir(out, resume, overwrite)
+    (out / "eval").unlink()
+    tmp = claim_dir(tmp_path / "final.tmp", "final")
+    (tmp_path / "final").symlink_to(mine, target_is_directory=True)
+    with pytest.raises(FittuneError, match="is a symbolic link"):
+        publish_dir(tmp, tmp_path / "final")
+    victim = mine / "thesis.tex"
+    lock_dir = claim_dir(tmp_path / "locked", "train")
+    (lock_dir / ".fittune.lock").symlink_to(victim)
+    with pytest.raises(FittuneError, match="symbolic link"):
+        DirLock(lock_dir).acquire("test")
+    assert victim.read_text() == "my thesis" and not (mine / MARKER).exists()
+    assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == ["sub", "sub/data.csv", "thesis.tex"]
+
+
+def test_a_kill_right_after_the_swap_leaves_a_tmp_fittune_removes(tmp_path, monkeypatch):
+    """publish_dir marks the old directory before swapping it out (final/ carries no marker once published):
+    killed right after the swap, <name>.tmp holds the old one, still fittune's, removed by the next attempt."""
+    from fittune import rundir
+    from fittune.rundir import claim_build_dir
+
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "w").write_text("old")  # a published final/: no marker
+    tmp = claim_dir(tmp_path / "final.tmp", "final")
+    (tmp / "w").write_text("new")
+
+    def killed(path):
+        raise KeyboardInterrupt  # stands for the kill between the swap and the removal
+
+    monkeypatch.setattr(rundir, "remove_tree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        publish_dir(tmp, final)
+    monkeypatch.undo()
+    assert (final / "w").read_text() == "new" and (tmp / "w").read_text() == "old"
+    again = claim_build_dir(tmp, "final", "refused")  # the next save: the leftover is fittune's
+    assert [p.name for p in again.iterdir()] == [MARKER]
+
+
+def test_only_fittunes_step_names_are_checkpoints(tmp_path):
+    from fittune.checkpoints import STATE_FILE, complete_checkpoints
+
+    out = claim_dir(tmp_path / "run", "train")
+    for name in ("step-00000002", "step-00000010", "step-best", "step-00000004.bak"):
+        (out / "checkpoints" / name).mkdir(parents=True)
+        (out / "checkpoints" / name / STATE_FILE).write_text("{}")
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000002", "step-00000010"]
+
+
+def test_seal_verifies_here_and_not_in_a_copy_or_under_another_key(tmp_path, monkeypatch):
+    import shutil
+
+    from fittune.rundir import sealed
+
+    run = claim_dir(tmp_path / "run", "train")
+    assert sealed(run)
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    assert sealed(moved)  # same filesystem, same directory
+    shutil.copytree(moved, tmp_path / "copy")
+    assert not sealed(tmp_path / "copy")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / MARKER).write_text((moved / MARKER).read_text())  # a marker copied into another directory
+    assert not sealed(other)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "elsewhere"))
+    assert not sealed(moved)  # another account's key

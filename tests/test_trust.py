@@ -51,6 +51,47 @@ def test_sharded_resume_needs_a_fittune_run_or_the_flag(tmp_path, monkeypatch):
     assert load_checkpoint(t, ours, read_state(ours), trusted=False) == "exact"  # fittune's own run
     assert load_checkpoint(t, received, read_state(received), trusted=True) == "exact"  # the user's word
     assert loads == [str(ours), str(received)]
+    # a whole run received from elsewhere (a copy or an unpacked archive) carries its .fittune marker: its
+    # seal is bound to the directory it was made in, so the copy is not trusted; a rename keeps it trusted
+    copied = tmp_path / "copied-run"
+    shutil.copytree(out, copied, symlinks=True)
+    moved = tmp_path / "moved-run"
+    out.rename(moved)
+    for path, trusted in ((copied / "checkpoints" / ours.name, False), (moved / "checkpoints" / ours.name, True)):
+        if trusted:
+            assert load_checkpoint(t, path, read_state(path), trusted=False) == "exact"
+        else:
+            with pytest.raises(FittuneError, match="seal does not verify.*--trust_checkpoint"):
+                load_checkpoint(t, path, read_state(path), trusted=False)
+    # the same directory under another account (another key) is not trusted either
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "other-account"))
+    with pytest.raises(FittuneError, match="--trust_checkpoint"):
+        load_checkpoint(t, moved / "checkpoints" / ours.name, read_state(ours if ours.exists() else
+                                                                           moved / "checkpoints" / ours.name), trusted=False)
+    assert loads == [str(ours), str(received), str(moved / "checkpoints" / ours.name)]
+
+
+def test_a_run_is_fittunes_by_its_marker_alone(tmp_path, tiny_model_dir):
+    """A directory that merely looks like a run (config.yaml with a `run:` section, a train_log.jsonl), as a
+    received one or a user's own project may, is neither trusted nor fittune's to replace or remove."""
+    from fittune.errors import FittuneError
+    from fittune.export import main
+    from fittune.rundir import RunDir, inspect_output_dir, owned
+
+    evidence = tmp_path / "pickle-ran"
+    look_alike = tmp_path / "received"
+    ckpt = fake_zero_checkpoint(look_alike, tiny_model_dir, evidence)
+    (look_alike / "config.yaml").write_text("seed: 1\nrun:\n  model_path: x\n")
+    (look_alike / "train_log.jsonl").write_text('{"step": 1}\n')
+    (look_alike / "thesis.tex").write_text("mine")
+    assert not owned(look_alike)
+    with pytest.raises(FittuneError, match="code-equivalent.*--trust_checkpoint"):
+        main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "model")])
+    assert not evidence.exists()
+    for overwrite in (False, True):
+        with pytest.raises(FittuneError, match="was not created by fittune"):
+            RunDir.claim(inspect_output_dir(look_alike, None, overwrite), None, overwrite, "train.py")
+    assert (look_alike / "thesis.tex").read_text() == "mine"
 
 
 def test_unsharded_resume_reads_tensors_only(tmp_path):
@@ -100,8 +141,10 @@ def _load_calls(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name)):
             name = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+            # dcp.load (torch.distributed.checkpoint) reads its tensors weights_only itself; its .metadata is a
+            # pickle, read only after require_trusted (test_export: a received FSDP2 checkpoint is refused)
             if name == "load" and not (isinstance(node.func, ast.Attribute) and node.func.value is not None
-                                       and getattr(node.func.value, "id", "") in ("json", "yaml", "pickle")):
+                                       and getattr(node.func.value, "id", "") in ("json", "yaml", "pickle", "dcp")):
                 yield node
 
 
