@@ -192,10 +192,10 @@ def compile_layers(model) -> int:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(total, trainable) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable
+    """(total, trainable) parameter counts of the whole model, also when ZeRO-3 has partitioned it (each
+    parameter then holds an empty placeholder; `ds_numel` is its real size)."""
+    sizes = [(int(getattr(p, "ds_numel", p.numel())), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, _ in sizes), sum(n for n, trainable in sizes if trainable)
 
 
 def load_trained_model(checkpoint: Path, cfg: Config, dtype: torch.dtype):

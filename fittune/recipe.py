@@ -174,7 +174,8 @@ class FineTuneRecipe:
         cfg = self.cfg
 
         def check() -> None:
-            self.dir_check = inspect_output_dir(self.out, cfg.resume, cfg.overwrite)
+            self.dir_check = inspect_output_dir(self.out, cfg.resume, cfg.overwrite,
+                                                resumable=bool(complete_checkpoints(self.out)))
             self.lock = RunDir.lock_existing(self.dir_check, self.program)
             if cfg.resume == "auto" and self.dir_check.finished and not complete_checkpoints(self.out):
                 raise FittuneError(f"--resume auto: {self.out} holds a finished run without checkpoints "

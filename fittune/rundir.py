@@ -481,8 +481,9 @@ class OutputDirCheck:
     finished: bool
 
 
-def inspect_output_dir(path: Path, resume: str | None, overwrite: bool) -> OutputDirCheck:
-    """Refuse an output_dir a fresh run must not touch; read-only (the refused run changes nothing)."""
+def inspect_output_dir(path: Path, resume: str | None, overwrite: bool, resumable: bool = True) -> OutputDirCheck:
+    """Refuse an output_dir a fresh run must not touch; read-only (the refused run changes nothing).
+    `resumable`: the run there has a complete checkpoint (else a finished run is not offered --resume)."""
     check_not_inside_fittune_dir(path, "output_dir")
     check_writable_dir(path, "output_dir")
     if path.is_dir() and owned(path) and not owned(path, "train"):
@@ -495,8 +496,10 @@ def inspect_output_dir(path: Path, resume: str | None, overwrite: bool) -> Outpu
         raise FittuneError("--overwrite and --resume contradict each other: --resume continues the run in "
                            "output_dir, --overwrite replaces it; pass one")
     if holds_run and not resume and not overwrite:
-        raise FittuneError(f"{path} already holds a {'finished' if finished else 'started'} run: continue it with "
-                           f"--resume auto, replace it with --overwrite, or choose another output_dir")
+        ways = ("continue it with --resume auto, replace it with --overwrite" if resumable or not finished else
+                "it has no checkpoint to continue from (train.save_steps was 0): replace it with --overwrite")
+        raise FittuneError(f"{path} already holds a {'finished' if finished else 'started'} run: {ways}, or "
+                           f"choose another output_dir")
     foreign = foreign_entries(path) if holds_run else []
     links = [f for f in foreign if f.endswith("@")]
     if links:  # e.g. final@ or eval@ pointing at a folder of yours: fittune would replace what it points to

@@ -97,3 +97,19 @@ def test_conflicting_deepspeed_json_is_an_error(recipe, tmp_path, edit, message)
     errors = [x for x in proc.stderr.splitlines() if x.startswith("fittune: error:")]
     assert proc.returncode != 0 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_parameter_count_sees_through_zero3_partitioning():
+    """Was: "parameters: 0 total, 0 trainable" under ZeRO-3 full fine-tuning (and that 0 in the resume
+    fingerprint): a partitioned parameter is an empty placeholder whose real size is `ds_numel`."""
+    import torch
+
+    from fittune.model import count_parameters
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+    model[1].requires_grad_(False)
+    assert count_parameters(model) == (36 + 10, 36)
+    for p in model.parameters():  # what deepspeed.zero.Init leaves on a rank
+        p.ds_numel = p.numel()
+        p.data = torch.empty(0)
+    assert count_parameters(model) == (36 + 10, 36)

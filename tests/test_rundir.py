@@ -58,8 +58,11 @@ def test_a_directory_holding_a_run_needs_resume_or_overwrite(tmp_path):
     with pytest.raises(FittuneError, match="already holds a started run.*--resume auto.*--overwrite"):
         inspect_output_dir(out, None, False)
     (out / "final").mkdir()
-    with pytest.raises(FittuneError, match="already holds a finished run"):
+    with pytest.raises(FittuneError, match="already holds a finished run: continue it with --resume auto"):
         inspect_output_dir(out, None, False)
+    # finished without checkpoints: nothing to continue, so --resume is not offered
+    with pytest.raises(FittuneError, match="finished run: it has no checkpoint to continue from.*--overwrite"):
+        inspect_output_dir(out, None, False, resumable=False)
     assert inspect_output_dir(out, "auto", False).holds_run
     with pytest.raises(FittuneError, match="contradict"):
         inspect_output_dir(out, "auto", True)
