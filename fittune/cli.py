@@ -58,16 +58,24 @@ def choose_recipe(config_file: str | None, overrides: dict[str, Any]) -> RecipeC
     if config_file is None and (saved := resumed_recipe(overrides)) is not None:
         return saved
     recipe = config_file or str(DEMO_RECIPE)
-    own = overrides.get("data.path") not in (None, BUILTIN_DATA)
     notes = [] if config_file else [f"no --config given: running the offline demo recipe {recipe} (every setting "
                                     f"not given on the command line comes from it)"]
+    reset = own_data_mapping(recipe, overrides)
+    return RecipeChoice(recipe, reset.skip, "; ".join(notes + ([reset.note] if reset.note else [])) or None)
+
+
+def own_data_mapping(recipe: str, overrides: dict[str, Any]) -> RecipeChoice:
+    """Your own `data.path` with a recipe (or a run's saved config) whose data is the built-in set: that
+    mapping was written for the built-in set's columns, so its keys you did not give are skipped and the
+    mapping starts from the defaults (said in the returned note). train.py and evaluate.py both ask here."""
+    own = overrides.get("data.path") not in (None, BUILTIN_DATA)
     if not own or recipe_data_path(recipe) != BUILTIN_DATA:
-        return RecipeChoice(recipe, (), notes[0] if notes else None)
+        return RecipeChoice(recipe, (), None)
     skip = tuple(f"data.{k}" for k in DATA_MAPPING_KEYS if f"data.{k}" not in overrides)
-    notes.append(f"data.path is your own and {recipe} maps the built-in set's columns: the column mapping starts "
-                 f"from the defaults (question_column 'question', answer_column 'answer', no choices or label "
-                 f"column; set yours with --data.KEY)")
-    return RecipeChoice(recipe, skip, "; ".join(notes))
+    return RecipeChoice(recipe, skip, f"data.path is your own and {recipe} maps the built-in set's columns: the "
+                                      f"column mapping starts from the defaults (question_column 'question', "
+                                      f"answer_column 'answer', no choices or label column; set yours with "
+                                      f"--data.KEY)")
 
 
 def resumed_recipe(overrides: dict[str, Any]) -> RecipeChoice | None:

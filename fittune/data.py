@@ -256,8 +256,7 @@ def _check_columns(columns: list, cfg: DataConfig, source: str) -> None:
     pairs += [("choices_column", c) for c in choice_cols]
     for name, col in pairs:
         if col is not None and col not in columns:
-            origin = cfg.origin(name)
-            fix = f"; it was {origin}: set --data.{name} to one of the columns, or null" if origin else ""
+            fix = f"; set --data.{name} to one of the columns, or null" if cfg.origin(name) else ""
             raise FittuneError(f"{source}: column '{col}' ({_key(cfg, name)}) not found; the columns are: "
                                f"{', '.join(map(str, columns))}{fix}{_column_hint(cfg, name, source)}")
 

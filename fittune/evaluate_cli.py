@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fittune import data as D
 from fittune.checkpoints import CheckpointInfo, resolve_checkpoint
-from fittune.cli import split_flag
+from fittune.cli import own_data_mapping, split_flag
 from fittune.config import Config, build_config, parse_overrides
 from fittune.data import examples_digest
 from fittune.distributed import configure_deepspeed, make_accelerator, raise_if_any_failed
@@ -92,12 +93,15 @@ def eval_config(info: CheckpointInfo, req: EvalRequest) -> Config:
     overrides = dict(req.overrides)
     if req.data_path_given and "data.test_path" not in overrides:
         overrides["data.test_path"] = None  # --data.path names the data to score: not a recipe's test file
-    if req.config_file is not None:
-        return build_config(req.config_file, overrides)
-    if info.config_file is None:
+    if req.config_file is None and info.config_file is None:
         raise FittuneError(f"{req.checkpoint} has no saved fittune config: pass --config FILE describing the data")
+    recipe = own_data_mapping(req.config_file or str(info.config_file), overrides)
+    if recipe.note and int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
+        print(f"fittune: {recipe.note}", flush=True)
+    if req.config_file is not None:
+        return build_config(recipe.path, overrides, recipe.skip)
     # the saved config is part of the (possibly received) run directory: it cannot grant itself trust
-    return build_config(str(info.config_file), {**overrides, TRUST_KEY: overrides.get(TRUST_KEY, False)})
+    return build_config(recipe.path, {**overrides, TRUST_KEY: overrides.get(TRUST_KEY, False)}, recipe.skip)
 
 
 def remote_code_notice(info: CheckpointInfo, cfg: Config) -> str | None:

@@ -311,3 +311,22 @@ def test_the_loss_plot_replaces_a_link_never_its_target(tmp_path):
     plot_loss_curve(log, tmp_path / "loss_curve.png")
     assert photo.read_bytes() == b"my photo" and not (tmp_path / "loss_curve.png").is_symlink()
     assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_own_data_for_a_run_on_the_builtin_set_starts_from_the_default_mapping(tmp_path, tiny_model_dir, capsys):
+    """Was: evaluate.py --data.path FILE on a run trained on the built-in set kept that set's column mapping
+    (choices, topic) and failed on the user's question/answer file; train.py already started from the default
+    mapping there. A run on the user's own data keeps its mapping (test_data_path_is_scored_even_when...)."""
+    run = make_run(tmp_path, tiny_model_dir, **{"data.path": "builtin:ai-research-qa"})
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps({"question": f"what is {i}?", "answer": f"{i}"}) + "\n" for i in range(5)))
+    code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev", "--data.path", mine,
+                               "--eval.max_new_tokens", "3"], capsys)
+    assert code == 0, err[-3000:]
+    assert sum("maps the built-in set's columns: the column mapping starts from the defaults" in line
+               for line in out.splitlines()) == 1
+    metrics = json.loads((tmp_path / "ev/metrics.json").read_text())
+    assert metrics["num_examples"] == 5 and metrics["num_open"] == 5  # open answers: no choices column applied
+    code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev2", "--data.path", mine,
+                               "--data.choices_column", "nope"], capsys)  # a key the user gives is kept
+    assert code == 2 and "column 'nope' (data.choices_column) not found" in one_error(err)
