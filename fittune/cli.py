@@ -99,8 +99,11 @@ def parse_args(argv: list[str], prog: str) -> Config | None:
     """`[--config FILE] [--section.key VALUE ...]` -> validated Config (FittuneError on any problem);
     None after printing the help for `-h` / `--help`."""
     if "-h" in argv or "--help" in argv:
+        plan = (f"\n`python {prog} --plan [--config FILE] [--gpus N --gpu-mem GIB --cpu-mem GIB]` predicts the "
+                f"memory of every launch strategy instead of training (python -m fittune.plan)." if prog == "train.py"
+                else "")
         print(f"usage: accelerate launch {prog} [--config FILE] [--section.key VALUE ...]\n\nWithout --config, "
-              f"{prog} runs the offline demo recipe {DEMO_RECIPE}: its values replace the defaults below.\n\n"
+              f"{prog} runs the offline demo recipe {DEMO_RECIPE}: its values replace the defaults below.{plan}\n\n"
               f"config keys:")
         print(help_text())
         return None

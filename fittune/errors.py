@@ -25,6 +25,9 @@ def run_cli(main: Callable[[], int | None]) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"fittune: error: {e}", file=sys.stderr, flush=True)
         code = 2
+    except BrokenPipeError:  # `train.py --help | head`: the reader left; nothing more to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        code = 1
     _leave(code)
 
 

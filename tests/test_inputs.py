@@ -437,3 +437,17 @@ def test_config_errors_show_the_value_and_the_file(tmp_path):
     with pytest.raises(FittuneError, match=rf"unknown config key 'train.lerning_rate' in {recipe}; did you mean "
                                            r"'train.lr'\?"):
         build_config(str(recipe), {})
+
+
+def test_help_names_the_planner_and_survives_a_closed_pipe():
+    """`python train.py --help | head -1` was a BrokenPipeError traceback; --help did not mention --plan."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader has left (as `head` does) before the help is printed: every write fails
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 1 and "Traceback" not in err, err
+    full = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert full.returncode == 0 and "train.py --plan" in full.stdout
