@@ -173,8 +173,9 @@ def strategy_recipe(directory: Path, model_dir: Path) -> Path:
         "seed": 0, "log_with": "none", "model": {"name_or_path": str(model_dir)},
         "data": {"path": "builtin:ai-research-qa", "choices_column": "choices", "max_length": 128},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        # one checkpoint, at the end: test_export consolidates each strategy's shards and compares with final/
         "train": {"micro_batch_size": 2, "grad_accum": 2, "max_steps": STRATEGY_STEPS, "lr": 5e-3,
-                  "log_every": 1, "warmup_ratio": 0.2},
+                  "log_every": 1, "warmup_ratio": 0.2, "save_steps": STRATEGY_STEPS},
         "eval": {"batch_size": 8}})
 
 

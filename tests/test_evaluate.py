@@ -134,7 +134,9 @@ def test_bad_checkpoint_or_data_one_clear_error(lora_run, tmp_path, case):
     else:
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"question": "q", "answer": "z", "choices": ["x", "y"], "topic": "t"}\n')
-        args = ["--checkpoint", lora_run, "--data.path", bad] + args
+        # the run was trained on the built-in set: with the user's own file the mapping starts from the
+        # defaults (as in train.py), so the file's choices column is named
+        args = ["--checkpoint", lora_run, "--data.path", bad, "--data.choices_column", "choices"] + args
         expect = "row 1: answer 'z' is not among the choices"
     proc = launch("evaluate.py", args, check=False)
     assert proc.returncode != 0

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, child_env, launch
+from conftest import ROOT, STRATEGY_STEPS, child_env, launch
 from safetensors.torch import load_file
 
 
@@ -37,16 +37,15 @@ def test_merged_lora_export_matches_adapter_logits(tmp_path, tiny_config):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
-SHARDS = {"deepspeed_zero2": "pytorch_model", "deepspeed_zero3": "pytorch_model", "fsdp2": "pytorch_model_fsdp_0"}
+SHARDS = {"zero2": "pytorch_model", "zero3": "pytorch_model", "fsdp2": "pytorch_model_fsdp_0"}
 
 
 @pytest.mark.parametrize("accel", list(SHARDS))
-def test_sharded_checkpoint_consolidates_to_one_model(tmp_path, tiny_config, accel):
-    """ZeRO shards and FSDP2's torch.distributed.checkpoint shards become the model the run itself wrote."""
-    run = tmp_path / "run"
-    launch("train.py", ["--config", tiny_config(train={"max_steps": 4, "save_steps": 4}), "--output_dir", run],
-           nproc=2, config_file=f"accelerate_configs/{accel}.yaml")
-    ckpt = run / "checkpoints" / "step-00000004"
+def test_sharded_checkpoint_consolidates_to_one_model(tmp_path, strategy_run, accel):
+    """ZeRO shards and FSDP2's torch.distributed.checkpoint shards become the model the run itself wrote
+    (the shared 2-process full fine-tuning runs of test_deepspeed / test_fsdp, checkpointed at their end)."""
+    run = strategy_run(accel, "full")
+    ckpt = run / "checkpoints" / f"step-{STRATEGY_STEPS:08d}"
     assert (ckpt / SHARDS[accel]).is_dir() and not list(ckpt.glob("model*.safetensors"))  # really sharded
     proc = export("--checkpoint", ckpt, "--output", tmp_path / "model")
     assert proc.returncode == 0, proc.stderr[-2000:]
