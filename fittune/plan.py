@@ -404,6 +404,8 @@ def _table_lines(plan: Plan) -> list[str]:
               "per GPU, GiB: resident | forward/backward | optimizer step | overhead")
     rows = []
     for row in plan.rows:
+        if row.option.recipe_overrides and plan.shape.lora:
+            continue  # the low-bit in-backward rows are full fine-tuning recipes: nothing to say for LoRA
         est, single = row.estimate, _single_gpu(row.estimate.strategy)
         label = row.option.title + (
             f" ({'LoRA' if plan.shape.lora else 'full'})" if single and not row.option.recipe_overrides else "")

@@ -462,6 +462,7 @@ def test_lowbit_rows_and_refusals_in_the_plan():
         "--train.optimizer_in_backward true --train.micro_batch_size 16 --train.grad_accum 1")
     lora = P.make_plan(build_config(str(ROOT / "configs/qwen2.5-3b-lora.yaml"), {}), 1, 16, 16)
     assert {r.estimate.why_not for r in lora.rows if r.option.recipe_overrides} == {"full fine-tuning only"}
+    assert "in backward" not in P.render(lora) and "in backward" in P.render(plan)  # not shown with LoRA numbers
     own = P.make_plan(build_config(str(ROOT / "configs/qwen2.5-3b-full-16gb.yaml"), {}), 4, 24, 256)
     by_key = {r.option.key: r.estimate for r in own.rows}
     assert by_key["ddp"].why_not == by_key["zero2"].why_not == "not with optimizer_in_backward"
