@@ -23,7 +23,7 @@ from fittune.rundir import (
     owned,
     publish_dir,
     remove_owned,
-    sealed,
+    seal_problem,
     write_guard,
 )
 from fittune.strategy import Strategy
@@ -201,23 +201,29 @@ def check_compatible(state: dict, fingerprint: dict, path: Path, world_size: int
 # ---- trust: loading a sharded checkpoint unpickles it ------------------------------------------------------
 
 
-def inside_fittune_run(path: Path) -> bool:
-    """Whether `path` is a checkpoint in the `checkpoints/` of a run directory that fittune created right here
-    under this account (its marker's seal verifies: not a run copied, unpacked or received from elsewhere)."""
+def trust_problem(path: Path) -> str | None:
+    """Why the checkpoint `path` is not one fittune saved right here under this account (None: it is): a
+    `step-N` of a run's `checkpoints/`, both directories sealed (`rundir.sealed`). A directory unpacked into
+    a trusted run's checkpoints/, or a run copied or received from elsewhere, is not."""
     real = Path(path).resolve()  # a symlink planted in a run's checkpoints/ is judged by where it points
-    return real.parent.name == "checkpoints" and owned(real.parent.parent, "train") and sealed(real.parent.parent)
+    if real.parent.name != "checkpoints" or re.fullmatch(r"step-\d+", real.name) is None:
+        return f"{real} is not a checkpoint of a fittune run (RUN/checkpoints/step-N)"
+    run = real.parent.parent
+    if not owned(run, "train") or not owned(real, "checkpoint"):
+        return f"{real} or its run {run} has no {MARKER} marker of the right kind: fittune did not save it there"
+    return seal_problem(run) or seal_problem(real)
 
 
 def require_trusted(path: Path, trusted: bool, why: str) -> None:
     """Refuse to unpickle a checkpoint from outside fittune's own run directories unless the user said it is
     trusted (`--trust_checkpoint`): unpickling runs whatever code the file holds."""
-    if trusted or inside_fittune_run(path):
+    problem = None if trusted else trust_problem(path)
+    if problem is None:
         return
-    raise FittuneError(f"{path} is not inside a run directory that fittune created here under your account (the "
-                       f"{MARKER} marker of the run directory above checkpoints/ is missing, or its seal does not "
-                       f"verify: a run copied, unpacked or received from elsewhere), and loading it unpickles "
-                       f"{why}. A checkpoint is code-equivalent: unpickling runs any code it contains, so load "
-                       f"only checkpoints from a trusted source; if you trust this one, pass --trust_checkpoint")
+    raise FittuneError(f"{path} is not a checkpoint that fittune saved here under your account ({problem}), and "
+                       f"loading it unpickles {why}. A checkpoint is code-equivalent: unpickling runs any code it "
+                       f"contains, so load only checkpoints from a trusted source; if you trust this one, pass "
+                       f"--trust_checkpoint")
 
 
 def _damaged(f: Path) -> str | None:

@@ -184,7 +184,12 @@ def _consolidated_state_dict(src: Path, trusted: bool) -> dict[str, torch.Tensor
             get_fp32_state_dict_from_zero_checkpoint,
         )
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(src), tag="pytorch_model")
+        try:
+            return get_fp32_state_dict_from_zero_checkpoint(str(src), tag="pytorch_model")
+        except (OSError, ValueError, RuntimeError, KeyError) as e:  # a shard missing, or not DeepSpeed's layout
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FittuneError(f"checkpoint {src} is damaged: its ZeRO shards cannot be read ({reason}); export "
+                               f"an older checkpoint ({src.parent}/step-N)") from None
     if (src / FSDP_MODEL_DIR).is_dir():
         require_trusted(src, trusted, "FSDP2's torch.distributed.checkpoint metadata (.metadata is a pickle)")
         check_dcp_files(src, export=True)  # a missing or cut shard is named here

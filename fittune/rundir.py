@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -222,7 +223,11 @@ def marker_kind(path: Path) -> str | None:
 def fittune_ancestor(path: Path) -> Path | None:
     """The nearest directory above `path` that fittune created (None: none): what is inside fittune's own
     directories (checkpoints, final/, eval/) is replaced and removed by fittune, so nothing else belongs there."""
-    for parent in Path(path).resolve().parents:
+    try:
+        real = Path(path).resolve()
+    except (RuntimeError, OSError) as e:  # a symbolic link loop
+        raise FittuneError(f"{path} cannot be resolved ({e}): fix or remove the symbolic link") from None
+    for parent in real.parents:
         if owned(parent):
             return parent
     return None
@@ -231,7 +236,7 @@ def fittune_ancestor(path: Path) -> Path | None:
 def check_not_inside_fittune_dir(path: Path, flag: str, evaluation: bool = False) -> None:
     """Refuse `path` inside a directory fittune created, except, for an evaluation, an `eval*` directory
     directly inside a training run, beside the run's own eval/ (the run's other names are its own)."""
-    above = fittune_ancestor(path)
+    above = fittune_ancestor(path)  # resolves `path` (a link loop is one clear error there)
     if above is None:
         return
     real = Path(path).resolve()
@@ -283,9 +288,9 @@ def _trust_key(create: bool) -> bytes | None:
     `create`, or when it cannot be made."""
     path = trust_key_path()
     try:
-        return bytes.fromhex(path.read_text().strip()) or None
+        return _read_key(path)
     except ValueError:
-        return None  # damaged: nothing verifies, so nothing is trusted (README: delete it to start over)
+        return None  # damaged, or readable by others: nothing verifies, so nothing is trusted (README)
     except OSError:
         if not create:
             return None
@@ -303,9 +308,20 @@ def _trust_key(create: bool) -> bytes | None:
             pass
         finally:
             tmp.unlink()
-        return bytes.fromhex(path.read_text().strip()) or None
+        return _read_key(path)
     except (OSError, ValueError):
         return None
+
+
+def _read_key(path: Path) -> bytes | None:
+    """The key, only from a regular file of this account's that nobody else can read (else ValueError: anyone
+    who can read it could forge seals)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd) as f:
+        st = os.fstat(f.fileno())
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise ValueError(f"{path} is not owner-only")
+        return bytes.fromhex(f.read().strip()) or None
 
 
 def _seal(key: bytes, marker: dict, inode: int) -> str:
@@ -318,15 +334,27 @@ def _seal(key: bytes, marker: dict, inode: int) -> str:
 def sealed(path: Path) -> bool:
     """Whether `path` is a directory fittune created right here under this account: its marker's seal
     verifies with this account's key. Renaming it on the same filesystem keeps the seal; a copy does not."""
-    if path.is_symlink():
-        return False
+    return seal_problem(path) is None
+
+
+def seal_problem(path: Path) -> str | None:
+    """Why `path`'s seal does not verify, in words for an error message (None: it verifies)."""
     try:
         marker = json.loads((path / MARKER).read_text())
-        key = _trust_key(create=False)
-        return (key is not None and isinstance(marker, dict) and isinstance(marker.get("seal"), str)
-                and hmac.compare_digest(marker["seal"], _seal(key, marker, path.stat().st_ino)))
     except (OSError, ValueError):
-        return False
+        return f"{path} has no {MARKER} marker: fittune did not create it"
+    if path.is_symlink() or not isinstance(marker, dict):
+        return f"{path} is a symbolic link or has a damaged marker"
+    if not isinstance(marker.get("seal"), str):
+        return (f"{path}'s marker carries no seal (written by an earlier fittune, or when {trust_key_path()} "
+                f"could not be created)")
+    key = _trust_key(create=False)
+    if key is None:
+        return f"this account has no usable trust key on this machine ({trust_key_path()})"
+    if not hmac.compare_digest(marker["seal"], _seal(key, marker, path.stat().st_ino)):
+        return (f"{path}'s seal does not verify: it was copied, unpacked or received from elsewhere, or sealed "
+                f"under another account's key")
+    return None
 
 
 def remove_tree(path: Path) -> None:
@@ -465,9 +493,15 @@ def foreign_entries(run: Path) -> list[str]:
     for entry in sorted(run.iterdir()):
         name = entry.name
         temporary = name.startswith(".") and (".tmp-" in name or ".old-" in name)  # atomic writes, publish_dir
-        evaluation = name.startswith("eval") and owned(entry, "eval")  # evaluate.py's RUN/eval-NAME
+        # evaluate.py's RUN/eval-NAME (or its build directory, also one killed before it was marked)
+        evaluation = name.startswith("eval") and (owned(entry, "eval") or interrupted_claim(entry))
         if entry.is_symlink() or not (name in ours or temporary or evaluation):
             foreign.append(name + ("@" if entry.is_symlink() else "/" if entry.is_dir() else ""))
+    saves = run / "checkpoints"
+    if saves.is_dir() and not saves.is_symlink():  # e.g. a step-best/ copied aside there is the user's
+        foreign += [f"checkpoints/{c.name}" for c in sorted(saves.iterdir()) if not (
+            re.fullmatch(r"step-\d+(\.tmp)?|\.step-\d+\.old-.*", c.name)  # publish_dir's names too
+            and (owned(c, "checkpoint") or interrupted_claim(c)))]
     return foreign
 
 

@@ -76,6 +76,9 @@ def test_sharded_checkpoint_consolidates_to_one_model(tmp_path, strategy_run, ac
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(FittuneError, match=f"{SHARDS[accel]}/{shard.name} cannot be read.*export an older"):
         export_in_process(str(received), str(tmp_path / "model3"), trust_checkpoint=True)
+    shard.unlink()  # a missing shard: the same clear error (was "free disk space or fix permissions" for ZeRO)
+    with pytest.raises(FittuneError, match=f"checkpoint {received} is damaged.*export an older"):
+        export_in_process(str(received), str(tmp_path / "model3"), trust_checkpoint=True)
     assert not (tmp_path / "model3").exists()
 
 

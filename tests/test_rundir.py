@@ -297,7 +297,12 @@ def test_overwrite_never_deletes_what_fittune_did_not_write_inside_a_run(tmp_pat
     for name in ("config.yaml", "train_log.jsonl", "ranks.json", f".config.yaml.tmp-{os.getpid()}"):
         atomic_write_text(out / name, "x\n")
     claim_dir(out / "eval-mmlu-1234abcd", "eval")  # evaluate.py's output inside the run: fittune's
+    (out / "eval-heldout.tmp").mkdir()  # an evaluate.py killed before it marked its build directory
+    claim_dir(out / "checkpoints" / "step-00000004", "checkpoint")
     assert foreign_entries(out) == []
+    (out / "checkpoints" / "step-best").mkdir()  # a checkpoint copied aside by the user
+    assert foreign_entries(out) == ["checkpoints/step-best"]
+    (out / "checkpoints" / "step-best").rmdir()
     (out / "notes.txt").write_text("mine")
     (out / "data").mkdir()
     with pytest.raises(FittuneError, match=r"also holds data/, notes.txt, which fittune did not write: move them out"):
@@ -393,3 +398,11 @@ def test_seal_verifies_here_and_not_in_a_copy_or_under_another_key(tmp_path, mon
     assert not sealed(other)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "elsewhere"))
     assert not sealed(moved)  # another account's key
+
+
+def test_a_link_loop_is_one_clear_error(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    for path in (loop, loop / "sub"):
+        with pytest.raises(FittuneError, match="cannot be resolved.*symbolic link"):
+            inspect_output_dir(path, None, False)

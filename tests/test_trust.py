@@ -158,3 +158,37 @@ def test_fittunes_own_torch_loads_are_weights_only():
             ok = "weights_only" in kw and isinstance(kw["weights_only"], ast.Constant) and kw["weights_only"].value
             assert ok, f"{f}:{call.lineno}: a load without weights_only=True"
     assert found  # the scan sees fittune's own loads (checkpoints.py)
+
+
+def test_trust_needs_fittunes_own_sealed_save_and_an_owner_only_key(tmp_path, monkeypatch):
+    """A directory unpacked into a trusted run's checkpoints/ is not fittune's save; a marker without a seal
+    and a key others can read are each named as the reason."""
+    import json
+
+    from fittune.checkpoints import require_trusted
+    from fittune.errors import FittuneError
+    from fittune.rundir import MARKER, trust_key_path
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    t = small_target()
+    out = run_dir(tmp_path)
+    ours = save(t, out, 1)
+    require_trusted(ours, False, "shards")  # fittune's own save, here
+    unpacked = out / "checkpoints" / "step-00000002"
+    shutil.copytree(ours, unpacked)  # its marker came along, its seal did not
+    with pytest.raises(FittuneError, match="seal does not verify"):
+        require_trusted(unpacked, False, "shards")
+    plain = out / "checkpoints" / "received"
+    plain.mkdir()
+    with pytest.raises(FittuneError, match="not a checkpoint of a fittune run"):
+        require_trusted(plain, False, "shards")
+    marker = json.loads((ours / MARKER).read_text())
+    (ours / MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "seal"}))
+    with pytest.raises(FittuneError, match="carries no seal"):
+        require_trusted(ours, False, "shards")
+    (ours / MARKER).write_text(json.dumps(marker))
+    trust_key_path().chmod(0o644)  # readable by others: anyone could forge seals with it
+    with pytest.raises(FittuneError, match="no usable trust key"):
+        require_trusted(ours, False, "shards")
+    trust_key_path().chmod(0o600)
+    require_trusted(ours, False, "shards")
