@@ -270,7 +270,7 @@ def claim_dir(path: Path, kind: str) -> Path:
                   "nonce": os.urandom(16).hex()}
         key = _trust_key(create=True)
         if key is not None:  # no key (an unwritable config directory): unsealed, so never trusted to unpickle
-            marker["seal"] = _seal(key, marker, path.stat().st_ino)
+            marker["seal"] = _seal(key, marker, path)
         atomic_write_text(path / MARKER, json.dumps(marker) + "\n")
     return path
 
@@ -324,11 +324,33 @@ def _read_key(path: Path) -> bytes | None:
         return bytes.fromhex(f.read().strip()) or None
 
 
-def _seal(key: bytes, marker: dict, inode: int) -> str:
-    """HMAC of the marker's fields and the directory's inode: a marker copied into another directory, or a
-    directory copied or unpacked from elsewhere (a new inode, another account's key), does not verify."""
-    fields = {k: marker.get(k) for k in ("kind", "created", "nonce")} | {"inode": inode}
+def _seal(key: bytes, marker: dict, path: Path) -> str:
+    """HMAC of the marker's fields and the directory's identity (inode and, where the filesystem records it,
+    birth time): a marker copied into another directory, a directory copied or unpacked from elsewhere (a new
+    inode, another account's key), or a new directory that reuses a deleted one's inode does not verify."""
+    fields = {k: marker.get(k) for k in ("kind", "created", "nonce")}
+    fields |= {"inode": path.stat().st_ino, "born": _birth_time(path)}
     return hmac.new(key, json.dumps(fields, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+_STATX_BTIME = 0x800  # linux/stat.h
+
+
+def _birth_time(path: Path) -> list[int] | None:
+    """[seconds, nanoseconds] of `path`'s creation (Linux statx; nobody can set it, unlike mtime: tar restores
+    that), or None where the system or filesystem does not record it (then the inode alone identifies it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "statx", None)
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    at_fdcwd = -100
+    if fn is None or fn(at_fdcwd, os.fsencode(path), 0, _STATX_BTIME, buf) != 0:
+        return None
+    mask = int.from_bytes(buf.raw[0:4], sys.byteorder)
+    if not mask & _STATX_BTIME:
+        return None
+    # stx_btime: struct statx_timestamp at offset 80 (s64 tv_sec, u32 tv_nsec)
+    return [int.from_bytes(buf.raw[80:88], sys.byteorder, signed=True), int.from_bytes(buf.raw[88:92], sys.byteorder)]
 
 
 def sealed(path: Path) -> bool:
@@ -351,7 +373,7 @@ def seal_problem(path: Path) -> str | None:
     key = _trust_key(create=False)
     if key is None:
         return f"this account has no usable trust key on this machine ({trust_key_path()})"
-    if not hmac.compare_digest(marker["seal"], _seal(key, marker, path.stat().st_ino)):
+    if not hmac.compare_digest(marker["seal"], _seal(key, marker, path)):
         return (f"{path}'s seal does not verify: it was copied, unpacked or received from elsewhere, or sealed "
                 f"under another account's key")
     return None

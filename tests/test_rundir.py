@@ -396,6 +396,21 @@ def test_seal_verifies_here_and_not_in_a_copy_or_under_another_key(tmp_path, mon
     other.mkdir()
     (other / MARKER).write_text((moved / MARKER).read_text())  # a marker copied into another directory
     assert not sealed(other)
+    # a new directory in the place of a deleted one (often with the same inode number) does not inherit it
+    again = claim_dir(tmp_path / "again", "train")
+    inode, marker = again.stat().st_ino, (again / MARKER).read_text()  # a marker once shared
+    (again / MARKER).unlink()
+    again.rmdir()
+    again.mkdir()
+    (again / MARKER).write_text(marker)
+    assert not sealed(again), f"inode reused: {again.stat().st_ino == inode}"
+    from fittune import rundir
+
+    born = rundir._birth_time(moved)
+    if born is not None:  # the filesystem records birth times: the seal depends on it, not on the inode alone
+        monkeypatch.setattr(rundir, "_birth_time", lambda path: [born[0], born[1] + 1])
+        assert not sealed(moved)
+        monkeypatch.undo()
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "elsewhere"))
     assert not sealed(moved)  # another account's key
 
