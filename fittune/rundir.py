@@ -254,6 +254,9 @@ def check_writable_dir(path: Path, flag: str) -> None:
     """Refuse an existing non-empty directory that fittune did not create (read-only check)."""
     if path.exists() and not path.is_dir():
         raise FittuneError(f"{flag} {path} is a file, not a directory: choose another path")
+    if path.is_symlink():  # fittune never writes through a link: the user names the directory itself
+        raise FittuneError(f"{flag} {path} is a symbolic link (to {path.resolve()}): give that directory's own "
+                           f"path, or a new one")
     if path.is_dir() and not owned(path) and not interrupted_claim(path):  # empty, or a claim cut short: adopted
         raise FittuneError(f"{flag} {path} is not empty and was not created by fittune (no {MARKER} marker): "
                            f"choose a new or empty directory; fittune never writes into or deletes files it "

@@ -421,3 +421,11 @@ def test_a_link_loop_is_one_clear_error(tmp_path):
     for path in (loop, loop / "sub"):
         with pytest.raises(FittuneError, match="cannot be resolved.*symbolic link"):
             inspect_output_dir(path, None, False)
+
+
+def test_a_linked_output_dir_is_named_as_a_link(tmp_path):
+    """Was: a link to the user's own run was refused as "not created by fittune (no .fittune marker)"."""
+    run = claim_dir(tmp_path / "run", "train")
+    (tmp_path / "link").symlink_to(run, target_is_directory=True)
+    with pytest.raises(FittuneError, match=f"is a symbolic link \\(to {run}\\): give that directory's own path"):
+        inspect_output_dir(tmp_path / "link", "auto", False)
