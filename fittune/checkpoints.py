@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from fittune.distributed import agree_on_failure, raise_if_any_failed
-from fittune.errors import FittuneError
+from fittune.errors import FittuneError, first_line
 from fittune.optim import tensor_bytes
 from fittune.rundir import (
     MARKER,
+    STEP_NAME,
     DirLock,
     atomic_write_text,
     check_free_space,
@@ -124,7 +124,7 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     # only fittune's own names (step-<digits>): a step-best/ or step-N.bak copied aside there is the user's
-    found = [d for d in root.iterdir() if re.fullmatch(r"step-\d+", d.name) and d.is_dir() and not d.is_symlink()
+    found = [d for d in root.iterdir() if STEP_NAME.fullmatch(d.name) and d.is_dir() and not d.is_symlink()
              and (d / STATE_FILE).is_file()]
     return sorted(found, key=lambda d: int(d.name.split("-")[1]))
 
@@ -206,7 +206,7 @@ def trust_problem(path: Path) -> str | None:
     `step-N` of a run's `checkpoints/`, both directories sealed (`rundir.sealed`). A directory unpacked into
     a trusted run's checkpoints/, or a run copied or received from elsewhere, is not."""
     real = Path(path).resolve()  # a symlink planted in a run's checkpoints/ is judged by where it points
-    if real.parent.name != "checkpoints" or re.fullmatch(r"step-\d+", real.name) is None:
+    if real.parent.name != "checkpoints" or STEP_NAME.fullmatch(real.name) is None:
         return f"{real} is not a checkpoint of a fittune run (RUN/checkpoints/step-N)"
     run = real.parent.parent
     if not owned(run, "train") or not owned(real, "checkpoint"):
@@ -237,7 +237,7 @@ def _damaged(f: Path) -> str | None:
         else:
             zipfile.ZipFile(f).close()  # torch.save's zip: a cut or overwritten file has no central directory
     except Exception as e:  # safetensors raises its own SafetensorError; zipfile BadZipFile; OSError
-        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return first_line(e)
     return None
 
 
@@ -278,7 +278,7 @@ def check_dcp_files(path: Path, export: bool = False) -> None:
         try:
             storage = dcp.FileSystemReader(str(meta.parent)).read_metadata().storage_data
         except Exception as e:  # UnpicklingError, EOFError: a cut or overwritten .metadata
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
             raise _corrupt(path, meta, reason, export) from None
         needed: dict[str, int] = {}  # file -> the end of its last record
         for info in storage.values():
@@ -299,10 +299,10 @@ def _name_the_bad_file(path: Path, rank: int, error: BaseException) -> FittuneEr
         try:
             _load_fully(f)
         except Exception as e:  # UnpicklingError, RuntimeError (zip), SafetensorError: what a bad file raises
-            return _corrupt(path, f, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            return _corrupt(path, f, first_line(e))
     if hasattr(error, "failures"):  # torch.distributed.checkpoint's CheckpointException: the first rank's error
         error = next(iter(error.failures.values()))[0]
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    reason = first_line(error)
     return FittuneError(f"could not load checkpoint {path} ({type(error).__name__}: {reason}); resume from an "
                         f"older checkpoint or start a new output_dir")
 

@@ -12,6 +12,12 @@ class FittuneError(Exception):
     """A problem with the user's input (config, data, checkpoint) that says what is wrong and how to fix it."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line for a one-line message (its type's name when it has no text)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run an entry point and exit with the code it returns (e.g. 143 after a SIGTERM checkpoint); turn a
     `FittuneError` into one line on stderr and exit code 2.

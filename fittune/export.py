@@ -13,8 +13,8 @@ fittune or DeepSpeed; tied input/output embeddings stay tied.
 OUT must not exist: the export is built in a hidden directory next to it, fsynced and renamed into place, so
 OUT is either complete or absent. DeepSpeed shards are pickles (DeepSpeed reads them with
 `torch.load(weights_only=False)`, which runs any code they hold), and so is FSDP2's checkpoint metadata: they
-are read only from a run directory fittune wrote, or with `--trust_checkpoint` for a checkpoint from a source
-you trust.
+are read only from a checkpoint fittune saved on this machine under your account (its sealed marker), or with
+`--trust_checkpoint` for a checkpoint from a source you trust.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from fittune.checkpoints import check_dcp_files, check_files, require_trusted
-from fittune.errors import FittuneError, run_cli
+from fittune.errors import FittuneError, first_line, run_cli
 from fittune.rundir import check_not_inside_fittune_dir, fsync_dir, fsync_tree, readable_like_umask, write_guard
 
 USAGE = "--checkpoint DIR --output OUT [--merge] [--trust_checkpoint]"
@@ -187,7 +187,7 @@ def _consolidated_state_dict(src: Path, trusted: bool) -> dict[str, torch.Tensor
         try:
             return get_fp32_state_dict_from_zero_checkpoint(str(src), tag="pytorch_model")
         except (OSError, ValueError, RuntimeError, KeyError) as e:  # a shard missing, or not DeepSpeed's layout
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
             raise FittuneError(f"checkpoint {src} is damaged: its ZeRO shards cannot be read ({reason}); export "
                                f"an older checkpoint ({src.parent}/step-N)") from None
     if (src / FSDP_MODEL_DIR).is_dir():
@@ -231,7 +231,7 @@ def _fsdp2_state_dict(shards: Path) -> dict[str, torch.Tensor]:
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, CheckpointException) as e:
         if isinstance(e, CheckpointException):  # a missing or cut shard: the reader's own error, per rank
             e = next(iter(e.failures.values()))[0]
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise FittuneError(f"{shards} cannot be read ({type(e).__name__}: {reason}): the checkpoint is damaged; "
                            f"export another checkpoint") from None
     return {k[len("model."):]: t for k, t in whole.items()}

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from fittune.config import Config
-from fittune.errors import FittuneError
+from fittune.errors import FittuneError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,7 +51,7 @@ def weights_dtype(cfg: Config, mixed_precision: str) -> torch.dtype:
 
 
 def _load_error(path: str, e: Exception) -> FittuneError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = first_line(e)
     if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
         return FittuneError(f"model not found: '{path}' is not a local directory nor a hub id "
                             f"(like Qwen/Qwen2.5-3B-Instruct); fix model.name_or_path")

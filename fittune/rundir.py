@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fittune.errors import FittuneError
+from fittune.errors import FittuneError, first_line
 
 MARKER = ".fittune"
 LOCK_INFO = ".fittune.lock"
@@ -37,6 +37,7 @@ REPLACED = ".fittune.replaced"  # the runs --overwrite moved aside, removed when
 RUN_FILES = ("config.yaml", "train_log.jsonl", "heldout_ids.json", "final", "checkpoints", "eval")
 # every name a run writes at its top level (with MARKER, LOCK_INFO, REPLACED, fittune's hidden temporary
 # names and evaluate.py's marked eval-* directories): anything else there is the user's
+STEP_NAME = re.compile(r"step-\d+")  # a checkpoint's directory in RUN/checkpoints/ (step-N.tmp while written)
 RUN_NAMES = frozenset(RUN_FILES) | {"eval_untrained", "ranks.json", "loss_curve.png", "tensorboard", "final.tmp",
                                     "eval.tmp", "eval_untrained.tmp"}
 
@@ -187,7 +188,7 @@ def write_guard(what: str, intact: str):
     except Exception as e:
         if not _is_write_failure(e):
             raise
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise FittuneError(f"could not write {what} ({reason}): free disk space or fix permissions; "
                            f"{intact}") from None
 
@@ -220,26 +221,26 @@ def marker_kind(path: Path) -> str | None:
         return None
 
 
+def _resolved(path: Path) -> Path:
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as e:  # a symbolic link loop
+        raise FittuneError(f"{path} cannot be resolved ({e}): fix or remove the symbolic link") from None
+
+
 def fittune_ancestor(path: Path) -> Path | None:
     """The nearest directory above `path` that fittune created (None: none): what is inside fittune's own
     directories (checkpoints, final/, eval/) is replaced and removed by fittune, so nothing else belongs there."""
-    try:
-        real = Path(path).resolve()
-    except (RuntimeError, OSError) as e:  # a symbolic link loop
-        raise FittuneError(f"{path} cannot be resolved ({e}): fix or remove the symbolic link") from None
-    for parent in real.parents:
-        if owned(parent):
-            return parent
-    return None
+    return next((parent for parent in _resolved(path).parents if owned(parent)), None)
 
 
 def check_not_inside_fittune_dir(path: Path, flag: str, evaluation: bool = False) -> None:
     """Refuse `path` inside a directory fittune created, except, for an evaluation, an `eval*` directory
     directly inside a training run, beside the run's own eval/ (the run's other names are its own)."""
-    above = fittune_ancestor(path)  # resolves `path` (a link loop is one clear error there)
+    real = _resolved(path)
+    above = fittune_ancestor(real)
     if above is None:
         return
-    real = Path(path).resolve()
     if evaluation and above == real.parent and owned(above, "train"):
         if real.name.startswith("eval") and not real.name.endswith(".tmp"):
             return
@@ -387,8 +388,7 @@ def remove_tree(path: Path) -> None:
     marked as fittune's (which the next run removes) rather than an unmarked one it must refuse to touch.
     A symbolic link is refused: removing through it would empty a directory somewhere else."""
     if path.is_symlink():
-        raise FittuneError(f"refusing to delete {path}: it is a symbolic link, which fittune never creates; "
-                           f"remove or move it yourself")
+        raise _link_refused(path)
     for child in path.iterdir():
         if child.name == MARKER:
             continue
@@ -398,6 +398,11 @@ def remove_tree(path: Path) -> None:
             child.unlink()
     (path / MARKER).unlink(missing_ok=True)
     path.rmdir()
+
+
+def _link_refused(path: Path) -> FittuneError:
+    return FittuneError(f"refusing to delete {path}: it is a symbolic link, which fittune never creates; remove "
+                        f"or move it yourself")
 
 
 def interrupted_claim(path: Path) -> bool:
@@ -423,10 +428,10 @@ def claim_build_dir(tmp: Path, kind: str, refusal: str) -> Path:
 def remove_owned(path: Path, kind: str) -> None:
     """Remove a directory fittune created as `kind` (refuses anything else: a guard against deleting user files
     or another of fittune's directories that ended up where this one was expected)."""
-    if not path.exists() and not path.is_symlink():
-        return
     if path.is_symlink():
-        remove_tree(path)  # raises: a link is never fittune's, and removing through it would empty its target
+        raise _link_refused(path)
+    if not path.exists():
+        return
     if not owned(path, kind):
         what = f"a fittune {marker_kind(path)} directory" if owned(path) else f"not created by fittune (no {MARKER} marker)"
         raise FittuneError(f"refusing to delete {path}: it is {what}, not the {kind} directory fittune expected "
@@ -525,7 +530,7 @@ def foreign_entries(run: Path) -> list[str]:
     saves = run / "checkpoints"
     if saves.is_dir() and not saves.is_symlink():  # e.g. a step-best/ copied aside there is the user's
         foreign += [f"checkpoints/{c.name}" for c in sorted(saves.iterdir()) if not (
-            re.fullmatch(r"step-\d+(\.tmp)?|\.step-\d+\.old-.*", c.name)  # publish_dir's names too
+            (STEP_NAME.fullmatch(c.name.removesuffix(".tmp")) or c.name.startswith(".step-"))  # publish_dir's too
             and (owned(c, "checkpoint") or interrupted_claim(c)))]
     return foreign
 
