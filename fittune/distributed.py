@@ -65,8 +65,20 @@ def _enable_fsdp_on_cpu(accelerator: Accelerator, mixed_precision: str) -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
+def check_deepspeed_config_file() -> None:
+    """Refuse a launch config whose `deepspeed_config_file` is not there, naming the file and the fix (accelerate
+    says only that it expected "a string path to an existing deepspeed config")."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if deepspeed_requested() and path != "none" and not os.path.isfile(path):
+        # accelerate reads a relative path from the directory the launch ran in, not from the config's own
+        raise FittuneError(f"the launch config's deepspeed_config_file {path} does not exist (a relative path is "
+                           f"read from the current directory, {os.getcwd()}): launch from fittune's repository "
+                           f"root, or write an absolute deepspeed_config_file in your accelerate config")
+
+
 def make_accelerator(mixed_precision: str, grad_accum: int, log_with: str | None, project_dir: str) -> Accelerator:
     """Create the run's Accelerator, with real gloo ranks on a CPU-only machine (see module docstring)."""
+    check_deepspeed_config_file()
     # DDP re-broadcasts module buffers at every forward by default; Qwen2's only buffers are constant rotary
     # tables, and the extra collective would leave ranks waiting if one fails mid-step (OOM-adaptive steps)
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]

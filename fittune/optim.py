@@ -60,6 +60,15 @@ INSTALL_HINT = "pip install 'fittune[lowbit]' (torchao >= 0.18)"
 logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
+def _not_torchaos_enum_deprecation(record: logging.LogRecord) -> bool:
+    """False for torch's notice that torchao registers its Enums as pytree constants (addressed to torchao's
+    maintainers: torch >= 2.12 warns twice whenever transformers imports torchao, i.e. on every run)."""
+    return "is an Enum subclass and is now natively supported" not in str(record.msg)
+
+
+logging.getLogger("torch.utils._pytree").addFilter(_not_torchaos_enum_deprecation)
+
+
 @dataclass(frozen=True)
 class OptimizerChoice:
     """What the run's optimizer is (decided by `choose`)."""

@@ -113,3 +113,18 @@ def test_parameter_count_sees_through_zero3_partitioning():
         p.ds_numel = p.numel()
         p.data = torch.empty(0)
     assert count_parameters(model) == (36 + 10, 36)
+
+
+def test_a_missing_deepspeed_json_is_named_with_the_fix(tmp_path, monkeypatch):
+    """accelerate reads the launch config's relative deepspeed_config_file from the launch directory; launched
+    from elsewhere it said only "Expected a string path to an existing deepspeed config"."""
+    from fittune.distributed import check_deepspeed_config_file
+    from fittune.errors import FittuneError
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ds_configs/zero2.json")
+    monkeypatch.chdir(ROOT)
+    check_deepspeed_config_file()  # found from the repository root
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FittuneError, match=f"ds_configs/zero2.json does not exist .*{tmp_path}.*repository root"):
+        check_deepspeed_config_file()
