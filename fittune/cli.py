@@ -49,6 +49,11 @@ class RecipeChoice:
     skip: tuple[str, ...]
     note: str | None
 
+    def announce(self) -> None:
+        """Print the note, once per launch (rank 0), not once per process."""
+        if self.note and int(os.environ.get("RANK", "0")) == 0:
+            print(f"fittune: {self.note}", flush=True)
+
 
 def choose_recipe(config_file: str | None, overrides: dict[str, Any]) -> RecipeChoice:
     """train.py's recipe: the --config file, or without one the offline demo recipe (said). When the recipe's
@@ -110,6 +115,5 @@ def parse_args(argv: list[str], prog: str) -> Config | None:
     config_file, rest = split_flag(argv, "config")
     overrides = parse_overrides(rest)
     recipe = choose_recipe(config_file, overrides)
-    if recipe.note and int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
-        print(f"fittune: {recipe.note}", flush=True)
+    recipe.announce()
     return build_config(recipe.path, overrides, recipe.skip)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,8 +95,7 @@ def eval_config(info: CheckpointInfo, req: EvalRequest) -> Config:
     if req.config_file is None and info.config_file is None:
         raise FittuneError(f"{req.checkpoint} has no saved fittune config: pass --config FILE describing the data")
     recipe = own_data_mapping(req.config_file or str(info.config_file), overrides)
-    if recipe.note and int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
-        print(f"fittune: {recipe.note}", flush=True)
+    recipe.announce()
     if req.config_file is not None:
         return build_config(recipe.path, overrides, recipe.skip)
     # the saved config is part of the (possibly received) run directory: it cannot grant itself trust

@@ -57,6 +57,10 @@ def detect_hardware(gpus: int | None, gpu_mem_gib: float | None, cpu_mem_gib: fl
     """Fill what was not given from this machine: CUDA device count and smallest device memory, psutil's
     total RAM. Without a GPU here, plan for 1 GPU x DEFAULT_GPU_MEM_GIB unless told otherwise, and say so."""
     notes, parts = [], []
+    if cpu_mem_gib is None and (gpus is not None or gpu_mem_gib is not None):
+        # the GPUs given may be another machine's: its RAM decides the offload rows
+        notes.append("CPU RAM is this machine's: when planning for another machine, pass its --cpu-mem GiB "
+                     "(the offload strategies keep their optimizer states there)")
     local = _local_gpus()
     if gpus is None and local.count:
         gpus = local.count

@@ -371,6 +371,13 @@ def test_no_gpu_plans_for_one_16_gib_gpu_and_says_so():
     assert any("no CUDA GPU" in n for n in hw.notes)
 
 
+def test_given_gpus_without_cpu_mem_say_the_ram_is_this_machines():
+    """GPUs given on the command line may be another machine's; the offload rows then need its RAM."""
+    said = [any("pass its --cpu-mem" in n for n in H.detect_hardware(*given).notes)
+            for given in ((1, 16.0, None), (None, 16.0, None), (1, 16.0, 16.0), (None, None, None))]
+    assert said == [True, True, False, False]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 
