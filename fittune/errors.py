@@ -7,6 +7,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from fittune.notices import quiet_maintainer_notices
+
 
 class FittuneError(Exception):
     """A problem with the user's input (config, data, checkpoint) that says what is wrong and how to fix it."""
@@ -25,6 +27,7 @@ def run_cli(main: Callable[[], int | None]) -> None:
     Every rank hits the same input error, so only the main rank prints it (one line, not one per GPU).
     Other exceptions keep their traceback: they are bugs or hardware faults, not user errors.
     """
+    quiet_maintainer_notices()
     try:
         code = main() or 0
     except FittuneError as e:

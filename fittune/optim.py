@@ -32,7 +32,6 @@ What each combination does, and what is refused (one FittuneError naming the fix
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
@@ -53,20 +52,6 @@ CODE_BITS = {"adamw8bit": 8, "adamw4bit": 4}
 QMAP_ENTRIES = {"adamw8bit": 256, "adamw4bit": 16}
 ADAM_MOMENTS = 2
 INSTALL_HINT = "pip install 'fittune[lowbit]' (torchao >= 0.18)"
-
-# torchao logs a warning for each CUDA extension its wheel cannot load (they serve its quantized kernels, not
-# the optimizers, which are PyTorch ops compiled by torch.compile); transformers imports torchao whenever it
-# is installed, so this is set when fittune's optimizer module loads, before any model is built
-logging.getLogger("torchao").setLevel(logging.ERROR)
-
-
-def _not_torchaos_enum_deprecation(record: logging.LogRecord) -> bool:
-    """False for torch's notice that torchao registers its Enums as pytree constants (addressed to torchao's
-    maintainers: torch >= 2.12 warns twice whenever transformers imports torchao, i.e. on every run)."""
-    return "is an Enum subclass and is now natively supported" not in str(record.msg)
-
-
-logging.getLogger("torch.utils._pytree").addFilter(_not_torchaos_enum_deprecation)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,38 @@
+"""Notices that libraries print on every run for their own maintainers, silenced in one place.
+
+Each one is about how a library calls another (a deprecated API, an optional extension), says nothing about
+the user's run and cannot be acted on by the user; left on, they bury fittune's own lines (and in a
+multi-process launch come once per process). Only these exact messages are dropped: any other warning
+from the same libraries still prints. `run_cli` calls `quiet_maintainer_notices` before an entry point runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+# (category, message regex) of Python warnings; who triggers each, on which runs
+WARNINGS = (
+    # PEFT 0.21 reads transformers' deprecated alias when wrapping a model (every LoRA run)
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    # DeepSpeed's collectives call torch's deprecated names (every ZeRO step)
+    (FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
+)
+# torch >= 2.12 logs twice whenever transformers imports torchao, which registers its Enums as pytree constants
+PYTREE_NOTICE = "is an Enum subclass and is now natively supported"
+
+
+def _not_pytree_notice(record: logging.LogRecord) -> bool:
+    return PYTREE_NOTICE not in str(record.msg)
+
+
+def quiet_maintainer_notices() -> None:
+    """Drop the notices above (idempotent)."""
+    for category, message in WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    pytree = logging.getLogger("torch.utils._pytree")
+    if _not_pytree_notice not in pytree.filters:
+        pytree.addFilter(_not_pytree_notice)
+    # torchao logs a warning for each CUDA extension its wheel cannot load (they serve its quantized kernels,
+    # not the optimizers, which are PyTorch ops compiled by torch.compile)
+    logging.getLogger("torchao").setLevel(logging.ERROR)

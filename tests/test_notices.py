@@ -1,0 +1,61 @@
+"""The notices libraries print for their own maintainers are dropped, each triggered for real; others stay."""
+
+import enum
+import logging
+import warnings
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+from fittune.notices import quiet_maintainer_notices
+
+
+def _deprecated_collectives() -> None:
+    """What DeepSpeed's ZeRO steps call; the deprecation warning comes before the missing process group."""
+    t = torch.zeros(2)
+    for call in (lambda: torch.distributed.all_gather_into_tensor(t, t),
+                 lambda: torch.distributed.reduce_scatter_tensor(t, t)):
+        with pytest.raises((ValueError, RuntimeError)):
+            call()
+
+
+def _peft_reads_the_deprecated_alias() -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    assert model.is_gradient_checkpointing is False
+
+
+def _warnings_of(trigger) -> list[str]:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_maintainer_notices()  # after simplefilter, as run_cli's call comes after Python's defaults
+        trigger()
+        warnings.warn("a FutureWarning of fittune's own", FutureWarning)
+    return [str(w.message) for w in seen]
+
+
+@pytest.mark.parametrize("trigger", [_deprecated_collectives, _peft_reads_the_deprecated_alias])
+def test_library_deprecations_are_dropped_and_other_warnings_kept(trigger):
+    assert _warnings_of(trigger) == ["a FutureWarning of fittune's own"]
+
+
+def test_torchaos_pytree_notice_is_dropped_and_other_pytree_warnings_kept():
+    class Kind(str, enum.Enum):  # what torchao registers (its enums compare as strings)
+        A = "a"
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            kept.append(record.getMessage())
+
+    kept, log, handler = [], logging.getLogger("torch.utils._pytree"), Keep(logging.WARNING)
+    quiet_maintainer_notices()
+    log.addHandler(handler)  # torch's loggers do not propagate to the root logger
+    try:
+        pytree.register_constant(Kind)  # the real call torchao makes on import
+        log.warning("another pytree warning")
+    finally:
+        log.removeHandler(handler)
+    assert kept == ["another pytree warning"]
