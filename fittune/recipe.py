@@ -59,6 +59,7 @@ from fittune.model import (
 from fittune.optim import build_optimizer
 from fittune.placement import input_device, place_model
 from fittune.precision import check_device_precision, run_precision
+from fittune.progress import TrainingProgress
 from fittune.reports import metrics_table, plot_loss_curve
 from fittune.rundir import RunDir, atomic_write_text, inspect_output_dir, write_guard
 from fittune.signals import StopRequest
@@ -361,12 +362,9 @@ class FineTuneRecipe:
 
     def train(self) -> RunResult:
         """One global batch per step; after each: account, log, check divergence and signals, checkpoint."""
-        from tqdm.auto import tqdm
-
         self.stop = StopRequest()
         self._log_failure: Exception | None = None  # a failed train_log write on the main process, not yet agreed
-        self.progress = tqdm(total=self.total_steps, initial=self.counters.step, desc="training",
-                             disable=not self.accelerator.is_main_process, dynamic_ncols=True)
+        self.progress = TrainingProgress(self.total_steps, self.counters.step, self.accelerator.is_main_process)
         self.model.train()
         self._clock = (time.perf_counter(), 0)
         for step in range(self.counters.step, self.total_steps):
@@ -422,7 +420,7 @@ class FineTuneRecipe:
             self.bad_in_a_row += 1
         c.step = step + 1
         self._clock = (self._clock[0], self._clock[1] + total_tokens)
-        self.progress.update(1)
+        self.progress.step_done()
         return loss, bool(stop)
 
     def _log_step(self, step: int, loss: float, result: StepResult) -> None:
@@ -450,7 +448,7 @@ class FineTuneRecipe:
                 self._log_failure = e
         self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
                              step=row["step"])
-        self.progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+        self.progress.logged(row)
 
     def _check_divergence(self, step: int, loss: float, result: StepResult) -> None:
         """After train.max_bad_steps non-finite steps in a row: save the last good weights and stop."""

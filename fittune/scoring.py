@@ -22,6 +22,7 @@ Guarantees (tested with 1, 2 and 3 processes, several batch sizes, ZeRO-3 and FS
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -287,7 +288,9 @@ def score_examples(model, accelerator, strategy: Strategy, examples: list[TokExa
     # generate() stops early on rows that finished; with weights gathered by collectives every rank must
     # keep stepping until all are done
     synced = strategy.gathers_weights and strategy.distributed
-    bar = tqdm(total=n_calls + n_gen, unit="pass", leave=False, disable=loss_only or not accelerator.is_main_process,
+    # a bar only on a terminal: in a log file its redraws pile up into one line (fittune/progress.py)
+    quiet = loss_only or not accelerator.is_main_process or not sys.stderr.isatty()
+    bar = tqdm(total=n_calls + n_gen, unit="pass", leave=False, disable=quiet,
                desc=f"evaluating {len(examples)} rows on {world} process(es)")
     was_training = model.training
     model.eval()
