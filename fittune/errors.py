@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from fittune.notices import quiet_maintainer_notices
+from fittune.progress import library_bars_only_on_a_terminal
 
 
 class FittuneError(Exception):
@@ -28,6 +29,7 @@ def run_cli(main: Callable[[], int | None]) -> None:
     Other exceptions keep their traceback: they are bugs or hardware faults, not user errors.
     """
     quiet_maintainer_notices()
+    library_bars_only_on_a_terminal()
     try:
         code = main() or 0
     except FittuneError as e:

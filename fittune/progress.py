@@ -7,8 +7,16 @@ is printed at every logged step (`train.log_every`): the same numbers train_log.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TextIO
+
+
+def library_bars_only_on_a_terminal() -> None:
+    """transformers' and the Hugging Face hub's own bars (loading weights, writing shards) only on a terminal,
+    like fittune's: before either is imported, through the hub's variable (one the user set wins)."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 class TrainingProgress:

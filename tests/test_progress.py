@@ -1,6 +1,7 @@
 """Training progress: a bar on a terminal, a plain line per logged step in a log file."""
 
 import io
+import os
 
 from fittune.progress import TrainingProgress
 
@@ -42,3 +43,18 @@ def test_other_ranks_print_nothing(capsys):
         p.close()
         assert terminal.getvalue() == ""
     assert capsys.readouterr().out == ""
+
+
+def test_library_bars_off_in_a_log_file_unless_the_user_chose(monkeypatch):
+    from fittune.progress import library_bars_only_on_a_terminal
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setattr("sys.stderr", Terminal())
+    library_bars_only_on_a_terminal()
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    library_bars_only_on_a_terminal()
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # the user's own choice wins
+    library_bars_only_on_a_terminal()
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"
