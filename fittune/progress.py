@@ -1,7 +1,7 @@
 """The training run's progress on the main process, readable on a terminal and in a log file.
 
 On a terminal: a tqdm bar with the last logged loss and learning rate. In a file (a scheduler's log, nohup,
-`| tee`), a bar's redraws are carriage returns that pile up into one unreadable line, so instead a plain line
+`2>&1 | tee`), a bar's redraws are carriage returns that pile up into one unreadable line, so instead a plain line
 is printed at every logged step (`train.log_every`): the same numbers train_log.jsonl gets.
 """
 
