@@ -202,6 +202,10 @@ class DataConfig(_Section):
     """How the answer refers to a choice: its text, a letter (A, B, ...) or a 0-based index."""
     label_column: str | None = None
     """Class label column: stratifies the split; without choices, the classes are the candidates."""
+    classes: list[str] | None = None
+    """The classes of a classification task (label column, no choices), which are every row's candidates.
+    Default: every label found in the training data (and data.test_path). A run saves them in its config.yaml,
+    so evaluating it on other data (a slice, another file) scores the same candidates."""
     messages_column: str | None = None
     """Column with chat `messages` ([{role, content}, ...]); the last assistant turn is the target."""
     system_prompt: str | None = None
@@ -503,7 +507,7 @@ def _read_config_file(config_file: str) -> dict[str, Any]:
 # the data keys that describe a data set's columns and layout: a recipe's values for the built-in set mean
 # nothing for the user's own file (cli.choose_recipe skips them then)
 DATA_MAPPING_KEYS = ("format", "hub_split", "csv_header", "column_names", "id_column", "question_column",
-                     "answer_column", "choices_column", "answer_format", "label_column", "messages_column")
+                     "answer_column", "choices_column", "answer_format", "label_column", "classes", "messages_column")
 
 
 def recipe_data_path(config_file: str) -> str:

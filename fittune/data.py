@@ -269,7 +269,7 @@ def map_columns(rows: list[dict], cfg: DataConfig, source: str, classes: list[st
     _check_columns(list(rows[0].keys()), cfg, source)
     class_task = is_class_task(cfg)
     if class_task and classes is None:
-        classes = class_labels(rows, cfg)
+        classes = task_classes(cfg, rows)
     if not class_task:
         classes = None
     examples, seen = [], set()
@@ -280,7 +280,7 @@ def map_columns(rows: list[dict], cfg: DataConfig, source: str, classes: list[st
             raise FittuneError(f"{where}: duplicate id '{ex_id}' in column '{cfg.id_column}'; ids must be unique")
         seen.add(ex_id)
         # a missing label must fail here: as text ('nan', 'None', '') it would become a class of its own
-        label = None if cfg.label_column is None else str(_cell(row, cfg, "label_column", where, "label"))
+        label = None if cfg.label_column is None else _label(row, cfg, where)
         messages, answer = _prompt_and_answer(row, cfg, where, label)
         choices, gold = None, None
         if cfg.choices_column:
@@ -289,11 +289,15 @@ def map_columns(rows: list[dict], cfg: DataConfig, source: str, classes: list[st
             answer = choices[gold]
         elif classes is not None:
             if label not in classes:
-                raise FittuneError(f"{where}: label {label!r} is not one of the known classes {classes}")
+                raise FittuneError(f"{where}: label {label!r} is not one of the classes {classes} (data.classes: "
+                                   f"the candidates the model chooses among; a trained run's own): remove the "
+                                   f"row, or add the class to data.classes")
             if str(answer) != label:
                 raise _answer_is_not_label(cfg, where, answer, label)
             choices, gold = classes, classes.index(label)
         examples.append(Example(ex_id, messages, str(answer), choices, gold, label))
+    if classes is not None:
+        _check_classes(classes, cfg)  # after the rows: a row's own problem (an empty label) is named first
     return examples
 
 
@@ -307,8 +311,10 @@ def _prompt_and_answer(row: dict, cfg: DataConfig, where: str, label: str | None
         return messages, answer
     question = _cell(row, cfg, "question_column", where, "question")
     if not isinstance(question, str):
+        fix = ("write one row per item (e.g. per sentence), or join the items into one text" if _is_many(question)
+               else "fix the row")
         raise FittuneError(f"{where}: the question in column '{cfg.question_column}' ({_key(cfg, 'question_column')}) "
-                           f"is a {type(question).__name__}, not text; fix the row")
+                           f"is a {type(question).__name__} ({_show_short(question)}), not text; {fix}")
     messages = [{"role": "user", "content": question}]
     if cfg.system_prompt:
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})
@@ -342,9 +348,48 @@ def _answer_is_not_label(cfg: DataConfig, where: str, answer: Any, label: str) -
 
 
 def class_labels(rows: list[dict], cfg: DataConfig) -> list[str]:
-    """Sorted distinct labels of a classification task (empty labels are left to map_columns to report)."""
+    """Sorted distinct labels of a classification task (empty or list labels are left to map_columns to report)."""
     col = cfg.label_column
-    return sorted({str(r[col]) for r in rows if col in r and not _is_missing(r[col])})
+    return sorted({str(r[col]) for r in rows if col in r and not _is_missing(r[col]) and not _is_many(r[col])})
+
+
+def _is_many(value: Any) -> bool:
+    """A list-like cell (a JSON list, a tuple, a numpy array from parquet), which is never one value."""
+    return isinstance(value, (list, tuple, dict)) or getattr(value, "ndim", 0) >= 1  # numpy scalars have ndim 0
+
+
+def task_classes(cfg: DataConfig, rows: list[dict], test_rows: list[dict] | None = None) -> list[str]:
+    """The candidates of a classification task: data.classes when given, else every label in `rows` (and
+    `test_rows`). One class is refused (by map_columns): every prediction would be right by construction."""
+    return list(cfg.classes) if cfg.classes else class_labels(rows + (test_rows or []), cfg)
+
+
+def _check_classes(classes: list[str], cfg: DataConfig) -> None:
+    if len(classes) == 1:
+        raise FittuneError(f"the label column '{cfg.label_column}' ({_key(cfg, 'label_column')}) has one class, "
+                           f"{classes[0]!r}: with one candidate every prediction is right; add rows of the other "
+                           f"classes, or name them all in data.classes")
+
+
+def untrained_classes(train: list[Example], test: list[Example]) -> dict[str, int]:
+    """Held-out labels that no training row has, with their row counts (candidates the model never learned)."""
+    trained = {e.label for e in train}
+    return dict(sorted(Counter(e.label for e in test if e.label not in trained).items()))
+
+
+def _label(row: dict, cfg: DataConfig, where: str) -> str:
+    """A row's class label as text; a list (one label per sentence, per token) is not one class."""
+    value = _cell(row, cfg, "label_column", where, "label")
+    if _is_many(value):
+        raise FittuneError(f"{where}: the label in column '{cfg.label_column}' ({_key(cfg, 'label_column')}) is a "
+                           f"{type(value).__name__} ({_show_short(value)}), not one class: fittune classifies one "
+                           f"text per row; write one row per item (e.g. per sentence) with its own label")
+    return str(value)
+
+
+def _show_short(value: Any) -> str:
+    text = str(value.tolist() if hasattr(value, "tolist") else value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -441,15 +486,16 @@ def split_heldout(examples: list[Example], test_size: float, seed: int) -> tuple
     n_test = max(1, round(len(examples) * test_size))
     if len(examples) - n_test < 1:
         raise FittuneError(f"only {len(examples)} examples: too few to hold out {test_size:.0%}; add data")
-    labels = [e.label if e.label is not None else None for e in examples]
-    stratify = None
-    if all(lb is not None for lb in labels):
-        counts = Counter(labels)
-        if min(counts.values()) >= 2 and n_test >= len(counts) and len(examples) - n_test >= len(counts):
-            stratify = labels
-    idx = list(range(len(examples)))
+    labels = [e.label for e in examples]
+    counts = Counter(labels)
+    # a class with one row cannot be on both sides: it goes to training, the other classes are stratified
+    alone = [i for i, lb in enumerate(labels) if lb is not None and counts[lb] == 1]
+    idx = [i for i, lb in enumerate(labels) if lb is None or counts[lb] > 1]
+    stratify, n_strata = [labels[i] for i in idx], len(counts) - len(alone)
+    if None in counts or not (n_strata <= n_test <= len(idx) - n_strata):
+        idx, alone, stratify = list(range(len(examples))), [], None  # no labels, or too few rows per class
     train_idx, test_idx = train_test_split(idx, test_size=n_test, random_state=seed, stratify=stratify)
-    return [examples[i] for i in sorted(train_idx)], [examples[i] for i in sorted(test_idx)]
+    return [examples[i] for i in sorted(train_idx + alone)], [examples[i] for i in sorted(test_idx)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -632,10 +678,15 @@ def padding_fraction(batch_lengths: list[list[int]]) -> float:
     return 0.0 if slots == 0 else 1.0 - real / slots
 
 
-def count_steps(n_examples: int, global_size: int, max_steps: int, epochs: float) -> tuple[int, int]:
-    """(optimizer steps for the run, steps per epoch)."""
+def count_steps(n_examples: int, global_size: int, max_steps: int, epochs: float, dropped: int = 0,
+                max_length: int = 0) -> tuple[int, int]:
+    """(optimizer steps for the run, steps per epoch); `dropped` rows of the split did not fit `max_length`."""
     per_epoch = n_examples // global_size
     if per_epoch < 1:
+        if dropped and n_examples + dropped >= global_size:  # the rows exist: the length limit dropped them
+            raise FittuneError(f"only {n_examples} training examples fit data.max_length {max_length} ({dropped} "
+                               f"rows were dropped: their answer does not fit), fewer than one global batch "
+                               f"({global_size}); raise data.max_length")
         raise FittuneError(f"the training split has {n_examples} examples, fewer than one global batch "
                            f"({global_size} = micro_batch_size x grad_accum x processes); lower them or add data")
     total = max_steps if max_steps > 0 else max(1, math.ceil(per_epoch * epochs))
@@ -650,7 +701,7 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example
     """Read, map and split: (train examples, held-out examples). No tokenizer needed, so errors come fast."""
     rows = read_rows(cfg.path, cfg)
     test_rows = read_rows(cfg.test_path, cfg) if cfg.test_path else []
-    classes = class_labels(rows + test_rows, cfg) if is_class_task(cfg) else None
+    classes = task_classes(cfg, rows, test_rows) if is_class_task(cfg) else None
     examples = map_columns(rows, cfg, resolve_data_path(cfg.path), classes)
     if cfg.test_path:
         return examples, map_columns(test_rows, cfg, cfg.test_path, classes)

@@ -160,6 +160,7 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
     """The run's own held-out rows while the source and split are the run's (column mappings may change),
     checked against their saved content hash; an explicit test file; or every row of other data."""
     saved = _saved_config(info)
+    _run_classes(cfg, saved)
     split_keys = ("path", "test_path", "test_size")
     same_source = saved is not None and saved.get("seed") == cfg.seed and all(
         (saved.get("data") or {}).get(k) == getattr(cfg.data, k) for k in split_keys)
@@ -183,6 +184,15 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
             f"of this run (the run used data {run_data}, seed {saved.get('seed')}): these numbers are not the run's "
             f"held-out evaluation")
     return EvalData([], test, f"all rows of {cfg.data.path}")
+
+
+def _run_classes(cfg: Config, saved: dict | None) -> None:
+    """A recipe given with --config that names no classes scores the run's own (saved at training): the classes
+    found in a slice of the data would be fewer candidates, and easier ones."""
+    run_data = (saved or {}).get("data") or {}
+    if (cfg.data.classes is None and D.is_class_task(cfg.data) and run_data.get("classes")
+            and run_data.get("label_column") == cfg.data.label_column):
+        cfg.data.classes = run_data["classes"]
 
 
 def check_identity(record: dict, test: list[D.Example], data_cfg, data_path_given: bool, say) -> None:

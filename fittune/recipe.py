@@ -191,6 +191,8 @@ class FineTuneRecipe:
         self._log(str(task))  # said first, so it is seen even when a data check then refuses
         train_examples, test_examples = D.load_splits(cfg.data, cfg.seed)
         self.class_task = task.kind == "classification"
+        if self.class_task:
+            self._settle_classes(train_examples, test_examples)
         prepare_builtin_model(cfg, self.accelerator)
         self.model_path = resolve_model_path(cfg)
         self.tokenizer = load_tokenizer(self.model_path, cfg.model.trust_remote_code)
@@ -208,10 +210,21 @@ class FineTuneRecipe:
         self.lengths = [len(x) for x in self.train_set]
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * self.world
         self.total_steps, self.steps_per_epoch = D.count_steps(len(self.train_set), self.global_batch,
-                                                               cfg.train.max_steps, cfg.train.epochs)
+                                                               cfg.train.max_steps, cfg.train.epochs,
+                                                               len(train_stats.dropped_ids), cfg.data.max_length)
         if self.strategy.deepspeed:
             configure_deepspeed(self.accelerator, cfg.train.micro_batch_size, cfg.train.grad_accum,
                                 cfg.train.max_grad_norm)
+
+    def _settle_classes(self, train: list[D.Example], test: list[D.Example]) -> None:
+        """Record the candidates in the run's config (evaluate.py on other data scores the same ones), and say
+        which held-out classes training never saw."""
+        self.cfg.data.classes = train[0].choices
+        unseen = D.untrained_classes(train, test)
+        if unseen:
+            rows = ", ".join(f"{label!r} ({n} row{'s' if n > 1 else ''})" for label, n in unseen.items())
+            self._log(f"NOTE: held-out labels with no training row: {rows}: they are candidates the model was "
+                      f"never trained to choose")
 
     def _setup_model(self) -> None:
         from accelerate.utils import set_seed

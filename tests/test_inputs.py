@@ -41,7 +41,7 @@ CLASS = {"question_column": "text", "answer_column": None, "label_column": "labe
     ([{"question": "a", "answer": "b"}, {"question": "a", "answer": float("nan")}], {},
      r"row 2: empty answer in column 'answer' \(data.answer_column\)"),
     ([{"question": None, "answer": "b"}], {}, r"row 1: empty question in column 'question' \(data.question_column\)"),
-    ([{"question": 3, "answer": "b"}], {}, r"row 1: the question in column 'question' .* is a int, not text"),
+    ([{"question": 3, "answer": "b"}], {}, r"row 1: the question in column 'question' .* is a int \(3\), not text; fix the row"),
     # a row without a configured column used to be a KeyError traceback
     ([{"question": "a", "answer": "b"}, {"question": "c"}], {},
      r"row 2 has no column 'answer' \(data.answer_column\); this row's columns are: question"),
@@ -90,6 +90,46 @@ def test_valid_labels_still_make_the_classes(tmp_path):
     cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", rows), **CLASS)
     train, test = D.load_splits(cfg, 0)
     assert {tuple(e.choices) for e in train + test} == {("1", "2")}
+
+
+def test_one_class_and_list_labels_are_refused_and_data_classes_names_the_candidates(tmp_path):
+    one = write_jsonl(tmp_path / "one.jsonl", [{"text": f"t{i}", "label": "Background"} for i in range(6)])
+    with pytest.raises(FittuneError, match=r"the label column 'label' \(data.label_column\) has one class, "
+                                           r"'Background': with one candidate every prediction is right"):
+        D.load_splits(DataConfig(path=one, **CLASS), 0)
+    train, test = D.load_splits(DataConfig(path=one, classes=["Uses", "Background"], **CLASS), 0)
+    assert all(e.choices == ["Uses", "Background"] and e.gold == 1 for e in train + test)  # the given order
+    with pytest.raises(FittuneError, match=r"row 1: label 'Background' is not one of the classes \['Uses', 'Extends'\]"
+                                           r" \(data.classes.*add the class to data.classes"):
+        D.load_splits(DataConfig(path=one, classes=["Uses", "Extends"], **CLASS), 0)
+    # csabstruct's shape: a list of labels (one per sentence) is not one class; was 57 classes like "['background', ..."
+    lists = write_jsonl(tmp_path / "lists.jsonl", [{"text": "a. b.", "label": ["background", "method"]},
+                                                   {"text": "c.", "label": ["result"]}])
+    with pytest.raises(FittuneError, match=r"lists.jsonl row 1: the label in column 'label' \(data.label_column\) is "
+                                           r"a list \(\['background', 'method'\]\), not one class: .*one row per item"):
+        D.load_splits(DataConfig(path=lists, **CLASS), 0)
+    sentences = write_jsonl(tmp_path / "s.jsonl", [{"question": ["a.", "b."], "answer": "x"}] * 3)
+    with pytest.raises(FittuneError, match=r"is a list \(\['a.', 'b.'\]\), not text; write one row per item"):
+        D.load_splits(DataConfig(path=sentences), 0)
+
+
+def test_a_class_with_one_row_trains_and_the_rest_stay_stratified(tmp_path):
+    """Was: one Future row among 40 + 40 turned stratification off: 7 Background and 1 Uses held out."""
+    rows = [{"text": f"t{i}", "label": lb} for i, lb in enumerate(["Background"] * 40 + ["Uses"] * 40 + ["Future"])]
+    train, test = D.load_splits(DataConfig(path=write_jsonl(tmp_path / "d.jsonl", rows), **CLASS), 0)
+    held = [e.label for e in test]
+    assert len(test) == 8 and held.count("Background") == held.count("Uses") == 4
+    assert "Future" in {e.label for e in train} and D.untrained_classes(train, test) == {}
+    assert D.untrained_classes([e for e in train if e.label != "Uses"], test) == {"Uses": 4}
+
+
+def test_too_few_rows_after_the_length_limit_names_the_limit():
+    with pytest.raises(FittuneError, match=r"only 8 training examples fit data.max_length 40 \(129 rows were dropped"
+                                           r": their answer does not fit\), fewer than one global batch \(16\); "
+                                           r"raise data.max_length"):
+        D.count_steps(8, 16, 0, 1.0, dropped=129, max_length=40)
+    with pytest.raises(FittuneError, match="the training split has 8 examples, fewer than one global batch"):
+        D.count_steps(8, 16, 0, 1.0, dropped=2, max_length=40)
 
 
 # ---------------------------------------------------------------------------------------------------------
