@@ -23,6 +23,9 @@ def evaluate_and_report(model, accelerator, strategy: Strategy, cfg, tokenizer, 
     holds at most `eval.batch_size` rows and `eval.max_batch_tokens` padded tokens (None: no token budget).
     `about`: what was evaluated (the model, the data), kept in evaluation.json with the settings that change
     the numbers, so two evaluations can be told apart."""
+    cut = generation_cut(examples, cfg.eval.max_new_tokens)
+    if cut:
+        accelerator.print(f"fittune: NOTE: {cut}", flush=True)
     records = score_examples(model, accelerator, strategy, examples, tokenizer, cfg.eval.batch_size,
                              cfg.eval.max_new_tokens, cfg.eval.length_normalize,
                              max_batch_tokens=cfg.eval.max_batch_tokens)
@@ -35,6 +38,19 @@ def evaluate_and_report(model, accelerator, strategy: Strategy, cfg, tokenizer, 
     on_main_then_agree(accelerator, lambda: write_eval_outputs(out_dir, metrics, predictions, title,
                                                                 {**(compare or {}), title: metrics}, settings))
     return metrics
+
+
+def generation_cut(examples: list[TokExample], max_new_tokens: int) -> str | None:
+    """What it means when generated answers are cut before the reference answers end: exact_match is 0 for
+    those rows whatever the model learned. None when every open answer fits (or nothing is generated)."""
+    lengths = [len(e.answer_ids) - 1 for e in examples if e.candidates is None]  # without the end-of-turn token
+    longer = [n for n in lengths if n > max_new_tokens]
+    if max_new_tokens <= 0 or not longer:
+        return None
+    return (f"{len(longer)} of {len(lengths)} reference answers are longer than eval.max_new_tokens "
+            f"({max_new_tokens} tokens; the longest has {max(longer)}): generation stops there, so their "
+            f"exact_match is 0 and token F1 is capped whatever the model learned; raise eval.max_new_tokens to "
+            f"at least {max(longer)}")
 
 
 def validation_loss(model, accelerator, strategy: Strategy, examples: list[TokExample], tokenizer,

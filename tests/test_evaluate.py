@@ -224,3 +224,18 @@ def test_a_slice_of_the_data_is_scored_against_the_runs_classes(tmp_path, tiny_m
     sliced = load_preds(tmp_path / "slice")
     assert len(sliced) == sum(r["topic"] in two for r in held.values()) and all(len(p["scores"]) == 8 for p in sliced)
     assert {p["id"]: p["pred"] for p in sliced} == {p["id"]: trained[p["id"]]["pred"] for p in sliced}
+
+
+def test_answers_longer_than_the_generation_limit_are_said():
+    """Was: exact_match 0.0000 beside token_accuracy 1.0000 on 82-token answers, the generation silently cut at
+    the default eval.max_new_tokens 64."""
+    from fittune.data import TokExample
+    from fittune.evaluator import generation_cut
+
+    rows = [TokExample(str(i), [1, 2], list(range(n)) + [99]) for i, n in enumerate((82, 10, 70))]
+    rows.append(TokExample("c", [1, 2], [5, 99], candidates=[[5], [6]]))  # scored by likelihood: never generated
+    assert generation_cut(rows, 64) == (
+        "2 of 3 reference answers are longer than eval.max_new_tokens (64 tokens; the longest has 82): generation "
+        "stops there, so their exact_match is 0 and token F1 is capped whatever the model learned; raise "
+        "eval.max_new_tokens to at least 82")
+    assert generation_cut(rows, 82) is None and generation_cut(rows, 0) is None
