@@ -12,6 +12,7 @@ from fittune.config import (
     DATA_MAPPING_KEYS,
     Config,
     build_config,
+    expand_home,
     help_text,
     parse_overrides,
     recipe_data_path,
@@ -24,7 +25,8 @@ DEMO_RECIPE = DEMO_DATA.parent / "demo.yaml"
 
 
 def split_flag(argv: list[str], name: str) -> tuple[str | None, list[str]]:
-    """Remove `--name VALUE` (or `--name=VALUE`) from argv; return (value, rest)."""
+    """Remove `--name VALUE` (or `--name=VALUE`) from argv; return (value, rest). The flags taken this way
+    name files or numbers: a leading `~` is expanded (`--output=~/x` reaches no shell expansion)."""
     rest, value, i = [], None, 0
     while i < len(argv):
         arg = argv[i]
@@ -38,7 +40,7 @@ def split_flag(argv: list[str], name: str) -> tuple[str | None, list[str]]:
         else:
             rest.append(arg)
         i += 1
-    return value, rest
+    return expand_home(value), rest
 
 
 @dataclass(frozen=True)

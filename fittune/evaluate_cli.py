@@ -162,8 +162,11 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
     saved = _saved_config(info)
     _run_classes(cfg, saved)
     split_keys = ("path", "test_path", "test_size")
-    same_source = saved is not None and saved.get("seed") == cfg.seed and all(
-        (saved.get("data") or {}).get(k) == getattr(cfg.data, k) for k in split_keys)
+    def same(key: str) -> bool:  # a relative path and the absolute one training saved name the same data
+        ours, theirs = getattr(cfg.data, key), (saved.get("data") or {}).get(key)
+        return theirs == ours or (key != "test_size" and D.absolute_path(ours) == D.absolute_path(theirs))
+
+    same_source = saved is not None and saved.get("seed") == cfg.seed and all(same(k) for k in split_keys)
     record = _heldout_record(info) if same_source else None
     if record is not None and not cfg.data.test_path:
         examples = D.map_columns(D.read_rows(cfg.data.path, cfg.data), cfg.data, D.resolve_data_path(cfg.data.path))

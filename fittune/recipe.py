@@ -190,6 +190,8 @@ class FineTuneRecipe:
         task = D.describe_task(cfg.data)
         self._log(str(task))  # said first, so it is seen even when a data check then refuses
         train_examples, test_examples = D.load_splits(cfg.data, cfg.seed)
+        # saved in config.yaml: evaluate.py and --resume find the data from any working directory
+        cfg.data.path, cfg.data.test_path = D.absolute_path(cfg.data.path), D.absolute_path(cfg.data.test_path)
         self.class_task = task.kind == "classification"
         if self.class_task:
             self._settle_classes(train_examples, test_examples)

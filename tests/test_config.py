@@ -90,3 +90,20 @@ def test_every_field_documented():
                 walk(field.annotation)
 
     walk(Config)
+
+
+def test_a_leading_tilde_is_the_home_directory_in_recipes_and_flags(tmp_path, monkeypatch):
+    """Was: `output_dir: ~/runs/y` in a recipe made a directory literally named `~` in the working directory
+    (and printed `outputs in ~/runs/y/`); a quoted `--data.path '~/em.jsonl'` was not found."""
+    from fittune.cli import split_flag
+    from fittune.config import build_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("output_dir: ~/runs/y\ndata:\n  path: ~/em.jsonl\n")
+    cfg = build_config(str(recipe), {"data.test_path": "~/t.jsonl", "resume": "auto"})
+    assert (cfg.output_dir, cfg.data.path, cfg.data.test_path) == (
+        f"{tmp_path}/runs/y", f"{tmp_path}/em.jsonl", f"{tmp_path}/t.jsonl")
+    hub = build_config(None, {"model.name_or_path": "Qwen/Qwen2.5-3B"}).model.name_or_path
+    assert cfg.resume == "auto" and hub == "Qwen/Qwen2.5-3B"
+    assert split_flag(["--checkpoint=~/run", "--x", "1"], "checkpoint") == (f"{tmp_path}/run", ["--x", "1"])

@@ -187,9 +187,10 @@ def test_classification_same_on_one_and_three_processes_and_fsdp2(tmp_path, tiny
     assert_same_evaluation(tmp_path / "p1", tmp_path / "fsdp2", "fsdp2")
 
 
-def test_a_slice_of_the_data_is_scored_against_the_runs_classes(tmp_path, tiny_model_dir, capsys):
+def test_a_slice_of_the_data_is_scored_against_the_runs_classes(tmp_path, tiny_model_dir, capsys, monkeypatch):
     """Was: evaluate.py --data.path took the classes from the file it scored, so a file holding two of the
-    eight topics was a two-way choice (accuracy 0.84 for a model that got those rows 0/31 right at training)."""
+    eight topics was a two-way choice (accuracy 0.84 for a model that got those rows 0/31 right at training).
+    Also: a run trained with a relative data path could not be evaluated from another directory."""
     import runpy
     import sys
 
@@ -197,10 +198,15 @@ def test_a_slice_of_the_data_is_scored_against_the_runs_classes(tmp_path, tiny_m
     from conftest import ROOT
     from test_evaluate_safety import evaluate
 
-    run = tmp_path / "run"
-    args = ["--output_dir", run, "--log_with", "none", "--model.name_or_path", tiny_model_dir,
-            "--data.choices_column", "null", "--data.answer_column", "null", "--data.label_column", "topic",
-            "--data.test_size", "0.0925", "--train.max_steps", "2", "--eval.before_training", "false"]
+    data, elsewhere, run = tmp_path / "data", tmp_path / "elsewhere", tmp_path / "run"
+    data.mkdir(), elsewhere.mkdir()
+    shutil.copy(DEMO_ROWS, data / "qa.jsonl")
+    mapping = ["--data.label_column", "topic", "--data.answer_column", "null", "--data.choices_column", "null",
+               "--data.id_column", "id"]
+    args = ["--output_dir", run, "--log_with", "none", "--model.name_or_path", tiny_model_dir, "--data.path",
+            "qa.jsonl", *mapping, "--data.test_size", "0.0925", "--train.max_steps", "2", "--eval.before_training",
+            "false"]
+    monkeypatch.chdir(data)  # trained with a path relative to here
     argv, sys.argv = sys.argv, [str(ROOT / "train.py")] + [str(a) for a in args]
     try:
         runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
@@ -208,21 +214,23 @@ def test_a_slice_of_the_data_is_scored_against_the_runs_classes(tmp_path, tiny_m
         assert e.code == 0, capsys.readouterr().err[-3000:]
     finally:
         sys.argv = argv
-    classes = yaml.safe_load((run / "config.yaml").read_text())["data"]["classes"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())["data"]
     trained = {p["id"]: p for p in load_preds(run / "eval")}
-    assert len(classes) == 8 and all(len(p["scores"]) == 8 for p in trained.values())
-    demo = DEMO_ROWS.read_text().splitlines()
-    held = {x: json.loads(demo[int(x)]) for x in trained}  # the built-in set's ids are its row numbers
-    two = sorted({r["topic"] for r in held.values()})[:2]
+    assert saved["path"] == str(data / "qa.jsonl") and len(saved["classes"]) == 8
+    assert all(len(p["scores"]) == 8 for p in trained.values())
+    monkeypatch.chdir(elsewhere)
+    code, _, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "again"], capsys)  # its held-out rows
+    assert code == 0 and {p["id"]: p["pred"] for p in load_preds(tmp_path / "again")} == \
+        {k: p["pred"] for k, p in trained.items()}, err[-3000:]
+    rows = {r["id"]: r for r in map(json.loads, (data / "qa.jsonl").read_text().splitlines()) if r["id"] in trained}
+    two = sorted({r["topic"] for r in rows.values()})[:2]
     piece = tmp_path / "two_topics.jsonl"
-    piece.write_text("".join(json.dumps({**r, "id": x}) + "\n" for x, r in held.items() if r["topic"] in two))
-    # own data on a run of the built-in set starts from the default column mapping: the user names theirs
-    mapping = ["--data.label_column", "topic", "--data.answer_column", "null", "--data.id_column", "id"]
+    piece.write_text("".join(json.dumps(r) + "\n" for r in rows.values() if r["topic"] in two))
     code, _, err = evaluate(["--checkpoint", run, "--data.path", piece, *mapping, "--output_dir", tmp_path / "slice"],
                             capsys)
     assert code == 0, err[-3000:]
     sliced = load_preds(tmp_path / "slice")
-    assert len(sliced) == sum(r["topic"] in two for r in held.values()) and all(len(p["scores"]) == 8 for p in sliced)
+    assert len(sliced) == sum(r["topic"] in two for r in rows.values()) and all(len(p["scores"]) == 8 for p in sliced)
     assert {p["id"]: p["pred"] for p in sliced} == {p["id"]: trained[p["id"]]["pred"] for p in sliced}
 
 
