@@ -34,6 +34,9 @@ from fittune.placement import input_device
 from fittune.strategy import Strategy
 
 MASKED_KERNELS = ("sdpa", "eager")  # attention implementations that take a custom 4-D mask
+# candidate tokens packed after one prompt: a row's attention mask is (prompt + these)^2 and its logits these x
+# vocabulary, so hundreds of classes (968 took a 54 GB mask) go into several rows of this many tokens at most
+PACKED_CANDIDATE_TOKENS = 2048
 
 
 @dataclass
@@ -71,10 +74,22 @@ def make_units(examples: list[TokExample], loss_only: bool, packed: bool) -> lis
         if not shared:
             units.append(Unit(i, e.prompt_ids, [e.answer_ids], [None], 0))
         ks = list(range(len(e.candidates)))
-        for group in ([ks] if packed else [[k] for k in ks]):
+        for group in (_groups(e.candidates, PACKED_CANDIDATE_TOKENS) if packed else [[k] for k in ks]):
             answer = group.index(e.gold) if shared and e.gold in group else None
             units.append(Unit(i, e.cand_prompt_ids, [e.candidates[k] for k in group], list(group), answer))
     return units
+
+
+def _groups(candidates: list[list[int]], budget: int) -> list[list[int]]:
+    """Candidate indexes in consecutive groups of at most `budget` tokens (a longer candidate alone)."""
+    groups, cur, size = [], [], 0
+    for k, c in enumerate(candidates):
+        if cur and size + len(c) > budget:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(k)
+        size += len(c)
+    return groups + [cur]
 
 
 def plan_batches(units: list[Unit], batch_size: int, max_batch_tokens: int | None) -> list[list[Unit]]:

@@ -93,6 +93,19 @@ def test_packed_scores_equal_separate_passes(tiny, accelerator, classes):
     check(score_examples(model, accelerator, Strategy(), examples, tok, 4, 0, True), refs, examples, True)
 
 
+def test_many_candidates_go_into_several_rows_with_the_same_scores(tiny, accelerator, monkeypatch):
+    """A row packs at most PACKED_CANDIDATE_TOKENS candidate tokens (its mask grows with their square: 968
+    classes asked for 54 GB); the candidates beyond go into further rows after the same prompt."""
+    model, tok = tiny
+    examples = tokenized(tok, classes=True, max_length=512, n=4)
+    monkeypatch.setattr("fittune.scoring.PACKED_CANDIDATE_TOKENS", 7)
+    units = make_units(examples, loss_only=False, packed=True)
+    assert len(units) > 2 * len(examples) and all(u.cont_len <= 7 or len(u.segments) == 1 for u in units)
+    assert sorted(k for u in units if u.example == 0 for k in u.choices) == list(range(8))
+    check(score_examples(model, accelerator, Strategy(), examples, tok, 3, 0, False),
+          [reference(model, e) for e in examples], examples)
+
+
 def test_lora_eager_and_unpacked_fallback(tiny, accelerator, monkeypatch, tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
