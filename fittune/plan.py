@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -86,6 +87,11 @@ class LaunchOption:
 
 def _config_path(name: str) -> Path:
     return REPO_ROOT / "accelerate_configs" / f"{name}.yaml"
+
+
+def _from_here(path: Path) -> str:
+    """A repository file as the printed command can use it from the current directory."""
+    return shlex.quote(os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path))
 
 
 def _low_memory(optimizer: str) -> tuple[tuple[str, object], ...]:
@@ -177,12 +183,13 @@ class Plan:
         args += [*self.extra_args, *(a for k, v in option.recipe_overrides for a in (f"--{k}", _arg(v))),
                  "--train.micro_batch_size", str(est.micro_batch), "--train.grad_accum", str(est.grad_accum)]
         tail = " ".join(shlex.quote(a) for a in args)
+        train = _from_here(REPO_ROOT / "train.py")
         if config is None:
-            return f"python train.py {tail}"
-        cmd = f"accelerate launch --config_file accelerate_configs/{config}.yaml"
+            return f"python {train} {tail}"
+        cmd = f"accelerate launch --config_file {_from_here(_config_path(config))}"
         if one_process_per_gpu(est.strategy):
             cmd += f" --num_processes {est.processes}"
-        return f"{cmd} train.py {tail}"
+        return f"{cmd} {train} {tail}"
 
     def command_notes(self, est: Estimate) -> list[str]:
         """Caveats about the command: files or config keys it needs that do not exist yet."""

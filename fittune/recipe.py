@@ -357,7 +357,7 @@ class FineTuneRecipe:
                 "model_path": self.model_path, "global_batch_size": self.global_batch,
                 "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                 "train_examples": len(self.train_set), "heldout_examples": len(self.test_set),
-                "truncated_rows": self.fit.truncated, "dropped_rows": len(self.fit.train_dropped + self.fit.heldout_dropped),
+                "truncated_rows": self.fit.truncated, "train_dropped_rows": len(self.fit.train_dropped),
                 "heldout_dropped_rows": len(self.fit.heldout_dropped),
                 "resumed_from": str(self.resume_from) if self.resume_from else None, **self.digests}
 

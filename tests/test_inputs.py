@@ -459,6 +459,10 @@ def test_csv_and_classification_mistakes_get_the_fix_named(tmp_path):
     cls = DataConfig(path=data, question_column="text", label_column="label")
     with pytest.raises(FittuneError, match="column 'answer' .* set data.answer_column null"):
         D.map_columns(D.read_rows(data, cls), cls, data)
+    unnamed = DataConfig(path=data, question_column="text")  # the label column not named yet
+    with pytest.raises(FittuneError, match=r"columns are: text, label; for a classification set name its label "
+                                           r"column \(data.label_column COLUMN, data.answer_column null\)"):
+        D.map_columns(D.read_rows(data, unnamed), unnamed, data)
 
 
 def test_an_empty_config_file_is_refused(tmp_path):

@@ -327,6 +327,15 @@ def test_make_plan_multi_gpu_prefers_the_fastest_sharded_strategy():
     assert plan.global_batch == 2 * 8 * 4
 
 
+def test_the_printed_command_works_from_another_directory(tmp_path, monkeypatch):
+    """Was: `accelerate_configs/... train.py` relative to the repository, printed in a directory without them."""
+    cfg = build_config(str(ROOT / "configs/qwen2.5-3b-lora.yaml"), {})
+    monkeypatch.chdir(tmp_path)
+    plan = P.make_plan(cfg, gpus=1, gpu_mem_gib=16, cpu_mem_gib=64, recipe="r.yaml")
+    assert plan.command(plan.recommended).startswith(
+        f"accelerate launch --config_file {ROOT}/accelerate_configs/single_gpu.yaml {ROOT}/train.py --config r.yaml ")
+
+
 @pytest.mark.parametrize("strategy, on_gpu, local, expected", [
     ("zero2_offload", True, 2, 8),   # torchrun's one thread per process would run CPU Adam on one core
     ("zero3_offload", True, 4, 4),
