@@ -211,6 +211,9 @@ class DataConfig(_Section):
     """Candidate answers for label metrics: one column holding a list, or a list of columns (one choice each)."""
     answer_format: Literal["text", "letter", "index"] = "text"
     """How the answer refers to a choice: its text, a letter (A, B, ...) or a 0-based index."""
+    choices_in_prompt: bool = False
+    """List the choices under the question, lettered (`A. ...`), and make the letters the candidates and the
+    trained answer (MMLU's prompt format). Default: the question alone, each choice scored as the answer's text."""
     label_column: str | None = None
     """Class label column: stratifies the split; without choices, the classes are the candidates."""
     classes: list[str] | None = None
@@ -253,6 +256,8 @@ class DataConfig(_Section):
             raise ValueError("data.csv_header is false but data.column_names is empty: name the CSV columns")
         if self.answer_column is None and self.label_column is None and self.messages_column is None:
             raise ValueError("set data.answer_column, data.label_column or data.messages_column: nothing to learn")
+        if self.choices_in_prompt and not self.choices_column:
+            raise ValueError("data.choices_in_prompt lists a row's choices: set data.choices_column too")
         return self
 
 
@@ -518,7 +523,8 @@ def _read_config_file(config_file: str) -> dict[str, Any]:
 # the data keys that describe a data set's columns and layout: a recipe's values for the built-in set mean
 # nothing for the user's own file (cli.choose_recipe skips them then)
 DATA_MAPPING_KEYS = ("format", "hub_split", "csv_header", "column_names", "id_column", "question_column",
-                     "answer_column", "choices_column", "answer_format", "label_column", "classes", "messages_column")
+                     "answer_column", "choices_column", "answer_format", "choices_in_prompt", "label_column", "classes",
+                     "messages_column")
 
 
 def recipe_data_path(config_file: str) -> str:

@@ -299,6 +299,9 @@ def map_columns(rows: list[dict], cfg: DataConfig, source: str, classes: list[st
             choices = _row_choices(row, cfg, where)
             gold = _resolve_gold(answer, choices, cfg.answer_format, where)
             answer = choices[gold]
+            if cfg.choices_in_prompt:
+                messages, choices = _list_choices(messages, choices, where)
+                answer = choices[gold]
         elif classes is not None:
             if label not in classes:
                 raise FittuneError(f"{where}: label {label!r} is not one of the classes {classes} (data.classes: "
@@ -347,6 +350,17 @@ def _row_choices(row: dict, cfg: DataConfig, where: str) -> list[str]:
     if len(choices) < 2:
         raise FittuneError(f"{where}: needs at least 2 choices, got {len(choices)}")
     return choices
+
+
+def _list_choices(messages: list[dict], choices: list[str], where: str) -> tuple[list[dict], list[str]]:
+    """The question with its choices listed under it (`A. text`, one a line), and the letters as candidates."""
+    if len(choices) > len(string.ascii_uppercase):
+        raise FittuneError(f"{where}: {len(choices)} choices, more than letters A-Z for data.choices_in_prompt: "
+                           f"turn it off for this data")
+    letters = list(string.ascii_uppercase[:len(choices)])
+    listed = "\n".join(f"{letter}. {text}" for letter, text in zip(letters, choices))
+    question = messages[-1]
+    return messages[:-1] + [{**question, "content": f"{question['content']}\n\n{listed}"}], letters
 
 
 def _answer_is_not_label(cfg: DataConfig, where: str, answer: Any, label: str) -> FittuneError:

@@ -113,6 +113,23 @@ def test_one_class_and_list_labels_are_refused_and_data_classes_names_the_candid
         D.load_splits(DataConfig(path=sentences), 0)
 
 
+def test_choices_in_prompt_lists_them_and_scores_the_letters(tmp_path):
+    rows = [{"q": "2 + 2?", "choices": "['3', '4', '5']", "answer": 1}, {"q": "1 + 1?", "choices": "['2', '3']",
+                                                                          "answer": 0}]
+    cfg = DataConfig(path=write_jsonl(tmp_path / "m.jsonl", rows), question_column="q", choices_column="choices",
+                     answer_format="index", choices_in_prompt=True, system_prompt="Answer with the letter.")
+    first, second = D.map_columns(D.read_rows(cfg.path, cfg), cfg, cfg.path)
+    assert first.messages == [{"role": "system", "content": "Answer with the letter."},
+                              {"role": "user", "content": "2 + 2?\n\nA. 3\nB. 4\nC. 5"}]
+    assert (first.choices, first.gold, first.answer) == (["A", "B", "C"], 1, "B")
+    assert (second.choices, second.gold, second.answer) == (["A", "B"], 0, "A")
+    with pytest.raises(ValueError, match="data.choices_in_prompt lists a row's choices: set data.choices_column"):
+        DataConfig(choices_in_prompt=True)
+    many = write_jsonl(tmp_path / "many.jsonl", [{"question": "?", "choices": [str(i) for i in range(27)], "answer": "0"}])
+    with pytest.raises(FittuneError, match="27 choices, more than letters A-Z for data.choices_in_prompt"):
+        D.load_splits(DataConfig(path=many, choices_column="choices", choices_in_prompt=True), 0)
+
+
 def test_a_class_with_one_row_trains_and_the_rest_stay_stratified(tmp_path):
     """Was: one Future row among 40 + 40 turned stratification off: 7 Background and 1 Uses held out."""
     rows = [{"text": f"t{i}", "label": lb} for i, lb in enumerate(["Background"] * 40 + ["Uses"] * 40 + ["Future"])]
