@@ -92,7 +92,7 @@ def resumed_recipe(overrides: dict[str, Any]) -> RecipeChoice | None:
     out = overrides.get("output_dir")
     if not overrides.get("resume") or out is None:
         return None
-    saved = Path(str(out)) / "config.yaml"
+    saved = Path(expand_home(str(out))) / "config.yaml"
     if not (saved.is_file() and owned(saved.parent, "train")):
         return None
     # what each command grants for itself (trust, replacing a run) is never taken from the saved file

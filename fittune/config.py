@@ -18,6 +18,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     PrivateAttr,
     ValidationError,
@@ -75,6 +76,11 @@ def expand_home(value: str | None) -> str | None:
     """`~/x` as the shell would write it: a path in a recipe or a quoted argument is not expanded by a shell,
     and a directory literally named `~` is never what was meant."""
     return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
+def _label_text(value: Any) -> Any:
+    """A class written as a number in YAML (`classes: [1, 2]`) is the label text the data gives (`str(value)`)."""
+    return str(value) if isinstance(value, (bool, int, float)) else value
 
 
 # a file or directory path (or a name that is not one: `auto`, a hub id, `builtin:...`), `~` expanded
@@ -216,7 +222,7 @@ class DataConfig(_Section):
     trained answer (MMLU's prompt format). Default: the question alone, each choice scored as the answer's text."""
     label_column: str | None = None
     """Class label column: stratifies the split; without choices, the classes are the candidates."""
-    classes: list[str] | None = None
+    classes: list[Annotated[str, BeforeValidator(_label_text)]] | None = None
     """The classes of a classification task (label column, no choices), which are every row's candidates.
     Default: every label found in the training data (and data.test_path). A run saves them in its config.yaml,
     so evaluating it on other data (a slice, another file) scores the same candidates."""
@@ -258,6 +264,11 @@ class DataConfig(_Section):
             raise ValueError("set data.answer_column, data.label_column or data.messages_column: nothing to learn")
         if self.choices_in_prompt and not self.choices_column:
             raise ValueError("data.choices_in_prompt lists a row's choices: set data.choices_column too")
+        if self.classes is not None and (self.choices_column or not self.label_column):
+            raise ValueError("data.classes are the candidates of a classification task (data.label_column, no "
+                             "data.choices_column): remove data.classes for this data (--data.classes null)")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"data.classes names a class twice: {self.classes}")
         return self
 
 

@@ -47,6 +47,15 @@ def absolute_path(path: str | None) -> str | None:
     return os.path.abspath(path)
 
 
+def same_file(a: str | None, b: str | None) -> bool:
+    """Two data paths that name the same file (relative or absolute, or through a link)."""
+    if a == b:
+        return True
+    if a is None or b is None or not (Path(a).exists() and Path(b).exists()):
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _detect_format(path: str, fmt: str) -> str:
     if fmt != "auto":
         return fmt
@@ -518,8 +527,12 @@ def split_heldout(examples: list[Example], test_size: float, seed: int) -> tuple
     alone = [i for i, lb in enumerate(labels) if lb is not None and counts[lb] == 1]
     idx = [i for i, lb in enumerate(labels) if lb is None or counts[lb] > 1]
     stratify, n_strata = [labels[i] for i in idx], len(counts) - len(alone)
-    if None in counts or not (n_strata <= n_test <= len(idx) - n_strata):
-        idx, alone, stratify = list(range(len(examples))), [], None  # no labels, or too few rows per class
+    if None in counts:  # no labels
+        idx, alone, stratify = list(range(len(examples))), [], None
+    elif not (n_strata <= n_test <= len(idx) - n_strata):
+        stratify = None  # too few rows per class to stratify: one-row classes still go to training
+        if not alone or n_test >= len(idx):  # no one-row classes: the same split as before they were moved
+            idx, alone = list(range(len(examples))), []
     train_idx, test_idx = train_test_split(idx, test_size=n_test, random_state=seed, stratify=stratify)
     return [examples[i] for i in sorted(train_idx + alone)], [examples[i] for i in sorted(test_idx)]
 
@@ -711,8 +724,8 @@ def count_steps(n_examples: int, global_size: int, max_steps: int, epochs: float
     if per_epoch < 1:
         if dropped and n_examples + dropped >= global_size:  # the rows exist: the length limit dropped them
             raise FittuneError(f"only {n_examples} training examples fit data.max_length {max_length} ({dropped} "
-                               f"rows were dropped: their answer does not fit), fewer than one global batch "
-                               f"({global_size}); raise data.max_length")
+                               f"rows were dropped: their answer or longest choice does not fit), fewer than one "
+                               f"global batch ({global_size}); raise data.max_length")
         raise FittuneError(f"the training split has {n_examples} examples, fewer than one global batch "
                            f"({global_size} = micro_batch_size x grad_accum x processes); lower them or add data")
     total = max_steps if max_steps > 0 else max(1, math.ceil(per_epoch * epochs))

@@ -164,7 +164,7 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
     split_keys = ("path", "test_path", "test_size")
     def same(key: str) -> bool:  # a relative path and the absolute one training saved name the same data
         ours, theirs = getattr(cfg.data, key), (saved.get("data") or {}).get(key)
-        return theirs == ours or (key != "test_size" and D.absolute_path(ours) == D.absolute_path(theirs))
+        return theirs == ours or (key != "test_size" and D.same_file(ours, theirs))
 
     same_source = saved is not None and saved.get("seed") == cfg.seed and all(same(k) for k in split_keys)
     record = _heldout_record(info) if same_source else None
@@ -276,7 +276,7 @@ def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Pat
     if not req.data_path_given and req.config_file is None:  # the run's own recipe: its held-out rows
         return run / f"{prefix}heldout"
     # other data: named after its file, and its full path (two test.jsonl never share a folder)
-    source = str(D.resolve_data_path(cfg.data.path))
+    source = str(D.absolute_path(D.resolve_data_path(cfg.data.path)))
     stem = re.sub(r"[^\w.-]+", "-", Path(source).stem).strip("-.") or "data"
     return run / f"{prefix}{stem}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
 

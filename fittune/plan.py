@@ -585,8 +585,7 @@ def plan_main(argv: list[str]) -> Plan | None:
     gpus, gpu_mem, cpu_mem = _number("gpus", gpus, int), _number("gpu-mem", gpu_mem, float), \
         _number("cpu-mem", cpu_mem, float)
     if config_file is None:
-        config_file = str(DEMO_RECIPE.relative_to(REPO_ROOT)) if DEMO_RECIPE.is_relative_to(REPO_ROOT) \
-            else str(DEMO_RECIPE)
+        config_file = os.path.relpath(DEMO_RECIPE) if DEMO_RECIPE.is_relative_to(Path.cwd()) else str(DEMO_RECIPE)
         print(f"fittune: no --config given: planning the offline demo recipe {config_file}", flush=True)
     cfg = build_config(config_file, parse_overrides(rest))
     plan = make_plan(cfg, gpus, gpu_mem, cpu_mem, recipe=config_file, extra_args=_raw_overrides(rest))

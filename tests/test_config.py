@@ -107,3 +107,10 @@ def test_a_leading_tilde_is_the_home_directory_in_recipes_and_flags(tmp_path, mo
     hub = build_config(None, {"model.name_or_path": "Qwen/Qwen2.5-3B"}).model.name_or_path
     assert cfg.resume == "auto" and hub == "Qwen/Qwen2.5-3B"
     assert split_flag(["--checkpoint=~/run", "--x", "1"], "checkpoint") == (f"{tmp_path}/run", ["--x", "1"])
+    # --resume without --config continues with the run's own recipe, found through ~ too (was: the demo's)
+    from fittune.cli import choose_recipe
+    from fittune.rundir import claim_dir
+
+    run = claim_dir(tmp_path / "run1", "train")
+    (run / "config.yaml").write_text("output_dir: ~/run1\n")
+    assert choose_recipe(None, {"output_dir": "~/run1", "resume": "auto"}).path == str(run / "config.yaml")

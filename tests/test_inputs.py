@@ -108,6 +108,11 @@ def test_one_class_and_list_labels_are_refused_and_data_classes_names_the_candid
     with pytest.raises(FittuneError, match=r"lists.jsonl row 1: the label in column 'label' \(data.label_column\) is "
                                            r"a list \(\['background', 'method'\]\), not one class: .*one row per item"):
         D.load_splits(DataConfig(path=lists, **CLASS), 0)
+    assert DataConfig(classes=[3, 1], **CLASS).classes == ["3", "1"]  # YAML numbers are the labels' text
+    with pytest.raises(ValueError, match="data.classes names a class twice"):
+        DataConfig(classes=["a", "a"], **CLASS)
+    with pytest.raises(ValueError, match="data.classes are the candidates of a classification task"):
+        DataConfig(classes=["a", "b"], choices_column="choices", label_column="label")  # multiple choice
     sentences = write_jsonl(tmp_path / "s.jsonl", [{"question": ["a.", "b."], "answer": "x"}] * 3)
     with pytest.raises(FittuneError, match=r"is a list \(\['a.', 'b.'\]\), not text; write one row per item"):
         D.load_splits(DataConfig(path=sentences), 0)
@@ -138,11 +143,28 @@ def test_a_class_with_one_row_trains_and_the_rest_stay_stratified(tmp_path):
     assert len(test) == 8 and held.count("Background") == held.count("Uses") == 4
     assert "Future" in {e.label for e in train} and D.untrained_classes(train, test) == {}
     assert D.untrained_classes([e for e in train if e.label != "Uses"], test) == {"Uses": 4}
+    # too few rows a class to stratify (more classes than held-out rows): one-row classes still train
+    rows = [{"text": f"p{i}", "label": f"pair{i // 2}"} for i in range(20)] + [
+        {"text": f"s{i}", "label": f"solo{i}"} for i in range(5)]
+    for seed in range(8):
+        train, test = D.load_splits(DataConfig(path=write_jsonl(tmp_path / "p.jsonl", rows), **CLASS), seed)
+        assert len(test) == 2 and not any(e.label.startswith("solo") for e in test)
+
+
+def test_a_data_path_is_the_same_file_relative_absolute_or_linked(tmp_path, monkeypatch):
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "d.jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert D.same_file("d.jsonl", str(tmp_path / "d.jsonl")) and D.same_file("link.jsonl", "d.jsonl")
+    assert D.absolute_path("d.jsonl") == str(tmp_path / "d.jsonl")
+    assert D.absolute_path("allenai/sciq") == "allenai/sciq" and D.absolute_path("builtin:ai-research-qa") == \
+        "builtin:ai-research-qa"
+    assert not D.same_file("d.jsonl", "missing.jsonl") and D.same_file(None, None)
 
 
 def test_too_few_rows_after_the_length_limit_names_the_limit():
     with pytest.raises(FittuneError, match=r"only 8 training examples fit data.max_length 40 \(129 rows were dropped"
-                                           r": their answer does not fit\), fewer than one global batch \(16\); "
+                                           r": their answer or longest choice does not fit\), fewer than one global batch \(16\); "
                                            r"raise data.max_length"):
         D.count_steps(8, 16, 0, 1.0, dropped=129, max_length=40)
     with pytest.raises(FittuneError, match="the training split has 8 examples, fewer than one global batch"):

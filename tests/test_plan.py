@@ -334,6 +334,7 @@ def test_the_printed_command_works_from_another_directory(tmp_path, monkeypatch)
     plan = P.make_plan(cfg, gpus=1, gpu_mem_gib=16, cpu_mem_gib=64, recipe="r.yaml")
     assert plan.command(plan.recommended).startswith(
         f"accelerate launch --config_file {ROOT}/accelerate_configs/single_gpu.yaml {ROOT}/train.py --config r.yaml ")
+    assert P.plan_main(["--gpus", "1", "--gpu-mem", "16"]).recipe == str(ROOT / "fittune/demo/demo.yaml")  # no --config
 
 
 @pytest.mark.parametrize("strategy, on_gpu, local, expected", [
