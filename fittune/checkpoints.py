@@ -188,6 +188,11 @@ def check_compatible(state: dict, fingerprint: dict, path: Path, world_size: int
     if not diffs:
         return
     how = "resume with the same recipe, or start a new output_dir"
+    if {k for k, v in fingerprint.items() if saved.get(k) != v} <= {"train_sha256", "heldout_sha256"}:
+        # the file's bytes agree: the examples were made or split differently
+        how = ("the data file is unchanged, so the data keys of the recipe (columns, system prompt, test split) "
+               "differ, or the run began with a fittune from before 2026-11-30, whose split kept a class with one "
+               "row out of stratification: resume with that recipe or version, or start a new output_dir")
     written_by = state.get("world_size")
     batch = saved.get("global_batch_size")
     if saved.get("global_batch_size") != fingerprint.get("global_batch_size") and world_size and written_by \
