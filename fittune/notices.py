@@ -17,22 +17,37 @@ WARNINGS = (
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
     # DeepSpeed's collectives call torch's deprecated names (every ZeRO step)
     (FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
+    # torch 2.13 deprecates DDP's broadcast_buffers for forward_sync_buffers, which accelerate 1.15's
+    # DistributedDataParallelKwargs cannot pass yet (fittune/distributed.py; every DDP rank)
+    (FutureWarning, r"`broadcast_buffers` is deprecated\. Use `forward_sync_buffers`"),
 )
-# torch >= 2.12 logs twice whenever transformers imports torchao, which registers its Enums as pytree constants
-PYTREE_NOTICE = "is an Enum subclass and is now natively supported"
+# (logger, message) of log records
+LOG_NOTICES = (
+    # torch >= 2.12, twice whenever transformers imports torchao, which registers its Enums as pytree constants
+    ("torch.utils._pytree", "is an Enum subclass and is now natively supported"),
+    # accelerate, at every checkpoint of a model with tied embeddings (the tie is restored on load; fittune
+    # verifies final/ against the live weights)
+    ("accelerate.utils.other", "Removed shared tensor"),
+)
 
 
-def _not_pytree_notice(record: logging.LogRecord) -> bool:
-    return PYTREE_NOTICE not in str(record.msg)
+class _DropNotice(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in str(record.msg)
 
 
 def quiet_maintainer_notices() -> None:
     """Drop the notices above (idempotent)."""
     for category, message in WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    pytree = logging.getLogger("torch.utils._pytree")
-    if _not_pytree_notice not in pytree.filters:
-        pytree.addFilter(_not_pytree_notice)
+    for name, text in LOG_NOTICES:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) and f.text == text for f in log.filters):
+            log.addFilter(_DropNotice(text))
     # torchao logs a warning for each CUDA extension its wheel cannot load (they serve its quantized kernels,
     # not the optimizers, which are PyTorch ops compiled by torch.compile)
     logging.getLogger("torchao").setLevel(logging.ERROR)

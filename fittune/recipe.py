@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -175,12 +176,16 @@ class FineTuneRecipe:
         cfg = self.cfg
 
         def check() -> None:
+            # locked first: a run that is training now is said to be, not offered --resume or --overwrite
+            self.lock = RunDir.lock_existing(self.out, self.program)
             self.dir_check = inspect_output_dir(self.out, cfg.resume, cfg.overwrite,
                                                 resumable=bool(complete_checkpoints(self.out)))
-            self.lock = RunDir.lock_existing(self.dir_check, self.program)
             if cfg.resume == "auto" and self.dir_check.finished and not complete_checkpoints(self.out):
+                unscored = "" if (self.out / "eval").is_dir() else (
+                    f"; its held-out evaluation did not finish (no eval/): python evaluate.py --checkpoint "
+                    f"{self.out} writes it")
                 raise FittuneError(f"--resume auto: {self.out} holds a finished run without checkpoints "
-                                   f"(train.save_steps was 0): nothing to resume; --overwrite replaces it")
+                                   f"(train.save_steps was 0): nothing to resume; --overwrite replaces it{unscored}")
 
         on_main_then_agree(self.accelerator, check)
         self.resume_from = find_resume_checkpoint(self.out, cfg.resume) if cfg.resume else None
@@ -311,7 +316,10 @@ class FineTuneRecipe:
     def _commit_output_dir(self) -> None:
         """The first writes: claim (create, mark, lock) output_dir, then the config, held-out ids and log."""
         cfg = self.cfg
-        self.config_yaml = to_yaml(cfg, self._facts())
+        # absolute: `--config RUN/config.yaml --resume auto` from another directory continues this run (a
+        # relative output_dir started a new one there)
+        saved = cfg.model_copy(update={"output_dir": os.path.abspath(cfg.output_dir)})
+        self.config_yaml = to_yaml(saved, self._facts())
         on_main_then_agree(self.accelerator, self._write_run_files)
         if self.resume_from is not None:
             self._log(f"resumed from {self.resume_from} at step {self.counters.step} ({self.resume_how} restore)")

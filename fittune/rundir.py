@@ -591,9 +591,12 @@ class RunDir:
         self.path, self.lock, self.aside = path, lock, aside
 
     @classmethod
-    def lock_existing(cls, check: OutputDirCheck, program: str) -> DirLock | None:
-        """Lock an existing output_dir before anything is read from it for the run (None: nothing there)."""
-        return DirLock(check.path).acquire(program, record=False, create=False) if check.exists else None
+    def lock_existing(cls, path: Path, program: str) -> DirLock | None:
+        """Lock an existing run directory before anything is read from it for the run (None: nothing there to
+        lock; a link is left to inspect_output_dir to refuse)."""
+        if not path.is_dir() or path.is_symlink():
+            return None
+        return DirLock(path).acquire(program, record=False, create=False)
 
     @classmethod
     def claim(cls, check: OutputDirCheck, lock: DirLock | None, overwrite: bool, program: str) -> RunDir:

@@ -28,6 +28,20 @@ def _peft_reads_the_deprecated_alias() -> None:
     assert model.is_gradient_checkpointing is False
 
 
+def _ddp_without_buffer_broadcasts() -> None:
+    """What accelerate builds from fittune's DistributedDataParallelKwargs(broadcast_buffers=False)."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    store = dist.FileStore(f"{tempfile.mkdtemp()}/store", 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2), broadcast_buffers=False)
+    finally:
+        dist.destroy_process_group()
+
+
 def _warnings_of(trigger) -> list[str]:
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -37,9 +51,34 @@ def _warnings_of(trigger) -> list[str]:
     return [str(w.message) for w in seen]
 
 
-@pytest.mark.parametrize("trigger", [_deprecated_collectives, _peft_reads_the_deprecated_alias])
+@pytest.mark.parametrize("trigger", [_deprecated_collectives, _peft_reads_the_deprecated_alias,
+                                     _ddp_without_buffer_broadcasts])
 def test_library_deprecations_are_dropped_and_other_warnings_kept(trigger):
     assert _warnings_of(trigger) == ["a FutureWarning of fittune's own"]
+
+
+def test_accelerates_tied_weights_notice_is_dropped_and_its_other_warnings_kept():
+    from accelerate import PartialState
+    from accelerate.utils.other import clean_state_dict_for_safetensors
+
+    PartialState(cpu=True)  # accelerate's logger needs it, as in every run
+
+    shared = torch.zeros(2)
+    kept, log = [], logging.getLogger("accelerate.utils.other")
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            kept.append(record.getMessage())
+
+    handler = Keep(logging.WARNING)
+    quiet_maintainer_notices()
+    log.addHandler(handler)
+    try:
+        state = clean_state_dict_for_safetensors({"embed.weight": shared, "lm_head.weight": shared})
+        log.warning("another accelerate warning")
+    finally:
+        log.removeHandler(handler)
+    assert list(state) == ["embed.weight"] and kept == ["another accelerate warning"]
 
 
 def test_torchaos_pytree_notice_is_dropped_and_other_pytree_warnings_kept():

@@ -72,7 +72,7 @@ def test_overwrite_moves_the_old_run_aside_until_finish(tmp_path):
     out = claim_dir(tmp_path / "run", "train")
     atomic_write_text(out / "config.yaml", "old\n")
     check = inspect_output_dir(out, None, True)
-    lock = RunDir.lock_existing(check, "test")
+    lock = RunDir.lock_existing(check.path, "test")
     run = RunDir.claim(check, lock, True, "test")
     assert run.aside is not None and (run.aside / "config.yaml").read_text() == "old\n"
     assert not (out / "config.yaml").exists() and (out / MARKER).is_file()
@@ -83,7 +83,7 @@ def test_overwrite_moves_the_old_run_aside_until_finish(tmp_path):
 
 def _claim(out, overwrite: bool, resume: str | None = None) -> RunDir:
     check = inspect_output_dir(out, resume, overwrite)
-    return RunDir.claim(check, RunDir.lock_existing(check, "test"), overwrite, "test")
+    return RunDir.claim(check, RunDir.lock_existing(check.path, "test"), overwrite, "test")
 
 
 def test_a_replaced_run_is_removed_by_whichever_run_finishes_the_replacement(tmp_path):
@@ -132,6 +132,12 @@ def test_lock_refuses_a_second_process_and_dies_with_its_holder(tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(FittuneError, match=rf"{out} is in use by holder.py \(pid {holder.pid} on "):
             DirLock(out).acquire("second")
+        # a run training there now: said to be in use (was: offered --resume auto and --overwrite, both refused)
+        from conftest import run_python
+
+        atomic_write_text(out / "config.yaml", "output_dir: x\n")
+        err = run_python("train.py", ["--output_dir", out]).stderr
+        assert f"{out} is in use by holder.py" in err and "already holds" not in err, err[-2000:]
     finally:
         holder.send_signal(signal.SIGKILL)  # kill -9: the kernel drops the lock
         holder.wait()
