@@ -203,10 +203,10 @@ def test_a_slice_of_the_data_is_scored_against_the_runs_classes(tmp_path, tiny_m
     shutil.copy(DEMO_ROWS, data / "qa.jsonl")
     mapping = ["--data.label_column", "topic", "--data.answer_column", "null", "--data.choices_column", "null",
                "--data.id_column", "id"]
-    args = ["--output_dir", run, "--log_with", "none", "--model.name_or_path", tiny_model_dir, "--data.path",
+    args = ["--output_dir", "../run", "--log_with", "none", "--model.name_or_path", tiny_model_dir, "--data.path",
             "qa.jsonl", *mapping, "--data.test_size", "0.0925", "--train.max_steps", "2", "--eval.before_training",
             "false"]
-    monkeypatch.chdir(data)  # trained with a path relative to here
+    monkeypatch.chdir(data)  # trained with paths relative to here
     argv, sys.argv = sys.argv, [str(ROOT / "train.py")] + [str(a) for a in args]
     try:
         runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
@@ -214,7 +214,9 @@ def test_a_slice_of_the_data_is_scored_against_the_runs_classes(tmp_path, tiny_m
         assert e.code == 0, capsys.readouterr().err[-3000:]
     finally:
         sys.argv = argv
-    saved = yaml.safe_load((run / "config.yaml").read_text())["data"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["output_dir"] == str(run)  # absolute: `--config RUN/config.yaml --resume` works from anywhere
+    saved = saved["data"]
     trained = {p["id"]: p for p in load_preds(run / "eval")}
     assert saved["path"] == str(data / "qa.jsonl") and len(saved["classes"]) == 8
     assert all(len(p["scores"]) == 8 for p in trained.values())
