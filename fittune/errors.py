@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from fittune.notices import quiet_maintainer_notices
@@ -21,6 +22,12 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+# how long a rank other than the main one waits before it exits on a FittuneError (the main rank, hitting the
+# same error, prints it and exits at once, and the launcher then stops this one; a loaded machine was seen to
+# need more than an instant)
+OTHER_RANKS_WAIT_S = 5.0
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run an entry point and exit with the code it returns (e.g. 143 after a SIGTERM checkpoint); turn a
     `FittuneError` into one line on stderr and exit code 2.
@@ -35,6 +42,8 @@ def run_cli(main: Callable[[], int | None]) -> None:
     except FittuneError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"fittune: error: {e}", file=sys.stderr, flush=True)
+        else:  # torch's launcher stops every rank as soon as one exits: let the main rank say why first
+            time.sleep(OTHER_RANKS_WAIT_S)
         code = 2
     except BrokenPipeError:  # `train.py --help | head`: the reader left; nothing more to say to it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
