@@ -228,7 +228,8 @@ class FineTuneRecipe:
         which held-out classes training never saw."""
         self.cfg.data.classes = classes = train[0].choices
         unseen = D.untrained_classes(train, test)
-        rowless = [c for c in classes if c not in unseen and c not in {e.label for e in train}]  # data.classes'
+        trained = {e.label for e in train}
+        rowless = [c for c in classes if c not in unseen and c not in trained]  # named in data.classes only
         said = [f"{label!r} ({n} held-out row{'s' if n > 1 else ''})" for label, n in unseen.items()]
         said += [f"{label!r} (no row)" for label in rowless]
         if said:
