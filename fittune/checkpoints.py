@@ -16,6 +16,7 @@ from fittune.optim import tensor_bytes
 from fittune.rundir import (
     MARKER,
     STEP_NAME,
+    DirInUse,
     DirLock,
     atomic_write_text,
     check_free_space,
@@ -72,9 +73,9 @@ def _unfinished_run(run: Path) -> str:
     looks at the lock (every rank gets here; ranks probing at once would see each other as the holder)."""
     if int(os.environ.get("RANK", "0")) == 0:
         try:
-            lock = DirLock(run).acquire("evaluate.py", record=False, create=False)
-        except FittuneError as e:
-            return f"cannot evaluate now: {e}"
+            lock = DirLock(run).acquire("evaluate.py", create=False, shared=True)
+        except DirInUse as e:
+            return f"cannot evaluate now: {e.path} is in use by {e.holder}: wait for it to finish"
         if lock is not None:
             lock.release()
     latest = complete_checkpoints(run)[-1:]

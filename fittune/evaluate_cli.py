@@ -4,10 +4,12 @@ processes, without touching anything fittune did not create.
 Trust and identity rules (README "What fittune writes, and what it never touches"):
   * `model.trust_remote_code` comes from this command line or an explicit `--config`, never from the run's own
     saved config.yaml: a run directory received from someone else runs none of its own Python;
-  * a run directory that is being trained is refused (its lock), and held for the evaluation's duration;
+  * a run directory that is being trained is refused (its lock), and held (shared: other evaluations and exports
+    of it go on) for the evaluation's duration, so it is not resumed or replaced meanwhile;
   * the held-out rows must be the rows the run held out (their content hash), unless `--data.path` says
     explicitly that other data is meant, which is then said loudly;
-  * the output directory is new, empty, or fittune's own; it is replaced atomically.
+  * the output directory is new, empty, or fittune's own; it is reserved from the start (a second evaluation
+    into it is refused at once) and replaced atomically.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from fittune.metrics import class_name, majority_baseline
 from fittune.model import load_tokenizer, load_trained_model, resolve_model_path, weights_dtype
 from fittune.placement import place_model
 from fittune.precision import run_precision
-from fittune.reports import check_eval_dir, metrics_table
-from fittune.rundir import MARKER, DirLock, owned
+from fittune.reports import EvalDir, check_eval_dir, metrics_table, reserve_eval_dir
+from fittune.rundir import DirInUse, DirLock, owned
 from fittune.strategy import Strategy, strategy_of
 
 USAGE = """usage: accelerate launch evaluate.py --checkpoint DIR [--config FILE] [--output_dir DIR] [--section.key VALUE ...]
@@ -226,13 +228,14 @@ def check_identity(record: dict, test: list[D.Example], data_cfg, data_path_give
 
 
 def lock_run_dir(accelerator, info: CheckpointInfo) -> DirLock | None:
-    """Hold the run directory's lock (main process) while evaluating: a run being trained is refused."""
+    """Hold the run directory's shared lock (main process) while evaluating: a run being trained is refused,
+    other evaluations of it go on, and the run is not resumed or replaced until this one ends."""
     lock, refusal = None, None
     if accelerator.is_main_process and info.run_dir is not None and owned(info.run_dir):
         try:
-            lock = DirLock(info.run_dir).acquire("evaluate.py")
-        except FittuneError as e:
-            refusal = FittuneError(f"cannot evaluate now: {e}")
+            lock = DirLock(info.run_dir).acquire("evaluate.py", shared=True)
+        except DirInUse as e:
+            refusal = FittuneError(f"cannot evaluate now: {e.path} is in use by {e.holder}: wait for it to finish")
     raise_if_any_failed(accelerator, refusal)  # every rank stops with the main one: none left waiting
     return lock
 
@@ -249,18 +252,32 @@ def evaluate_checkpoint(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> 
     check_world_size(accelerator.num_processes)  # fewer processes than the launch asked for: before any write
     strategy = strategy_of(accelerator, cfg.model.parallel)
     out = check_eval_dir(Path(req.out_dir) if req.out_dir else default_eval_dir(info, cfg, req))
-    lock = lock_run_dir(accelerator, info)
+    held = [lock_run_dir(accelerator, info)]
     try:
+        held.append(reserve_on_main(accelerator, out))
         notice = remote_code_notice(info, cfg)
         if notice:
             accelerator.print(notice)
         data = select_data(info, cfg, req.data_path_given, accelerator.print)
-        metrics = _score(accelerator, strategy, info, cfg, mixed, data, out)
+        metrics = _score(accelerator, strategy, info, cfg, mixed, data, held[-1] or out)
     finally:
-        if lock is not None:
-            lock.release()
+        for holder in reversed(held):  # the output's reservation first (it may remove its build directory)
+            if holder is not None:
+                holder.release()
     accelerator.end_training()
     return metrics
+
+
+def reserve_on_main(accelerator, out: Path) -> EvalDir | None:
+    """The main process reserves the output directory (`reserve_eval_dir`); the others write nothing (None)."""
+    reserved, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            reserved = reserve_eval_dir(out, "evaluate.py")
+        except FittuneError as e:
+            refusal = e
+    raise_if_any_failed(accelerator, refusal)
+    return reserved
 
 
 def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Path:
@@ -282,7 +299,9 @@ def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Pat
 
 
 def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, mixed: str, data: EvalData,
-           out: Path) -> dict:
+           dest: EvalDir | Path) -> dict:
+    """Score `data` and write the reports to `dest` (reserved on the main process)."""
+    out = dest.out if isinstance(dest, EvalDir) else dest
     weights = info.weights_dir
     class_task = D.is_class_task(cfg.data)
     tok_dir = weights if (weights / "tokenizer_config.json").is_file() else resolve_model_path(cfg)
@@ -302,12 +321,12 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, m
         print(f"fittune: replacing the previous evaluation in {out} (its evaluation.json said what it was)",
               flush=True)
     about = {"model": str(weights), "data": data.source}
-    metrics = evaluate_and_report(model, accelerator, strategy, cfg, tokenizer, test_set, class_task, out, "model",
+    metrics = evaluate_and_report(model, accelerator, strategy, cfg, tokenizer, test_set, class_task, dest, "model",
                                   compare, about)
     accelerator.print(f"fittune: evaluated {weights} on {len(test_set)} examples ({data.source}) "
                       f"with {accelerator.num_processes} process(es)\n" + metrics_table({**compare, "model": metrics}))
     if accelerator.is_main_process:
-        files = ", ".join(sorted(p.name for p in out.iterdir() if p.name != MARKER))
+        files = ", ".join(sorted(p.name for p in out.iterdir() if not p.name.startswith(".")))  # not marker, lock
         print(f"fittune: wrote {out}/ ({files})", flush=True)
     return metrics
 

@@ -10,6 +10,10 @@ DIR may be:
 The result loads with `AutoModelForCausalLM.from_pretrained(OUT)` (or PEFT for an unmerged adapter) without
 fittune or DeepSpeed; tied input/output embeddings stay tied.
 
+A run that is being trained is refused (its lock; its checkpoints rotate and its final/ is replaced while it
+trains): export once it has finished. While exporting, the run is not resumed or replaced (several exports and
+evaluations of it may run at once).
+
 OUT must not exist: the export is built in a hidden directory next to it, fsynced and renamed into place, so
 OUT is either complete or absent. DeepSpeed shards are pickles (DeepSpeed reads them with
 `torch.load(weights_only=False)`, which runs any code they hold), and so is FSDP2's checkpoint metadata: they
@@ -34,7 +38,16 @@ import yaml
 
 from fittune.checkpoints import check_dcp_files, check_files, require_trusted
 from fittune.errors import FittuneError, first_line, run_cli
-from fittune.rundir import check_not_inside_fittune_dir, fsync_dir, fsync_tree, readable_like_umask, write_guard
+from fittune.rundir import (
+    DirInUse,
+    DirLock,
+    check_not_inside_fittune_dir,
+    fsync_dir,
+    fsync_tree,
+    owning_run,
+    readable_like_umask,
+    write_guard,
+)
 
 USAGE = "--checkpoint DIR --output OUT [--merge] [--trust_checkpoint]"
 FSDP_MODEL_DIR = "pytorch_model_fsdp_0"  # accelerate's save_state under FSDP with SHARDED_STATE_DICT
@@ -155,13 +168,37 @@ def export(checkpoint: str, output: str, merge: bool = False, trust_checkpoint: 
     if out.exists() or out.is_symlink():
         raise FittuneError(f"{output} already exists: choose a new --output directory")
     check_not_inside_fittune_dir(out, "--output")  # a run's final/, eval/ ... are replaced with what is inside
+    lock = _lock_source_run(src)
+    try:
+        _build_and_publish(src, out, merge, trust_checkpoint)
+    finally:
+        if lock is not None:
+            lock.release()
+    print(f"fittune: exported {checkpoint} -> {out}", flush=True)
+    return out
+
+
+def _lock_source_run(src: Path) -> DirLock | None:
+    """The shared lock of the run `src` lies in, held while exporting: a run being trained (its checkpoints
+    rotated, its final/ replaced) is refused, and it is not resumed or replaced until the export ends."""
+    run = owning_run(src)
+    if run is None:
+        return None
+    try:
+        return DirLock(run).acquire("export", create=False, shared=True)
+    except DirInUse as e:
+        raise FittuneError(f"cannot export now: {e.path} is in use by {e.holder}: wait for it to finish") from None
+
+
+def _build_and_publish(src: Path, out: Path, merge: bool, trusted: bool) -> None:
+    """Build the export in a hidden directory of its own next to `out`, then rename it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
     # a name of our own next to OUT (same filesystem, so the final rename is atomic); never a user's path
     tmp = out.with_name(f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         with write_guard(f"the export {out}", f"nothing was written to {out}"):
-            _write_export(src, tmp, merge, trust_checkpoint)
+            _write_export(src, tmp, merge, trusted)
             readable_like_umask(tmp)
             fsync_tree(tmp)
             _rename_new(tmp, out)
@@ -169,8 +206,6 @@ def export(checkpoint: str, output: str, merge: bool = False, trust_checkpoint: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # ours (the unique name above), half-written
         raise
-    print(f"fittune: exported {checkpoint} -> {out}", flush=True)
-    return out
 
 
 def _consolidated_state_dict(src: Path, trusted: bool) -> dict[str, torch.Tensor]:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from fittune.errors import FittuneError
 from fittune.rundir import (
+    DirInUse,
+    DirLock,
     atomic_write_bytes,
     atomic_write_text,
     check_not_inside_fittune_dir,
@@ -18,6 +21,7 @@ from fittune.rundir import (
     marker_kind,
     owned,
     publish_dir,
+    remove_owned,
     write_guard,
 )
 
@@ -100,16 +104,60 @@ def _tmp_of(out: Path) -> Path:
     return out.with_name(out.name + ".tmp")
 
 
-def write_eval_outputs(out_dir: str | os.PathLike, metrics: dict, predictions: list[dict], title: str,
+@dataclass
+class EvalDir:
+    """An evaluation's output directory, reserved for the evaluation's whole run by the process that writes
+    it: its build directory `<out>.tmp` is claimed and locked before the scoring, so a second evaluation into
+    the same directory is refused at once (not after its scoring), and neither can remove the other's
+    half-built results. `reserve_eval_dir` makes one; `write_eval_outputs` fills and publishes it."""
+
+    out: Path
+    lock: DirLock
+    published: bool = False
+
+    def release(self) -> None:
+        """Let go of the reservation; an evaluation that ended without results removes its build directory
+        (its own: marked and locked by it, and not yet published)."""
+        try:
+            if not self.published:
+                remove_owned(_tmp_of(self.out), "eval")
+        finally:
+            self.lock.release()
+
+
+def reserve_eval_dir(out_dir: str | os.PathLike, program: str) -> EvalDir:
+    """Check the evaluation output directory (`check_eval_dir`) and reserve it (`EvalDir`)."""
+    out = check_eval_dir(out_dir)
+    tmp = _tmp_of(out)
+    if owned(tmp, "eval"):  # another evaluation's build directory: one still writing holds its lock
+        try:
+            left = DirLock(tmp).acquire(program, record=False, create=False)
+        except DirInUse as e:
+            raise FittuneError(f"{out} is being written by {e.holder}: wait for it to finish, or pass another "
+                               f"--output_dir") from None
+        if left is not None:
+            left.release()  # a crashed evaluation's leftover: claim_build_dir replaces it
+    claim_build_dir(tmp, "eval", f"{tmp} exists and was not created by fittune: move it away")
+    lock = DirLock(tmp).acquire(program)
+    if lock is None:  # removed between the claim and the lock: another evaluation started at the same moment
+        raise FittuneError(f"{out} was taken by another evaluation while this one was starting: wait for it to "
+                           f"finish, or pass another --output_dir")
+    return EvalDir(out, lock)
+
+
+def write_eval_outputs(out_dir: str | os.PathLike | EvalDir, metrics: dict, predictions: list[dict], title: str,
                        compare: dict[str, dict] | None = None, settings: dict | None = None) -> Path:
     """Write metrics.json, predictions.jsonl, report.md (+ confusion_matrix.png; + comparison.json, every
     column of the report's table, when it compares with baselines; + evaluation.json, `settings`: what was
     evaluated and how) to `out_dir`: built in
     `<out_dir>.tmp`, fsynced, then swapped in whole (`rundir.publish_dir`). Only a directory fittune created
-    is ever replaced; a user's non-empty directory is refused, never emptied."""
-    out = check_eval_dir(out_dir)
+    is ever replaced; a user's non-empty directory is refused, never emptied. `out_dir` may be reserved
+    already (`reserve_eval_dir`: its build directory is ready); else it is built here."""
+    reserved = out_dir if isinstance(out_dir, EvalDir) else None
+    out = check_eval_dir(reserved.out if reserved else out_dir)
     tmp = _tmp_of(out)
-    claim_build_dir(tmp, "eval", f"{tmp} exists and was not created by fittune: move it away")  # refused above
+    if reserved is None:
+        claim_build_dir(tmp, "eval", f"{tmp} exists and was not created by fittune: move it away")  # refused above
     lines = "".join(json.dumps(row) + "\n" for row in predictions)
     with write_guard(f"evaluation results to {out}", "nothing in place of the old results was changed"):
         atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -127,6 +175,8 @@ def write_eval_outputs(out_dir: str | os.PathLike, metrics: dict, predictions: l
             plot_confusion(metrics["confusion_matrix"], tmp / "confusion_matrix.png", title)
         atomic_write_text(tmp / "report.md", "\n".join(report))
         publish_dir(tmp, out)
+    if reserved is not None:
+        reserved.published = True
     return out
 
 

@@ -234,6 +234,12 @@ def fittune_ancestor(path: Path) -> Path | None:
     return next((parent for parent in _resolved(path).parents if owned(parent)), None)
 
 
+def owning_run(path: Path) -> Path | None:
+    """The training run that `path` is or lies in (its final/, a checkpoint), None outside any."""
+    real = _resolved(path)
+    return next((d for d in (real, *real.parents) if owned(d, "train")), None)
+
+
 def check_not_inside_fittune_dir(path: Path, flag: str, evaluation: bool = False) -> None:
     """Refuse `path` inside a directory fittune created, except, for an evaluation, an `eval*` directory
     directly inside a training run, beside the run's own eval/ (the run's other names are its own)."""
@@ -442,23 +448,36 @@ def remove_owned(path: Path, kind: str) -> None:
 # ---- one run per directory ----------------------------------------------------------------------------------
 
 
+class DirInUse(FittuneError):
+    """A directory whose lock another process holds; `holder` says who (each caller says what to do)."""
+
+    def __init__(self, path: Path, holder: str):
+        self.path, self.holder = path, holder
+        super().__init__(f"{path} is in use by {holder}: wait for it to finish, or use another directory")
+
+
 class DirLock:
-    """An exclusive lock on a run directory, held until `release` or the process ends (a kill -9 too).
+    """A lock on a run directory, held until `release` or the process ends (a kill -9 too): exclusive for a
+    run that writes there (train.py), shared for one that only reads it (evaluate.py, export), so several
+    evaluations of one run go on at once while none of them sees the run resumed or replaced meanwhile.
 
     The lock is `flock` on the directory's `.fittune.lock` file, opened for writing: on shared storage (NFS)
     Linux emulates flock with POSIX locks, which the server arbitrates across nodes and which need a file
     open for writing. The file is created once (by the run that claims the directory) and never replaced
-    or removed, so every process locks the same inode; the holder writes who it is into it. Only the global
-    main process takes it, so a multi-node run holds one lock."""
+    or removed, so every process locks the same inode; the exclusive holder writes who it is into it (shared
+    holders cannot: there may be several). Only the global main process takes it, so a multi-node run holds
+    one lock."""
 
     def __init__(self, path: Path):
         self.path = path
         self._fd: int | None = None
+        self._shared = False
 
-    def acquire(self, program: str, record: bool = True, create: bool = True) -> DirLock | None:
-        """Take the lock at once or raise naming the holder. `record`: write who holds it (a run's checks
-        take the lock without writing anything, so a refused run leaves the directory untouched); `create`:
-        make the lock file if missing (else return None: nothing to lock yet)."""
+    def acquire(self, program: str, record: bool = True, create: bool = True, shared: bool = False) -> DirLock | None:
+        """Take the lock at once or raise `DirInUse` naming the holder. `record`: write who holds it (a run's
+        checks take the lock without writing anything, so a refused run leaves the directory untouched; a
+        shared holder never writes); `create`: make the lock file if missing (else return None: nothing to
+        lock yet); `shared`: a reader's lock, which only an exclusive holder conflicts with."""
         lock_file = self.path / LOCK_INFO
         # O_NOFOLLOW: the holder's note is written into this file, never through a link into someone's file
         flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
@@ -473,18 +492,17 @@ class DirLock:
             raise FittuneError(f"cannot open the lock file {lock_file} ({e.strerror}): fix the permissions of "
                                f"{self.path}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder_of(fd)
             os.close(fd)
-            raise FittuneError(f"{self.path} is in use by {holder}: wait for it to finish, or use another "
-                               f"directory") from None
+            raise DirInUse(self.path, holder) from None
         except OSError as e:  # e.g. ENOLCK: a network filesystem without a lock service
             os.close(fd)
             raise FittuneError(f"cannot lock {lock_file} ({e.strerror}): this filesystem offers no file locks; "
                                f"use an output_dir on a filesystem that does") from None
-        self._fd = fd
-        if record:
+        self._fd, self._shared = fd, shared
+        if record and not shared:
             self.record(program)
         return self
 
@@ -499,12 +517,22 @@ class DirLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)  # nobody holds it now; the file itself stays (one inode for everyone)
+            if not self._shared:  # a reader leaves the note alone: it is not its own
+                os.ftruncate(self._fd, 0)  # nobody holds it now; the file itself stays (one inode for everyone)
             os.close(self._fd)
             self._fd = None
 
 
 def _holder_of(fd: int) -> str:
+    """Who holds the lock that `fd` could not take: readers (a shared lock; they leave no note), or the
+    exclusive holder its note names (checked second: a holder killed by kill -9 leaves its note behind)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        pass
+    else:  # only readers hold it (an exclusive holder would have refused this shared lock too)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return "another fittune process that reads it (an evaluate.py or an export)"
     try:
         info = json.loads(os.pread(fd, 4096, 0).decode())
         return f"{info['program']} (pid {info['pid']} on {info['host']}, since {info['since']})"
@@ -640,8 +668,9 @@ class RunDir:
                 continue
             try:
                 lock = DirLock(run).acquire("train.py", record=False, create=False)
-            except FittuneError as e:
-                cleanup.kept.append(f"{e}; remove it yourself once that has finished")
+            except DirInUse as e:
+                cleanup.kept.append(f"{run} was kept: it is in use by {e.holder}; remove it yourself once that "
+                                    f"has finished")
                 continue
             try:
                 remove_owned(run, "train")

@@ -330,3 +330,27 @@ def test_own_data_for_a_run_on_the_builtin_set_starts_from_the_default_mapping(t
     code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev2", "--data.path", mine,
                                "--data.choices_column", "nope"], capsys)  # a key the user gives is kept
     assert code == 2 and "column 'nope' (data.choices_column) not found" in one_error(err)
+
+
+def test_evaluations_of_one_run_go_on_at_once_but_never_into_one_directory(tmp_path, tiny_model_dir, capsys):
+    """Two evaluations of one run share its lock; one whose output another is writing is refused at once
+    (not after scoring), and an evaluation that fails removes its reserved build directory."""
+    from fittune.reports import reserve_eval_dir
+
+    run = make_run(tmp_path, tiny_model_dir)
+    other = DirLock(run).acquire("evaluate.py", shared=True)  # another evaluation of this run, going on now
+    busy = reserve_eval_dir(run / "eval-heldout", "evaluate.py")  # ... and writing the held-out results
+    try:
+        code, _, err = evaluate(["--checkpoint", run], capsys)
+        assert code == 2 and f"{run / 'eval-heldout'} is being written by evaluate.py (pid" in one_error(err)
+        code, out, err = evaluate(["--checkpoint", run, "--output_dir", run / "eval-again"], capsys)
+        assert code == 0, err
+        held_out = json.loads((run / "heldout_ids.json").read_text())["ids"]
+        assert json.loads((run / "eval-again" / "metrics.json").read_text())["num_examples"] == len(held_out)
+    finally:
+        busy.release()
+        other.release()
+    _change_heldout_row(run)  # refused after its output was reserved: the reservation is removed
+    code, _, err = evaluate(["--checkpoint", run], capsys)
+    assert code == 2 and "content hash differs" in one_error(err)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("eval")) == ["eval-again"]

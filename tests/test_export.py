@@ -192,3 +192,36 @@ def test_final_is_built_in_a_marked_tmp_and_published_without_the_marker(tmp_pat
     assert (run / "final.tmp" / MARKER).is_file() and (final / "model.safetensors").is_file()
     save_final(model, acc, tokenizer, run, "seed: 0\n", lambda msg: None)  # the next save removes it
     assert not (run / "final.tmp").exists() and not (final / MARKER).exists()
+
+
+def test_a_run_being_trained_is_not_exported_and_exports_share_it(tmp_path, tiny_model_dir, monkeypatch):
+    """A run that is being trained (its exclusive lock) is refused with its holder; one being evaluated or
+    exported (shared locks) is exported, and stays locked against a resume until the export ends."""
+    from fittune.errors import FittuneError
+    from fittune.export import export
+    from fittune.rundir import DirInUse, DirLock, claim_dir
+
+    run = claim_dir(tmp_path / "run", "train")
+    ckpt = accelerate_checkpoint(run, tiny_model_dir)
+    trainer = DirLock(run).acquire("train.py")
+    with pytest.raises(FittuneError, match=rf"cannot export now: {run} is in use by train\.py \(pid .*: wait"):
+        export(str(ckpt), str(tmp_path / "model"))
+    trainer.release()
+    assert not (tmp_path / "model").exists()
+    evaluation = DirLock(run).acquire("evaluate.py", shared=True)
+    seen = []
+    import fittune.export as E
+
+    real = E._write_export
+
+    def write_and_try_a_resume(*args):  # a --resume auto started while the export runs
+        with pytest.raises(DirInUse, match="reads it"):
+            DirLock(run).acquire("train.py")
+        seen.append("refused")
+        return real(*args)
+
+    monkeypatch.setattr(E, "_write_export", write_and_try_a_resume)
+    export(str(ckpt), str(tmp_path / "model"))
+    evaluation.release()
+    assert seen == ["refused"] and (tmp_path / "model" / "model.safetensors").is_file()
+    DirLock(run).acquire("train.py").release()  # the export let go of it

@@ -17,6 +17,7 @@ from fittune import runlog
 from fittune.errors import FittuneError
 from fittune.rundir import (
     MARKER,
+    DirInUse,
     DirLock,
     RunDir,
     atomic_write_text,
@@ -435,3 +436,25 @@ def test_a_linked_output_dir_is_named_as_a_link(tmp_path):
     (tmp_path / "link").symlink_to(run, target_is_directory=True)
     with pytest.raises(FittuneError, match=f"is a symbolic link \\(to {run}\\): give that directory's own path"):
         inspect_output_dir(tmp_path / "link", "auto", False)
+
+
+def test_readers_share_the_lock_and_a_writer_is_told_who_holds_it(tmp_path):
+    """Evaluations and exports of one run go on at once (shared locks); a run resumed meanwhile is refused and
+    told that readers hold it (not a dead writer's stale note); a reader is refused by a writer, named."""
+    out = claim_dir(tmp_path / "run", "train")
+    writer = DirLock(out).acquire("train.py")
+    with pytest.raises(DirInUse, match=r"in use by train\.py \(pid "):
+        DirLock(out).acquire("evaluate.py", shared=True)
+    writer.release()
+    note = json.dumps({"program": "train.py", "pid": 1, "host": "h", "since": "t"})
+    (out / ".fittune.lock").write_text(note)  # as a writer killed by kill -9 leaves its note
+    readers = [DirLock(out).acquire("evaluate.py", shared=True) for _ in range(2)]
+    with pytest.raises(DirInUse) as refused:
+        DirLock(out).acquire("train.py")
+    assert refused.value.holder == "another fittune process that reads it (an evaluate.py or an export)"
+    readers[0].release()
+    assert (out / ".fittune.lock").read_text() == note  # a reader writes nothing, and erases nothing
+    with pytest.raises(DirInUse):
+        DirLock(out).acquire("train.py")  # the second reader still holds it
+    readers[1].release()
+    DirLock(out).acquire("train.py").release()
