@@ -406,10 +406,17 @@ def _check_classes(classes: list[str], cfg: DataConfig) -> None:
                            f"classes, or name them all in data.classes")
 
 
-def untrained_classes(train: list[Example], test: list[Example]) -> dict[str, int]:
-    """Held-out labels that no training row has, with their row counts (candidates the model never learned)."""
+def untrained_classes_note(classes: list[str], train: list[Example], test: list[Example]) -> str | None:
+    """Which candidate classes no training row has (held-out only, with their row counts, or named in
+    data.classes only): the model was never trained to choose them. None when every class was trained."""
     trained = {e.label for e in train}
-    return dict(sorted(Counter(e.label for e in test if e.label not in trained).items()))
+    held_out = Counter(e.label for e in test if e.label not in trained)
+    said = [f"{c!r} ({held_out[c]} held-out row{'s' if held_out[c] > 1 else ''})" if held_out[c] else f"{c!r} (no row)"
+            for c in classes if c not in trained]
+    if not said:
+        return None
+    return (f"classes with no training row: {', '.join(said)}: they are candidates the model was never trained "
+            f"to choose")
 
 
 def _label(row: dict, cfg: DataConfig, where: str) -> str:

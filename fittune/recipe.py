@@ -225,16 +225,11 @@ class FineTuneRecipe:
 
     def _settle_classes(self, train: list[D.Example], test: list[D.Example]) -> None:
         """Record the candidates in the run's config (evaluate.py on other data scores the same ones), and say
-        which held-out classes training never saw."""
-        self.cfg.data.classes = classes = train[0].choices
-        unseen = D.untrained_classes(train, test)
-        trained = {e.label for e in train}
-        rowless = [c for c in classes if c not in unseen and c not in trained]  # named in data.classes only
-        said = [f"{label!r} ({n} held-out row{'s' if n > 1 else ''})" for label, n in unseen.items()]
-        said += [f"{label!r} (no row)" for label in rowless]
-        if said:
-            self._log(f"NOTE: classes with no training row: {', '.join(said)}: they are candidates the model was "
-                      f"never trained to choose")
+        which of them training never saw."""
+        self.cfg.data.classes = train[0].choices
+        note = D.untrained_classes_note(self.cfg.data.classes, train, test)
+        if note:
+            self._log(f"NOTE: {note}")
 
     def _setup_model(self) -> None:
         from accelerate.utils import set_seed

@@ -141,8 +141,12 @@ def test_a_class_with_one_row_trains_and_the_rest_stay_stratified(tmp_path):
     train, test = D.load_splits(DataConfig(path=write_jsonl(tmp_path / "d.jsonl", rows), **CLASS), 0)
     held = [e.label for e in test]
     assert len(test) == 8 and held.count("Background") == held.count("Uses") == 4
-    assert "Future" in {e.label for e in train} and D.untrained_classes(train, test) == {}
-    assert D.untrained_classes([e for e in train if e.label != "Uses"], test) == {"Uses": 4}
+    classes = train[0].choices
+    assert "Future" in {e.label for e in train} and D.untrained_classes_note(classes, train, test) is None
+    # a class only held out (4 rows), and one named in data.classes that no row has: both said, with counts
+    note = D.untrained_classes_note(classes + ["Motivation"], [e for e in train if e.label != "Uses"], test)
+    assert note == ("classes with no training row: 'Uses' (4 held-out rows), 'Motivation' (no row): they are "
+                    "candidates the model was never trained to choose")
     # too few rows a class to stratify (more classes than held-out rows): one-row classes still train
     rows = [{"text": f"p{i}", "label": f"pair{i // 2}"} for i in range(20)] + [
         {"text": f"s{i}", "label": f"solo{i}"} for i in range(5)]
