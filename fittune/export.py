@@ -14,8 +14,8 @@ A run that is being trained is refused (its lock; its checkpoints rotate and its
 trains): export once it has finished. While exporting, the run is not resumed or replaced (several exports and
 evaluations of it may run at once).
 
-OUT must not exist: the export is built in a hidden directory next to it, fsynced and renamed into place, so
-OUT is either complete or absent. DeepSpeed shards are pickles (DeepSpeed reads them with
+OUT must not exist, or be an empty directory: the export is built in a hidden directory next to it, fsynced
+and renamed into place, so OUT is either complete or absent (or still empty). DeepSpeed shards are pickles (DeepSpeed reads them with
 `torch.load(weights_only=False)`, which runs any code they hold), and so is FSDP2's checkpoint metadata: they
 are read only from a checkpoint fittune saved on this machine under your account (its sealed marker), or with
 `--trust_checkpoint` for a checkpoint from a source you trust.
@@ -79,9 +79,18 @@ def _tokenizer_source(d: Path, base: str) -> str:
 _RENAME_NOREPLACE = 1  # linux/fs.h
 
 
-def _rename_new(tmp: Path, out: Path) -> None:
+def _rename_new(tmp: Path, out: Path, empty_dir: bool) -> None:
     """Rename `tmp` to `out` only if `out` does not exist (Linux renameat2 RENAME_NOREPLACE, atomically; a
-    plain rename would silently replace an empty directory that appeared meanwhile)."""
+    plain rename would silently replace an empty directory that appeared meanwhile). `empty_dir`: `out` was an
+    empty directory (made for the export): a plain rename replaces it only while it is still empty."""
+    if empty_dir:
+        try:
+            tmp.rename(out)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+            raise FittuneError(f"{out} was filled while exporting: choose a new --output directory") from None
     fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform.startswith("linux") else None
     if fn is not None:
         at_fdcwd = -100
@@ -157,7 +166,7 @@ def _write_export(src: Path, tmp: Path, merge: bool, trusted: bool) -> None:
 
 
 def export(checkpoint: str, output: str, merge: bool = False, trust_checkpoint: bool = False) -> Path:
-    """Write a standalone model (or adapter) directory to `output` (which must not exist) whole or not at
+    """Write a standalone model (or adapter) directory to `output` (new, or an empty directory) whole or not at
     all; returns its path. `trust_checkpoint`: read DeepSpeed's pickled shards from outside a fittune run."""
     src = Path(checkpoint)
     if not src.is_dir():
@@ -165,12 +174,14 @@ def export(checkpoint: str, output: str, merge: bool = False, trust_checkpoint: 
     if (src / "final").is_dir() and (src / "config.yaml").is_file():
         src = src / "final"
     out = Path(output)
-    if out.exists() or out.is_symlink():
-        raise FittuneError(f"{output} already exists: choose a new --output directory")
+    empty_dir = out.is_dir() and not out.is_symlink() and not any(out.iterdir())  # e.g. made with mkdir for it
+    if (out.exists() or out.is_symlink()) and not empty_dir:
+        raise FittuneError(f"{output} already exists and is not an empty directory: choose a new --output "
+                           f"directory (fittune writes only where nothing would be replaced)")
     check_not_inside_fittune_dir(out, "--output")  # a run's final/, eval/ ... are replaced with what is inside
     lock = _lock_source_run(src)
     try:
-        _build_and_publish(src, out, merge, trust_checkpoint)
+        _build_and_publish(src, out, merge, trust_checkpoint, empty_dir)
     finally:
         if lock is not None:
             lock.release()
@@ -190,8 +201,9 @@ def _lock_source_run(src: Path) -> DirLock | None:
         raise FittuneError(f"cannot export now: {e.path} is in use by {e.holder}: wait for it to finish") from None
 
 
-def _build_and_publish(src: Path, out: Path, merge: bool, trusted: bool) -> None:
-    """Build the export in a hidden directory of its own next to `out`, then rename it into place."""
+def _build_and_publish(src: Path, out: Path, merge: bool, trusted: bool, empty_dir: bool) -> None:
+    """Build the export in a hidden directory of its own next to `out`, then rename it into place (in place
+    of `out` when that is an empty directory, `empty_dir`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     # a name of our own next to OUT (same filesystem, so the final rename is atomic); never a user's path
     tmp = out.with_name(f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -201,7 +213,7 @@ def _build_and_publish(src: Path, out: Path, merge: bool, trusted: bool) -> None
             _write_export(src, tmp, merge, trusted)
             readable_like_umask(tmp)
             fsync_tree(tmp)
-            _rename_new(tmp, out)
+            _rename_new(tmp, out, empty_dir)
             fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # ours (the unique name above), half-written

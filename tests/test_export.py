@@ -113,14 +113,30 @@ def test_export_is_atomic_and_never_touches_other_paths(tmp_path, tiny_model_dir
     assert set(exported) == set(original) - {"lm_head.weight"}
     for k, v in exported.items():
         assert torch.equal(v, original[k])
+    (tmp_path / "made").mkdir()  # an empty directory made for the export: filled (replaced while empty)
+    export(str(ckpt), str(tmp_path / "made"))
+    assert load_file(tmp_path / "made" / "model.safetensors").keys() == exported.keys()
     # a cut weights file: one clear error naming it, nothing written
     f = ckpt / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(FittuneError, match="model.safetensors cannot be read .*damaged"):
         export(str(ckpt), str(tmp_path / "model2"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.tmp", "run"]
-    with pytest.raises(FittuneError, match="already exists"):
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["made", "model", "model.tmp", "run"]
+    with pytest.raises(FittuneError, match="already exists and is not an empty directory"):
         export(str(ckpt), str(tmp_path / "model"))
+    with pytest.raises(FittuneError, match="already exists and is not an empty directory"):
+        export(str(ckpt), str(tmp_path / "model.tmp"))  # the user's: kept
+    assert [p.name for p in (tmp_path / "model.tmp").iterdir()] == ["thesis.tex"]
+    from fittune.export import _rename_new
+
+    (tmp_path / "made2").mkdir()
+    (tmp_path / "made2" / "notes.txt").write_text("put there while the export ran")
+    with pytest.raises(FittuneError, match="made2 was filled while exporting"):
+        _rename_new(tmp_path / "model", tmp_path / "made2", empty_dir=True)
+    assert (tmp_path / "made2" / "notes.txt").is_file() and (tmp_path / "model" / "model.safetensors").is_file()
+    (tmp_path / "made2" / "notes.txt").unlink()
+    (tmp_path / "made2").rmdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["made", "model", "model.tmp", "run"]
     # never into a fittune directory, whose final/, eval/ ... fittune replaces with what is inside them
     from fittune.rundir import claim_dir
 
