@@ -82,6 +82,14 @@ class RunCounters:
 
 
 @dataclass
+class StepTally:
+    """One step as all ranks agree on it: the loss over the global batch, and whether a stop was asked for."""
+
+    loss: float
+    stop: bool
+
+
+@dataclass
 class RunResult:
     """How a run ended: the held-out metrics of a finished run, and the process exit code."""
 
@@ -390,10 +398,10 @@ class FineTuneRecipe:
         self._clock = (time.perf_counter(), 0)
         for step in range(self.counters.step, self.total_steps):
             result = self.train_step(step)
-            loss, stop_signal = self._account(step, result)
-            self._log_step(step, loss, result)
-            self._check_divergence(step, loss, result)
-            if stop_signal:
+            tally = self._account(step, result)
+            self._log_step(step, tally.loss, result)
+            self._check_divergence(step, tally.loss, result)
+            if tally.stop:
                 return self._stop_for_signal(step)
             if self.cfg.train.save_steps and (step + 1) % self.cfg.train.save_steps == 0 and step + 1 < self.total_steps:
                 self.checkpoint(step + 1)
@@ -421,8 +429,8 @@ class FineTuneRecipe:
         batch = D.collate_train([self.train_set[j] for j in rows], self.tokenizer.pad_token_id)
         return {k: v.to(self.in_device) for k, v in batch.items()}
 
-    def _account(self, step: int, result: StepResult) -> tuple[float, bool]:
-        """Count the step (one all-reduce for the loss, tokens and stop requests); returns (loss, stop)."""
+    def _account(self, step: int, result: StepResult) -> StepTally:
+        """Count the step (one all-reduce for the loss, tokens and stop requests)."""
         c, micro = self.counters, self._step_plan(self.split).micro_batches
         c.pad_slots += sum(len(m) * max(self.lengths[j] for j in m) for m in micro if m)
         step_tokens = sum(self.lengths[j] for m in micro for j in m)
@@ -442,7 +450,7 @@ class FineTuneRecipe:
         c.step = step + 1
         self._clock = (self._clock[0], self._clock[1] + total_tokens)
         self.progress.step_done()
-        return loss, bool(stop)
+        return StepTally(loss, bool(stop))
 
     def _log_step(self, step: int, loss: float, result: StepResult) -> None:
         cfg, c = self.cfg, self.counters
