@@ -15,6 +15,7 @@ from fittune.errors import FittuneError, first_line
 from fittune.optim import tensor_bytes
 from fittune.rundir import (
     MARKER,
+    REPLACED,
     STEP_NAME,
     DirInUse,
     DirLock,
@@ -161,6 +162,14 @@ def find_resume_checkpoint(output_dir: str | Path, resume: str | None) -> Path |
         raise FittuneError(f"--resume {resume}: not a complete fittune checkpoint (no {STATE_FILE}); "
                            f"use --resume auto or a checkpoints/step-N directory")
     return path
+
+
+def run_finished(output_dir: str | Path) -> bool:
+    """Whether the run in `output_dir` has finished: its final/ and its held-out evaluation are written (only
+    the end of the training writes them), and no replaced run is left to remove. A --resume auto of it then
+    has nothing to do; one of a run without them does what is left."""
+    out = Path(output_dir)
+    return (out / "final").is_dir() and (out / "eval" / "metrics.json").is_file() and not (out / REPLACED).exists()
 
 
 def read_state(path: Path) -> dict:

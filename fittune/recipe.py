@@ -29,6 +29,7 @@ from fittune.checkpoints import (
     load_checkpoint,
     read_state,
     remove_partial_checkpoints,
+    run_finished,
     save_checkpoint,
 )
 from fittune.config import BUILTIN_MODEL, Config, to_yaml
@@ -62,7 +63,7 @@ from fittune.placement import input_device, place_model
 from fittune.precision import check_device_precision, run_precision
 from fittune.progress import TrainingProgress
 from fittune.reports import metrics_table, plot_loss_curve
-from fittune.rundir import RunDir, atomic_write_text, inspect_output_dir, write_guard
+from fittune.rundir import RunDir, atomic_write_text, inspect_output_dir, owned, write_guard
 from fittune.signals import StopRequest
 from fittune.step import BatchSplit, OomAdaptive, StepPlan, StepResult, StepRunner
 from fittune.strategy import strategy_of
@@ -138,7 +139,7 @@ class FineTuneRecipe:
     def __init__(self, cfg: Config, program: str = "train.py"):
         self.cfg, self.program, self.out = cfg, program, Path(cfg.output_dir)
         self.counters, self.bad_in_a_row, self.run_dir = RunCounters(), 0, None
-        self.lock, self.progress = None, None
+        self.lock, self.progress, self.done = None, None, None
         self._plan, self._plan_epoch = [], -1  # the epoch's global batches, made when an epoch starts
 
     # ---- setup: checks first, writes last ---------------------------------------------------------------
@@ -151,6 +152,8 @@ class FineTuneRecipe:
         self._setup_model()
         self._setup_optimizer()
         self._setup_resume()
+        if self.done is not None:  # --resume auto of a run that has finished with this recipe: nothing to write
+            return
         self._commit_output_dir()
         self._setup_baselines()
 
@@ -180,14 +183,18 @@ class FineTuneRecipe:
         set_seed(cfg.seed)
 
     def _check_output_dir(self) -> None:
-        """Refuse a directory this run must not touch, and lock an existing one (main process; all agree)."""
+        """Refuse a directory this run must not touch, and lock an existing one (main process; all agree); note
+        whether a --resume auto is of a run that has finished (`_setup_resume` then ends the run there)."""
         cfg = self.cfg
+        finished = False
 
         def check() -> None:
+            nonlocal finished
             # locked first: a run that is training now is said to be, not offered --resume or --overwrite
             self.lock = RunDir.lock_existing(self.out, self.program)
+            finished = run_finished(self.out)
             self.dir_check = inspect_output_dir(self.out, cfg.resume, cfg.overwrite,
-                                                resumable=bool(complete_checkpoints(self.out)))
+                                                resumable=bool(complete_checkpoints(self.out)), complete=finished)
             if cfg.resume == "auto" and self.dir_check.finished and not complete_checkpoints(self.out):
                 unscored = "" if (self.out / "eval").is_dir() else (
                     f"; its held-out evaluation did not finish (no eval/): python evaluate.py --checkpoint "
@@ -196,6 +203,8 @@ class FineTuneRecipe:
                                    f"(train.save_steps was 0): nothing to resume; --overwrite replaces it{unscored}")
 
         on_main_then_agree(self.accelerator, check)
+        # every rank learns it (a sum): each then stops after the resume checks, before anything is written
+        self.finished = cfg.resume == "auto" and bool(sum_across_ranks(self.accelerator, [finished])[0])
         self.resume_from = find_resume_checkpoint(self.out, cfg.resume) if cfg.resume else None
 
     def _setup_data(self) -> None:
@@ -306,6 +315,12 @@ class FineTuneRecipe:
             return
         state = read_state(self.resume_from)
         check_compatible(state, self.fingerprint(), self.resume_from, self.world)
+        if self.finished:  # a retry loop's --resume auto after the run has finished: exit 0, nothing changed
+            self._log(f"--resume auto: {self.out} has finished ({self.total_steps} steps; final/ and eval/ are "
+                      f"written): nothing to resume, nothing changed. Evaluate it again with evaluate.py "
+                      f"--checkpoint {self.out}, or train it anew with --overwrite")
+            self.done = RunResult(None)
+            return
         how = load_checkpoint(self.target, self.resume_from, state, self.cfg.trust_checkpoint)
         self.counters = RunCounters(**{k: state[k] for k in asdict(self.counters) if k in state})
         if state.get("world_size") == self.world:  # the same layout keeps an adapted micro-batch (oom_adaptive)
@@ -382,10 +397,18 @@ class FineTuneRecipe:
                 [class_name(x, x.gold, self.class_task) for x in self.train_set if x.candidates],
                 [class_name(x, x.gold, self.class_task) for x in self.test_set if x.candidates])
         cfg = self.cfg
-        if cfg.eval.before_training and self.resume_from is None:
-            # the built-in tiny model starts from random weights; any other model is pretrained
-            title = "untrained" if cfg.model.name_or_path == BUILTIN_MODEL else "zero-shot"
+        if not cfg.eval.before_training:
+            return
+        # the built-in tiny model starts from random weights; any other model is pretrained
+        title = "untrained" if cfg.model.name_or_path == BUILTIN_MODEL else "zero-shot"
+        if self.resume_from is None:
             self.compare[title] = self._evaluate(self.out / "eval_untrained", title)
+            return
+        # resumed: the evaluation before training is the run's own (or, --resume PATH, the run it came from)
+        for run in (self.out, self.resume_from.parent.parent):
+            if owned(run / "eval_untrained", "eval") and (run / "eval_untrained" / "metrics.json").is_file():
+                self.compare[title] = json.loads((run / "eval_untrained" / "metrics.json").read_text())
+                return
 
     # ---- the loop ----------------------------------------------------------------------------------------
 
@@ -605,7 +628,7 @@ def train(cfg: Config) -> RunResult:
     recipe = FineTuneRecipe(cfg)
     try:
         recipe.setup()
-        return recipe.train()
+        return recipe.done if recipe.done is not None else recipe.train()
     finally:
         recipe.release()
 

@@ -471,7 +471,7 @@ class DirLock:
     def __init__(self, path: Path):
         self.path = path
         self._fd: int | None = None
-        self._shared = False
+        self._noted = False  # this holder wrote its note (else release leaves the file as it found it)
 
     def acquire(self, program: str, record: bool = True, create: bool = True, shared: bool = False) -> DirLock | None:
         """Take the lock at once or raise `DirInUse` naming the holder. `record`: write who holds it (a run's
@@ -501,7 +501,7 @@ class DirLock:
             os.close(fd)
             raise FittuneError(f"cannot lock {lock_file} ({e.strerror}): this filesystem offers no file locks; "
                                f"use an output_dir on a filesystem that does") from None
-        self._fd, self._shared = fd, shared
+        self._fd = fd
         if record and not shared:
             self.record(program)
         return self
@@ -514,11 +514,12 @@ class DirLock:
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, data, 0)
         os.fsync(self._fd)
+        self._noted = True
 
     def release(self) -> None:
         if self._fd is not None:
-            if not self._shared:  # a reader leaves the note alone: it is not its own
-                os.ftruncate(self._fd, 0)  # nobody holds it now; the file itself stays (one inode for everyone)
+            if self._noted:  # nobody holds it now; the file itself stays (one inode for everyone)
+                os.ftruncate(self._fd, 0)
             os.close(self._fd)
             self._fd = None
 
@@ -573,9 +574,11 @@ class OutputDirCheck:
     finished: bool
 
 
-def inspect_output_dir(path: Path, resume: str | None, overwrite: bool, resumable: bool = True) -> OutputDirCheck:
+def inspect_output_dir(path: Path, resume: str | None, overwrite: bool, resumable: bool = True,
+                       complete: bool = False) -> OutputDirCheck:
     """Refuse an output_dir a fresh run must not touch; read-only (the refused run changes nothing).
-    `resumable`: the run there has a complete checkpoint (else a finished run is not offered --resume)."""
+    `resumable`: the run there has a complete checkpoint (else a finished run is not offered --resume);
+    `complete`: it has finished, evaluation included (`checkpoints.run_finished`): nothing to continue."""
     check_not_inside_fittune_dir(path, "output_dir")
     check_writable_dir(path, "output_dir")
     if path.is_dir() and owned(path) and not owned(path, "train"):
@@ -590,6 +593,8 @@ def inspect_output_dir(path: Path, resume: str | None, overwrite: bool, resumabl
     if holds_run and not resume and not overwrite:
         ways = ("continue it with --resume auto, replace it with --overwrite" if resumable or not finished else
                 "it has no checkpoint to continue from (train.save_steps was 0): replace it with --overwrite")
+        if complete:
+            ways = f"evaluate it with evaluate.py --checkpoint {path}, replace it with --overwrite"
         raise FittuneError(f"{path} already holds a {'finished' if finished else 'started'} run: {ways}, or "
                            f"choose another output_dir")
     foreign = foreign_entries(path) if holds_run else []

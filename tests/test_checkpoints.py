@@ -127,7 +127,13 @@ def test_sigkill_then_resume_auto_matches_uninterrupted(request, tmp_path, tiny_
 
 
 def test_sigterm_saves_and_resume_completes(tmp_path, tiny_model_dir, one_process_ref):
+    """Also: the evaluation before training stays in the final report after a stop and --resume auto (was:
+    dropped), and a --resume auto once the run has finished changes nothing and exits 0 (was: it saved the
+    last checkpoint again and replaced final/ and eval/)."""
     cfg = recipe(tmp_path, tiny_model_dir, save_steps=0)  # no periodic checkpoints: the signal alone saves
+    tree = yaml.safe_load(cfg.read_text())
+    tree["eval"]["before_training"] = True
+    cfg.write_text(yaml.safe_dump(tree))
     ref, run = one_process_ref, tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(cfg), "--output_dir", str(run)]
     code = kill_when_logged(cmd, run / "train_log.jsonl", 5, sig=signal.SIGTERM)
@@ -136,6 +142,13 @@ def test_sigterm_saves_and_resume_completes(tmp_path, tiny_model_dir, one_proces
     assert 5 <= int(ckpt.name.split("-")[1]) < STEPS and not (run / "final").exists()
     launch("train.py", ["--config", cfg, "--output_dir", run, "--resume", "auto"])
     assert_same_run(ref, run)
+    table = json.loads((run / "eval" / "comparison.json").read_text())
+    assert list(table) == ["zero-shot", "fine-tuned"]  # a model from a path counts as pretrained
+    assert table["zero-shot"] == json.loads((run / "eval_untrained" / "metrics.json").read_text())
+    files = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    again = launch("train.py", ["--config", cfg, "--output_dir", run, "--resume", "auto"])
+    assert f"{run} has finished ({STEPS} steps" in again.stdout and "nothing changed" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == files
 
 
 def test_partial_checkpoint_is_skipped(tmp_path, tiny_model_dir):
