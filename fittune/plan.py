@@ -294,9 +294,9 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = 
 
     Every launch option is estimated at the recipe's micro-batch, halved (with the accumulation doubled, so
     the global batch micro x accum x GPUs stays the same) until it fits. The recommendation is the first
-    option in LAUNCH_OPTIONS order (expected speed) that fits; with several GPUs the single-GPU row is shown
-    for reference only, since DDP uses the same per-GPU memory on every GPU. `recipe` and `extra_args` (the
-    caller's `--key value` overrides) go into the printed launch commands.
+    option that fits in LAUNCH_OPTIONS order (expected speed), with several GPUs those that use them all at
+    GPU speed first (`_preference`). `recipe` and `extra_args` (the caller's `--key value` overrides) go into
+    the printed launch commands.
     """
     hw = detect_hardware(gpus, gpu_mem_gib, cpu_mem_gib)
     if hw.gpus < 1 or hw.gpu_mem_gib <= 0 or hw.cpu_mem_gib <= 0:
@@ -315,10 +315,22 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = 
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * hw.gpus
     rows = [_fitted(o, cfg, shapes, hw, precision.mixed, global_batch) for o in LAUNCH_OPTIONS]
     estimates = [r.estimate for r in rows]
-    recommended = next((e for e in estimates if e.fits and e.applicable
-                        and not (_single_gpu(e.strategy) and hw.gpus > 1)), None)
+    fitting = sorted((e for e in estimates if e.fits and e.applicable), key=lambda e: _preference(e.strategy, hw.gpus))
+    recommended = fitting[0] if fitting else None
     return Plan(cfg, shape, hw, precision.mixed, precision.why, global_batch, estimates, recommended,
                 recipe or "<recipe.yaml>", list(extra_args), list(shape.notes) + _hardware_notes(cfg, hw), rows)
+
+
+def _preference(strategy: Strategy, gpus: int) -> int:
+    """The order among the options that fit (a stable sort keeps LAUNCH_OPTIONS' order within a group). On
+    one GPU that order alone. With several: every GPU training at GPU speed first (DDP, ZeRO, FSDP2); then one
+    of them (a one-GPU row: GPU speed, the others idle); then the device map (all GPUs, one at a time) and the
+    offload strategies (bound by the CPU's optimizer step)."""
+    if gpus == 1:
+        return 0
+    if one_process_per_gpu(strategy) and not strategy.offload:
+        return 0
+    return 1 if _single_gpu(strategy) else 2
 
 
 def _hardware_notes(cfg: Config, hw: Hardware) -> list[str]:
@@ -441,23 +453,44 @@ def _nothing_fits_lines(plan: Plan) -> list[str]:
     return [f"nothing fits {hw.gpus} x {hw.gpu_mem_gib:.1f} GiB even at micro-batch 1: the smallest "
             f"need is {plan.row(best).option.title} at {_gib(best.gpu_total)} GiB per GPU and "
             f"{_gib(best.cpu_total)} GiB CPU RAM.",
-            "try: --lora.enabled true, --train.gradient_checkpointing true, a smaller "
-            "--data.max_length, more GPUs, or more CPU RAM for the offload strategies"]
+            "try: " + ", ".join(_ways_to_fit(plan.cfg))]
+
+
+def _ways_to_fit(cfg: Config) -> list[str]:
+    """What would shrink this recipe's need (only what it does not do already)."""
+    ways = [] if cfg.lora.enabled else ["--lora.enabled true"]
+    if not cfg.train.gradient_checkpointing:
+        ways.append("--train.gradient_checkpointing true")
+    return ways + [f"a smaller --data.max_length (now {cfg.data.max_length})", "more GPUs",
+                   "or more CPU RAM for the offload strategies"]
 
 
 def _recommendation_lines(plan: Plan, rec: Estimate) -> list[str]:
-    t, option = plan.cfg.train, plan.row(rec).option
-    shrink = "" if rec.micro_batch == t.micro_batch_size else (
-        f" (the recipe's micro-batch {t.micro_batch_size} does not fit: halved, accumulation raised to keep "
-        f"the global batch)")
+    option = plan.row(rec).option
     keys = "".join(f"; sets {k} {_arg(v)}" for k, v in option.recipe_overrides if _recipe_value(plan.cfg, k) != v)
-    if rec.grad_accum == 1 and t.grad_accum > 1:
-        shrink = " (no accumulation in backward: the whole per-process batch in one micro-batch)"
+    shrink = _batch_note(plan, rec)
     return [f"recommended: {option.title} ({option.description}{keys}), micro-batch "
             f"{rec.micro_batch} x accumulation {rec.grad_accum} x {rec.processes} process"
             f"{'es' if rec.processes > 1 else ''} = global batch {plan.global_batch}{shrink}",
             f"  {plan.command(rec)}",
             *(f"  ({note})" for note in plan.command_notes(rec))]
+
+
+def _batch_note(plan: Plan, rec: Estimate) -> str:
+    """Why the recommended micro-batch and accumulation differ from the recipe's ("" when they do not)."""
+    t, hw = plan.cfg.train, plan.hardware
+    if rec.micro_batch == t.micro_batch_size and rec.grad_accum == t.grad_accum:
+        return ""
+    why = []
+    if rec.processes < hw.gpus:
+        why.append(f"{rec.processes} process carries the global batch of {hw.gpus} GPUs")
+    if rec.grad_accum == 1 and rec.micro_batch > t.micro_batch_size:
+        why.append("the optimizer steps in backward, so no accumulation: the whole per-process batch in one "
+                   "micro-batch")
+    elif rec.micro_batch < t.micro_batch_size:
+        why.append(f"the recipe's micro-batch {t.micro_batch_size} does not fit: halved, accumulation raised to "
+                   f"keep the global batch")
+    return f" ({'; '.join(why)})" if why else ""
 
 
 def _recipe_value(cfg: Config, key: str) -> object:

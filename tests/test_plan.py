@@ -484,8 +484,16 @@ def test_lowbit_rows_and_refusals_in_the_plan():
     by_key = {r.option.key: r.estimate for r in own.rows}
     assert by_key["ddp"].why_not == by_key["zero2"].why_not == "not with optimizer_in_backward"
     assert by_key["single+adamw8bit_in_backward"].why_not == "the recipe's own row"
-    # one process only, and several GPUs skip the single-GPU rows: the one-process device map remains
-    assert own.recommended is by_key["device_map"] and own.recommended.grad_accum == 1
+    # one process only: on several GPUs one of them at GPU speed (was: the device map, no faster: the layers
+    # work one after another), carrying the whole global batch in one micro-batch (no accumulation in backward)
+    assert own.recommended is by_key["single"] and (own.recommended.micro_batch, own.recommended.grad_accum) == (8, 1)
+    assert "(1 process carries the global batch of 4 GPUs; the optimizer steps in backward" in P.render(own)
+    # was "nothing fits" although a one-GPU row did, once a second GPU was given; and said to try gradient
+    # checkpointing, which the recipe has on
+    full = P.make_plan(build_config(str(ROOT / "configs/qwen2.5-3b-full.yaml"), {}), 2, 24, 64)
+    assert full.row(full.recommended).option.key == "single+adamw4bit_in_backward"
+    tight = P.render(P.make_plan(build_config(str(ROOT / "configs/qwen2.5-3b-full.yaml"), {}), 2, 8, 8))
+    assert "nothing fits" in tight and "gradient_checkpointing" not in tight.split("try: ")[1]
 
 
 def test_cli_16gb_full_finetuning_acceptance():
