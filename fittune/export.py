@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from fittune.checkpoints import check_dcp_files, check_files, require_trusted
+from fittune.checkpoints import check_dcp_files, check_files, complete_checkpoints, require_trusted
 from fittune.errors import FittuneError, first_line, run_cli
 from fittune.rundir import (
     DirInUse,
@@ -44,6 +44,7 @@ from fittune.rundir import (
     check_not_inside_fittune_dir,
     fsync_dir,
     fsync_tree,
+    owned,
     owning_run,
     readable_like_umask,
     write_guard,
@@ -161,6 +162,8 @@ def _write_export(src: Path, tmp: Path, merge: bool, trusted: bool) -> None:
         if merge:
             raise FittuneError(f"{src} is a full model, not an adapter: nothing to merge (drop --merge)")
         shutil.copytree(src, tmp, dirs_exist_ok=True)
+    elif merge:
+        raise FittuneError(f"{src} is a full fine-tuning checkpoint, not an adapter: nothing to merge (drop --merge)")
     else:
         _export_consolidated(src, tmp, cfg, trusted)
 
@@ -171,22 +174,32 @@ def export(checkpoint: str, output: str, merge: bool = False, trust_checkpoint: 
     src = Path(checkpoint)
     if not src.is_dir():
         raise FittuneError(f"checkpoint not found: {checkpoint}")
-    if (src / "final").is_dir() and (src / "config.yaml").is_file():
-        src = src / "final"
     out = Path(output)
     empty_dir = out.is_dir() and not out.is_symlink() and not any(out.iterdir())  # e.g. made with mkdir for it
     if (out.exists() or out.is_symlink()) and not empty_dir:
         raise FittuneError(f"{output} already exists and is not an empty directory: choose a new --output "
                            f"directory (fittune writes only where nothing would be replaced)")
     check_not_inside_fittune_dir(out, "--output")  # a run's final/, eval/ ... are replaced with what is inside
-    lock = _lock_source_run(src)
+    lock = _lock_source_run(src)  # first: a run being trained is said to be
     try:
-        _build_and_publish(src, out, merge, trust_checkpoint, empty_dir)
+        _build_and_publish(_weights_of(src), out, merge, trust_checkpoint, empty_dir)
     finally:
         if lock is not None:
             lock.release()
     print(f"fittune: exported {checkpoint} -> {out}", flush=True)
     return out
+
+
+def _weights_of(src: Path) -> Path:
+    """What to export from `src`: a run's final/, or `src` itself; a run without final/ names its checkpoints."""
+    if (src / "final").is_dir() and (src / "config.yaml").is_file():
+        return src / "final"
+    if owned(src, "train"):  # a run that stopped before its end: its checkpoints are what it has
+        saves = complete_checkpoints(src)
+        hint = f"export its last checkpoint: --checkpoint {saves[-1]}, or " if saves else ""
+        raise FittuneError(f"{src} is a fittune training run with no final/ yet (it stopped before the end): "
+                           f"{hint}finish it with train.py --output_dir {src} --resume auto")
+    return src
 
 
 def _lock_source_run(src: Path) -> DirLock | None:

@@ -224,6 +224,12 @@ def test_a_run_being_trained_is_not_exported_and_exports_share_it(tmp_path, tiny
         export(str(ckpt), str(tmp_path / "model"))
     trainer.release()
     assert not (tmp_path / "model").exists()
+    (ckpt / "trainer_state.json").write_text("{}")  # complete: the run stopped after saving it
+    with pytest.raises(FittuneError, match=rf"no final/ yet .*: export its last checkpoint: --checkpoint {ckpt}, or "
+                                           rf"finish it with train.py --output_dir {run} --resume auto"):
+        export(str(run), str(tmp_path / "model"))  # was: "holds no model weights"
+    with pytest.raises(FittuneError, match="full fine-tuning checkpoint, not an adapter: nothing to merge"):
+        export(str(ckpt), str(tmp_path / "model"), merge=True)  # was: exported, --merge ignored
     evaluation = DirLock(run).acquire("evaluate.py", shared=True)
     seen = []
     import fittune.export as E
