@@ -303,7 +303,8 @@ class TrainConfig(_Section):
     so full-vocabulary logits are never held for the whole batch (151,936 x tokens x 4 bytes for Qwen2.5).
     0 uses the standard loss (all logits at once)."""
     log_every: _int(ge=1) = 1
-    """Write a train_log.jsonl row (and a tracker point) every N steps."""
+    """Write a train_log.jsonl row (and a tracker point) every N steps. Its `loss` is that step's own (the mean
+    NLL per answer token over its global batch), not an average over the N steps."""
     eval_every: _int(ge=0) = 0
     """Validation loss on `val_examples` held-out rows every N steps; 0 disables."""
     val_examples: _int(ge=1) = 64

@@ -191,8 +191,8 @@ def plot_loss_curve(log_path: Path, out_path: Path) -> None:
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
+    if train:  # with a marker: a run that logged one step still shows its point
+        ax.plot(*zip(*train), marker="." if len(train) > 1 else "o", label="train loss")
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
     ax.set_xlabel("optimizer step")
