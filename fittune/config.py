@@ -7,6 +7,7 @@ closest valid key; cross-field checks run before anything heavy starts.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import re
@@ -452,7 +453,8 @@ def _unknown_key_error(key: str, config_file: str | None = None) -> FittuneError
     section, _, leaf = key.rpartition(".")
     leaf = next(iter(difflib.get_close_matches(leaf, list(_ALIASES), n=1, cutoff=0.85)), leaf)  # a typo'd alias
     alias = f"{section}.{_ALIASES[leaf]}" if section and leaf in _ALIASES else _ALIASES.get(leaf)
-    close = [alias] if alias in valid else difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    moved = [k for k in sorted(valid) if k.rpartition(".")[2] == leaf]  # the right name in another section
+    close = [alias] if alias in valid else moved[:1] or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid top-level keys: {', '.join(Config.model_fields)}"
     where = f" in {config_file}" if config_file else ""
     return FittuneError(f"unknown config key '{key}'{where}{hint}")
@@ -513,12 +515,37 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
     return out
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A key given twice in one mapping of a recipe."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping: PyYAML keeps the last one silently, so a
+    recipe naming `lr` twice would train with whichever came last. (A key merged in with `<<` may be set
+    again: that is how YAML overrides a merged value.)"""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+                if isinstance(key, (str, int, float, bool)):
+                    if key in first:
+                        raise _DuplicateKey(f"gives the key {key!r} twice (lines {first[key]} and {line}): keep one")
+                    first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_config_file(config_file: str) -> dict[str, Any]:
     path = Path(config_file)
     if not path.is_file():
         raise FittuneError(f"config file not found: {config_file}")
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise FittuneError(f"config file {config_file} {e}") from None
     except yaml.YAMLError as e:
         raise FittuneError(f"config file {config_file} is not valid YAML: {e}") from None
     except UnicodeDecodeError as e:
@@ -598,6 +625,8 @@ def _format_validation_error(e: ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "finite_number":
             msg = f"must be a finite number (got {err['input']})"
+        if err["type"] == "missing" and isinstance(err["loc"][-1], int):  # a list shorter than the field's tuple
+            msg = f"too few values (no value {err['loc'][-1] + 1}): give them all, as in its default {_default_of(loc)}"
         if msg.startswith("must be "):  # a Bound: "train.eval_every must be >= 0 (got -1)"
             hint = _BOUND_HINTS.get(loc)
             parts.append(f"{loc} {msg}" + (f"; {hint}" if hint else ""))
@@ -608,6 +637,14 @@ def _format_validation_error(e: ValidationError) -> str:
             shown = f" (got {got!r})" if isinstance(got, (str, int, float, bool)) else ""
             parts.append(f"{loc}: {msg}{shown}")
     return "invalid config: " + "; ".join(parts)
+
+
+def _default_of(key: str) -> str:
+    """A dotted key's default value, as one would type it (e.g. [0.9, 0.999])."""
+    section, _, leaf = key.rpartition(".")
+    model = Config.model_fields[section].annotation if section else Config
+    value = model.model_fields[leaf].get_default(call_default_factory=True)
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
 def to_yaml(cfg: Config, extra: dict[str, Any] | None = None) -> str:

@@ -22,7 +22,8 @@ def test_yaml_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("key, suggestion", [("trian.lr", "train.lr"), ("train.learning_rate", "train.lr"),
-                                             ("lora.rank", "lora.r"), ("data.pth", "data.path")])
+                                             ("lora.rank", "lora.r"), ("data.pth", "data.path"),
+                                             ("train.seed", "seed")])  # was: 'train.kernels'
 def test_unknown_key_suggests_closest(key, suggestion):
     with pytest.raises(FittuneError, match=f"unknown config key '{key}'.*did you mean '{suggestion}'"):
         build_config(None, {key: 1})
@@ -114,3 +115,17 @@ def test_a_leading_tilde_is_the_home_directory_in_recipes_and_flags(tmp_path, mo
     run = claim_dir(tmp_path / "run1", "train")
     (run / "config.yaml").write_text("output_dir: ~/run1\n")
     assert choose_recipe(None, {"output_dir": "~/run1", "resume": "auto"}).path == str(run / "config.yaml")
+
+
+def test_a_key_given_twice_is_refused_and_a_short_tuple_says_so(tmp_path):
+    """Was: `lr` twice trained with the last one silently; `--train.betas [0.9]` said only "Field required"."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  lr: 1.0e-3\n  micro_batch_size: 2\n  lr: 2.0e-3\n")
+    with pytest.raises(FittuneError, match=r"twice.yaml gives the key 'lr' twice \(lines 2 and 4\): keep one"):
+        build_config(str(twice), {})
+    merged = tmp_path / "merged.yaml"  # a merged key set again is YAML's way to override it: allowed
+    merged.write_text("train:\n  <<: {lr: 1.0e-3, warmup_ratio: 0.0}\n  lr: 2.0e-3\n")
+    assert build_config(str(merged), {}).train.lr == 2e-3
+    with pytest.raises(FittuneError, match=r"train.betas: too few values \(no value 2\): give them all, as in its "
+                                           r"default \[0.9, 0.999\]"):
+        build_config(None, {"train.betas": [0.9]})
