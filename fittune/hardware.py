@@ -70,7 +70,8 @@ def detect_hardware(gpus: int | None, gpu_mem_gib: float | None, cpu_mem_gib: fl
         parts.append("GPU memory detected")
     if not local.count:
         if gpus is None or gpu_mem_gib is None:
-            notes.append(f"no CUDA GPU on this machine and no --gpus/--gpu-mem: planning for "
+            missing = " and ".join(f for f, v in (("--gpus", gpus), ("--gpu-mem", gpu_mem_gib)) if v is None)
+            notes.append(f"no CUDA GPU on this machine and no {missing}: planning for "
                          f"{gpus or 1} GPU{'s' if (gpus or 1) > 1 else ''} x {gpu_mem_gib or DEFAULT_GPU_MEM_GIB:g} "
                          f"GiB; pass --gpus N --gpu-mem GiB for your hardware")
         gpus = gpus or 1

@@ -520,3 +520,13 @@ def test_a_misnamed_hardware_flag_names_the_right_ones(capsys):
             P.plan_main([wrong, "1"])
     with pytest.raises(FittuneError, match="unknown config key 'train.lrr'"):  # a config key stays one
         P.plan_main(["--train.lrr", "1"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the note is about a machine without a GPU")
+def test_the_hardware_note_names_only_what_was_not_given():
+    """Was: `--gpus 2` alone noted "no --gpus/--gpu-mem"."""
+    from fittune.hardware import detect_hardware
+
+    notes = " ".join(detect_hardware(2, None, 64).notes)
+    assert "no --gpu-mem: planning for 2 GPUs x 16 GiB" in notes and "--gpus/" not in notes
+    assert "no --gpus and --gpu-mem: planning for 1 GPU" in " ".join(detect_hardware(None, None, 64).notes)
