@@ -116,26 +116,28 @@ def physical_cores() -> int:
     return max(1, min(limits))
 
 
-def choose_cpu_threads(requested: int, gpu_run_steps_on_cpu: bool, local_processes: int, current: int,
-                       cores: int) -> CpuThreads:
-    """train.cpu_threads if set (not 0); else, when a GPU run's optimizer step runs on the CPU and the process
-    was launched with the launchers' one thread, `cores` split over the `local_processes` on this machine; else
-    as launched (a count the user chose, OMP_NUM_THREADS or --num_cpu_threads_per_process, is kept)."""
+def choose_cpu_threads(requested: int, cpu_work: str, local_processes: int, current: int, cores: int) -> CpuThreads:
+    """train.cpu_threads if set (not 0); else, when the process does heavy work on the CPU (`cpu_work` says
+    which: the whole run on a machine without a GPU, or a GPU run's optimizer step) and was launched with the
+    launchers' one thread (torchrun's, and accelerate's unless its config says `use_cpu`), `cores` split over
+    the `local_processes` on this machine; else as launched (a count the user chose, OMP_NUM_THREADS or
+    --num_cpu_threads_per_process, is kept)."""
     if requested:
         return CpuThreads(requested, "train.cpu_threads")
     share = max(1, cores // max(1, local_processes))
-    if not gpu_run_steps_on_cpu or current != 1 or share == 1:
+    if not cpu_work or current != 1 or share == 1:
         return CpuThreads(current, "")
-    return CpuThreads(share, f"the optimizer step runs on the CPU: {cores} physical cores / {local_processes} "
-                             f"process(es) on this machine; it was launched with {current} (set "
-                             f"train.cpu_threads to choose)")
+    return CpuThreads(share, f"{cpu_work}: {cores} physical cores / {local_processes} process(es) on this "
+                             f"machine; it was launched with {current} (set train.cpu_threads to choose)")
 
 
 def run_cpu_threads(requested: int, strategy: Strategy, device: torch.device) -> CpuThreads:
     """choose_cpu_threads for this process: its strategy and device, the processes on this machine
     (LOCAL_WORLD_SIZE, set by the launcher), its threads now and the physical cores."""
-    return choose_cpu_threads(requested, device.type == "cuda" and strategy.steps_on_cpu,
-                              int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.get_num_threads(), physical_cores())
+    work = ("the model runs on the CPU" if device.type == "cpu" else
+            "the optimizer step runs on the CPU" if strategy.steps_on_cpu else "")
+    return choose_cpu_threads(requested, work, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.get_num_threads(),
+                              physical_cores())
 
 
 def set_cpu_threads(threads: CpuThreads) -> None:

@@ -343,15 +343,21 @@ def test_the_printed_command_works_from_another_directory(tmp_path, monkeypatch)
     ("fsdp2_offload", True, 1, 16),  # FSDP2 offload steps the CPU shards
     ("zero2_offload", True, 32, 1),  # 16 cores cannot feed 32 processes more than one thread each
     ("zero2", True, 2, 1),           # the step runs on the GPU: left as launched
-    ("zero2_offload", False, 2, 1),  # a CPU run: accelerate launch already splits the cores
+    ("ddp", False, 2, 8),            # a CPU run launched with one thread (accelerate without use_cpu: was kept)
+    ("single", False, 1, 16),
 ])
-def test_cpu_threads_for_a_step_on_the_cpu(strategy, on_gpu, local, expected):
+def test_cpu_threads_for_work_on_the_cpu(strategy, on_gpu, local, expected, monkeypatch):
     s = Strategy.named(strategy, local)
-    got = H.choose_cpu_threads(0, on_gpu and s.steps_on_cpu, local, current=1, cores=16)
+    monkeypatch.setattr(H, "physical_cores", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    got = H.run_cpu_threads(0, s, torch.device("cuda" if on_gpu else "cpu"))
     assert got.count == expected and bool(got.why) == (expected != 1)
-    assert H.choose_cpu_threads(3, on_gpu and s.steps_on_cpu, local, 1, 16) == H.CpuThreads(3, "train.cpu_threads")
-    kept = H.choose_cpu_threads(0, on_gpu and s.steps_on_cpu, local, current=4, cores=16)  # the user's OMP_NUM_THREADS
-    assert kept == H.CpuThreads(4, "")
+    if got.why:
+        assert got.why.startswith("the model runs on the CPU" if not on_gpu else "the optimizer step runs on the CPU")
+    work = "the CPU does the work"
+    assert H.choose_cpu_threads(3, work, local, 1, 16) == H.CpuThreads(3, "train.cpu_threads")
+    assert H.choose_cpu_threads(0, work, local, current=4, cores=16) == H.CpuThreads(4, "")  # the user's OMP_NUM_THREADS
 
 
 def test_physical_cores_honours_a_container_cpu_quota(monkeypatch):
