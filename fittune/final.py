@@ -24,7 +24,7 @@ def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str, log) 
                                   f"fittune's (no {MARKER} marker): move it away; the previous {final} is intact")
             unwrapped = accelerator.unwrap_model(model)
             # a copy: with a device map (hf_device_map), save_pretrained empties the dict it is given
-            unwrapped.save_pretrained(tmp, state_dict=dict(state_dict), safe_serialization=True)
+            unwrapped.save_pretrained(tmp, state_dict=untied(unwrapped, state_dict), safe_serialization=True)
             checked = verify_export(tmp, unwrapped, state_dict)
             log(f"final/: {checked} saved tensors verified equal to the live (gathered) weights")
             tokenizer.save_pretrained(tmp)
@@ -36,6 +36,18 @@ def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str, log) 
 
     on_main_then_agree(accelerator, write)  # a failed save or check stops every rank, none left waiting
     return final
+
+
+def untied(unwrapped, state_dict: dict) -> dict:
+    """A copy of `state_dict` to save: with tied input/output embeddings, without the output head's copy when
+    it equals the embedding (FSDP2 gathers the one tied parameter as two tensors, which save_pretrained would
+    both write: 1.16 GiB more for Qwen2.5-3B in fp32; from_pretrained ties them again)."""
+    weights = dict(state_dict)
+    head, embed = weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")
+    tied = getattr(getattr(unwrapped, "config", None), "tie_word_embeddings", False)
+    if tied and head is not None and embed is not None and torch.equal(head, embed):
+        del weights["lm_head.weight"]
+    return weights
 
 
 def verify_export(directory: Path, unwrapped, state_dict: dict) -> int:

@@ -74,6 +74,10 @@ def test_fsdp2_export_reloads_in_one_process(runs, method):
     else:
         model = AutoModelForCausalLM.from_pretrained(run / "final")
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+        from safetensors import safe_open
+
+        with safe_open(run / "final" / "model.safetensors", "pt") as f:  # was: the head saved too (FSDP2 gathers
+            assert "lm_head.weight" not in f.keys()                       # the tied parameter as two tensors)
     model.eval()
     expected = independent_nll(model, tok, run)
     preds = {json.loads(x)["id"]: json.loads(x) for x in (run / "eval/predictions.jsonl").read_text().splitlines()}
