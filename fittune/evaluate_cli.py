@@ -28,6 +28,7 @@ from fittune.data import examples_digest
 from fittune.distributed import configure_deepspeed, make_accelerator, raise_if_any_failed
 from fittune.errors import FittuneError
 from fittune.evaluator import evaluate_and_report
+from fittune.final import HELDOUT_IDS, OWN_HELDOUT_IDS
 from fittune.launch import check_world_size
 from fittune.metrics import class_name, majority_baseline
 from fittune.model import load_tokenizer, load_trained_model, resolve_model_path, weights_dtype
@@ -146,8 +147,10 @@ def _saved_config(info: CheckpointInfo) -> dict | None:
 
 
 def _heldout_record(info: CheckpointInfo) -> dict | None:
-    path = info.run_dir / "heldout_ids.json" if info.run_dir else None
-    if path is None or not path.is_file():
+    """The run's held-out ids: in its directory, or carried by a model directory outside it (final/ copied, an
+    export: `final.OWN_HELDOUT_IDS`)."""
+    path = info.run_dir / HELDOUT_IDS if info.run_dir else info.weights_dir / OWN_HELDOUT_IDS
+    if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text())

@@ -38,6 +38,7 @@ import yaml
 
 from fittune.checkpoints import check_dcp_files, check_files, complete_checkpoints, require_trusted
 from fittune.errors import FittuneError, first_line, run_cli
+from fittune.final import HELDOUT_IDS, OWN_HELDOUT_IDS
 from fittune.rundir import (
     DirInUse,
     DirLock,
@@ -152,6 +153,17 @@ def _export_consolidated(src: Path, tmp: Path, cfg: dict, trusted: bool) -> None
     _from_base(AutoTokenizer, base).save_pretrained(tmp)
 
 
+def _describe(src: Path, tmp: Path) -> None:
+    """The run's recipe and held-out ids beside the exported weights (as final/ has them), so evaluate.py
+    scores the export on the run's held-out rows wherever it is copied."""
+    run = owning_run(src)
+    sources = ((run / "config.yaml", run / HELDOUT_IDS) if run is not None else
+               (src / "fittune_config.yaml", src / OWN_HELDOUT_IDS))
+    for source, name in zip(sources, ("fittune_config.yaml", OWN_HELDOUT_IDS)):
+        if source.is_file() and not (tmp / name).exists():
+            shutil.copyfile(source, tmp / name)
+
+
 def _write_export(src: Path, tmp: Path, merge: bool, trusted: bool) -> None:
     """Everything the export holds, into the empty directory `tmp`."""
     cfg = _run_config(src)
@@ -166,6 +178,7 @@ def _write_export(src: Path, tmp: Path, merge: bool, trusted: bool) -> None:
         raise FittuneError(f"{src} is a full fine-tuning checkpoint, not an adapter: nothing to merge (drop --merge)")
     else:
         _export_consolidated(src, tmp, cfg, trusted)
+    _describe(src, tmp)
 
 
 def export(checkpoint: str, output: str, merge: bool = False, trust_checkpoint: bool = False) -> Path:

@@ -10,6 +10,9 @@ from fittune.distributed import on_main_then_agree
 from fittune.errors import FittuneError
 from fittune.rundir import MARKER, atomic_write_text, claim_build_dir, publish_dir, write_guard
 
+HELDOUT_IDS = "heldout_ids.json"  # the run's held-out rows (ids + content hash)
+OWN_HELDOUT_IDS = "fittune_heldout_ids.json"  # their copy in a model directory (final/, an export)
+
 
 def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str, log) -> Path:
     """Write final/ through final.tmp: saved, checked against the live weights, then swapped in atomically
@@ -29,6 +32,8 @@ def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str, log) 
             log(f"final/: {checked} saved tensors verified equal to the live (gathered) weights")
             tokenizer.save_pretrained(tmp)
             atomic_write_text(tmp / "fittune_config.yaml", config_yaml)
+            if (out / HELDOUT_IDS).is_file():  # a copy of final/ alone is still evaluated on the run's held-out rows
+                atomic_write_text(tmp / OWN_HELDOUT_IDS, (out / HELDOUT_IDS).read_text())
             publish_dir(tmp, final)
             # final/ is the model directory people copy: no marker of fittune's in it (a kill just before this
             # leaves a hidden file that changes nothing; until publish_dir, final.tmp stays fittune's)

@@ -41,7 +41,7 @@ SHARDS = {"zero2": "pytorch_model", "zero3": "pytorch_model", "fsdp2": "pytorch_
 
 
 @pytest.mark.parametrize("accel", list(SHARDS))
-def test_sharded_checkpoint_consolidates_to_one_model(tmp_path, strategy_run, accel):
+def test_sharded_checkpoint_consolidates_to_one_model(tmp_path, strategy_run, accel, capsys):
     """ZeRO shards and FSDP2's torch.distributed.checkpoint shards become the model the run itself wrote
     (the shared 2-process full fine-tuning runs of test_deepspeed / test_fsdp, checkpointed at their end)."""
     run = strategy_run(accel, "full")
@@ -59,6 +59,21 @@ def test_sharded_checkpoint_consolidates_to_one_model(tmp_path, strategy_run, ac
     for k in exported:
         torch.testing.assert_close(exported[k], trained[k])
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    # it carries the run's recipe and held-out ids: evaluate.py scores it on the run's held-out rows wherever it
+    # is (was: every row of the data, the training rows too), with the numbers of the run's own evaluation
+    import json
+
+    from test_evaluate_safety import evaluate
+
+    assert (run / "final" / "fittune_heldout_ids.json").read_bytes() == (run / "heldout_ids.json").read_bytes()
+    moved = tmp_path / "elsewhere" / "model"
+    __import__("shutil").copytree(tmp_path / "model", moved)
+    code, out, err = evaluate(["--checkpoint", moved, "--output_dir", tmp_path / "ev"], capsys)
+    assert code == 0 and "(the run's held-out rows)" in out, err[-3000:]
+    ours, theirs = ([json.loads(x) for x in (d / "predictions.jsonl").read_text().splitlines()]
+                    for d in (tmp_path / "ev", run / "eval"))
+    assert [p["id"] for p in ours] == [p["id"] for p in theirs]
+    assert [p["nll"] for p in ours] == pytest.approx([p["nll"] for p in theirs], rel=1e-4, abs=1e-4)
     # the same shards received from elsewhere (outside a fittune run) are pickles: refused without the flag
     from fittune.errors import FittuneError
     from fittune.export import export as export_in_process
