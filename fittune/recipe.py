@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from fittune import data as D
 from fittune import runlog
@@ -388,7 +389,23 @@ class FineTuneRecipe:
                 "train_examples": len(self.train_set), "heldout_examples": len(self.test_set),
                 "truncated_rows": self.fit.truncated, "train_dropped_rows": len(self.fit.train_dropped),
                 "heldout_dropped_rows": len(self.fit.heldout_dropped),
-                "resumed_from": str(self.resume_from) if self.resume_from else None, **self.digests}
+                "resumed_from": str(self.resume_from) if self.resume_from else None,
+                "trained_with": self._layouts(), **self.digests}
+
+    def _layouts(self) -> list[dict]:
+        """Each layout the run has trained under, from the step it started at: a resume under another strategy
+        or process count adds one (the checkpoint's own config.yaml holds the earlier ones)."""
+        now = {"strategy": self.strategy.name, "world_size": self.world, "from_step": self.counters.step}
+        if self.resume_from is None:
+            return [now]
+        try:
+            earlier = yaml.safe_load((self.resume_from / "config.yaml").read_text())["run"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            return [now]  # a checkpoint of an older fittune: its layouts are not known
+        layouts = earlier.get("trained_with") or [
+            {"strategy": earlier.get("strategy"), "world_size": earlier.get("world_size"), "from_step": 0}]
+        same = layouts[-1]["strategy"] == now["strategy"] and layouts[-1]["world_size"] == now["world_size"]
+        return layouts if same else [*layouts, now]
 
     def _setup_baselines(self) -> None:
         self.compare = {}

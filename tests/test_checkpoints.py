@@ -296,6 +296,9 @@ def test_lora_zero3_two_processes_resumes_on_one(tmp_path, tiny_model_dir):
     proc = launch("train.py", ["--config", cfg, "--output_dir", run, "--resume", "auto", "--train.keep_checkpoints", "3",
                                "--train.micro_batch_size", "2", "--train.grad_accum", "4"])  # 1 x 2 x 4 = 2 x 2 x 2
     assert "(portable restore)" in proc.stdout
+    # the run's record keeps both layouts (was: only the last one's strategy and world size)
+    assert yaml.safe_load((run / "config.yaml").read_text())["run"]["trained_with"] == [
+        {"strategy": "zero3", "world_size": 2, "from_step": 0}, {"strategy": "single", "world_size": 1, "from_step": 4}]
     lb = [r["loss"] for r in read_log(run)]
     assert len(lb) == 12 and ref_losses == pytest.approx(lb, abs=1e-5, rel=1e-5)
     for k, v in ref_weights.items():
