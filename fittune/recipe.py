@@ -431,7 +431,7 @@ class FineTuneRecipe:
 
     def train(self) -> RunResult:
         """One global batch per step; after each: account, log, check divergence and signals, checkpoint."""
-        self.stop = StopRequest()
+        self.stop = StopRequest(announce=self.accelerator.is_main_process)
         self._log_failure: Exception | None = None  # a failed train_log write on the main process, not yet agreed
         self.progress = TrainingProgress(self.total_steps, self.counters.step, self.accelerator.is_main_process)
         self.model.train()

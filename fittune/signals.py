@@ -29,10 +29,13 @@ import time
 
 
 class StopRequest:
-    """Installs the handlers; `requested` is the signal number (0 when none) and `exit_code` the code to use."""
+    """Installs the handlers; `requested` is the signal number (0 when none) and `exit_code` the code to use.
+    `announce`: say so when a signal arrives (the main process; the launcher signals every rank, and the
+    stop the ranks agree on is said once by the loop)."""
 
-    def __init__(self, grace_s: float = 2.0):
+    def __init__(self, grace_s: float = 2.0, announce: bool = True):
         self.requested = 0
+        self._announce = announce
         self._first_at = 0.0
         self._grace_s = grace_s
         self._previous = {}
@@ -45,8 +48,9 @@ class StopRequest:
             os._exit(128 + signum)  # second request: the user means it
         if not self.requested:
             self.requested, self._first_at = signum, now
-            print(f"fittune: got {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                  f"(send it again to exit at once)", flush=True)
+            if self._announce:
+                print(f"fittune: got {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                      f"(send it again to exit at once)", flush=True)
 
     @property
     def exit_code(self) -> int:

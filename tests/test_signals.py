@@ -280,6 +280,7 @@ def test_signal_to_two_process_launcher_saves_and_leaves_no_orphan(tmp_path, tin
         assert result.code == 1 and "SignalException" in result.err, result.out[-3000:] + result.err[-3000:]
     else:  # nothing forwarded: the kernel's parent death signal alone tells both ranks
         assert result.code == -sig and "got SIGTERM" in result.out, result.out[-3000:] + result.err[-3000:]
+    assert result.out.count("fittune: got SIG") == 1  # said by the main process (was: once per rank)
     saved_step(run, result)
     assert result.left_alive == []
 
