@@ -51,3 +51,11 @@ def quiet_maintainer_notices() -> None:
     # torchao logs a warning for each CUDA extension its wheel cannot load (they serve its quantized kernels,
     # not the optimizers, which are PyTorch ops compiled by torch.compile)
     logging.getLogger("torchao").setLevel(logging.ERROR)
+
+
+def quiet_scheduler_order_notice() -> None:
+    """torch's "`lr_scheduler.step()` before `optimizer.step()`" warning, for a DeepSpeed run only: the engine
+    steps its (CPU Adam) optimizer past the counter that check reads, so it fires on every rank although the
+    order is right (the losses equal DDP's step for step: tests/test_deepspeed.py). Other runs keep it."""
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`",
+                            category=UserWarning)

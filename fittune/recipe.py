@@ -59,6 +59,7 @@ from fittune.model import (
     use_liger,
     weights_dtype,
 )
+from fittune.notices import quiet_scheduler_order_notice
 from fittune.optim import build_optimizer
 from fittune.placement import input_device, place_model
 from fittune.precision import check_device_precision, run_precision
@@ -282,6 +283,8 @@ class FineTuneRecipe:
         setup = build_optimizer(cfg, params, self.strategy, self.mixed, fused)  # FittuneError if unsupported
         optimizer = setup.optimizer
         self._log(f"optimizer: {setup.choice.describe()}")
+        if self.strategy.deepspeed:
+            quiet_scheduler_order_notice()
         # stepped by hand once per optimizer step (accelerate's wrapper would step it once per process)
         self.scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_training_steps=self.total_steps,
                                        num_warmup_steps=round(cfg.train.warmup_ratio * self.total_steps))

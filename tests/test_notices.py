@@ -98,3 +98,21 @@ def test_torchaos_pytree_notice_is_dropped_and_other_pytree_warnings_kept():
     finally:
         log.removeHandler(handler)
     assert kept == ["another pytree warning"]
+
+
+def _scheduler_stepped_first() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0).step()  # before any optimizer.step()
+
+
+def test_the_scheduler_order_warning_is_dropped_only_for_deepspeed_runs():
+    """Every run keeps torch's check; a DeepSpeed run (whose engine steps its optimizer past the counter the
+    check reads) drops it."""
+    from fittune.notices import quiet_scheduler_order_notice
+
+    for quiet, expected in ((quiet_maintainer_notices, True), (quiet_scheduler_order_notice, False)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            quiet()
+            _scheduler_stepped_first()
+        assert any("before `optimizer.step()`" in str(w.message) for w in seen) == expected
