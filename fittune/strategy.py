@@ -110,7 +110,8 @@ def strategy_of(accelerator, parallel: str = "none") -> Strategy:
     if parallel == "auto" and (accelerator.num_processes > 1 or kind in ("DEEPSPEED", "FSDP")):
         # one process drives several GPUs; a distributed launch would place the whole model on the same GPUs
         raise FittuneError(f"model.parallel: auto splits one model across the GPUs of a single process, but this "
-                           f"launch is distributed ({accelerator.num_processes} process(es), {kind.lower()}): "
+                           f"launch is distributed ({accelerator.num_processes} process(es), "
+                           f"{ {'DEEPSPEED': 'DeepSpeed', 'FSDP': 'FSDP2'}.get(kind, 'ddp')}): "
                            f"launch with --num_processes 1, or drop model.parallel and shard with FSDP2 / ZeRO-3")
     if kind == "DEEPSPEED":
         zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
