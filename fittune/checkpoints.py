@@ -15,7 +15,6 @@ from fittune.errors import FittuneError, first_line
 from fittune.optim import tensor_bytes
 from fittune.rundir import (
     MARKER,
-    REPLACED,
     STEP_NAME,
     DirInUse,
     DirLock,
@@ -23,6 +22,7 @@ from fittune.rundir import (
     check_free_space,
     claim_build_dir,
     owned,
+    owning_run,
     publish_dir,
     remove_owned,
     seal_problem,
@@ -37,7 +37,14 @@ class CheckpointInfo:
 
     weights_dir: Path
     run_dir: Path | None
+    """The directory whose config.yaml describes the weights (a run, or a checkpoint of one)."""
     config_file: Path | None
+
+    @property
+    def run(self) -> Path | None:
+        """The training run the weights lie in (its final/, a checkpoint's adapter/): whose lock and held-out
+        ids count."""
+        return owning_run(self.weights_dir)
 
 
 def _has_weights(d: Path) -> bool:
@@ -166,10 +173,16 @@ def find_resume_checkpoint(output_dir: str | Path, resume: str | None) -> Path |
 
 def run_finished(output_dir: str | Path) -> bool:
     """Whether the run in `output_dir` has finished: its final/ and its held-out evaluation are written (only
-    the end of the training writes them), and no replaced run is left to remove. A --resume auto of it then
-    has nothing to do; one of a run without them does what is left."""
+    the end of the training writes them), after its newest checkpoint (a run resumed from an earlier
+    checkpoint into its own directory and stopped again saved newer ones: not finished). A --resume auto of
+    a finished run has nothing to train (it only retries removing the runs an --overwrite replaced); one of a
+    run that has not finished does what is left."""
     out = Path(output_dir)
-    return (out / "final").is_dir() and (out / "eval" / "metrics.json").is_file() and not (out / REPLACED).exists()
+    metrics = out / "eval" / "metrics.json"
+    if not ((out / "final").is_dir() and metrics.is_file()):
+        return False
+    saves = complete_checkpoints(out)
+    return not saves or metrics.stat().st_mtime_ns >= (saves[-1] / STATE_FILE).stat().st_mtime_ns
 
 
 def read_state(path: Path) -> dict:

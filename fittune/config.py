@@ -334,11 +334,11 @@ class TrainConfig(_Section):
 
     cpu_threads: _int(ge=0) = 0
     """CPU threads of each process (torch.set_num_threads). 0: as launched, except where the CPU does the
-    heavy work (a run on a machine without a GPU, or a GPU run whose optimizer step runs on the CPU: DeepSpeed
-    optimizer offload, FSDP2 offload), which gets this machine's physical cores divided by its processes when
-    it was launched with one thread: torchrun starts each of several processes so, and accelerate even a
-    single one (unless its config says use_cpu), which would leave the model or that step (DeepSpeed's CPU
-    Adam, the CPU shards' AdamW) on one core. The run log says the choice."""
+    heavy work and the launch gave one thread: a one-process run on a machine without a GPU (accelerate
+    launches it so unless its config says use_cpu), or a GPU run whose optimizer step runs on the CPU
+    (DeepSpeed optimizer offload, FSDP2 offload; torchrun starts each of several processes so), which get this
+    machine's physical cores divided by its processes instead of leaving the model or that step (DeepSpeed's
+    CPU Adam, the CPU shards' AdamW) on one core. The run log says the choice; 1 keeps one thread."""
 
     optimizer: Literal["adamw", "adamw8bit", "adamw4bit"] = "adamw"
     """AdamW with its two moments in the trainable weights' dtype (`adamw`: torch's fused/foreach AdamW; with

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from fittune.checkpoints import CheckpointInfo, resolve_checkpoint
 from fittune.cli import own_data_mapping, split_flag
 from fittune.config import Config, build_config, parse_overrides
 from fittune.data import examples_digest
-from fittune.distributed import configure_deepspeed, make_accelerator, raise_if_any_failed
+from fittune.distributed import configure_deepspeed, make_accelerator, on_main_then_agree
 from fittune.errors import FittuneError
 from fittune.evaluator import evaluate_and_report
 from fittune.final import HELDOUT_IDS, OWN_HELDOUT_IDS
@@ -35,7 +36,7 @@ from fittune.model import load_tokenizer, load_trained_model, resolve_model_path
 from fittune.placement import place_model
 from fittune.precision import run_precision
 from fittune.reports import EvalDir, check_eval_dir, metrics_table, reserve_eval_dir
-from fittune.rundir import DirInUse, DirLock, owned
+from fittune.rundir import DirInUse, DirLock, owned, owning_run
 from fittune.strategy import Strategy, strategy_of
 
 USAGE = """usage: accelerate launch evaluate.py --checkpoint DIR [--config FILE] [--output_dir DIR] [--section.key VALUE ...]
@@ -149,7 +150,7 @@ def _saved_config(info: CheckpointInfo) -> dict | None:
 def _heldout_record(info: CheckpointInfo) -> dict | None:
     """The run's held-out ids: in its directory, or carried by a model directory outside it (final/ copied, an
     export: `final.OWN_HELDOUT_IDS`)."""
-    path = info.run_dir / HELDOUT_IDS if info.run_dir else info.weights_dir / OWN_HELDOUT_IDS
+    path = info.run / HELDOUT_IDS if info.run else info.weights_dir / OWN_HELDOUT_IDS
     if not path.is_file():
         return None
     try:
@@ -227,20 +228,30 @@ def check_identity(record: dict, test: list[D.Example], data_cfg, data_path_give
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The run directory's lock
+# What the evaluation holds while it runs
 
 
-def lock_run_dir(accelerator, info: CheckpointInfo) -> DirLock | None:
-    """Hold the run directory's shared lock (main process) while evaluating: a run being trained is refused,
-    other evaluations of it go on, and the run is not resumed or replaced until this one ends."""
-    lock, refusal = None, None
-    if accelerator.is_main_process and info.run_dir is not None and owned(info.run_dir):
-        try:
-            lock = DirLock(info.run_dir).acquire("evaluate.py", shared=True)
-        except DirInUse as e:
-            refusal = FittuneError(f"cannot evaluate now: {e.path} is in use by {e.holder}: wait for it to finish")
-    raise_if_any_failed(accelerator, refusal)  # every rank stops with the main one: none left waiting
-    return lock
+def hold_on_main(accelerator, held: ExitStack, info: CheckpointInfo, out: Path) -> EvalDir | None:
+    """On the main process: the shared lock of each training run the evaluation reads or writes into (a run
+    being trained is refused; other evaluations of it go on; none is resumed or replaced meanwhile), then the
+    reservation of the output directory. Each is released by `held`, however the evaluation ends; any failure
+    stops every rank (none is left waiting). The reservation on the main process, None on the others."""
+    reserved: list[EvalDir] = []
+
+    def take() -> None:
+        for run in dict.fromkeys(r for r in (info.run, owning_run(out.parent)) if r is not None):
+            try:
+                lock = DirLock(run).acquire("evaluate.py", create=False, shared=True)
+            except DirInUse as e:
+                raise FittuneError(f"cannot evaluate now: {e.path} is in use by {e.holder}: wait for it to "
+                                   f"finish") from None
+            if lock is not None:
+                held.callback(lock.release)
+        reserved.append(reserve_eval_dir(out, "evaluate.py"))
+        held.callback(reserved[0].release)  # first released: it may remove its build directory
+
+    on_main_then_agree(accelerator, take)
+    return reserved[0] if reserved else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -255,32 +266,15 @@ def evaluate_checkpoint(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> 
     check_world_size(accelerator.num_processes)  # fewer processes than the launch asked for: before any write
     strategy = strategy_of(accelerator, cfg.model.parallel)
     out = check_eval_dir(Path(req.out_dir) if req.out_dir else default_eval_dir(info, cfg, req))
-    held = [lock_run_dir(accelerator, info)]
-    try:
-        held.append(reserve_on_main(accelerator, out))
+    with ExitStack() as held:
+        reserved = hold_on_main(accelerator, held, info, out)
         notice = remote_code_notice(info, cfg)
         if notice:
             accelerator.print(notice)
         data = select_data(info, cfg, req.data_path_given, accelerator.print)
-        metrics = _score(accelerator, strategy, info, cfg, mixed, data, held[-1] or out)
-    finally:
-        for holder in reversed(held):  # the output's reservation first (it may remove its build directory)
-            if holder is not None:
-                holder.release()
+        metrics = _score(accelerator, strategy, info, cfg, mixed, data, out, reserved)
     accelerator.end_training()
     return metrics
-
-
-def reserve_on_main(accelerator, out: Path) -> EvalDir | None:
-    """The main process reserves the output directory (`reserve_eval_dir`); the others write nothing (None)."""
-    reserved, refusal = None, None
-    if accelerator.is_main_process:
-        try:
-            reserved = reserve_eval_dir(out, "evaluate.py")
-        except FittuneError as e:
-            refusal = e
-    raise_if_any_failed(accelerator, refusal)
-    return reserved
 
 
 def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Path:
@@ -302,9 +296,8 @@ def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Pat
 
 
 def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, mixed: str, data: EvalData,
-           dest: EvalDir | Path) -> dict:
-    """Score `data` and write the reports to `dest` (reserved on the main process)."""
-    out = dest.out if isinstance(dest, EvalDir) else dest
+           out: Path, reserved: EvalDir | None) -> dict:
+    """Score `data` and write the reports to `out` (the main process has it `reserved`)."""
     weights = info.weights_dir
     class_task = D.is_class_task(cfg.data)
     tok_dir = weights if (weights / "tokenizer_config.json").is_file() else resolve_model_path(cfg)
@@ -324,8 +317,8 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, m
         print(f"fittune: replacing the previous evaluation in {out} (its evaluation.json said what it was)",
               flush=True)
     about = {"model": str(weights), "data": data.source}
-    metrics = evaluate_and_report(model, accelerator, strategy, cfg, tokenizer, test_set, class_task, dest, "model",
-                                  compare, about)
+    metrics = evaluate_and_report(model, accelerator, strategy, cfg, tokenizer, test_set, class_task,
+                                  reserved or out, "model", compare, about)
     accelerator.print(f"fittune: evaluated {weights} on {len(test_set)} examples ({data.source}) "
                       f"with {accelerator.num_processes} process(es)\n" + metrics_table({**compare, "model": metrics}))
     if accelerator.is_main_process:

@@ -187,7 +187,9 @@ def export(checkpoint: str, output: str, merge: bool = False, trust_checkpoint: 
     src = Path(checkpoint)
     if not src.is_dir():
         raise FittuneError(f"checkpoint not found: {checkpoint}")
-    out = Path(output)
+    out = Path(output).absolute()  # `.` has no name to build a sibling of
+    if out.is_dir() and out.resolve() == Path.cwd().resolve():
+        raise FittuneError(f"--output {output} is the current directory: name a new directory for the export")
     empty_dir = out.is_dir() and not out.is_symlink() and not any(out.iterdir())  # e.g. made with mkdir for it
     if (out.exists() or out.is_symlink()) and not empty_dir:
         raise FittuneError(f"{output} already exists and is not an empty directory: choose a new --output "

@@ -118,10 +118,9 @@ def physical_cores() -> int:
 
 def choose_cpu_threads(requested: int, cpu_work: str, local_processes: int, current: int, cores: int) -> CpuThreads:
     """train.cpu_threads if set (not 0); else, when the process does heavy work on the CPU (`cpu_work` says
-    which: the whole run on a machine without a GPU, or a GPU run's optimizer step) and was launched with the
-    launchers' one thread (torchrun's, and accelerate's unless its config says `use_cpu`), `cores` split over
-    the `local_processes` on this machine; else as launched (a count the user chose, OMP_NUM_THREADS or
-    --num_cpu_threads_per_process, is kept)."""
+    which) and was launched with the launchers' one thread, `cores` split over the `local_processes` on this
+    machine; else as launched (a count above 1 that the user chose, OMP_NUM_THREADS or
+    --num_cpu_threads_per_process, is kept; one thread is kept with train.cpu_threads: 1)."""
     if requested:
         return CpuThreads(requested, "train.cpu_threads")
     share = max(1, cores // max(1, local_processes))
@@ -134,10 +133,14 @@ def choose_cpu_threads(requested: int, cpu_work: str, local_processes: int, curr
 def run_cpu_threads(requested: int, strategy: Strategy, device: torch.device) -> CpuThreads:
     """choose_cpu_threads for this process: its strategy and device, the processes on this machine
     (LOCAL_WORLD_SIZE, set by the launcher), its threads now and the physical cores."""
-    work = ("the model runs on the CPU" if device.type == "cpu" else
-            "the optimizer step runs on the CPU" if strategy.steps_on_cpu else "")
-    return choose_cpu_threads(requested, work, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.get_num_threads(),
-                              physical_cores())
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type == "cpu":
+        # one process: accelerate launches it with one thread unless its config says use_cpu (several CPU
+        # processes: accelerate's use_cpu configs split the cores already, and a count of 1 is kept)
+        work = "the model runs on the CPU" if local == 1 else ""
+    else:
+        work = "the optimizer step runs on the CPU" if strategy.steps_on_cpu else ""
+    return choose_cpu_threads(requested, work, local, torch.get_num_threads(), physical_cores())
 
 
 def set_cpu_threads(threads: CpuThreads) -> None:

@@ -432,7 +432,7 @@ def _table_lines(plan: Plan) -> list[str]:
             fits = est.why_not
         else:
             fits = "yes" if est.fits else f"no: {est.limit}"
-        if single and plan.hardware.gpus > 1 and est.fits:
+        if single and plan.hardware.gpus > 1 and est.fits and est.applicable:
             fits = "yes (1 GPU)"
         rows.append((label, fits, f"{est.micro_batch} x {est.grad_accum}", _gib(est.gpu_total),
                      _gib(est.cpu_total), _breakdown(est)))

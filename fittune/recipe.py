@@ -319,11 +319,12 @@ class FineTuneRecipe:
             return
         state = read_state(self.resume_from)
         check_compatible(state, self.fingerprint(), self.resume_from, self.world)
-        if self.finished:  # a retry loop's --resume auto after the run has finished: exit 0, nothing changed
+        if self.finished:  # a retry loop's --resume auto after the run has finished: exit 0, nothing trained
             self._log(f"--resume auto: {self.out} has finished ({self.total_steps} steps; final/ and eval/ are "
                       f"written): nothing to resume, nothing changed. Evaluate it again with evaluate.py "
                       f"--checkpoint {self.out}, or train it anew with --overwrite")
-            self.done = RunResult(None)
+            on_main_then_agree(self.accelerator, lambda: self._remove_replaced(RunDir(self.out, self.lock, None)))
+            self.done = RunResult(self._finished_metrics())
             return
         how = load_checkpoint(self.target, self.resume_from, state, self.cfg.trust_checkpoint)
         self.counters = RunCounters(**{k: state[k] for k in asdict(self.counters) if k in state})
@@ -590,11 +591,7 @@ class FineTuneRecipe:
     def _report(self, metrics: dict) -> None:
         """The replaced run goes; the loss curve, the summary lines and the metrics table (main process)."""
         c = self.counters
-        cleanup = self.run_dir.finish()  # first: final/ and eval/ are there, the plot may fail
-        for old in cleanup.removed:
-            self._log(f"--overwrite: removed the replaced run {old}")
-        for why in cleanup.kept:
-            self._log(f"--overwrite: kept a replaced run: {why}")
+        self._remove_replaced(self.run_dir)  # first: final/ and eval/ are there, the plot may fail
         plot_loss_curve(self.out / "train_log.jsonl", self.out / "loss_curve.png")
         self._log(f"padding: {1 - c.real_tokens / max(1, c.pad_slots):.1%} of micro-batch slots were padding")
         left_out = f" of {self.fit.heldout_total}: {len(self.fit.heldout_dropped)} do not fit data.max_length" \
@@ -602,6 +599,22 @@ class FineTuneRecipe:
         self._log(f"held-out metrics ({len(self.test_set)} examples{left_out})\n"
                   + metrics_table({**self.compare, "fine-tuned": metrics}))
         self._log(f"outputs in {self.out}/ (final/, eval/, config.yaml, train_log.jsonl, loss_curve.png)")
+
+    def _remove_replaced(self, run_dir: RunDir) -> None:
+        """Remove the runs an --overwrite replaced (the main process), and say what was removed or kept."""
+        cleanup = run_dir.finish()
+        for old in cleanup.removed:
+            self._log(f"--overwrite: removed the replaced run {old}")
+        for why in cleanup.kept:
+            self._log(f"--overwrite: kept a replaced run: {why}")
+
+    def _finished_metrics(self) -> dict | None:
+        """The held-out metrics a finished run wrote (the main process reads them; None elsewhere)."""
+        try:
+            return json.loads((self.out / "eval" / "metrics.json").read_text()) if self.accelerator.is_main_process \
+                else None
+        except (OSError, ValueError):  # damaged since: the run still has nothing to train
+            return None
 
     def _evaluate(self, out_dir: Path, title: str) -> dict:
         about = {"model": f"{self.cfg.model.name_or_path} ({title}, step {self.counters.step} of this run)",

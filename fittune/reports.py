@@ -6,10 +6,12 @@ import io
 import json
 import os
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 
 from fittune.errors import FittuneError
 from fittune.rundir import (
+    RUN_NAMES,
     DirInUse,
     DirLock,
     atomic_write_bytes,
@@ -17,6 +19,7 @@ from fittune.rundir import (
     check_not_inside_fittune_dir,
     check_writable_dir,
     claim_build_dir,
+    claim_dir,
     interrupted_claim,
     marker_kind,
     owned,
@@ -73,14 +76,18 @@ def plot_confusion(cm: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def check_eval_dir(out_dir: str | os.PathLike, flag: str = "--output_dir") -> Path:
+def check_eval_dir(out_dir: str | os.PathLike, flag: str = "--output_dir", run_writes: bool = False) -> Path:
     """Refuse an evaluation output directory fittune may not replace: an existing non-empty directory that
     fittune did not create (no `.fittune` marker; `eval/` inside a fittune run directory counts as fittune's),
-    or a file. Read-only, so it can run on every rank before any work."""
+    or a file. `run_writes`: the training run writes its own eval/ (evaluate.py may not replace it, nor
+    eval_untrained/). Read-only, so it can run on every rank before any work."""
     out = Path(out_dir)
     if out.is_symlink():  # results are published by swapping directories: never through a link
         raise FittuneError(f"{flag} {out} is a symbolic link: give the directory's own path, or a new one")
     check_not_inside_fittune_dir(out, flag, evaluation=True)  # RUN/eval-* beside a run's own eval/ is fine
+    if not run_writes and out.name in RUN_NAMES and owned(out.parent, "train"):
+        raise FittuneError(f"{flag} {out} is the run's own {out.name}/, what its training wrote: name it "
+                           f"eval-SOMETHING there, or choose a directory outside the run")
     if out.is_dir() and not _ours(out) and any(out.iterdir()):
         check_writable_dir(out, flag)  # raises: not empty, not fittune's
         # fittune's, but not an evaluation output (a run directory, a checkpoint): never replaced by results
@@ -106,43 +113,52 @@ def _tmp_of(out: Path) -> Path:
 
 @dataclass
 class EvalDir:
-    """An evaluation's output directory, reserved for the evaluation's whole run by the process that writes
-    it: its build directory `<out>.tmp` is claimed and locked before the scoring, so a second evaluation into
-    the same directory is refused at once (not after its scoring), and neither can remove the other's
-    half-built results. `reserve_eval_dir` makes one; `write_eval_outputs` fills and publishes it."""
+    """An evaluation's output directory, reserved by the process that writes it: its results are built in a
+    directory of its own beside it (`.<name>.tmp-<pid>-<hex>`, marked and locked from the start, which no
+    other process touches), then swapped in whole. A second evaluation into the same directory sees the
+    first one's locked build directory and is refused at once, not after its scoring; two started at the same
+    moment both run, each publishing whole results (the last one stays). `reserve_eval_dir` makes one;
+    `write_eval_outputs` fills and publishes it."""
 
     out: Path
+    build: Path
     lock: DirLock
     published: bool = False
 
     def release(self) -> None:
-        """Let go of the reservation; an evaluation that ended without results removes its build directory
-        (its own: marked and locked by it, and not yet published)."""
+        """Let go of the reservation; an evaluation that ended without results removes its build directory."""
         try:
             if not self.published:
-                remove_owned(_tmp_of(self.out), "eval")
+                remove_owned(self.build, "eval")
         finally:
             self.lock.release()
 
 
+def _builds_of(out: Path) -> list[Path]:
+    """The build directories of evaluations into `out` (live ones, or a killed one's leftovers)."""
+    if not out.parent.is_dir():
+        return []
+    return [d for d in out.parent.glob(f".{glob_escape(out.name)}.tmp-*") if owned(d, "eval")]
+
+
 def reserve_eval_dir(out_dir: str | os.PathLike, program: str) -> EvalDir:
-    """Check the evaluation output directory (`check_eval_dir`) and reserve it (`EvalDir`)."""
+    """Check the evaluation output directory (`check_eval_dir`) and reserve it (`EvalDir`); a killed
+    evaluation's build directory is removed (its lock is free)."""
     out = check_eval_dir(out_dir)
-    tmp = _tmp_of(out)
-    if owned(tmp, "eval"):  # another evaluation's build directory: one still writing holds its lock
+    for other in _builds_of(out):
         try:
-            left = DirLock(tmp).acquire(program, record=False, create=False)
+            left = DirLock(other).acquire(program, record=False, create=False)
         except DirInUse as e:
             raise FittuneError(f"{out} is being written by {e.holder}: wait for it to finish, or pass another "
                                f"--output_dir") from None
-        if left is not None:
-            left.release()  # a crashed evaluation's leftover: claim_build_dir replaces it
-    claim_build_dir(tmp, "eval", f"{tmp} exists and was not created by fittune: move it away")
-    lock = DirLock(tmp).acquire(program)
-    if lock is None:  # removed between the claim and the lock: another evaluation started at the same moment
-        raise FittuneError(f"{out} was taken by another evaluation while this one was starting: wait for it to "
-                           f"finish, or pass another --output_dir")
-    return EvalDir(out, lock)
+        if left is not None:  # not being written (no lock file yet: one starting now, left alone)
+            try:
+                remove_owned(other, "eval")
+            finally:
+                left.release()
+    with write_guard(f"the evaluation's build directory beside {out}", "nothing was written"):
+        build = claim_dir(out.with_name(f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"), "eval")
+    return EvalDir(out, build, DirLock(build).acquire(program))
 
 
 def write_eval_outputs(out_dir: str | os.PathLike | EvalDir, metrics: dict, predictions: list[dict], title: str,
@@ -150,12 +166,12 @@ def write_eval_outputs(out_dir: str | os.PathLike | EvalDir, metrics: dict, pred
     """Write metrics.json, predictions.jsonl, report.md (+ confusion_matrix.png; + comparison.json, every
     column of the report's table, when it compares with baselines; + evaluation.json, `settings`: what was
     evaluated and how) to `out_dir`: built in
-    `<out_dir>.tmp`, fsynced, then swapped in whole (`rundir.publish_dir`). Only a directory fittune created
-    is ever replaced; a user's non-empty directory is refused, never emptied. `out_dir` may be reserved
-    already (`reserve_eval_dir`: its build directory is ready); else it is built here."""
+    `<out_dir>.tmp` (a reserved one, `reserve_eval_dir`: in its own build directory), fsynced, then swapped in
+    whole (`rundir.publish_dir`). Only a directory fittune created is ever replaced; a user's non-empty
+    directory is refused, never emptied."""
     reserved = out_dir if isinstance(out_dir, EvalDir) else None
-    out = check_eval_dir(reserved.out if reserved else out_dir)
-    tmp = _tmp_of(out)
+    out = check_eval_dir(reserved.out if reserved else out_dir, run_writes=reserved is None)
+    tmp = reserved.build if reserved else _tmp_of(out)
     if reserved is None:
         claim_build_dir(tmp, "eval", f"{tmp} exists and was not created by fittune: move it away")  # refused above
     lines = "".join(json.dumps(row) + "\n" for row in predictions)

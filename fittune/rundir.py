@@ -673,9 +673,9 @@ class RunDir:
                 continue
             try:
                 lock = DirLock(run).acquire("train.py", record=False, create=False)
-            except DirInUse as e:
-                cleanup.kept.append(f"{run} was kept: it is in use by {e.holder}; remove it yourself once that "
-                                    f"has finished")
+            except FittuneError as e:  # held by another process (e.g. an evaluation of it), or no lock to take
+                why = f"it is in use by {e.holder}" if isinstance(e, DirInUse) else str(e)
+                cleanup.kept.append(f"{run} was kept: {why}; remove it yourself once that has finished")
                 continue
             try:
                 remove_owned(run, "train")

@@ -10,7 +10,7 @@ A `Strategy` is a plain value with boolean properties (the idea of torchtitan's 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fittune.errors import FittuneError
 
@@ -106,13 +106,19 @@ class Strategy:
 def strategy_of(accelerator, parallel: str = "none") -> Strategy:
     """Read the strategy the launch set up (the accelerate state and its DeepSpeed / FSDP plugin);
     `parallel` is `model.parallel` (`auto`: the one-process device map)."""
-    kind = accelerator.distributed_type.value
-    if parallel == "auto" and (accelerator.num_processes > 1 or kind in ("DEEPSPEED", "FSDP")):
+    launched = _launched(accelerator)
+    if parallel != "auto":
+        return launched
+    if launched.distributed or launched.sharded:
         # one process drives several GPUs; a distributed launch would place the whole model on the same GPUs
         raise FittuneError(f"model.parallel: auto splits one model across the GPUs of a single process, but this "
-                           f"launch is distributed ({accelerator.num_processes} process(es), "
-                           f"{ {'DEEPSPEED': 'DeepSpeed', 'FSDP': 'FSDP2'}.get(kind, 'ddp')}): "
-                           f"launch with --num_processes 1, or drop model.parallel and shard with FSDP2 / ZeRO-3")
+                           f"launch is distributed ({launched.label}): launch with --num_processes 1, or drop "
+                           f"model.parallel and shard with FSDP2 / ZeRO-3")
+    return replace(launched, device_map=True)
+
+
+def _launched(accelerator) -> Strategy:
+    kind = accelerator.distributed_type.value
     if kind == "DEEPSPEED":
         zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
         if int(zero.get("stage", 0)) == 0:
@@ -129,7 +135,7 @@ def strategy_of(accelerator, parallel: str = "none") -> Strategy:
 
         offload = isinstance(accelerator.state.fsdp_plugin.cpu_offload, CPUOffloadPolicy)
         return Strategy(accelerator.num_processes, fsdp=True, offload_params=offload)
-    return Strategy(accelerator.num_processes, device_map=parallel == "auto")
+    return Strategy(accelerator.num_processes)
 
 
 def fsdp_version(accelerator) -> int | None:

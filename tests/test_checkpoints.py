@@ -625,3 +625,25 @@ def test_a_save_never_replaces_or_rotates_away_what_is_not_a_fittune_checkpoint(
     save(t, out, 3, keep=1)  # the rotation drops step 1, keeps the others' directories
     assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["step-00000000", "step-00000002",
                                                                      "step-00000003"]
+
+
+def test_a_run_is_finished_when_its_evaluation_is_newer_than_its_newest_checkpoint(tmp_path):
+    """final/ and eval/ written after the newest checkpoint: finished (a --resume auto trains nothing). A run
+    resumed from an earlier checkpoint into its own directory and stopped again has newer checkpoints than its
+    old final/ and eval/: not finished (a --resume auto continues it)."""
+    from fittune.checkpoints import run_finished
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-00000004"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    assert not run_finished(run)
+    (run / "final").mkdir()
+    (run / "eval").mkdir()
+    (run / "eval" / "metrics.json").write_text("{}")
+    os.utime(step / "trainer_state.json", ns=(1, 1))
+    assert run_finished(run)
+    os.utime(run / "eval" / "metrics.json", ns=(0, 0))  # older than the checkpoint: a later attempt saved it
+    assert not run_finished(run)
+    shutil.rmtree(run / "checkpoints")
+    assert run_finished(run)  # no checkpoints at all (train.save_steps: 0)

@@ -166,6 +166,13 @@ def test_a_run_without_final_says_why_and_what_to_evaluate(tmp_path, tiny_model_
     from fittune.evaluate_cli import EvalRequest, default_eval_dir
 
     shutil.copy(run / "config.yaml", adapter.parent / "config.yaml")  # as a checkpoint holds its recipe
+    lock = DirLock(run).acquire("train.py")  # a checkpoint's adapter is read under its run's lock (was: the
+    try:                                     # checkpoint's own, so a run being trained was not refused)
+        code, _, err = evaluate(["--checkpoint", adapter, "--output_dir", tmp_path / "ev"], capsys)
+    finally:
+        lock.release()
+    assert code == 2 and f"cannot evaluate now: {run} is in use by train.py (pid" in one_error(err)
+    assert not (adapter.parent / ".fittune.lock").exists()
     info = resolve_checkpoint(str(adapter))
     cfg = build_config(str(run / "config.yaml"), {})
     assert default_eval_dir(info, cfg, EvalRequest(str(adapter), None, None)) == run / "eval-step-00000004-heldout"
@@ -350,7 +357,20 @@ def test_evaluations_of_one_run_go_on_at_once_but_never_into_one_directory(tmp_p
     finally:
         busy.release()
         other.release()
+    # a killed evaluation's build directory (its lock free) is removed by the next one into the same place
+    from fittune.rundir import claim_dir as claim
+
+    left = claim(run / ".eval-heldout.tmp-1-dead", "eval")
+    DirLock(left).acquire("evaluate.py").release()
     _change_heldout_row(run)  # refused after its output was reserved: the reservation is removed
     code, _, err = evaluate(["--checkpoint", run], capsys)
     assert code == 2 and "content hash differs" in one_error(err)
-    assert sorted(p.name for p in run.iterdir() if p.name.startswith("eval")) == ["eval-again"]
+    assert sorted(p.name for p in run.iterdir() if "eval" in p.name) == ["eval-again"]
+    # the run's own eval/ is what its training wrote: never replaced by evaluate.py (was: replaced)
+    code, _, err = evaluate(["--checkpoint", run, "--output_dir", run / "eval"], capsys)
+    assert code == 2 and f"{run / 'eval'} is the run's own eval/" in one_error(err)
+    # under a file: one clear error, and the run's lock is let go (was: a traceback on the main rank)
+    (tmp_path / "afile").write_text("")
+    code, _, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "afile" / "ev"], capsys)
+    assert code == 2 and "could not write the evaluation's build directory" in one_error(err), err[-2000:]
+    DirLock(run).acquire("train.py").release()

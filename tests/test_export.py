@@ -152,6 +152,12 @@ def test_export_is_atomic_and_never_touches_other_paths(tmp_path, tiny_model_dir
     (tmp_path / "made2" / "notes.txt").unlink()
     (tmp_path / "made2").rmdir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["made", "model", "model.tmp", "run"]
+    (tmp_path / "empty").mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path / "empty")
+        with pytest.raises(FittuneError, match="--output . is the current directory"):  # was: a traceback
+            export(str(ckpt), ".")
+    (tmp_path / "empty").rmdir()
     # never into a fittune directory, whose final/, eval/ ... fittune replaces with what is inside them
     from fittune.rundir import claim_dir
 
@@ -245,13 +251,14 @@ def test_a_run_being_trained_is_not_exported_and_exports_share_it(tmp_path, tiny
         export(str(run), str(tmp_path / "model"))  # was: "holds no model weights"
     with pytest.raises(FittuneError, match="full fine-tuning checkpoint, not an adapter: nothing to merge"):
         export(str(ckpt), str(tmp_path / "model"), merge=True)  # was: exported, --merge ignored
-    evaluation = DirLock(run).acquire("evaluate.py", shared=True)
+    evaluation = DirLock(run).acquire("evaluate.py", shared=True)  # an evaluation of the run goes on: shared
     seen = []
     import fittune.export as E
 
     real = E._write_export
 
-    def write_and_try_a_resume(*args):  # a --resume auto started while the export runs
+    def write_and_try_a_resume(*args):  # a --resume auto started while the export runs, the evaluation over
+        evaluation.release()
         with pytest.raises(DirInUse, match="reads it"):
             DirLock(run).acquire("train.py")
         seen.append("refused")
@@ -259,6 +266,5 @@ def test_a_run_being_trained_is_not_exported_and_exports_share_it(tmp_path, tiny
 
     monkeypatch.setattr(E, "_write_export", write_and_try_a_resume)
     export(str(ckpt), str(tmp_path / "model"))
-    evaluation.release()
     assert seen == ["refused"] and (tmp_path / "model" / "model.safetensors").is_file()
     DirLock(run).acquire("train.py").release()  # the export let go of it

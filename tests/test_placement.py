@@ -112,7 +112,7 @@ def test_device_map_with_a_distributed_launch_is_an_error(tiny_config, tmp_path)
     proc = launch("train.py", ["--config", cfg], nproc=2, check=False)
     assert proc.returncode != 0
     assert "model.parallel: auto splits one model across the GPUs of a single process" in proc.stdout + proc.stderr
-    assert "(2 process(es), ddp)" in proc.stderr  # the name config.yaml gives the launch (was: multi_cpu)
+    assert "(ddp, 2 process(es))" in proc.stderr  # the name config.yaml gives the launch (was: multi_cpu)
     assert not (tmp_path / "run" / "final").exists()
 
 

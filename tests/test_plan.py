@@ -343,8 +343,8 @@ def test_the_printed_command_works_from_another_directory(tmp_path, monkeypatch)
     ("fsdp2_offload", True, 1, 16),  # FSDP2 offload steps the CPU shards
     ("zero2_offload", True, 32, 1),  # 16 cores cannot feed 32 processes more than one thread each
     ("zero2", True, 2, 1),           # the step runs on the GPU: left as launched
-    ("ddp", False, 2, 8),            # a CPU run launched with one thread (accelerate without use_cpu: was kept)
-    ("single", False, 1, 16),
+    ("ddp", False, 2, 1),            # several CPU processes: as launched (accelerate's use_cpu splits the cores)
+    ("single", False, 1, 16),        # one CPU process launched with one thread (accelerate without use_cpu)
 ])
 def test_cpu_threads_for_work_on_the_cpu(strategy, on_gpu, local, expected, monkeypatch):
     s = Strategy.named(strategy, local)
@@ -494,6 +494,8 @@ def test_lowbit_rows_and_refusals_in_the_plan():
     # work one after another), carrying the whole global batch in one micro-batch (no accumulation in backward)
     assert own.recommended is by_key["single"] and (own.recommended.micro_batch, own.recommended.grad_accum) == (8, 1)
     assert "(1 process carries the global batch of 4 GPUs; the optimizer steps in backward" in P.render(own)
+    row = next(ln for ln in P.render(own).splitlines() if ln.startswith("single GPU, bf16 + 8-bit"))
+    assert "the recipe's own row" in row and "yes" not in row  # not offered (was: "yes (1 GPU)")
     # was "nothing fits" although a one-GPU row did, once a second GPU was given; and said to try gradient
     # checkpointing, which the recipe has on
     full = P.make_plan(build_config(str(ROOT / "configs/qwen2.5-3b-full.yaml"), {}), 2, 24, 64)
