@@ -179,6 +179,9 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
         test = D.select_ids(examples, record["ids"], cfg.data.path)
         held = set(record["ids"])
         check_identity(record, test, cfg.data, data_path_given, say)
+        if data_path_given:  # the split is the run's: its training rows would score what the model memorised
+            say(f"fittune: NOTE: --data.path is the run's own data: scoring its {len(test)} held-out rows, not all "
+                f"{len(examples)} (the others trained the model); to score every row, give a copy of the file")
         return EvalData([e for e in examples if e.id not in held], test, "the run's held-out rows")
     if same_source or cfg.data.test_path:
         train, test = D.load_splits(cfg.data, cfg.seed)
@@ -305,6 +308,9 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, m
     test_set, stats = D.tokenize_examples(data.test, tokenizer, cfg.data)
     if stats.dropped:
         accelerator.print(f"fittune: {stats.dropped} rows do not fit data.max_length and are not evaluated")
+    if stats.truncated:  # as training says it: the model sees these prompts without their start
+        accelerator.print(f"fittune: NOTE: {stats.truncated} rows had the start of their prompt cut to fit "
+                          f"data.max_length ({cfg.data.max_length})")
     if not test_set:
         raise FittuneError("no example to evaluate fits data.max_length")
     model = _load_model(accelerator, strategy, weights, cfg, mixed)

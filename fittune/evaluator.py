@@ -34,7 +34,8 @@ def evaluate_and_report(model, accelerator, strategy: Strategy, cfg, tokenizer, 
     metrics = compute_metrics(predictions)
     # the other ranks wait for the reports: a failed write fails every rank, and none leaves early
     settings = {**(about or {}), "examples": len(examples), "processes": accelerator.num_processes,
-                "strategy": strategy.name, "eval": cfg.eval.model_dump(mode="json"),
+                "strategy": strategy.name,
+                "eval": cfg.eval.model_dump(mode="json", exclude={"before_training"}),  # says nothing of this one
                 "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     on_main_then_agree(accelerator, lambda: write_eval_outputs(out_dir, metrics, predictions, title,
                                                                 {**(compare or {}), title: metrics}, settings))

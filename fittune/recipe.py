@@ -150,6 +150,8 @@ class FineTuneRecipe:
         """Everything that can refuse the run happens before anything under output_dir is created or changed."""
         self._setup_accelerator()
         self._check_output_dir()
+        if self.done is not None:  # --resume auto of a finished run saved without checkpoints: nothing to check
+            return
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
@@ -197,17 +199,27 @@ class FineTuneRecipe:
             finished = run_finished(self.out)
             self.dir_check = inspect_output_dir(self.out, cfg.resume, cfg.overwrite,
                                                 resumable=bool(complete_checkpoints(self.out)), complete=finished)
-            if cfg.resume == "auto" and self.dir_check.finished and not complete_checkpoints(self.out):
-                unscored = "" if (self.out / "eval").is_dir() else (
-                    f"; its held-out evaluation did not finish (no eval/): python evaluate.py --checkpoint "
-                    f"{self.out} writes it")
-                raise FittuneError(f"--resume auto: {self.out} holds a finished run without checkpoints "
-                                   f"(train.save_steps was 0): nothing to resume; --overwrite replaces it{unscored}")
+            if cfg.resume == "auto" and self.dir_check.finished and not finished and not complete_checkpoints(self.out):
+                raise FittuneError(f"--resume auto: {self.out} holds a run that stopped in its end without "
+                                   f"checkpoints (train.save_steps was 0): its held-out evaluation did not finish "
+                                   f"(no eval/): python evaluate.py --checkpoint {self.out} writes it; --overwrite "
+                                   f"trains it anew")
 
         on_main_then_agree(self.accelerator, check)
         # every rank learns it (a sum): each then stops after the resume checks, before anything is written
         self.finished = cfg.resume == "auto" and bool(sum_across_ranks(self.accelerator, [finished])[0])
         self.resume_from = find_resume_checkpoint(self.out, cfg.resume) if cfg.resume else None
+        if self.finished and self.resume_from is None:  # train.save_steps 0: no state to check the recipe against
+            self._nothing_to_resume("")
+
+    def _nothing_to_resume(self, steps: str) -> None:
+        """A --resume auto of a run that has finished (a requeue loop's, say): exit 0, nothing trained or
+        written; only the runs an --overwrite replaced are removed if they still could not be."""
+        self._log(f"--resume auto: {self.out} has finished ({steps}final/ and eval/ are written): nothing to "
+                  f"resume, nothing changed. Evaluate it again with evaluate.py --checkpoint {self.out}, or train "
+                  f"it anew with --overwrite")
+        on_main_then_agree(self.accelerator, lambda: self._remove_replaced(RunDir(self.out, self.lock, None)))
+        self.done = RunResult(self._finished_metrics())
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -319,12 +331,8 @@ class FineTuneRecipe:
             return
         state = read_state(self.resume_from)
         check_compatible(state, self.fingerprint(), self.resume_from, self.world)
-        if self.finished:  # a retry loop's --resume auto after the run has finished: exit 0, nothing trained
-            self._log(f"--resume auto: {self.out} has finished ({self.total_steps} steps; final/ and eval/ are "
-                      f"written): nothing to resume, nothing changed. Evaluate it again with evaluate.py "
-                      f"--checkpoint {self.out}, or train it anew with --overwrite")
-            on_main_then_agree(self.accelerator, lambda: self._remove_replaced(RunDir(self.out, self.lock, None)))
-            self.done = RunResult(self._finished_metrics())
+        if self.finished:  # the recipe is the run's (checked above): nothing to train
+            self._nothing_to_resume(f"{self.total_steps} steps; ")
             return
         how = load_checkpoint(self.target, self.resume_from, state, self.cfg.trust_checkpoint)
         self.counters = RunCounters(**{k: state[k] for k in asdict(self.counters) if k in state})
@@ -397,18 +405,23 @@ class FineTuneRecipe:
                 "trained_with": self._layouts(), **self.digests}
 
     def _layouts(self) -> list[dict]:
-        """Each layout the run has trained under, from the step it started at: a resume under another strategy
-        or process count adds one (the checkpoint's own config.yaml holds the earlier ones)."""
-        now = {"strategy": self.strategy.name, "world_size": self.world, "from_step": self.counters.step}
+        """Each layout the run has trained under, from the step it started at: a resume under another strategy,
+        process count, micro-batch or accumulation adds one (the checkpoint's config.yaml holds the earlier)."""
+        now = {"strategy": self.strategy.name, "world_size": self.world,
+               "micro_batch_size": self.split.micro_batch_size, "grad_accum": self.split.grad_accum,
+               "from_step": self.counters.step}
         if self.resume_from is None:
             return [now]
         try:
-            earlier = yaml.safe_load((self.resume_from / "config.yaml").read_text())["run"]
+            earlier = yaml.safe_load((self.resume_from / "config.yaml").read_text())
+            layouts = earlier["run"].get("trained_with") or [
+                {"strategy": earlier["run"]["strategy"], "world_size": earlier["run"]["world_size"],
+                 "micro_batch_size": earlier["train"]["micro_batch_size"],
+                 "grad_accum": earlier["train"]["grad_accum"], "from_step": 0}]
         except (OSError, yaml.YAMLError, KeyError, TypeError):
             return [now]  # a checkpoint of an older fittune: its layouts are not known
-        layouts = earlier.get("trained_with") or [
-            {"strategy": earlier.get("strategy"), "world_size": earlier.get("world_size"), "from_step": 0}]
-        same = layouts[-1]["strategy"] == now["strategy"] and layouts[-1]["world_size"] == now["world_size"]
+        same = {k: v for k, v in layouts[-1].items() if k != "from_step"} == \
+            {k: v for k, v in now.items() if k != "from_step"}
         return layouts if same else [*layouts, now]
 
     def _setup_baselines(self) -> None:

@@ -182,7 +182,8 @@ def write_eval_outputs(out_dir: str | os.PathLike | EvalDir, metrics: dict, pred
             atomic_write_text(tmp / "evaluation.json", json.dumps(settings, indent=2) + "\n")
         if compare and len(compare) > 1:  # the majority baseline, the untrained model ... as numbers to plot
             atomic_write_text(tmp / "comparison.json", json.dumps(compare, indent=2) + "\n")
-        report = [f"# {title}", "", markdown_table(compare or {"model": metrics}), ""]
+        about = [f"- {k}: {settings[k]}" for k in ("model", "data", "written") if k in (settings or {})]
+        report = [f"# {title}", "", *about, *([""] if about else []), markdown_table(compare or {"model": metrics}), ""]
         if "per_class" in metrics:
             report += ["## Per class", "", "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
             report += [f"| {c} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"

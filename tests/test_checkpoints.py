@@ -298,7 +298,8 @@ def test_lora_zero3_two_processes_resumes_on_one(tmp_path, tiny_model_dir):
     assert "(portable restore)" in proc.stdout
     # the run's record keeps both layouts (was: only the last one's strategy and world size)
     assert yaml.safe_load((run / "config.yaml").read_text())["run"]["trained_with"] == [
-        {"strategy": "zero3", "world_size": 2, "from_step": 0}, {"strategy": "single", "world_size": 1, "from_step": 4}]
+        {"strategy": "zero3", "world_size": 2, "micro_batch_size": 2, "grad_accum": 2, "from_step": 0},
+        {"strategy": "single", "world_size": 1, "micro_batch_size": 2, "grad_accum": 4, "from_step": 4}]
     lb = [r["loss"] for r in read_log(run)]
     assert len(lb) == 12 and ref_losses == pytest.approx(lb, abs=1e-5, rel=1e-5)
     for k, v in ref_weights.items():

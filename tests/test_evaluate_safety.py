@@ -238,6 +238,12 @@ def test_other_data_is_said_loudly_and_old_runs_warn_once(tmp_path, tiny_model_d
     assert code == 0, err[-3000:]
     assert sum("NOT the held-out split" in line for line in out.splitlines()) == 1
     assert json.loads((tmp_path / "ev2/metrics.json").read_text())["num_examples"] == 12
+    # the run's own file given as --data.path: its held-out rows, said (was: silently, in a folder named after
+    # the file as if all of it had been scored)
+    code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev3", "--data.path",
+                               tmp_path / "qa.jsonl"], capsys)
+    held = len(json.loads((run / "heldout_ids.json").read_text())["ids"])
+    assert code == 0 and f"--data.path is the run's own data: scoring its {held} held-out rows, not all 400" in out
 
 
 def test_data_path_is_scored_even_when_the_run_had_a_test_file(tmp_path, tiny_model_dir, capsys):

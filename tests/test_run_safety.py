@@ -126,3 +126,16 @@ def test_one_run_per_directory_then_a_moved_torn_run_resumes(tmp_path, recipe):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "dropped a last line torn by a crash" in resumed.stdout
     assert [r["step"] for r in read_log(moved)] == list(range(1, 601))  # no duplicated or missing step
+
+
+def test_resume_auto_of_a_finished_run_without_checkpoints_changes_nothing(tmp_path, recipe):
+    """train.save_steps 0 (the default): a requeue loop's --resume auto of the finished run exits 0 and
+    changes nothing (was: an error, exit 2, that a scheduler counts as a failed job)."""
+    out = tmp_path / "run"
+    cfg = recipe(out)
+    assert run_python("train.py", ["--config", cfg]).returncode == 0
+    before = _tree(out)
+    again = run_python("train.py", ["--config", cfg, "--resume", "auto"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{out} has finished (final/ and eval/ are written): nothing to resume" in again.stdout
+    assert _tree(out) == before
