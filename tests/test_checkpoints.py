@@ -182,8 +182,9 @@ def test_incompatible_checkpoint_refused(tmp_path, tiny_model_dir):
     assert proc.returncode != 0
     assert "belongs to a different run setup" in proc.stderr and "lora" in proc.stderr
     fresh = launch("train.py", ["--config", cfg, "--output_dir", run, "--train.max_steps", "4"], check=False)
-    # never mixes two runs in one dir: the two ways on are named
-    assert fresh.returncode != 0 and "continue it with --resume auto, replace it with --overwrite" in fresh.stderr
+    # never mixes two runs in one dir: the ways on are named (a finished run: nothing to continue)
+    assert fresh.returncode != 0 and "already holds a finished run: evaluate it with evaluate.py --checkpoint " \
+        f"{run}, replace it with --overwrite" in fresh.stderr
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny_model_dir):
