@@ -15,6 +15,7 @@ from fittune.errors import FittuneError, first_line
 from fittune.optim import tensor_bytes
 from fittune.rundir import (
     MARKER,
+    OWN_CONFIG,
     STEP_NAME,
     DirInUse,
     DirLock,
@@ -72,7 +73,7 @@ def resolve_checkpoint(path: str) -> CheckpointInfo:
                            f"pass a training output dir or its final/")
     if (p.parent / "config.yaml").is_file():
         return CheckpointInfo(p, p.parent, p.parent / "config.yaml")
-    own = p / "fittune_config.yaml"
+    own = p / OWN_CONFIG
     return CheckpointInfo(p, None, own if own.is_file() else None)
 
 

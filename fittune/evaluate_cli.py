@@ -29,14 +29,13 @@ from fittune.data import examples_digest
 from fittune.distributed import configure_deepspeed, make_accelerator, on_main_then_agree
 from fittune.errors import FittuneError
 from fittune.evaluator import evaluate_and_report
-from fittune.final import HELDOUT_IDS, OWN_HELDOUT_IDS
 from fittune.launch import check_world_size
 from fittune.metrics import class_name, majority_baseline
 from fittune.model import load_tokenizer, load_trained_model, resolve_model_path, weights_dtype
 from fittune.placement import place_model
 from fittune.precision import run_precision
 from fittune.reports import EvalDir, check_eval_dir, metrics_table, reserve_eval_dir
-from fittune.rundir import DirInUse, DirLock, owned, owning_run
+from fittune.rundir import HELDOUT_IDS, OWN_HELDOUT_IDS, DirInUse, DirLock, owned, owning_run
 from fittune.strategy import Strategy, strategy_of
 
 USAGE = """usage: accelerate launch evaluate.py --checkpoint DIR [--config FILE] [--output_dir DIR] [--section.key VALUE ...]
@@ -149,7 +148,7 @@ def _saved_config(info: CheckpointInfo) -> dict | None:
 
 def _heldout_record(info: CheckpointInfo) -> dict | None:
     """The run's held-out ids: in its directory, or carried by a model directory outside it (final/ copied, an
-    export: `final.OWN_HELDOUT_IDS`)."""
+    export: `rundir.OWN_HELDOUT_IDS`)."""
     path = info.run / HELDOUT_IDS if info.run else info.weights_dir / OWN_HELDOUT_IDS
     if not path.is_file():
         return None

@@ -38,8 +38,10 @@ import yaml
 
 from fittune.checkpoints import check_dcp_files, check_files, complete_checkpoints, require_trusted
 from fittune.errors import FittuneError, first_line, run_cli
-from fittune.final import HELDOUT_IDS, OWN_HELDOUT_IDS
 from fittune.rundir import (
+    HELDOUT_IDS,
+    OWN_CONFIG,
+    OWN_HELDOUT_IDS,
     DirInUse,
     DirLock,
     check_not_inside_fittune_dir,
@@ -56,7 +58,7 @@ FSDP_MODEL_DIR = "pytorch_model_fsdp_0"  # accelerate's save_state under FSDP wi
 
 
 def _run_config(d: Path) -> dict:
-    for candidate in (d / "fittune_config.yaml", d / "config.yaml", d.parent / "config.yaml", d.parent.parent / "config.yaml"):
+    for candidate in (d / OWN_CONFIG, d / "config.yaml", d.parent / "config.yaml", d.parent.parent / "config.yaml"):
         if candidate.is_file():
             try:
                 return yaml.safe_load(candidate.read_text()) or {}
@@ -158,8 +160,8 @@ def _describe(src: Path, tmp: Path) -> None:
     scores the export on the run's held-out rows wherever it is copied."""
     run = owning_run(src)
     sources = ((run / "config.yaml", run / HELDOUT_IDS) if run is not None else
-               (src / "fittune_config.yaml", src / OWN_HELDOUT_IDS))
-    for source, name in zip(sources, ("fittune_config.yaml", OWN_HELDOUT_IDS)):
+               (src / OWN_CONFIG, src / OWN_HELDOUT_IDS))
+    for source, name in zip(sources, (OWN_CONFIG, OWN_HELDOUT_IDS)):
         if source.is_file() and not (tmp / name).exists():
             shutil.copyfile(source, tmp / name)
 

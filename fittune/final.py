@@ -8,10 +8,16 @@ import torch
 
 from fittune.distributed import on_main_then_agree
 from fittune.errors import FittuneError
-from fittune.rundir import MARKER, atomic_write_text, claim_build_dir, publish_dir, write_guard
-
-HELDOUT_IDS = "heldout_ids.json"  # the run's held-out rows (ids + content hash)
-OWN_HELDOUT_IDS = "fittune_heldout_ids.json"  # their copy in a model directory (final/, an export)
+from fittune.rundir import (
+    HELDOUT_IDS,
+    MARKER,
+    OWN_CONFIG,
+    OWN_HELDOUT_IDS,
+    atomic_write_text,
+    claim_build_dir,
+    publish_dir,
+    write_guard,
+)
 
 
 def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str, log) -> Path:
@@ -31,7 +37,7 @@ def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str, log) 
             checked = verify_export(tmp, unwrapped, state_dict)
             log(f"final/: {checked} saved tensors verified equal to the live (gathered) weights")
             tokenizer.save_pretrained(tmp)
-            atomic_write_text(tmp / "fittune_config.yaml", config_yaml)
+            atomic_write_text(tmp / OWN_CONFIG, config_yaml)
             if (out / HELDOUT_IDS).is_file():  # a copy of final/ alone is still evaluated on the run's held-out rows
                 atomic_write_text(tmp / OWN_HELDOUT_IDS, (out / HELDOUT_IDS).read_text())
             publish_dir(tmp, final)

@@ -65,7 +65,7 @@ from fittune.placement import input_device, place_model
 from fittune.precision import check_device_precision, run_precision
 from fittune.progress import TrainingProgress
 from fittune.reports import metrics_table, plot_loss_curve
-from fittune.rundir import RunDir, atomic_write_text, inspect_output_dir, owned, write_guard
+from fittune.rundir import HELDOUT_IDS, RunDir, atomic_write_text, inspect_output_dir, owned, write_guard
 from fittune.signals import StopRequest
 from fittune.step import BatchSplit, OomAdaptive, StepPlan, StepResult, StepRunner
 from fittune.strategy import strategy_of
@@ -200,7 +200,7 @@ class FineTuneRecipe:
             self.dir_check = inspect_output_dir(self.out, cfg.resume, cfg.overwrite,
                                                 resumable=bool(complete_checkpoints(self.out)), complete=finished)
             if cfg.resume == "auto" and self.dir_check.finished and not finished and not complete_checkpoints(self.out):
-                raise FittuneError(f"--resume auto: {self.out} holds a run that stopped in its end without "
+                raise FittuneError(f"--resume auto: {self.out} holds a run that stopped while finishing, without "
                                    f"checkpoints (train.save_steps was 0): its held-out evaluation did not finish "
                                    f"(no eval/): python evaluate.py --checkpoint {self.out} writes it; --overwrite "
                                    f"trains it anew")
@@ -216,7 +216,7 @@ class FineTuneRecipe:
         """A --resume auto of a run that has finished (a requeue loop's, say): exit 0, nothing trained or
         written; only the runs an --overwrite replaced are removed if they still could not be."""
         self._log(f"--resume auto: {self.out} has finished ({steps}final/ and eval/ are written): nothing to "
-                  f"resume, nothing changed. Evaluate it again with evaluate.py --checkpoint {self.out}, or train "
+                  f"resume, nothing trained or rewritten. Evaluate it again with evaluate.py --checkpoint {self.out}, or train "
                   f"it anew with --overwrite")
         on_main_then_agree(self.accelerator, lambda: self._remove_replaced(RunDir(self.out, self.lock, None)))
         self.done = RunResult(self._finished_metrics())
@@ -378,7 +378,7 @@ class FineTuneRecipe:
         for partial in remove_partial_checkpoints(self.out):  # saves a crash cut short: never resumed from
             self._log(f"removed incomplete checkpoint {partial}")
         atomic_write_text(self.out / "config.yaml", self.config_yaml)
-        atomic_write_text(self.out / "heldout_ids.json", json.dumps(
+        atomic_write_text(self.out / HELDOUT_IDS, json.dumps(
             {"ids": [x.id for x in self.test_set], "examples_sha256": self.heldout_ids_digest,
              "source_sha256": self.digests["source_sha256"]}, indent=0))
         self._start_log()

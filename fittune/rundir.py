@@ -34,7 +34,10 @@ MARKER = ".fittune"
 LOCK_INFO = ".fittune.lock"
 REPLACED = ".fittune.replaced"  # the runs --overwrite moved aside, removed when the run replacing them finishes
 # what a run leaves in its directory: any of these means the directory holds a run
-RUN_FILES = ("config.yaml", "train_log.jsonl", "heldout_ids.json", "final", "checkpoints", "eval")
+HELDOUT_IDS = "heldout_ids.json"  # the run's held-out rows (ids + content hash)
+OWN_CONFIG = "fittune_config.yaml"  # the run's config in a model directory (final/, an export)
+OWN_HELDOUT_IDS = "fittune_heldout_ids.json"  # the run's held-out ids in a model directory
+RUN_FILES = ("config.yaml", "train_log.jsonl", HELDOUT_IDS, "final", "checkpoints", "eval")
 # every name a run writes at its top level (with MARKER, LOCK_INFO, REPLACED, fittune's hidden temporary
 # names and evaluate.py's marked eval-* directories): anything else there is the user's
 STEP_NAME = re.compile(r"step-\d+")  # a checkpoint's directory in RUN/checkpoints/ (step-N.tmp while written)
