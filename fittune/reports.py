@@ -116,8 +116,8 @@ class EvalDir:
     """An evaluation's output directory, reserved by the process that writes it: its results are built in a
     directory of its own beside it (`.<name>.tmp-<pid>-<hex>`, marked and locked from the start, which no
     other process touches), then swapped in whole. A second evaluation into the same directory sees the
-    first one's locked build directory and is refused at once, not after its scoring; two started at the same
-    moment both run, each publishing whole results (the last one stays). `reserve_eval_dir` makes one;
+    first one's locked build directory and is refused at once, not after its scoring; of two started at the same
+    moment, at least one is refused (each looks again once its own build is locked). `reserve_eval_dir` makes one;
     `write_eval_outputs` fills and publishes it."""
 
     out: Path
@@ -141,24 +141,41 @@ def _builds_of(out: Path) -> list[Path]:
     return [d for d in out.parent.glob(f".{glob_escape(out.name)}.tmp-*") if owned(d, "eval")]
 
 
-def reserve_eval_dir(out_dir: str | os.PathLike, program: str) -> EvalDir:
-    """Check the evaluation output directory (`check_eval_dir`) and reserve it (`EvalDir`); a killed
-    evaluation's build directory is removed (its lock is free)."""
-    out = check_eval_dir(out_dir)
+def _clear_builds(out: Path, program: str, mine: Path | None = None) -> None:
+    """Refuse if another evaluation is writing `out` (its build directory is locked); remove a killed one's
+    build (its lock is free). A build with no lock file yet is one starting now: left alone, since it looks
+    again once locked and then sees ours."""
     for other in _builds_of(out):
+        if other == mine:
+            continue
         try:
             left = DirLock(other).acquire(program, record=False, create=False)
         except DirInUse as e:
             raise FittuneError(f"{out} is being written by {e.holder}: wait for it to finish, or pass another "
                                f"--output_dir") from None
-        if left is not None:  # not being written (no lock file yet: one starting now, left alone)
+        if left is not None:
             try:
                 remove_owned(other, "eval")
             finally:
                 left.release()
+
+
+def reserve_eval_dir(out_dir: str | os.PathLike, program: str) -> EvalDir:
+    """Check the evaluation output directory (`check_eval_dir`) and reserve it (`EvalDir`); a killed
+    evaluation's build directory is removed (its lock is free)."""
+    out = check_eval_dir(out_dir)
+    _clear_builds(out, program)  # refused here, before anything is created, in the common case
     with write_guard(f"the evaluation's build directory beside {out}", "nothing was written"):
         build = claim_dir(out.with_name(f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"), "eval")
-    return EvalDir(out, build, DirLock(build).acquire(program))
+    reserved = EvalDir(out, build, DirLock(build).acquire(program))
+    try:
+        # a second look once ours is locked: of two evaluations started at the same instant, the later to
+        # lock sees the other's locked build, so they never both write (both may be refused, nothing lost)
+        _clear_builds(out, program, mine=build)
+    except BaseException:
+        reserved.release()
+        raise
+    return reserved
 
 
 def write_eval_outputs(out_dir: str | os.PathLike | EvalDir, metrics: dict, predictions: list[dict], title: str,
