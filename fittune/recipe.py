@@ -65,7 +65,16 @@ from fittune.placement import input_device, place_model
 from fittune.precision import check_device_precision, run_precision
 from fittune.progress import TrainingProgress
 from fittune.reports import metrics_table, plot_loss_curve
-from fittune.rundir import HELDOUT_IDS, RunDir, atomic_write_text, inspect_output_dir, owned, write_guard
+from fittune.rundir import (
+    HELDOUT_IDS,
+    DirInUse,
+    DirLock,
+    RunDir,
+    atomic_write_text,
+    inspect_output_dir,
+    owned,
+    write_guard,
+)
 from fittune.signals import StopRequest
 from fittune.step import BatchSplit, OomAdaptive, StepPlan, StepResult, StepRunner
 from fittune.strategy import strategy_of
@@ -195,7 +204,7 @@ class FineTuneRecipe:
         def check() -> None:
             nonlocal finished
             # locked first: a run that is training now is said to be, not offered --resume or --overwrite
-            self.lock = RunDir.lock_existing(self.out, self.program)
+            self.lock = self._lock_run()
             finished = run_finished(self.out)
             self.dir_check = inspect_output_dir(self.out, cfg.resume, cfg.overwrite,
                                                 resumable=bool(complete_checkpoints(self.out)), complete=finished)
@@ -212,13 +221,25 @@ class FineTuneRecipe:
         if self.finished and self.resume_from is None:  # train.save_steps 0: no state to check the recipe against
             self._nothing_to_resume("")
 
+    def _lock_run(self) -> DirLock | None:
+        """The run's lock (None: no run there yet). A --resume auto of a finished run writes nothing, so while
+        evaluations read the run it shares their lock (a requeue loop's call still exits 0)."""
+        try:
+            return RunDir.lock_existing(self.out, self.program)
+        except DirInUse:
+            if self.cfg.resume != "auto" or not run_finished(self.out):
+                raise
+        # granted only if every holder is a reader: a writer's hold refuses it, naming the writer
+        return DirLock(self.out).acquire(self.program, create=False, shared=True)
+
     def _nothing_to_resume(self, steps: str) -> None:
         """A --resume auto of a run that has finished (a requeue loop's, say): exit 0, nothing trained or
         written; only the runs an --overwrite replaced are removed if they still could not be."""
         self._log(f"--resume auto: {self.out} has finished ({steps}final/ and eval/ are written): nothing to "
                   f"resume, nothing trained or rewritten. Evaluate it again with evaluate.py --checkpoint {self.out}, or train "
                   f"it anew with --overwrite")
-        on_main_then_agree(self.accelerator, lambda: self._remove_replaced(RunDir(self.out, self.lock, None)))
+        if self.lock is None or not self.lock.shared:  # a reader never removes: the next call finishes that
+            on_main_then_agree(self.accelerator, lambda: self._remove_replaced(RunDir(self.out, self.lock, None)))
         self.done = RunResult(self._finished_metrics())
 
     def _setup_data(self) -> None:

@@ -475,6 +475,7 @@ class DirLock:
         self.path = path
         self._fd: int | None = None
         self._noted = False  # this holder wrote its note (else release leaves the file as it found it)
+        self.shared = False  # a reader's lock (`acquire(shared=True)`)
 
     def acquire(self, program: str, record: bool = True, create: bool = True, shared: bool = False) -> DirLock | None:
         """Take the lock at once or raise `DirInUse` naming the holder. `record`: write who holds it (a run's
@@ -504,7 +505,7 @@ class DirLock:
             os.close(fd)
             raise FittuneError(f"cannot lock {lock_file} ({e.strerror}): this filesystem offers no file locks; "
                                f"use an output_dir on a filesystem that does") from None
-        self._fd = fd
+        self._fd, self.shared = fd, shared
         if record and not shared:
             self.record(program)
         return self

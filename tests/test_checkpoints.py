@@ -146,8 +146,16 @@ def test_sigterm_saves_and_resume_completes(tmp_path, tiny_model_dir, one_proces
     assert list(table) == ["zero-shot", "fine-tuned"]  # a model from a path counts as pretrained
     assert table["zero-shot"] == json.loads((run / "eval_untrained" / "metrics.json").read_text())
     files = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
-    again = launch("train.py", ["--config", cfg, "--output_dir", run, "--resume", "auto"])
+    from fittune.rundir import DirLock
+
+    evaluation = DirLock(run).acquire("evaluate.py", shared=True)  # an evaluation of the run reads it meanwhile
+    try:  # ... which a requeue loop's --resume auto writes nothing to disturb: it shares the lock (was: exit 2)
+        again = launch("train.py", ["--config", cfg, "--output_dir", run, "--resume", "auto"])
+        anew = launch("train.py", ["--config", cfg, "--output_dir", run, "--overwrite"], check=False)
+    finally:
+        evaluation.release()
     assert f"{run} has finished ({STEPS} steps" in again.stdout and "nothing trained or rewritten" in again.stdout
+    assert anew.returncode != 0 and "in use by another fittune process that reads it" in anew.stderr
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == files
 
 
