@@ -238,8 +238,12 @@ class FineTuneRecipe:
         self._log(f"--resume auto: {self.out} has finished ({steps}final/ and eval/ are written): nothing to "
                   f"resume, nothing trained or rewritten. Evaluate it again with evaluate.py --checkpoint {self.out}, or train "
                   f"it anew with --overwrite")
-        if self.lock is None or not self.lock.shared:  # a reader never removes: the next call finishes that
-            on_main_then_agree(self.accelerator, lambda: self._remove_replaced(RunDir(self.out, self.lock, None)))
+        run_dir = RunDir(self.out, self.lock, None)
+        if self.lock is None or not self.lock.shared:
+            on_main_then_agree(self.accelerator, lambda: self._remove_replaced(run_dir))
+        elif self.accelerator.is_main_process and run_dir.replaced():  # a reader removes nothing
+            self._log(f"--overwrite: the replaced runs ({', '.join(map(str, run_dir.replaced()))}) are kept while "
+                      f"this run is read; a --resume auto after that removes them")
         self.done = RunResult(self._finished_metrics())
 
     def _setup_data(self) -> None:
