@@ -54,11 +54,29 @@ def untied(unwrapped, state_dict: dict) -> dict:
     it equals the embedding (FSDP2 gathers the one tied parameter as two tensors, which save_pretrained would
     both write: 1.16 GiB more for Qwen2.5-3B in fp32; from_pretrained ties them again)."""
     weights = dict(state_dict)
-    head, embed = weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")
+    names = _embedding_keys(unwrapped)
+    if names is None:
+        return weights
+    embed, head = (weights.get(n) for n in names)
     tied = getattr(getattr(unwrapped, "config", None), "tie_word_embeddings", False)
     if tied and head is not None and embed is not None and torch.equal(head, embed):
-        del weights["lm_head.weight"]
+        del weights[names[1]]
     return weights
+
+
+def _embedding_keys(unwrapped) -> tuple[str, str] | None:
+    """The state-dict keys of the input embedding and the output head, asked of the model itself (GPT-2 names
+    them transformer.wte and lm_head, Qwen and Llama model.embed_tokens and lm_head); None if it has no pair."""
+    try:
+        modules = unwrapped.get_input_embeddings(), unwrapped.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if None in modules:
+        return None
+    names = {id(m): n for n, m in unwrapped.named_modules(remove_duplicate=False)}
+    if any(id(m) not in names for m in modules):
+        return None
+    return names[id(modules[0])] + ".weight", names[id(modules[1])] + ".weight"
 
 
 def verify_export(directory: Path, unwrapped, state_dict: dict) -> int:

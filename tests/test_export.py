@@ -268,3 +268,26 @@ def test_a_run_being_trained_is_not_exported_and_exports_share_it(tmp_path, tiny
     export(str(ckpt), str(tmp_path / "model"))
     assert seen == ["refused"] and (tmp_path / "model" / "model.safetensors").is_file()
     DirLock(run).acquire("train.py").release()  # the export let go of it
+
+
+def test_the_tied_head_is_saved_once_whatever_the_model_names_it(tmp_path):
+    """final/ drops the output head's copy of a tied embedding by asking the model for its embedding pair
+    (was: only the Qwen/Llama key names, so a GPT-2 run gathered by FSDP2 saved the tensor twice); the
+    reloaded model ties them again and computes the same logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fittune.final import untied
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)).eval()
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}  # two tensors, as FSDP2 gathers them
+    saved = untied(model, gathered)
+    assert set(gathered) - set(saved) == {"lm_head.weight"}
+    model.save_pretrained(tmp_path / "m", state_dict=saved)
+    again = GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+    ids = torch.tensor([[1, 5, 9, 3]])
+    assert again.lm_head.weight.data_ptr() == again.transformer.wte.weight.data_ptr()
+    assert torch.equal(again(ids).logits, model(ids).logits)
+    # untied embeddings (or a head that differs) are both saved
+    model.config.tie_word_embeddings = False
+    assert set(untied(model, gathered)) == set(gathered)
