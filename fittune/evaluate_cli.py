@@ -322,10 +322,12 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, m
         print(f"fittune: replacing the previous evaluation in {out} (its evaluation.json said what it was)",
               flush=True)
     about = {"model": str(weights), "data": data.source}
+    # the column training's own report names it (comparison.json keys alike); any other model is "model"
+    column = "fine-tuned" if info.config_file is not None else "model"
     metrics = evaluate_and_report(model, accelerator, strategy, cfg, tokenizer, test_set, class_task,
-                                  reserved or out, "model", compare, about)
+                                  reserved or out, column, compare, about)
     accelerator.print(f"fittune: evaluated {weights} on {len(test_set)} examples ({data.source}) "
-                      f"with {accelerator.num_processes} process(es)\n" + metrics_table({**compare, "model": metrics}))
+                      f"with {accelerator.num_processes} process(es)\n" + metrics_table({**compare, column: metrics}))
     if accelerator.is_main_process:
         files = ", ".join(sorted(p.name for p in out.iterdir() if not p.name.startswith(".")))  # not marker, lock
         print(f"fittune: wrote {out}/ ({files})", flush=True)
