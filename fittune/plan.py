@@ -318,7 +318,22 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = 
     fitting = sorted((e for e in estimates if e.fits and e.applicable), key=lambda e: _preference(e.strategy, hw.gpus))
     recommended = fitting[0] if fitting else None
     return Plan(cfg, shape, hw, precision.mixed, precision.why, global_batch, estimates, recommended,
-                recipe or "<recipe.yaml>", list(extra_args), list(shape.notes) + _hardware_notes(cfg, hw), rows)
+                recipe or "<recipe.yaml>", list(extra_args),
+                list(shape.notes) + _hardware_notes(cfg, hw) + _global_batch_notes(cfg, hw), rows)
+
+
+def _global_batch_notes(cfg: Config, hw: Hardware) -> list[str]:
+    """With several GPUs the planned global batch is the recipe's micro-batch x accumulation on each: say that it
+    is larger than on one GPU, while the learning rate stays the recipe's."""
+    t = cfg.train
+    one = t.micro_batch_size * t.grad_accum
+    if hw.gpus == 1:
+        return []
+    keep = (f"--train.grad_accum {t.grad_accum // hw.gpus} keeps {one} rows per step"
+            if t.grad_accum % hw.gpus == 0 else "a smaller --train.grad_accum makes it smaller")
+    return [f"the global batch is the recipe's micro-batch x accumulation on each of {hw.gpus} GPUs: "
+            f"{one * hw.gpus} rows per optimizer step, {hw.gpus}x the {one} of one GPU, at the recipe's learning "
+            f"rate ({t.lr:g}); {keep}"]
 
 
 def _preference(strategy: Strategy, gpus: int) -> int:

@@ -325,6 +325,11 @@ def test_make_plan_multi_gpu_prefers_the_fastest_sharded_strategy():
         "accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml --num_processes 4 train.py "
         "--config r.yaml --train.lr 1e-5 --train.micro_batch_size 2 --train.grad_accum 8")
     assert plan.global_batch == 2 * 8 * 4
+    # said once: 4 GPUs step on 4x the rows of one, at the recipe's learning rate, and how to keep one GPU's
+    (note,) = [n for n in plan.notes if "global batch" in n]
+    assert "64 rows per optimizer step, 4x the 16 of one GPU" in note and "--train.grad_accum 2 keeps 16" in note
+    one = P.make_plan(cfg, gpus=1, gpu_mem_gib=80, cpu_mem_gib=256, recipe="r.yaml")
+    assert one.global_batch == 16 and not [n for n in one.notes if "global batch" in n]
 
 
 def test_the_printed_command_works_from_another_directory(tmp_path, monkeypatch):
