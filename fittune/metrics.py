@@ -36,7 +36,8 @@ def token_f1(pred: str, gold: str) -> float:
 
 
 def build_predictions(examples: list[TokExample], records: list[dict], class_task: bool) -> list[dict]:
-    """One row per example: id, the question, gold, pred, correct, and the choice scores or generated text."""
+    """One row per example: id, the question, gold, pred, correct, and the choice scores (`scores`, named in
+    `labels`: the classes, or the choices' letters) or generated text."""
     rows = []
     for e, rec in zip(examples, records):
         row = {"id": e.id, "question": e.question, "nll": rec["nll"], "n_tokens": rec["n_tokens"], "n_correct_tokens": rec["n_correct"]}
@@ -44,7 +45,7 @@ def build_predictions(examples: list[TokExample], records: list[dict], class_tas
             best = max(range(len(rec["scores"])), key=lambda k: (rec["scores"][k], -k))
             row.update(gold=class_name(e, e.gold, class_task), pred=class_name(e, best, class_task),
                        correct=best == e.gold, gold_text=e.choices[e.gold], pred_text=e.choices[best],
-                       scores=rec["scores"])
+                       scores=rec["scores"], labels=[class_name(e, k, class_task) for k in range(len(rec["scores"]))])
         elif "generated" in rec:
             row.update(gold=e.answer, pred=rec["generated"], correct=_normalize(rec["generated"]) == _normalize(e.answer))
         rows.append(row)

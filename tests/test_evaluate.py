@@ -67,6 +67,7 @@ def test_metrics_equal_independent_recomputation(grid):
     # the prediction is the best-scoring choice: recompute it from the scores too
     pred = ["ABCD"[max(range(4), key=lambda k: p["scores"][k])] for p in preds]
     assert pred == [p["pred"] for p in preds]
+    assert all(p["labels"] == list("ABCD") for p in preds)  # each score's name, in the order of the scores
     assert metrics["accuracy"] == pytest.approx(accuracy_score(gold, pred))
     assert metrics["f1_weighted"] == pytest.approx(f1_score(gold, pred, average="weighted", zero_division=0))
     assert metrics["f1_macro"] == pytest.approx(f1_score(gold, pred, average="macro", zero_division=0))
@@ -180,6 +181,8 @@ def test_classification_same_on_one_and_three_processes_and_fsdp2(tmp_path, tiny
     assert code == 0, err[-3000:]
     ref = load_preds(tmp_path / "p1")
     assert len(ref) == 37 and all(len(p["scores"]) == 8 for p in ref)
+    for p in ref:  # a class task's scores are named by its classes: the best one is the prediction
+        assert p["labels"][max(range(8), key=lambda k: (p["scores"][k], -k))] == p["pred"] and p["gold"] in p["labels"]
     launch("evaluate.py", ["--checkpoint", run, "--output_dir", tmp_path / "p3", "--eval.batch_size", 3], nproc=3)
     assert_same_evaluation(tmp_path / "p1", tmp_path / "p3", "3 processes")
     launch("evaluate.py", ["--checkpoint", run, "--output_dir", tmp_path / "fsdp2"], nproc=2,
