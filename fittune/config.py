@@ -239,7 +239,12 @@ class DataConfig(_Section):
     test_path: PathStr | None = None
     """Explicit held-out file; when unset, `test_size` of `path` is held out."""
     test_size: _float(gt=0, lt=1) = 0.1
-    """Fraction of the data held out for evaluation (deterministic by seed, stratified by label)."""
+    """Fraction of the data held out for evaluation (deterministic by seed, stratified by label; with
+    `group_column`, the fraction of the groups)."""
+    group_column: str | None = None
+    """Rows that share this column's value (the abstract a sentence comes from, the paper a citation is in,
+    paraphrases of one question) go to the same side of the held-out split, so no held-out row has a near-twin
+    in training. The groups are held out whole, by seed, not stratified by label."""
     group_by_length: bool = True
     """Put examples of similar length in the same micro-batch to waste little compute on padding."""
 
@@ -268,6 +273,9 @@ class DataConfig(_Section):
         if self.classes is not None and (self.choices_column or not self.label_column):
             raise ValueError("data.classes are the candidates of a classification task (data.label_column, no "
                              "data.choices_column): remove data.classes for this data (--data.classes null)")
+        if self.group_column is not None and self.test_path is not None:
+            raise ValueError("data.group_column groups the rows of data.path for its held-out split; with "
+                             "data.test_path nothing is split: remove one of them (--data.group_column null)")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError(f"data.classes names a class twice: {self.classes}")
         return self
@@ -564,7 +572,7 @@ def _read_config_file(config_file: str) -> dict[str, Any]:
 # nothing for the user's own file (cli.choose_recipe skips them then)
 DATA_MAPPING_KEYS = ("format", "hub_split", "csv_header", "column_names", "id_column", "question_column",
                      "answer_column", "choices_column", "answer_format", "choices_in_prompt", "label_column", "classes",
-                     "messages_column")
+                     "messages_column", "group_column")
 
 
 def recipe_data_path(config_file: str) -> str:

@@ -192,6 +192,8 @@ class Example:
     choices: list[str] | None = None
     gold: int | None = None
     label: str | None = None
+    group: str | None = None
+    """The row's value of data.group_column: rows of one group stay on one side of the held-out split."""
 
 
 def _as_list(value: Any, where: str) -> list:
@@ -270,7 +272,7 @@ def _column_hint(cfg: DataConfig, name: str, source: str) -> str:
 
 
 def _check_columns(columns: list, cfg: DataConfig, source: str) -> None:
-    wanted = ["id_column", "label_column"]
+    wanted = ["id_column", "label_column", "group_column"]
     wanted += ["messages_column"] if cfg.messages_column else ["question_column", "answer_column"]
     pairs = [(name, getattr(cfg, name)) for name in wanted]
     choice_cols = cfg.choices_column if isinstance(cfg.choices_column, list) else [cfg.choices_column]
@@ -319,7 +321,8 @@ def map_columns(rows: list[dict], cfg: DataConfig, source: str, classes: list[st
             if str(answer) != label:
                 raise _answer_is_not_label(cfg, where, answer, label)
             choices, gold = classes, classes.index(label)
-        examples.append(Example(ex_id, messages, str(answer), choices, gold, label))
+        group = None if cfg.group_column is None else _group(row, cfg, where)
+        examples.append(Example(ex_id, messages, str(answer), choices, gold, label, group))
     if classes is not None:
         _check_classes(classes, cfg)  # after the rows: a row's own problem (an empty label) is named first
     return examples
@@ -425,7 +428,19 @@ def _label(row: dict, cfg: DataConfig, where: str) -> str:
     if _is_many(value):
         raise FittuneError(f"{where}: the label in column '{cfg.label_column}' ({_key(cfg, 'label_column')}) is a "
                            f"{type(value).__name__} ({_show_short(value)}), not one class: fittune classifies one "
-                           f"text per row; write one row per item (e.g. per sentence) with its own label")
+                           f"text per row; write one row per item (e.g. per sentence) with its own label, and the id of the "
+                           f"text it came from in a column that data.group_column names, so the held-out split keeps "
+                           f"each text's rows together")
+    return str(value)
+
+
+def _group(row: dict, cfg: DataConfig, where: str) -> str:
+    """A row's group (data.group_column) as text: one value, never a list."""
+    value = _cell(row, cfg, "group_column", where, "group")
+    if _is_many(value):
+        raise FittuneError(f"{where}: the group in column '{cfg.group_column}' ({_key(cfg, 'group_column')}) is a "
+                           f"{type(value).__name__} ({_show_short(value)}): name one group per row (e.g. the id "
+                           f"of the abstract or paper the row comes from)")
     return str(value)
 
 
@@ -542,6 +557,31 @@ def split_heldout(examples: list[Example], test_size: float, seed: int) -> tuple
             idx, alone = list(range(len(examples))), []
     train_idx, test_idx = train_test_split(idx, test_size=n_test, random_state=seed, stratify=stratify)
     return [examples[i] for i in sorted(train_idx + alone)], [examples[i] for i in sorted(test_idx)]
+
+
+def split_heldout_groups(examples: list[Example], test_size: float, seed: int,
+                         column: str) -> tuple[list[Example], list[Example]]:
+    """Deterministic train / held-out split by seed that holds out whole groups (`Example.group`):
+    round(test_size x groups) of them, at least one, never all (scikit-learn's GroupShuffleSplit)."""
+    from sklearn.model_selection import GroupShuffleSplit
+
+    groups = [e.group for e in examples]
+    n_groups = len(set(groups))
+    if n_groups < 2:
+        raise FittuneError(f"data.group_column '{column}' has one value in every row: nothing can be held out "
+                           f"by group; name the column that tells the rows' sources apart, or remove "
+                           f"data.group_column")
+    n_test = min(n_groups - 1, max(1, round(n_groups * test_size)))
+    split = GroupShuffleSplit(n_splits=1, test_size=n_test, random_state=seed)
+    train_idx, test_idx = next(split.split(examples, groups=groups))
+    return [examples[i] for i in sorted(train_idx)], [examples[i] for i in sorted(test_idx)]
+
+
+def groups_note(column: str, train: list[Example], test: list[Example]) -> str:
+    """How a grouped split held out its rows (data.group_column), said at the start of a run."""
+    held, trained = {e.group for e in test}, {e.group for e in train}
+    return (f"held out {len(test)} of {len(train) + len(test)} rows: {len(held)} of the {len(held | trained)} "
+            f"groups of data.group_column '{column}', whole ({len(held & trained)} on both sides)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -751,6 +791,8 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example
     examples = map_columns(rows, cfg, resolve_data_path(cfg.path), classes)
     if cfg.test_path:
         return examples, map_columns(test_rows, cfg, cfg.test_path, classes)
+    if cfg.group_column:
+        return split_heldout_groups(examples, cfg.test_size, seed, cfg.group_column)
     return split_heldout(examples, cfg.test_size, seed)
 
 

@@ -166,10 +166,10 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
     checked against their saved content hash; an explicit test file; or every row of other data."""
     saved = _saved_config(info)
     _run_classes(cfg, saved)
-    split_keys = ("path", "test_path", "test_size")
+    split_keys = ("path", "test_path", "test_size", "group_column")
     def same(key: str) -> bool:  # a relative path and the absolute one training saved name the same data
         ours, theirs = getattr(cfg.data, key), (saved.get("data") or {}).get(key)
-        return theirs == ours or (key != "test_size" and D.same_file(ours, theirs))
+        return theirs == ours or (key in ("path", "test_path") and D.same_file(ours, theirs))
 
     same_source = saved is not None and saved.get("seed") == cfg.seed and all(same(k) for k in split_keys)
     record = _heldout_record(info) if same_source else None
@@ -188,6 +188,7 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
             check_identity(record, test, cfg.data, data_path_given, say)
         return EvalData(train, test, f"the test file {cfg.data.test_path}" if cfg.data.test_path else "the held-out split")
     rows = D.read_rows(cfg.data.path, cfg.data)
+    cfg.data.group_column = None  # every row is scored, none split: other data need not have the run's groups
     test = D.map_columns(rows, cfg.data, D.resolve_data_path(cfg.data.path))
     if saved is not None:
         run_data = {k: (saved.get("data") or {}).get(k) for k in split_keys}

@@ -251,6 +251,8 @@ class FineTuneRecipe:
         task = D.describe_task(cfg.data)
         self._log(str(task))  # said first, so it is seen even when a data check then refuses
         train_examples, test_examples = D.load_splits(cfg.data, cfg.seed)
+        if cfg.data.group_column:
+            self._log(D.groups_note(cfg.data.group_column, train_examples, test_examples))
         # saved in config.yaml: evaluate.py and --resume find the data from any working directory
         cfg.data.path, cfg.data.test_path = D.absolute_path(cfg.data.path), D.absolute_path(cfg.data.test_path)
         self.class_task = task.kind == "classification"

@@ -252,3 +252,44 @@ def test_answers_longer_than_the_generation_limit_are_said():
         "stops there, so their exact_match is 0 and token F1 is capped whatever the model learned; raise "
         "eval.max_new_tokens to at least 82")
     assert generation_cut(rows, 82) is None and generation_cut(rows, 0) is None
+
+
+def test_a_grouped_run_holds_out_whole_abstracts_and_scores_other_files(tmp_path, tiny_model_dir, capsys):
+    """train.py with data.group_column: held out whole abstracts (said at the start), evaluated on exactly
+    those rows by training and by evaluate.py; another file without the group column is scored whole."""
+    import runpy
+    import sys
+
+    from conftest import ROOT
+    from test_evaluate_safety import evaluate
+
+    labels = ["background", "method", "result"]
+    rows = [{"sentence": f"abstract {a} sentence {k}.", "label": labels[(a + k) % 3], "abstract_id": f"a{a}"}
+            for a in range(12) for k in range(3 + a % 3)]
+    data, run = tmp_path / "sentences.jsonl", tmp_path / "run"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--output_dir", run, "--log_with", "none", "--model.name_or_path", tiny_model_dir, "--data.path", data,
+            "--data.question_column", "sentence", "--data.answer_column", "null", "--data.label_column", "label",
+            "--data.group_column", "abstract_id", "--data.test_size", "0.25", "--train.max_steps", "2",
+            "--eval.before_training", "false"]
+    argv, sys.argv = sys.argv, [str(ROOT / "train.py")] + [str(a) for a in args]
+    try:
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    except SystemExit as e:
+        assert e.code == 0, capsys.readouterr().err[-3000:]
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr().out
+    held = json.loads((run / "heldout_ids.json").read_text())["ids"]
+    abstracts = {rows[int(i)]["abstract_id"] for i in held}
+    assert len(abstracts) == 3 and sorted(map(int, held)) == [i for i, r in enumerate(rows) if r["abstract_id"] in abstracts]
+    assert f"held out {len(held)} of 48 rows: 3 of the 12 groups of data.group_column 'abstract_id', whole" in out
+    assert json.loads((run / "eval/metrics.json").read_text())["num_examples"] == len(held)
+    code, _, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "again"], capsys)
+    assert code == 0, err[-3000:]
+    assert sorted(p["id"] for p in load_preds(tmp_path / "again")) == sorted(held)
+    other = tmp_path / "other.jsonl"  # new sentences, no abstract ids: every row scored, no split to group
+    other.write_text("".join(json.dumps({"sentence": f"new {k}.", "label": labels[k % 3]}) + "\n" for k in range(5)))
+    code, _, err = evaluate(["--checkpoint", run, "--data.path", other, "--output_dir", tmp_path / "other"], capsys)
+    assert code == 0, err[-3000:]
+    assert len(load_preds(tmp_path / "other")) == 5

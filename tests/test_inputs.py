@@ -538,3 +538,47 @@ def test_help_names_the_planner_and_survives_a_closed_pipe():
     assert proc.wait() == 1 and "Traceback" not in err, err
     full = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], cwd=ROOT, capture_output=True, text=True)
     assert full.returncode == 0 and "train.py --plan" in full.stdout
+
+
+def _sentences(tmp_path, abstracts: int = 12) -> str:
+    """csabstruct's shape written one sentence per row (as fittune asks): each row names its abstract."""
+    rows = [{"sentence": f"abstract {a} sentence {k}.", "label": ["background", "method", "result"][(a + k) % 3],
+             "abstract_id": f"a{a}"} for a in range(abstracts) for k in range(3 + a % 3)]
+    return write_jsonl(tmp_path / "sentences.jsonl", rows)
+
+
+def test_a_grouped_split_holds_out_whole_groups(tmp_path):
+    """data.group_column: the sentences of one abstract are never on both sides of the held-out split (the
+    stratified split put them there); round(test_size x groups) groups, by seed."""
+    cfg = DataConfig(path=_sentences(tmp_path), question_column="sentence", answer_column=None, label_column="label",
+                     group_column="abstract_id", test_size=0.25)
+    train, test = D.load_splits(cfg, 0)
+    held, trained = {e.group for e in test}, {e.group for e in train}
+    assert len(held) == 3 and len(trained) == 9 and not held & trained
+    assert len(train) + len(test) == 12 * 4 and sorted(e.id for e in train + test) == sorted(map(str, range(48)))
+    assert [e.id for e in D.load_splits(cfg, 0)[1]] == [e.id for e in test]  # by seed
+    assert {e.group for e in D.load_splits(cfg, 1)[1]} != held
+    assert D.groups_note("abstract_id", train, test).endswith("3 of the 12 groups of data.group_column "
+                                                               "'abstract_id', whole (0 on both sides)")
+    # what it fixes: the stratified split of the same rows puts abstracts on both sides
+    abstract = {str(i): json.loads(line)["abstract_id"] for i, line in enumerate(open(cfg.path))}
+    plain_train, plain_test = D.load_splits(DataConfig(**{**cfg.model_dump(), "group_column": None}), 0)
+    assert {abstract[e.id] for e in plain_train} & {abstract[e.id] for e in plain_test}
+
+
+def test_grouped_split_mistakes_are_named(tmp_path):
+    path = _sentences(tmp_path)
+    base = {"path": path, "question_column": "sentence", "answer_column": None, "label_column": "label"}
+    with pytest.raises(FittuneError, match=r"column 'paper' \(data.group_column\) not found; the columns are: "
+                                           r"sentence, label, abstract_id"):
+        D.load_splits(DataConfig(**base, group_column="paper"), 0)
+    with pytest.raises(FittuneError, match="data.group_column 'label' has one value in every row"):
+        one = write_jsonl(tmp_path / "one.jsonl", [{"sentence": "s", "label": "x"}] * 4)
+        D.load_splits(DataConfig(**{**base, "path": one, "label_column": None, "answer_column": "label"},
+                                 group_column="label"), 0)
+    lists = write_jsonl(tmp_path / "lists.jsonl", [{"sentence": "s", "label": "x", "abstract_id": ["a", "b"]}] * 3)
+    with pytest.raises(FittuneError, match=r"row 1: the group in column 'abstract_id' \(data.group_column\) is a "
+                                           r"list \(\['a', 'b'\]\): name one group per row"):
+        D.load_splits(DataConfig(**{**base, "path": lists}, group_column="abstract_id"), 0)
+    with pytest.raises(ValueError, match="with data.test_path nothing is split: remove one of them"):
+        DataConfig(**base, group_column="abstract_id", test_path=path)
