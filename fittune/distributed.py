@@ -83,9 +83,10 @@ def make_accelerator(mixed_precision: str, grad_accum: int, log_with: str | None
     # tables, and the extra collective would leave ranks waiting if one fails mid-step (OOM-adaptive steps)
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
     cpu = False
-    if deepspeed_requested() and not has_accelerator():
+    if not has_accelerator():
         # what DeepSpeed's own detection picks without a GPU, set so it does not warn on every rank ("Setting
-        # accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it")
+        # accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it"), also where
+        # a library imports DeepSpeed into a run that does not use it (saving final/ on one CPU process)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if launched_world_size() > 1 and not has_accelerator():
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
