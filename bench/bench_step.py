@@ -215,6 +215,9 @@ def main() -> None:
     accelerator = None
     for name in args.case.split(","):
         case = parse_case(name)
+        if case["torchao_offload"] and not torch.cuda.is_available():  # TINY=1 on the CPU: nothing to check
+            print(f"{name}: skipped, torchao's CPUOffloadOptimizer needs a CUDA (or XPU) device", flush=True)
+            continue
         try:
             row = run_case(case, args.steps, args.warm, accelerator)
         except torch.OutOfMemoryError:
