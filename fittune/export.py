@@ -36,7 +36,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from fittune.builtin_models import builtin_spec, ensure_builtin, is_builtin
 from fittune.checkpoints import check_dcp_files, check_files, complete_checkpoints, require_trusted
+from fittune.config import TinyModelConfig
 from fittune.errors import FittuneError, first_line, run_cli
 from fittune.rundir import (
     HELDOUT_IDS,
@@ -68,6 +70,11 @@ def _run_config(d: Path) -> dict:
 
 
 def _base_model_path(adapter_dir: Path, cfg: dict) -> str:
+    model = cfg.get("model") or {}
+    if is_builtin(str(model.get("name_or_path", ""))) and "seed" in cfg:
+        # the run recorded a cache path, which may have been cleared or damaged since: checked, rebuilt
+        tiny = TinyModelConfig(**(model.get("tiny") or {}))
+        return str(ensure_builtin(builtin_spec(model["name_or_path"], tiny, cfg["seed"]), print))
     path = (cfg.get("run") or {}).get("model_path")
     if path:
         return path
@@ -115,7 +122,7 @@ def _from_base(loader, name: str, **kwargs):
     OSError, which must not read as a failed write)."""
     try:
         return loader.from_pretrained(name, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a damaged config.json ("Unrecognized model ...")
         raise FittuneError(f"cannot load {name} ({str(e).strip().splitlines()[0]}): the checkpoint's base model "
                            f"must be available at the path its run recorded") from None
 

@@ -31,14 +31,15 @@ def resolve_model_path(cfg: Config) -> str:
 def prepare_builtin_model(cfg: Config, accelerator) -> None:
     """Build a built-in model into the cache once (main process first), so every rank then loads the same
     files. Every process then checks it (every file's hash) under the cache's lock: on another node whose
-    cache is not shared, the first process there builds it and the others wait for it."""
+    cache is not shared, the first process there builds it and the others wait for it. Training, evaluate.py
+    (for an adapter's base) and export all come here: a cleared or damaged cache is rebuilt, and said."""
     from fittune.builtin_models import ensure_builtin, is_builtin
 
     if not is_builtin(cfg.model.name_or_path):
         return
     spec = _builtin_spec(cfg)  # a missing package fails here, on every rank, before any waiting
     with accelerator.main_process_first():
-        ensure_builtin(spec)
+        ensure_builtin(spec, accelerator.print)
 
 
 def weights_dtype(cfg: Config, mixed_precision: str) -> torch.dtype:

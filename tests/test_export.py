@@ -291,3 +291,28 @@ def test_the_tied_head_is_saved_once_whatever_the_model_names_it(tmp_path):
     # untied embeddings (or a head that differs) are both saved
     model.config.tie_word_embeddings = False
     assert set(untied(model, gathered)) == set(gathered)
+
+
+def test_a_cleared_or_damaged_model_cache_is_rebuilt_for_evaluation_and_export(tmp_path, tiny_config):
+    """A LoRA run on a built-in model recorded its cache path; evaluate.py loaded it as it was and export gave
+    a ValueError traceback (damaged) or 'cannot load' (cleared). Both now check the cache and rebuild it."""
+    from conftest import TINY_SHAPE
+
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    env = {"FITTUNE_CACHE": str(cache)}  # a cache of this test's own: the session's is shared
+    cfg = tiny_config(model={"name_or_path": "builtin:tiny-qwen2", "tiny": TINY_SHAPE},
+                      lora={"enabled": True, "r": 4, "dropout": 0.0}, train={"max_steps": 2})
+    launch("train.py", ["--config", cfg, "--output_dir", run, "--eval.before_training", "false"], extra_env=env)
+    (built,) = (cache / "models").glob("tiny-qwen2-*[!k]")  # not the .lock beside it
+    (built / "config.json").write_text('{"broken": true}')
+    proc = launch("evaluate.py", ["--checkpoint", run, "--output_dir", tmp_path / "ev"], extra_env=env)
+    assert f"the cached model {built} is damaged or incomplete" in proc.stdout
+    assert (tmp_path / "ev" / "metrics.json").is_file()
+    shutil.rmtree(cache / "models")  # e.g. to free space
+    proc = subprocess.run([sys.executable, "-m", "fittune.export", "--checkpoint", run, "--output",
+                           tmp_path / "merged", "--merge"], cwd=ROOT, env={**child_env(2), **env},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.hidden_size == TINY_SHAPE["hidden_size"]
