@@ -184,16 +184,25 @@ class LoraConfig(_Section):
     """Dropout on the LoRA input."""
     target_modules: str | list[str] = "all-linear"
     """Modules that get adapters: `all-linear` (every linear layer but the output head) or a list of names
-    such as `[q_proj, v_proj]` (one name alone, `q_proj`, is that list of one), or a regular expression over the
-    full module path as PEFT reads one (`.*\\.(q_proj|v_proj)`)."""
+    such as `[q_proj, v_proj]` (one name alone, `q_proj`, is that list of one; `q_proj,v_proj` is the list too;
+    a name no module has is refused), or a regular expression over the full module path as PEFT reads one
+    (`.*\\.(q_proj|v_proj)`)."""
 
     @field_validator("target_modules")
     @classmethod
     def _one_name_is_a_list(cls, v: str | list[str]) -> str | list[str]:
+        if not isinstance(v, str) or v.lower() == "all-linear":
+            return v
         # PEFT reads a bare string as a regular expression over the whole module path, so `q_proj` alone
-        # would match nothing ("model.layers.0.self_attn.q_proj" is not "q_proj")
-        plain_name = isinstance(v, str) and re.fullmatch(r"[\w.]+", v) and v.lower() != "all-linear"
-        return [v] if plain_name else v  # a regular expression stays one, for PEFT
+        # would match nothing ("model.layers.0.self_attn.q_proj" is not "q_proj"); `q_proj,v_proj` neither
+        if re.fullmatch(r"[\w.]+(\s*,\s*[\w.]+)*", v):
+            return [name.strip() for name in v.split(",")]
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"lora.target_modules {v!r} is neither a list of names nor a regular expression "
+                             f"({e}): write a list as [q_proj, v_proj]") from None
+        return v  # a regular expression stays one, for PEFT
 
 
 class DataConfig(_Section):

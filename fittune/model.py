@@ -137,6 +137,7 @@ def apply_lora(model, cfg: Config):
     """Wrap the model with a PEFT LoRA adapter (trainable adapters in fp32, frozen base)."""
     from peft import LoraConfig, get_peft_model
 
+    _check_target_names(model, cfg.lora.target_modules)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -149,6 +150,19 @@ def apply_lora(model, cfg: Config):
         return get_peft_model(model, lora)
     except ValueError as e:
         raise FittuneError(f"cannot apply LoRA: {e} (check lora.target_modules)") from None
+
+
+def _check_target_names(model, targets: str | list[str]) -> None:
+    """Every name in a list of lora.target_modules must be some module's (PEFT matches a name on the last
+    parts of a module's path, and adapts the modules the other names match: a typo was dropped silently)."""
+    if isinstance(targets, str):
+        return
+    paths = [name for name, _ in model.named_modules()]
+    unknown = [t for t in targets if not any(p == t or p.endswith("." + t) for p in paths)]
+    if unknown:
+        linear = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise FittuneError(f"lora.target_modules names {', '.join(map(repr, unknown))}, which no module of the model "
+                           f"is called; its linear layers are: {', '.join(linear)} (or all-linear)")
 
 
 def enable_gradient_checkpointing(model, lora: bool) -> None:

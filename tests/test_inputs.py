@@ -484,6 +484,16 @@ def test_one_lora_target_module_name_is_a_list_of_one(tiny_model_dir):
     assert build_config(None, {}).lora.target_modules == "all-linear"
     for kept in ("All-Linear", r".*\.(q_proj|v_proj)"):  # PEFT's special value and a regular expression stay
         assert build_config(None, {"lora.target_modules": kept}).lora.target_modules == kept
+    # names with commas are the list (was: one regular expression that matched nothing)
+    assert build_config(None, {"lora.target_modules": "q_proj, v_proj"}).lora.target_modules == ["q_proj", "v_proj"]
+    # a broken list is one error (was: re.error's traceback), and a typo in a list is refused (was: dropped)
+    with pytest.raises(FittuneError, match=r"lora.target_modules '\[q_proj,v_proj' is neither a list of names nor a "
+                                           r"regular expression \(unterminated character set.*\): write a list as"):
+        build_config(None, {"lora.target_modules": "[q_proj,v_proj"})
+    typo = build_config(None, {"lora.enabled": True, "lora.target_modules": ["q_proj", "v_porj"]})
+    with pytest.raises(FittuneError, match=r"names 'v_porj', which no module of the model is called; its linear "
+                                           r"layers are: .*q_proj.*v_proj"):
+        apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), typo)
 
 
 def test_csv_and_classification_mistakes_get_the_fix_named(tmp_path):
