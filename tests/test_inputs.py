@@ -289,7 +289,12 @@ def test_resume_without_config_continues_with_the_runs_own_recipe(tmp_path, caps
     assert "continuing with the run's own recipe" in capsys.readouterr().out
     assert cfg.train.lr == 0.123 and cfg.train.max_steps == 7 and cfg.resume == "auto"
     assert not cfg.model.trust_remote_code and not cfg.trust_checkpoint and not cfg.overwrite
-    fresh = parse_args(["--output_dir", str(tmp_path / "new"), "--resume", "auto"], prog="train.py")
+    # no run there (a typo in a requeue script): refused, not the demo recipe trained there (was: 440 steps)
+    with pytest.raises(FittuneError, match=r"--resume without --config continues the run in .*new, and there is "
+                                           r"none there .*pass --config RECIPE to start a run there"):
+        parse_args(["--output_dir", str(tmp_path / "new"), "--resume", "auto"], prog="train.py")
+    assert not (tmp_path / "new").exists()
+    fresh = parse_args(["--resume", "auto"], prog="train.py")  # the demo's own run, in its own output_dir
     assert fresh.train.lr != 0.123 and "offline demo recipe" in capsys.readouterr().out
 
 def test_demo_recipe_is_said_and_keeps_its_mapping(capsys):
