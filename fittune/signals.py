@@ -3,8 +3,9 @@
 Schedulers (Slurm, Kubernetes, spot reclaim) send SIGTERM and kill a little later; a user presses Ctrl-C.
 The first signal only sets a flag that the loop reads after each step (all ranks agree through the step's
 all-reduce). A second signal exits at once. Launchers forward the scheduler's signal to every worker, so a
-worker can receive the same request twice within moments: copies within `grace_s` count as one (Ctrl-C under
-`accelerate launch` reaches the worker both directly and as the launcher's death signal, see fittune/launch.py).
+worker can receive the same request twice within moments: copies within `grace_s` count as one, and so does
+the launcher's death signal whenever it comes (Ctrl-C under `accelerate launch` reaches the worker both directly
+and, once the launcher has exited, as that signal, see fittune/launch.py).
 
 Who sees which exit code (measured with accelerate 1.15 / torch 2.13):
 - `python train.py`: the worker itself, 143 (SIGTERM) or 130 (SIGINT).
@@ -38,19 +39,32 @@ class StopRequest:
         self._announce = announce
         self._first_at = 0.0
         self._grace_s = grace_s
+        self._parent = os.getppid()
+        self._orphan_notice = False  # the kernel's one SIGTERM at the launcher's death was seen
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         now = time.monotonic()
-        if self.requested and now - self._first_at > self._grace_s:
+        notice = self._parent_death_notice(signum)
+        if self.requested and now - self._first_at > self._grace_s and not notice:
             os._exit(128 + signum)  # second request: the user means it
         if not self.requested:
             self.requested, self._first_at = signum, now
             if self._announce:
                 print(f"fittune: got {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
                       f"(send it again to exit at once)", flush=True)
+
+    def _parent_death_notice(self, signum: int) -> bool:
+        """Whether this is the kernel's SIGTERM for the launcher's death (fittune/launch.py asks for it): the
+        same request as the Ctrl-C that killed the launcher, however late a loaded machine delivers it (it
+        came after the 2 s grace once and cut the checkpoint short). Only the first one after the parent
+        changed: a signal sent to the orphaned worker later is the user's."""
+        if signum != signal.SIGTERM or self._orphan_notice or os.getppid() == self._parent:
+            return False
+        self._orphan_notice = True
+        return True
 
     @property
     def exit_code(self) -> int:

@@ -118,9 +118,10 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def start_family(tmp_path: Path, parent_name: str, delay: float = 0.0, env: dict | None = None) -> Family:
+def start_family(tmp_path: Path, parent_name: str, delay: float = 0.0, env: dict | None = None,
+                 child: str = CHILD) -> Family:
     """`parent_name` runs the child script, prints its pid and sleeps (or exits at once when delay > 0)."""
-    (tmp_path / "child.py").write_text(CHILD)
+    (tmp_path / "child.py").write_text(child)
     parent = tmp_path / parent_name
     parent.write_text(textwrap.dedent(f"""
         import subprocess, sys, time
@@ -175,6 +176,34 @@ def test_launcher_gone_before_the_call_stops_the_worker(tmp_path):
     out = read_until_exit(fam)
     assert "the launcher that started this process has already exited" in out and "armed" not in out
     assert "child got SIGTERM" in out
+
+
+@pytest.mark.skipif(not LINUX, reason="prctl(PR_SET_PDEATHSIG) is Linux-only")
+def test_a_late_launcher_death_signal_is_not_a_second_request(tmp_path):
+    """Ctrl-C reaches the worker, and kills the launcher, whose death the kernel signals to the worker; on a
+    loaded machine that SIGTERM came after the grace and the worker exited at once, without its checkpoint.
+    It is the same request, however late; a signal sent to the orphaned worker after it still exits at once."""
+    worker = textwrap.dedent("""
+        import os, time
+        from fittune.launch import install_parent_death_signal
+        from fittune.signals import StopRequest
+        install_parent_death_signal()
+        stop = StopRequest(grace_s=0.3)
+        print("armed", os.getpid(), flush=True)
+        time.sleep(2.5)
+        print("still running", stop.requested, stop.exit_code, flush=True)
+        time.sleep(30)
+    """)
+    fam = start_family(tmp_path, "torchrun", child=worker)
+    assert fam.parent.stdout.readline().startswith("armed")
+    fam.child.send_signal(signal.SIGINT)  # Ctrl-C's copy to the worker
+    time.sleep(1.0)  # well past the grace
+    fam.parent.kill()  # the launcher dies: the kernel sends the worker SIGTERM now
+    assert fam.parent.stdout.readline().startswith("fittune: got SIGINT: finishing this step")
+    assert fam.parent.stdout.readline().strip() == f"still running {int(signal.SIGINT)} 130"
+    fam.child.send_signal(signal.SIGTERM)  # the user means it: gone at once, not after its 30 s sleep
+    fam.child.wait(timeout=10)  # (not our child: psutil gives no exit code; TimeoutExpired if it kept on)
+    assert read_until_exit(fam) == ""
 
 
 def test_second_signal_after_the_grace_exits_at_once():
