@@ -198,6 +198,10 @@ def read_state(path: Path) -> dict:
     return state
 
 
+_DATA_DIGESTS = {"source_sha256": "the data file's bytes", "train_sha256": "the training rows",
+                 "heldout_sha256": "the held-out rows"}
+
+
 def check_compatible(state: dict, fingerprint: dict, path: Path, world_size: int | None = None) -> None:
     """Refuse a checkpoint written for another model, adapter setup or batch plan, naming each difference (and,
     when the process count changed, how to keep the checkpoint's global batch)."""
@@ -208,11 +212,17 @@ def check_compatible(state: dict, fingerprint: dict, path: Path, world_size: int
                            f"format {FORMAT_VERSION}): resume it with the fittune version that wrote it, or start "
                            f"a new output_dir")
     saved = state.get("fingerprint", {})
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in fingerprint.items() if saved.get(k) != v]
-    if not diffs:
+    changed = [k for k, v in fingerprint.items() if saved.get(k) != v]
+    if not changed:
         return
+    # content hashes say only that something differs: named in words, not as two 64-digit numbers each
+    diffs = [f"{_DATA_DIGESTS[k]} differ" if k in _DATA_DIGESTS else f"{k}: checkpoint {saved.get(k)!r} vs now "
+             f"{fingerprint[k]!r}" for k in changed]
     how = "resume with the same recipe, or start a new output_dir"
-    if {k for k, v in fingerprint.items() if saved.get(k) != v} <= {"train_sha256", "heldout_sha256"}:
+    if "source_sha256" in changed:
+        how = ("the data changed since the checkpoint (data.path or data.test_path): resume with the data it was "
+               "trained on, or start a new output_dir")
+    if set(changed) <= {"train_sha256", "heldout_sha256"}:
         # the file's bytes agree: the examples were made or split differently
         how = ("the data file is unchanged, so the data keys of the recipe (columns, system prompt, test split) "
                "differ, or the run began with a fittune from before 2026-11-30, whose split kept a class with one "

@@ -572,9 +572,14 @@ def test_a_changed_process_count_says_how_to_keep_the_global_batch(tmp_path):
         check_compatible(state, {"global_batch_size": 8}, tmp_path, world_size=2)
     # the data file unchanged, the examples not: a data key of the recipe, or the split rule of an older fittune
     state["fingerprint"] = {"global_batch_size": 16, "source_sha256": "s", "train_sha256": "a", "heldout_sha256": "h"}
-    with pytest.raises(FittuneError, match=r"train_sha256: checkpoint 'a' vs now 'b'.*the data file is unchanged, so "
+    with pytest.raises(FittuneError, match=r"\(the training rows differ\); the data file is unchanged, so "
                                            r"the data keys of the recipe .* or the run began with a fittune from before"):
         check_compatible(state, {**state["fingerprint"], "train_sha256": "b"}, tmp_path, world_size=2)
+    # the file changed: said in words (was: three pairs of 64-digit hashes)
+    with pytest.raises(FittuneError, match=r"\(the data file's bytes differ; the training rows differ\); the data "
+                                           r"changed since the checkpoint \(data.path or data.test_path\)"):
+        check_compatible(state, {**state["fingerprint"], "source_sha256": "t", "train_sha256": "b"}, tmp_path,
+                         world_size=2)
 
 def test_partial_checkpoints_removed_only_when_fittunes(tmp_path):
     from fittune.checkpoints import remove_partial_checkpoints
