@@ -45,6 +45,12 @@ def run_cli(main: Callable[[], int | None]) -> None:
         else:  # torch's launcher stops every rank as soon as one exits: let the main rank say why first
             time.sleep(OTHER_RANKS_WAIT_S)
         code = 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (start-up, final save and evaluation, an
+        # evaluate.py), where no stop handler finishes a step first: a user's choice, not a bug to trace back
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("fittune: interrupted (Ctrl-C): stopped here; every file fittune writes is written whole or "
+                  "not at all", file=sys.stderr, flush=True)
+        code = 130
     except BrokenPipeError:  # `train.py --help | head`: the reader left; nothing more to say to it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         code = 1

@@ -80,13 +80,15 @@ EXIT = textwrap.dedent("""
         print("work done")  # still in the buffer (stdout is a pipe): the exit must flush it
         if sys.argv[1] == "error":
             raise FittuneError("bad input")
+        if sys.argv[1] == "ctrl-c":  # while loading, before the training steps' stop handler
+            raise KeyboardInterrupt
         return int(sys.argv[1])
     run_cli(main)
 """)
 
 
 @pytest.mark.parametrize("world", ["1", "2"])
-@pytest.mark.parametrize("outcome, code", [("0", 0), ("143", 143), ("error", 2)])
+@pytest.mark.parametrize("outcome, code", [("0", 0), ("143", 143), ("error", 2), ("ctrl-c", 130)])
 def test_exit_code_and_teardown(world, outcome, code):
     """The entry point's code reaches the launcher. One rank of several skips the interpreter's teardown, where
     the communication threads' C++ destructors can abort a rank whose work is done; a lone process does not."""
@@ -95,6 +97,8 @@ def test_exit_code_and_teardown(world, outcome, code):
     assert proc.returncode == code and "work done" in proc.stdout, proc.stderr
     assert ("interpreter teardown ran" in proc.stdout) == (world == "1")
     assert ("fittune: error: bad input" in proc.stderr) == (outcome == "error")
+    # Ctrl-C: one line, no traceback (was: KeyboardInterrupt's traceback through the model loading)
+    assert ("fittune: interrupted (Ctrl-C)" in proc.stderr) == (outcome == "ctrl-c") and "Traceback" not in proc.stderr
 
 
 # ---- the parent death signal and the second signal, on small scripts (no training) -----------------------
