@@ -16,10 +16,9 @@ from fittune.launch import install_parent_death_signal
 def main() -> int:
     install_parent_death_signal()  # first: a launcher killed from here on still reaches this process
     if "--plan" in sys.argv[1:]:  # predict memory for every strategy instead of training
-        from fittune.plan import plan_main
+        from fittune.plan import exit_code, plan_main
 
-        plan_main([a for a in sys.argv[1:] if a != "--plan"])
-        return 0
+        return exit_code(plan_main([a for a in sys.argv[1:] if a != "--plan"]))
     cfg = parse_args(sys.argv[1:], prog="train.py")
     if cfg is None:  # --help
         return 0

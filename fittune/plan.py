@@ -641,12 +641,15 @@ def plan_main(argv: list[str]) -> Plan | None:
     return plan
 
 
-def main() -> None:
-    """Entry point of `python -m fittune.plan`: one `fittune: error:` line and exit 2 on bad input."""
-    def run() -> None:
-        plan_main(sys.argv[1:])  # printed; the returned Plan is not an exit code
+def exit_code(plan: Plan | None) -> int:
+    """1 when nothing fits (a script can tell a plan from none), else 0."""
+    return 1 if plan is not None and plan.recommended is None else 0
 
-    run_cli(run)
+
+def main() -> None:
+    """Entry point of `python -m fittune.plan`: exit 0 with a recommendation, 1 when nothing fits, 2 (one
+    `fittune: error:` line) on bad input."""
+    run_cli(lambda: exit_code(plan_main(sys.argv[1:])))
 
 
 if __name__ == "__main__":

@@ -421,6 +421,12 @@ def test_cli_16gb_acceptance():
     assert re.search(r"^single GPU \(LoRA\)\s+yes\s+4 x 4", out, re.M)
 
 
+def test_nothing_fits_exits_1_so_a_script_can_tell():
+    """Was exit 0, as for a plan."""
+    proc = _plan_cli("--config", "configs/qwen2.5-3b-lora.yaml", "--gpus", "1", "--gpu-mem", "0.5")
+    assert proc.returncode == 1 and "nothing fits 1 x 0.5 GiB" in proc.stdout and not proc.stderr.strip(), proc.stderr
+
+
 def test_help_prints_usage_and_returns(capsys):
     assert P.plan_main(["--help"]) is None  # returns to the caller (train.py --plan, run_cli): no sys.exit
     assert capsys.readouterr().out.startswith("usage: python -m fittune.plan [--config FILE]")
