@@ -155,7 +155,8 @@ def _read_jsonl(path: str) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise FittuneError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+            # json's "Invalid control character at" ends in "at" already
+            raise FittuneError(f"{path}:{lineno}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno}); "
                                f"fix or remove that line") from None
         if not isinstance(row, dict):
             raise FittuneError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
@@ -442,6 +443,11 @@ def _group(row: dict, cfg: DataConfig, where: str) -> str:
                            f"{type(value).__name__} ({_show_short(value)}): name one group per row (e.g. the id "
                            f"of the abstract or paper the row comes from)")
     return str(value)
+
+
+def rows(n: int) -> str:
+    """`1 row`, `2 rows`: a count of rows as a sentence says it."""
+    return f"{n} row" if n == 1 else f"{n} rows"
 
 
 def _show_short(value: Any) -> str:

@@ -76,6 +76,14 @@ def check_deepspeed_config_file() -> None:
                            f"root, or write an absolute deepspeed_config_file in your accelerate config")
 
 
+def name_deepspeed_cpu_accelerator() -> None:
+    """Without a GPU, tell DeepSpeed (before it is imported) what its own detection would pick, so it does not
+    warn on every rank ("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to
+    detect it"), also where a library imports it into a run that does not use it (saving final/, export)."""
+    if not has_accelerator():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def make_accelerator(mixed_precision: str, grad_accum: int, log_with: str | None, project_dir: str) -> Accelerator:
     """Create the run's Accelerator, with real gloo ranks on a CPU-only machine (see module docstring)."""
     check_deepspeed_config_file()
@@ -83,11 +91,7 @@ def make_accelerator(mixed_precision: str, grad_accum: int, log_with: str | None
     # tables, and the extra collective would leave ranks waiting if one fails mid-step (OOM-adaptive steps)
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
     cpu = False
-    if not has_accelerator():
-        # what DeepSpeed's own detection picks without a GPU, set so it does not warn on every rank ("Setting
-        # accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it"), also where
-        # a library imports DeepSpeed into a run that does not use it (saving final/ on one CPU process)
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    name_deepspeed_cpu_accelerator()
     if launched_world_size() > 1 and not has_accelerator():
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
         # DeepSpeed only takes its own init path (and gets the gloo backend) when cpu=False

@@ -274,7 +274,8 @@ def evaluate_checkpoint(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> 
     accelerator = make_accelerator(mixed, 1, None, cfg.output_dir)
     check_world_size(accelerator.num_processes)  # fewer processes than the launch asked for: before any write
     strategy = strategy_of(accelerator, cfg.model.parallel)
-    out = check_eval_dir(Path(req.out_dir) if req.out_dir else default_eval_dir(info, cfg, req))
+    out = check_eval_dir(Path(req.out_dir) if req.out_dir else default_eval_dir(info, cfg, req),
+                         "--output_dir" if req.out_dir else "the default output directory (--output_dir chooses another)")
     with ExitStack() as held:
         reserved = hold_on_main(accelerator, held, info, out)
         notice = remote_code_notice(info, cfg)
@@ -316,9 +317,10 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, m
     tokenizer = load_tokenizer(str(tok_dir), cfg.model.trust_remote_code)
     test_set, stats = D.tokenize_examples(data.test, tokenizer, cfg.data)
     if stats.dropped:
-        accelerator.print(f"fittune: {stats.dropped} rows do not fit data.max_length and are not evaluated")
+        accelerator.print(f"fittune: {D.rows(stats.dropped)} do not fit data.max_length and are not evaluated")
     if stats.truncated:  # as training says it: the model sees these prompts without their start
-        accelerator.print(f"fittune: NOTE: {stats.truncated} rows had the start of their prompt cut to fit "
+        its = "its" if stats.truncated == 1 else "their"
+        accelerator.print(f"fittune: NOTE: {D.rows(stats.truncated)} had the start of {its} prompt cut to fit "
                           f"data.max_length ({cfg.data.max_length})")
     if not test_set:
         raise FittuneError("no example to evaluate fits data.max_length")

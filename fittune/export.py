@@ -336,6 +336,9 @@ def main(argv: list[str]) -> None:
         raise FittuneError(f"unexpected arguments {rest}: use {USAGE}")
     if not checkpoint or not output:
         raise FittuneError(f"--checkpoint DIR and --output OUT are required: {USAGE}")
+    from fittune.distributed import name_deepspeed_cpu_accelerator
+
+    name_deepspeed_cpu_accelerator()  # a ZeRO checkpoint's conversion imports DeepSpeed
     export(checkpoint, output, merge, trust)
 
 

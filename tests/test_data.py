@@ -124,6 +124,8 @@ def test_class_label_task():
 
 @pytest.mark.parametrize("content, message", [
     ('{"question": "a", "answer": "b"}\n{"question": "c", "answer": \n', r"bad.jsonl:2: malformed JSON"),
+    # a raw tab inside a string: said once "at column" (was "Invalid control character at at column 16")
+    ('{"question": "a\tb", "answer": "c"}\n', r"bad.jsonl:1: malformed JSON \(Invalid control character at column 16\)"),
     ("", "holds no rows"),
     ('{"question": "a", "response": "b"}\n', r"column 'answer' \(data.answer_column\) not found; the columns are: question, response"),
     ('{"question": "a", "answer": ""}\n', "row 1: empty answer"),
@@ -199,7 +201,11 @@ def test_held_out_rows_that_do_not_fit_are_said_apart_from_training_rows():
     from fittune.recipe import DataFit
 
     notes = DataFit(["3", "8"], ["5"], 0, 17).notes()
-    assert notes[0] == "dropped 2 training rows whose answer does not fit data.max_length (e.g. 3)"
-    assert notes[1].startswith("NOTE: 1 of the 17 held-out rows do not fit data.max_length (e.g. 5)")
+    # a row id, said as one (was "(e.g. 3)", which read as a length)
+    assert notes[0] == "dropped from training, their answer does not fit data.max_length: 2 rows (e.g. row id 3)"
+    assert notes[1].startswith("NOTE: 1 of the 17 held-out rows do not fit data.max_length (e.g. row id 5)")
+    assert DataFit(["3"], [], 1, 17).notes() == [
+        "dropped from training, their answer does not fit data.max_length: 1 row (e.g. row id 3)",
+        "1 row had the start of its prompt cut to fit data.max_length (raise it to keep it whole)"]
     assert "which cover the other 16" in notes[1] and len(notes) == 2
     assert DataFit([], [], 0, 17).notes() == []

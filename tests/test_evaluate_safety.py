@@ -415,3 +415,14 @@ def test_evaluations_of_one_run_go_on_at_once_but_never_into_one_directory(tmp_p
     code, _, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "afile" / "ev"], capsys)
     assert code == 2 and "could not write the evaluation's build directory" in one_error(err), err[-2000:]
     DirLock(run).acquire("train.py").release()
+
+
+def test_a_linked_default_output_is_named_as_the_default(tmp_path, tiny_model_dir, capsys):
+    """Was "--output_dir RUN/eval-heldout is a symbolic link" to a user who gave no --output_dir."""
+    run = make_run(tmp_path, tiny_model_dir)
+    (tmp_path / "elsewhere").mkdir()
+    (run / "eval-heldout").symlink_to(tmp_path / "elsewhere")
+    code, _, err = evaluate(["--checkpoint", run], capsys)
+    assert code == 2 and (f"the default output directory (--output_dir chooses another) {run / 'eval-heldout'} is a "
+                          f"symbolic link") in one_error(err)
+    assert not any((tmp_path / "elsewhere").iterdir())
