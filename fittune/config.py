@@ -247,6 +247,10 @@ class DataConfig(_Section):
     """Also compute the loss on prompt tokens (default: only on answer tokens)."""
     test_path: PathStr | None = None
     """Explicit held-out file; when unset, `test_size` of `path` is held out."""
+    test_split: str | None = None
+    """The split of `test_path` to evaluate on when it is a hub dataset or a `save_to_disk` DatasetDict with
+    several (e.g. `test`, with `test_path` naming the same dataset as `path`); default: `hub_split`, as for
+    `path`. Reading the training split of the training data as the test set is refused."""
     test_size: _float(gt=0, lt=1) = 0.1
     """Fraction of the data held out for evaluation (deterministic by seed, stratified by label; with
     `group_column`, the fraction of the groups)."""
@@ -282,6 +286,9 @@ class DataConfig(_Section):
         if self.classes is not None and (self.choices_column or not self.label_column):
             raise ValueError("data.classes are the candidates of a classification task (data.label_column, no "
                              "data.choices_column): remove data.classes for this data (--data.classes null)")
+        if self.test_split is not None and self.test_path is None:
+            raise ValueError("data.test_split names a split of data.test_path: set data.test_path too (it may name "
+                             "the same dataset as data.path)")
         if self.group_column is not None and self.test_path is not None:
             raise ValueError("data.group_column groups the rows of data.path for its held-out split; with "
                              "data.test_path nothing is split: remove one of them (--data.group_column null)")
@@ -581,7 +588,7 @@ def _read_config_file(config_file: str) -> dict[str, Any]:
 # nothing for the user's own file (cli.choose_recipe skips them then)
 DATA_MAPPING_KEYS = ("format", "hub_split", "csv_header", "column_names", "id_column", "question_column",
                      "answer_column", "choices_column", "answer_format", "choices_in_prompt", "label_column", "classes",
-                     "messages_column", "group_column")
+                     "messages_column", "group_column", "test_split")
 
 
 def recipe_data_path(config_file: str) -> str:

@@ -80,8 +80,10 @@ def _relative_to_cwd(path: str) -> str:
     return "" if Path(path).is_absolute() else f", looked for in the current directory {Path.cwd()}"
 
 
-def read_rows(path: str, cfg: DataConfig) -> list[dict[str, Any]]:
-    """Read every row of a data source as a dict. Raises FittuneError naming the file (and line) on problems."""
+def read_rows(path: str, cfg: DataConfig, split: str | None = None) -> list[dict[str, Any]]:
+    """Read every row of a data source as a dict (`split` of a hub dataset or DatasetDict; default
+    `data.hub_split`). Raises FittuneError naming the file (and line) on problems."""
+    split = split or cfg.hub_split
     path = resolve_data_path(path)
     fmt = _detect_format(path, cfg.format)
     if fmt != "hub" and not Path(path).exists():
@@ -116,17 +118,18 @@ def read_rows(path: str, cfg: DataConfig) -> list[dict[str, Any]]:
         except FileNotFoundError as e:
             raise FittuneError(f"{path}: not a datasets.save_to_disk directory ({e})") from None
         if isinstance(ds, datasets.DatasetDict):
-            if cfg.hub_split not in ds:
-                raise FittuneError(f"{path} has splits {list(ds)}, not '{cfg.hub_split}': set data.hub_split")
-            ds = ds[cfg.hub_split]
+            if split not in ds:
+                key = "data.test_split" if split != cfg.hub_split else "data.hub_split"
+                raise FittuneError(f"{path} has splits {list(ds)}, not '{split}': set {key}")
+            ds = ds[split]
         rows = ds.to_list()
     else:
         import datasets
 
         try:
-            rows = datasets.load_dataset(path, split=cfg.hub_split).to_list()
+            rows = datasets.load_dataset(path, split=split).to_list()
         except Exception as e:  # network, missing dataset, missing split: all the user's to fix
-            raise FittuneError(f"cannot load hub dataset '{path}' split '{cfg.hub_split}' "
+            raise FittuneError(f"cannot load hub dataset '{path}' split '{split}' "
                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                                f"check the name and your network, or point data.path at a local file") from None
     if not rows:
@@ -789,10 +792,38 @@ def count_steps(n_examples: int, global_size: int, max_steps: int, epochs: float
 # The whole pipeline up to tokenization
 
 
+def _check_test_split(cfg: DataConfig) -> None:
+    """data.test_path naming the training data itself, read at the training split, would score training rows."""
+    if cfg.test_path and same_file(resolve_data_path(cfg.path), resolve_data_path(cfg.test_path)) \
+            and (cfg.test_split or cfg.hub_split) == cfg.hub_split:
+        raise FittuneError(f"data.test_path is data.path ({cfg.test_path}), read at the same split "
+                           f"'{cfg.hub_split}': every held-out row would be a training row; set data.test_split to "
+                           f"the split to evaluate on (e.g. test), or point data.test_path at another file")
+
+
+def other_splits_note(cfg: DataConfig) -> str | None:
+    """A `save_to_disk` DatasetDict trained on one split, with no test_path: say which splits it also has
+    (its own test split goes unused otherwise, without a word)."""
+    path = resolve_data_path(cfg.path)
+    if cfg.test_path or _detect_format(path, cfg.format) != "disk":
+        return None
+    try:
+        splits = json.loads((Path(path) / "dataset_dict.json").read_text())["splits"]
+    except (OSError, ValueError, KeyError, TypeError):  # a single Dataset: no other split
+        return None
+    others = [s for s in splits if s != cfg.hub_split]
+    if not others:
+        return None
+    return (f"NOTE: {path} also has the split(s) {', '.join(others)}, not used: the held-out rows are "
+            f"{cfg.test_size:g} of '{cfg.hub_split}'; to evaluate on one, pass --data.test_path {path} "
+            f"--data.test_split {others[0]}")
+
+
 def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example]]:
     """Read, map and split: (train examples, held-out examples). No tokenizer needed, so errors come fast."""
+    _check_test_split(cfg)
     rows = read_rows(cfg.path, cfg)
-    test_rows = read_rows(cfg.test_path, cfg) if cfg.test_path else []
+    test_rows = read_rows(cfg.test_path, cfg, cfg.test_split) if cfg.test_path else []
     classes = task_classes(cfg, rows, test_rows) if is_class_task(cfg) else None
     examples = map_columns(rows, cfg, resolve_data_path(cfg.path), classes)
     if cfg.test_path:

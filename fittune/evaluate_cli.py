@@ -172,7 +172,7 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
     checked against their saved content hash; an explicit test file; or every row of other data."""
     saved = _saved_config(info)
     _run_classes(cfg, saved)
-    split_keys = ("path", "test_path", "test_size", "group_column")
+    split_keys = ("path", "test_path", "test_split", "test_size", "group_column")
     def same(key: str) -> bool:  # a relative path and the absolute one training saved name the same data
         ours, theirs = getattr(cfg.data, key), (saved.get("data") or {}).get(key)
         return theirs == ours or (key in ("path", "test_path") and D.same_file(ours, theirs))

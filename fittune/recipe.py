@@ -252,6 +252,8 @@ class FineTuneRecipe:
         task = D.describe_task(cfg.data)
         self._log(str(task))  # said first, so it is seen even when a data check then refuses
         train_examples, test_examples = D.load_splits(cfg.data, cfg.seed)
+        if note := D.other_splits_note(cfg.data):
+            self._log(note)
         if cfg.data.group_column:
             self._log(D.groups_note(cfg.data.group_column, train_examples, test_examples))
         # saved in config.yaml: evaluate.py and --resume find the data from any working directory

@@ -475,6 +475,29 @@ def test_source_digest_of_a_saved_dataset(tmp_path):
     assert D.source_digest(DataConfig(path=str(tmp_path / "ds2"))) != first
 
 
+def test_a_dataset_dicts_test_split_is_used_when_named_and_never_its_training_split(tmp_path):
+    """Was: data.test_path read at data.hub_split, so a DatasetDict (or a hub dataset) given as its own test
+    path scored its training rows, and its test split could not be used; nothing said it went unused."""
+    import datasets
+
+    ds = tmp_path / "ds"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"question": f"q{i}", "answer": f"a{i}"}
+                                                               for i in range(8)]),
+                          "test": datasets.Dataset.from_list([{"question": "t", "answer": "u"}])}).save_to_disk(ds)
+    train, test = D.load_splits(DataConfig(path=str(ds), test_path=str(ds), test_split="test"), 0)
+    assert len(train) == 8 and [e.answer for e in test] == ["u"]
+    with pytest.raises(FittuneError, match=r"data.test_path is data.path .*read at the same split 'train': every "
+                                           r"held-out row would be a training row; set data.test_split"):
+        D.load_splits(DataConfig(path=str(ds), test_path=str(ds)), 0)
+    with pytest.raises(FittuneError, match=r"has splits \['train', 'test'\], not 'dev': set data.test_split"):
+        D.load_splits(DataConfig(path=str(ds), test_path=str(ds), test_split="dev"), 0)
+    assert D.other_splits_note(DataConfig(path=str(ds))).startswith(f"NOTE: {ds} also has the split(s) test, not "
+                                                                     f"used: the held-out rows are 0.1 of 'train'")
+    assert D.other_splits_note(DataConfig(path=str(ds), test_path=str(ds), test_split="test")) is None
+    with pytest.raises(ValueError, match="data.test_split names a split of data.test_path: set data.test_path too"):
+        DataConfig(path=str(ds), test_split="test")
+
+
 def test_one_lora_target_module_name_is_a_list_of_one(tiny_model_dir):
     """Was: `--lora.target_modules q_proj` failed "Target modules q_proj not found" (PEFT reads a bare string
     as a regular expression over the whole module path)."""
