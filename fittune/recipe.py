@@ -240,11 +240,15 @@ class FineTuneRecipe:
                   f"resume, nothing trained or rewritten. Evaluate it again with evaluate.py --checkpoint {self.out}, or train "
                   f"it anew with --overwrite")
         run_dir = RunDir(self.out, self.lock, None)
-        if self.lock is None or not self.lock.shared:
-            on_main_then_agree(self.accelerator, lambda: self._remove_replaced(run_dir))
-        elif self.accelerator.is_main_process and run_dir.replaced():  # a reader removes nothing
-            self._log(f"--overwrite: the replaced runs ({', '.join(map(str, run_dir.replaced()))}) are kept while "
-                      f"this run is read; a --resume auto after that removes them")
+
+        def tidy() -> None:  # the main process (the one that holds the lock); every rank takes part in agreeing
+            if self.lock is None or not self.lock.shared:
+                self._remove_replaced(run_dir)
+            elif run_dir.replaced():  # a reader removes nothing
+                self._log(f"--overwrite: the replaced runs ({', '.join(map(str, run_dir.replaced()))}) are kept "
+                          f"while this run is read; a --resume auto after that removes them")
+
+        on_main_then_agree(self.accelerator, tidy)
         self.done = RunResult(self._finished_metrics())
 
     def _setup_data(self) -> None:
