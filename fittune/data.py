@@ -448,7 +448,7 @@ def _group(row: dict, cfg: DataConfig, where: str) -> str:
     return str(value)
 
 
-def rows(n: int) -> str:
+def count_rows(n: int) -> str:
     """`1 row`, `2 rows`: a count of rows as a sentence says it."""
     return f"{n} row" if n == 1 else f"{n} rows"
 
@@ -796,9 +796,12 @@ def _check_test_split(cfg: DataConfig) -> None:
     """data.test_path naming the training data itself, read at the training split, would score training rows."""
     if cfg.test_path and same_file(resolve_data_path(cfg.path), resolve_data_path(cfg.test_path)) \
             and (cfg.test_split or cfg.hub_split) == cfg.hub_split:
-        raise FittuneError(f"data.test_path is data.path ({cfg.test_path}), read at the same split "
-                           f"'{cfg.hub_split}': every held-out row would be a training row; set data.test_split to "
-                           f"the split to evaluate on (e.g. test), or point data.test_path at another file")
+        if _detect_format(resolve_data_path(cfg.path), cfg.format) in ("hub", "disk"):
+            raise FittuneError(f"data.test_path is data.path ({cfg.test_path}), read at the same split "
+                               f"'{cfg.hub_split}': every held-out row would be a training row; set data.test_split "
+                               f"to the split to evaluate on (e.g. test), or point data.test_path at another file")
+        raise FittuneError(f"data.test_path is data.path ({cfg.test_path}): every held-out row would be a training "
+                           f"row; point data.test_path at another file, or leave it out to hold out data.test_size")
 
 
 def other_splits_note(cfg: DataConfig) -> str | None:

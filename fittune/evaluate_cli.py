@@ -317,10 +317,10 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, m
     tokenizer = load_tokenizer(str(tok_dir), cfg.model.trust_remote_code)
     test_set, stats = D.tokenize_examples(data.test, tokenizer, cfg.data)
     if stats.dropped:
-        accelerator.print(f"fittune: {D.rows(stats.dropped)} do not fit data.max_length and are not evaluated")
+        accelerator.print(f"fittune: {D.count_rows(stats.dropped)} do not fit data.max_length and are not evaluated")
     if stats.truncated:  # as training says it: the model sees these prompts without their start
         its = "its" if stats.truncated == 1 else "their"
-        accelerator.print(f"fittune: NOTE: {D.rows(stats.truncated)} had the start of {its} prompt cut to fit "
+        accelerator.print(f"fittune: NOTE: {D.count_rows(stats.truncated)} had the start of {its} prompt cut to fit "
                           f"data.max_length ({cfg.data.max_length})")
     if not test_set:
         raise FittuneError("no example to evaluate fits data.max_length")

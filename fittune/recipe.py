@@ -132,7 +132,7 @@ class DataFit:
         notes = []
         if self.train_dropped:
             notes.append(f"dropped from training, their answer does not fit data.max_length: "
-                         f"{D.rows(len(self.train_dropped))} (e.g. row id {self.train_dropped[0]})")
+                         f"{D.count_rows(len(self.train_dropped))} (e.g. row id {self.train_dropped[0]})")
         if self.heldout_dropped:
             notes.append(f"NOTE: {len(self.heldout_dropped)} of the {self.heldout_total} held-out rows do not fit "
                          f"data.max_length (e.g. row id {self.heldout_dropped[0]}) and are left out of the held-out "
@@ -140,7 +140,7 @@ class DataFit:
                          f"data.max_length to score them all")
         if self.truncated:
             its = "its" if self.truncated == 1 else "their"
-            notes.append(f"{D.rows(self.truncated)} had the start of {its} prompt cut to fit data.max_length (raise it "
+            notes.append(f"{D.count_rows(self.truncated)} had the start of {its} prompt cut to fit data.max_length (raise it "
                          f"to keep {'it' if self.truncated == 1 else 'them'} whole)")
         return notes
 

@@ -496,6 +496,10 @@ def test_a_dataset_dicts_test_split_is_used_when_named_and_never_its_training_sp
     assert D.other_splits_note(DataConfig(path=str(ds), test_path=str(ds), test_split="test")) is None
     with pytest.raises(ValueError, match="data.test_split names a split of data.test_path: set data.test_path too"):
         DataConfig(path=str(ds), test_split="test")
+    one = write_jsonl(tmp_path / "one.jsonl", [{"question": "q", "answer": "a"}] * 3)  # a file as its own test set
+    with pytest.raises(FittuneError, match=r"data.test_path is data.path \(.*one.jsonl\): every held-out row would "
+                                           r"be a training row; point data.test_path at another file"):
+        D.load_splits(DataConfig(path=one, test_path=one), 0)
 
 
 def test_one_lora_target_module_name_is_a_list_of_one(tiny_model_dir):
