@@ -14,6 +14,22 @@ from fittune.data import read_rows
 from fittune.tiny import DEMO_DATA as DEMO_ROWS
 
 
+def train_here(args: list, capsys) -> None:
+    """`python train.py ARGS` in this process (faster than a launch); it must exit 0."""
+    import runpy
+    import sys
+
+    from conftest import ROOT
+
+    argv, sys.argv = sys.argv, [str(ROOT / "train.py")] + [str(a) for a in args]
+    try:
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    except SystemExit as e:
+        assert e.code == 0, capsys.readouterr().err[-3000:]
+    finally:
+        sys.argv = argv
+
+
 def load_preds(d: Path) -> list[dict]:
     return [json.loads(line) for line in (d / "predictions.jsonl").read_text().splitlines()]
 
@@ -194,11 +210,8 @@ def test_a_slice_of_the_data_is_scored_against_the_runs_classes(tmp_path, tiny_m
     """Was: evaluate.py --data.path took the classes from the file it scored, so a file holding two of the
     eight topics was a two-way choice (accuracy 0.84 for a model that got those rows 0/31 right at training).
     Also: a run trained with a relative data path could not be evaluated from another directory."""
-    import runpy
-    import sys
 
     import yaml
-    from conftest import ROOT
     from test_evaluate_safety import evaluate
 
     data, elsewhere, run = tmp_path / "data", tmp_path / "elsewhere", tmp_path / "run"
@@ -210,13 +223,7 @@ def test_a_slice_of_the_data_is_scored_against_the_runs_classes(tmp_path, tiny_m
             "qa.jsonl", *mapping, "--data.test_size", "0.0925", "--train.max_steps", "2", "--eval.before_training",
             "false"]
     monkeypatch.chdir(data)  # trained with paths relative to here
-    argv, sys.argv = sys.argv, [str(ROOT / "train.py")] + [str(a) for a in args]
-    try:
-        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
-    except SystemExit as e:
-        assert e.code == 0, capsys.readouterr().err[-3000:]
-    finally:
-        sys.argv = argv
+    train_here(args, capsys)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["output_dir"] == str(run)  # absolute: `--config RUN/config.yaml --resume` works from anywhere
     saved = saved["data"]
@@ -257,10 +264,7 @@ def test_answers_longer_than_the_generation_limit_are_said():
 def test_a_grouped_run_holds_out_whole_abstracts_and_scores_other_files(tmp_path, tiny_model_dir, capsys):
     """train.py with data.group_column: held out whole abstracts (said at the start), evaluated on exactly
     those rows by training and by evaluate.py; another file without the group column is scored whole."""
-    import runpy
-    import sys
 
-    from conftest import ROOT
     from test_evaluate_safety import evaluate
 
     labels = ["background", "method", "result"]
@@ -272,13 +276,7 @@ def test_a_grouped_run_holds_out_whole_abstracts_and_scores_other_files(tmp_path
             "--data.question_column", "sentence", "--data.answer_column", "null", "--data.label_column", "label",
             "--data.group_column", "abstract_id", "--data.test_size", "0.25", "--train.max_steps", "2",
             "--eval.before_training", "false"]
-    argv, sys.argv = sys.argv, [str(ROOT / "train.py")] + [str(a) for a in args]
-    try:
-        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
-    except SystemExit as e:
-        assert e.code == 0, capsys.readouterr().err[-3000:]
-    finally:
-        sys.argv = argv
+    train_here(args, capsys)
     out = capsys.readouterr().out
     held = json.loads((run / "heldout_ids.json").read_text())["ids"]
     abstracts = {rows[int(i)]["abstract_id"] for i in held}
