@@ -59,7 +59,7 @@ def test_builtin_model_lives_in_the_cache_keyed_by_shape_and_seed(tmp_path, monk
     path = Path(resolve_model_path(cfg))
     assert path.parent == tmp_path / "cache" / "models" and path.name.startswith("tiny-qwen2-")
     assert Path(resolve_model_path(_cfg(tmp_path, seed=1))) != path
-    accelerator = SimpleNamespace(main_process_first=lambda: _null(), is_local_main_process=True)
+    accelerator = SimpleNamespace(main_process_first=lambda: _null(), is_local_main_process=True, print=print)
     prepare_builtin_model(cfg, accelerator)
     assert verify_dir(path, builtin_spec(TINY_QWEN2, SHAPE, 0).stamp)
     assert not (tmp_path / "run").exists()

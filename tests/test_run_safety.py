@@ -66,7 +66,8 @@ def test_reruns_and_refused_resumes_change_nothing_and_overwrite_replaces(tmp_pa
     row = json.loads(lines[5])
     row["question"] = row["question"] + " (edited)"
     recipe.data.write_text("\n".join(lines[:5] + [json.dumps(row)] + lines[6:]) + "\n")
-    _refused(run_python("train.py", ["--config", cfg, "--resume", "auto"]), "train_sha256")
+    _refused(run_python("train.py", ["--config", cfg, "--resume", "auto"]), "the data file's bytes differ; the training "
+             "rows differ); the data changed since the checkpoint")
     assert _tree(out) == before  # byte for byte, no file added or removed
 
     again = run_python("train.py", ["--config", cfg, "--overwrite"])
