@@ -814,7 +814,7 @@ def other_splits_note(cfg: DataConfig) -> str | None:
         splits = json.loads((Path(path) / "dataset_dict.json").read_text())["splits"]
     except (OSError, ValueError, KeyError, TypeError):  # a single Dataset: no other split
         return None
-    others = [s for s in splits if s != cfg.hub_split]
+    others = sorted((s for s in splits if s != cfg.hub_split), key=lambda s: s != "test")  # test named first
     if not others:
         return None
     return (f"NOTE: {path} also has the split(s) {', '.join(others)}, not used: the held-out rows are "

@@ -192,7 +192,9 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
         train, test = D.load_splits(cfg.data, cfg.seed)
         if record is not None:
             check_identity(record, test, cfg.data, data_path_given, say)
-        return EvalData(train, test, f"the test file {cfg.data.test_path}" if cfg.data.test_path else "the held-out split")
+        split = f" (split {cfg.data.test_split})" if cfg.data.test_split else ""
+        return EvalData(train, test, f"the test file {cfg.data.test_path}{split}" if cfg.data.test_path
+                        else "the held-out split")
     rows = D.read_rows(cfg.data.path, cfg.data)
     cfg.data.group_column = None  # every row is scored, none split: other data need not have the run's groups
     test = D.map_columns(rows, cfg.data, D.resolve_data_path(cfg.data.path))

@@ -491,8 +491,9 @@ def test_a_dataset_dicts_test_split_is_used_when_named_and_never_its_training_sp
         D.load_splits(DataConfig(path=str(ds), test_path=str(ds)), 0)
     with pytest.raises(FittuneError, match=r"has splits \['train', 'test'\], not 'dev': set data.test_split"):
         D.load_splits(DataConfig(path=str(ds), test_path=str(ds), test_split="dev"), 0)
-    assert D.other_splits_note(DataConfig(path=str(ds))).startswith(f"NOTE: {ds} also has the split(s) test, not "
-                                                                     f"used: the held-out rows are 0.1 of 'train'")
+    assert D.other_splits_note(DataConfig(path=str(ds))) == (
+        f"NOTE: {ds} also has the split(s) test, not used: the held-out rows are 0.1 of 'train'; to evaluate on "
+        f"one, pass --data.test_path {ds} --data.test_split test")
     assert D.other_splits_note(DataConfig(path=str(ds), test_path=str(ds), test_split="test")) is None
     with pytest.raises(ValueError, match="data.test_split names a split of data.test_path: set data.test_path too"):
         DataConfig(path=str(ds), test_split="test")
