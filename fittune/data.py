@@ -453,6 +453,12 @@ def count_rows(n: int) -> str:
     return f"{n} row" if n == 1 else f"{n} rows"
 
 
+def prompts_cut_note(n: int) -> str:
+    """What data.max_length did to `n` kept rows' prompts (training and evaluate.py say it alike)."""
+    its, them = ("its", "it") if n == 1 else ("their", "them")
+    return f"{count_rows(n)} had the start of {its} prompt cut to fit data.max_length (raise it to keep {them} whole)"
+
+
 def _show_short(value: Any) -> str:
     text = str(value.tolist() if hasattr(value, "tolist") else value)
     return text if len(text) <= 60 else text[:57] + "..."

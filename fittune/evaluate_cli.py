@@ -321,9 +321,8 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, m
     if stats.dropped:
         accelerator.print(f"fittune: {D.count_rows(stats.dropped)} do not fit data.max_length and are not evaluated")
     if stats.truncated:  # as training says it: the model sees these prompts without their start
-        its = "its" if stats.truncated == 1 else "their"
-        accelerator.print(f"fittune: NOTE: {D.count_rows(stats.truncated)} had the start of {its} prompt cut to fit "
-                          f"data.max_length ({cfg.data.max_length})")
+        accelerator.print(f"fittune: NOTE: {D.prompts_cut_note(stats.truncated)} (data.max_length is "
+                          f"{cfg.data.max_length})")
     if not test_set:
         raise FittuneError("no example to evaluate fits data.max_length")
     model = _load_model(accelerator, strategy, weights, cfg, mixed)

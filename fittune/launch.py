@@ -119,6 +119,16 @@ def install_parent_death_signal() -> None:
         return
     if os.getppid() != parent:  # the launcher died between the check above and prctl: no signal will come
         _stop_now("the launcher that started this process has exited")
+    global _armed_for
+    _armed_for = parent
+
+
+_armed_for: int | None = None  # the launcher's pid whose death the kernel will signal (None: not armed)
+
+
+def parent_death_signal_armed() -> bool:
+    """Whether the kernel sends this process SIGTERM when its launcher dies (`install_parent_death_signal`)."""
+    return _armed_for is not None
 
 
 def launch_request(args: list[str], cwd: str) -> LaunchRequest | None:

@@ -139,9 +139,7 @@ class DataFit:
                          f"metrics, which cover the other {self.heldout_total - len(self.heldout_dropped)}; raise "
                          f"data.max_length to score them all")
         if self.truncated:
-            its = "its" if self.truncated == 1 else "their"
-            notes.append(f"{D.count_rows(self.truncated)} had the start of {its} prompt cut to fit data.max_length (raise it "
-                         f"to keep {'it' if self.truncated == 1 else 'them'} whole)")
+            notes.append(D.prompts_cut_note(self.truncated))
         return notes
 
 

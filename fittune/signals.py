@@ -39,8 +39,11 @@ class StopRequest:
         self._announce = announce
         self._first_at = 0.0
         self._grace_s = grace_s
+        from fittune.launch import parent_death_signal_armed
+
         self._parent = os.getppid()
-        self._orphan_notice = False  # the kernel's one SIGTERM at the launcher's death was seen
+        # the kernel's one SIGTERM at the launcher's death: expected only where fittune asked for it
+        self._orphan_notice = not parent_death_signal_armed()
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -60,7 +63,7 @@ class StopRequest:
         """Whether this is the kernel's SIGTERM for the launcher's death (fittune/launch.py asks for it): the
         same request as the Ctrl-C that killed the launcher, however late a loaded machine delivers it (it
         came after the 2 s grace once and cut the checkpoint short). Only the first one after the parent
-        changed: a signal sent to the orphaned worker later is the user's."""
+        changed, and only where it was asked for: a signal sent to an orphaned worker otherwise is the user's."""
         if signum != signal.SIGTERM or self._orphan_notice or os.getppid() == self._parent:
             return False
         self._orphan_notice = True

@@ -208,6 +208,18 @@ def test_a_late_launcher_death_signal_is_not_a_second_request(tmp_path):
     fam.child.send_signal(signal.SIGTERM)  # the user means it: gone at once, not after its 30 s sleep
     fam.child.wait(timeout=10)  # (not our child: psutil gives no exit code; TimeoutExpired if it kept on)
     assert read_until_exit(fam) == ""
+    # started from a shell, nothing was armed: after the shell is gone, a second request is the user's at once
+    (tmp_path / "b").mkdir()
+    fam = start_family(tmp_path / "b", "myshell", child=worker.replace("time.sleep(2.5)", "time.sleep(30)"))
+    assert fam.parent.stdout.readline().startswith("armed")
+    fam.parent.kill()
+    time.sleep(0.5)
+    fam.child.send_signal(signal.SIGINT)
+    assert fam.parent.stdout.readline().startswith("fittune: got SIGINT")
+    time.sleep(0.5)
+    fam.child.send_signal(signal.SIGTERM)
+    fam.child.wait(timeout=10)
+    assert read_until_exit(fam) == ""
 
 
 def test_second_signal_after_the_grace_exits_at_once():
