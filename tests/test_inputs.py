@@ -498,6 +498,12 @@ def test_a_dataset_dicts_test_split_is_used_when_named_and_never_its_training_sp
     with pytest.raises(ValueError, match="data.test_split names a split of data.test_path: set data.test_path too"):
         DataConfig(path=str(ds), test_split="test")
     one = write_jsonl(tmp_path / "one.jsonl", [{"question": "q", "answer": "a"}] * 3)  # a file as its own test set
+    with pytest.raises(FittuneError, match=r"data.test_path .*one.jsonl is a file, which has none: remove "
+                                           r"data.test_split"):  # a split of a file would be ignored
+        D.load_splits(DataConfig(path=str(ds), test_path=one, test_split="test"), 0)
+    datasets.Dataset.from_list([{"question": "t", "answer": "u"}]).save_to_disk(tmp_path / "single")
+    with pytest.raises(FittuneError, match="single is one dataset, not a DatasetDict with splits: remove data.test_split"):
+        D.load_splits(DataConfig(path=str(ds), test_path=str(tmp_path / "single"), test_split="test"), 0)
     with pytest.raises(FittuneError, match=r"data.test_path is data.path \(.*one.jsonl\): every held-out row would "
                                            r"be a training row; point data.test_path at another file"):
         D.load_splits(DataConfig(path=one, test_path=one), 0)
