@@ -212,7 +212,8 @@ class DataConfig(_Section):
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "disk", "hub"] = "auto"
     """How to read `path`; `auto` decides from the extension (a directory is `disk`, anything else `hub`)."""
     hub_split: str = "train"
-    """Split to read when `path` is a hub dataset."""
+    """Split to read when `path` is a hub dataset or a `save_to_disk` DatasetDict. Another value on a file or
+    a single saved Dataset, which have no splits, is refused."""
     csv_header: bool = True
     """Whether the first CSV row holds column names. With `false`, name the columns in `column_names`."""
     column_names: list[str] | None = None

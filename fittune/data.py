@@ -117,8 +117,11 @@ def read_rows(path: str, cfg: DataConfig, split: str | None = None) -> list[dict
             ds = datasets.load_from_disk(path)
         except FileNotFoundError as e:
             raise FittuneError(f"{path}: not a datasets.save_to_disk directory ({e})") from None
-        if not isinstance(ds, datasets.DatasetDict) and split != cfg.hub_split:  # data.test_split on one Dataset
-            raise FittuneError(f"{path} is one dataset, not a DatasetDict with splits: remove data.test_split")
+        if not isinstance(ds, datasets.DatasetDict) and split != "train":  # a split asked of one Dataset
+            if split != cfg.hub_split:
+                raise FittuneError(f"{path} is one dataset, not a DatasetDict with splits: remove data.test_split")
+            raise FittuneError(f"{path} is one dataset, not a DatasetDict with splits: data.hub_split '{split}' "
+                               f"picks nothing there; set data.hub_split back to train (its default)")
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 key = "data.test_split" if split != cfg.hub_split else "data.hub_split"
@@ -802,7 +805,12 @@ def count_steps(n_examples: int, global_size: int, max_steps: int, epochs: float
 
 def _check_test_split(cfg: DataConfig) -> None:
     """data.test_path naming the training data itself, read at the training split, would score training rows;
-    data.test_split on a file (which has no splits) would be ignored."""
+    data.test_split, or a data.hub_split other than the default, on a file (which has no splits) would be
+    ignored."""
+    if cfg.hub_split != "train" and _detect_format(resolve_data_path(cfg.path), cfg.format) not in ("hub", "disk"):
+        raise FittuneError(f"data.hub_split picks a split of a hub dataset or a save_to_disk DatasetDict; "
+                           f"data.path {cfg.path} is a file, which has none: set data.hub_split back to train "
+                           f"(its default)")
     if cfg.test_split and _detect_format(resolve_data_path(cfg.test_path), cfg.format) not in ("hub", "disk"):
         raise FittuneError(f"data.test_split picks a split of a hub dataset or a save_to_disk DatasetDict; "
                            f"data.test_path {cfg.test_path} is a file, which has none: remove data.test_split")

@@ -507,6 +507,16 @@ def test_a_dataset_dicts_test_split_is_used_when_named_and_never_its_training_sp
     with pytest.raises(FittuneError, match=r"data.test_path is data.path \(.*one.jsonl\): every held-out row would "
                                            r"be a training row; point data.test_path at another file"):
         D.load_splits(DataConfig(path=one, test_path=one), 0)
+    # data.hub_split chosen for data that has no splits (was: ignored, every row read)
+    with pytest.raises(FittuneError, match=r"data.path .*one.jsonl is a file, which has none: set data.hub_split "
+                                           r"back to train"):
+        D.load_splits(DataConfig(path=one, hub_split="validation"), 0)
+    with pytest.raises(FittuneError, match=r"single is one dataset, not a DatasetDict with splits: data.hub_split "
+                                           r"'validation' picks nothing there"):
+        D.load_splits(DataConfig(path=str(tmp_path / "single"), hub_split="validation"), 0)
+    assert len(D.read_rows(str(tmp_path / "single"), DataConfig(path=str(tmp_path / "single")))) == 1  # default: read
+    train, test = D.load_splits(DataConfig(path=str(ds), hub_split="test", test_path=one), 0)  # a dict's split: used
+    assert [e.answer for e in train] == ["u"] and len(test) == 3
 
 
 def test_one_lora_target_module_name_is_a_list_of_one(tiny_model_dir):
