@@ -258,7 +258,8 @@ class DataConfig(_Section):
     group_column: str | None = None
     """Rows that share this column's value (the abstract a sentence comes from, the paper a citation is in,
     paraphrases of one question) go to the same side of the held-out split, so no held-out row has a near-twin
-    in training. The groups are held out whole, by seed, not stratified by label."""
+    in training. The groups are held out whole, by seed; of several seeded draws, the one whose held-out label
+    mix is closest to the data's."""
     group_by_length: bool = True
     """Put examples of similar length in the same micro-batch to waste little compute on padding."""
 

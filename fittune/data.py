@@ -579,10 +579,16 @@ def split_heldout(examples: list[Example], test_size: float, seed: int) -> tuple
     return [examples[i] for i in sorted(train_idx + alone)], [examples[i] for i in sorted(test_idx)]
 
 
+GROUP_SPLIT_CANDIDATES = 32  # seeded group splits compared for their held-out label mix
+
+
 def split_heldout_groups(examples: list[Example], test_size: float, seed: int,
                          column: str) -> tuple[list[Example], list[Example]]:
     """Deterministic train / held-out split by seed that holds out whole groups (`Example.group`):
-    round(test_size x groups) of them, at least one, never all (scikit-learn's GroupShuffleSplit)."""
+    round(test_size x groups) of them, at least one, never all. With labels, of GROUP_SPLIT_CANDIDATES
+    seeded splits (scikit-learn's GroupShuffleSplit) the one whose held-out label mix is closest to the whole
+    data's (total variation distance; the first of equals), so a class is not left out of the held-out rows by
+    the luck of one draw; without labels, the first."""
     from sklearn.model_selection import GroupShuffleSplit
 
     groups = [e.group for e in examples]
@@ -592,9 +598,22 @@ def split_heldout_groups(examples: list[Example], test_size: float, seed: int,
                            f"by group; name the column that tells the rows' sources apart, or remove "
                            f"data.group_column")
     n_test = min(n_groups - 1, max(1, round(n_groups * test_size)))
-    split = GroupShuffleSplit(n_splits=1, test_size=n_test, random_state=seed)
-    train_idx, test_idx = next(split.split(examples, groups=groups))
+    labels = [e.label for e in examples]
+    tries = 1 if None in labels else GROUP_SPLIT_CANDIDATES
+    splits = GroupShuffleSplit(n_splits=tries, test_size=n_test, random_state=seed).split(examples, groups=groups)
+    whole = _label_mix(labels)
+    train_idx, test_idx = min(splits, key=lambda s: _mix_distance(_label_mix([labels[i] for i in s[1]]), whole))
     return [examples[i] for i in sorted(train_idx)], [examples[i] for i in sorted(test_idx)]
+
+
+def _label_mix(labels: list) -> dict:
+    """Each label's share of the rows."""
+    return {label: n / len(labels) for label, n in Counter(labels).items()}
+
+
+def _mix_distance(a: dict, b: dict) -> float:
+    """Total variation distance between two label mixes: the share of rows that would have to change label."""
+    return sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in a.keys() | b.keys()) / 2
 
 
 def groups_note(column: str, train: list[Example], test: list[Example]) -> str:

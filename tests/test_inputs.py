@@ -3,6 +3,7 @@
 import hashlib
 import json
 import typing
+from collections import Counter
 
 import pytest
 from conftest import ROOT
@@ -623,6 +624,28 @@ def test_a_grouped_split_holds_out_whole_groups(tmp_path):
     abstract = {str(i): json.loads(line)["abstract_id"] for i, line in enumerate(open(cfg.path))}
     plain_train, plain_test = D.load_splits(DataConfig(**{**cfg.model_dump(), "group_column": None}), 0)
     assert {abstract[e.id] for e in plain_train} & {abstract[e.id] for e in plain_test}
+
+
+def test_a_grouped_split_keeps_the_label_mix(tmp_path):
+    """Was: one seeded draw of groups, blind to labels, so a class found in few groups was often missing from the
+    held-out rows. Now, of several seeded draws, the one whose held-out label mix is closest to the data's."""
+    from sklearn.model_selection import GroupShuffleSplit
+
+    # 40 abstracts of one label each, 4 of them the rare class: one draw of 10 misses it about 30% of the time
+    rows = [{"sentence": f"abstract {a} sentence {k}.", "label": "rare" if a % 10 == 0 else ["a", "b"][a % 2],
+             "abstract_id": f"g{a}"} for a in range(40) for k in range(3)]
+    cfg = DataConfig(path=write_jsonl(tmp_path / "s.jsonl", rows), question_column="sentence", answer_column=None,
+                     label_column="label", group_column="abstract_id", test_size=0.25)
+    groups = [r["abstract_id"] for r in rows]
+    one_draw_missed = 0
+    for seed in range(10):
+        train, test = D.load_splits(cfg, seed)
+        held = Counter(e.label for e in test)
+        assert len({e.group for e in test}) == 10 and not {e.group for e in test} & {e.group for e in train}
+        assert held["rare"] == 3 and abs(held["a"] - held["b"]) <= 3  # one rare abstract of 10, as in the data
+        first = next(GroupShuffleSplit(1, test_size=10, random_state=seed).split(rows, groups=groups))[1]
+        one_draw_missed += not any(rows[i]["label"] == "rare" for i in first)
+    assert one_draw_missed  # what it fixes: the single draw left the rare class out for some of these seeds
 
 
 def test_grouped_split_mistakes_are_named(tmp_path):
