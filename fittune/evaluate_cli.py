@@ -167,17 +167,25 @@ def _heldout_record(info: CheckpointInfo) -> dict | None:
     return record
 
 
+SPLIT_KEYS = ("path", "test_path", "test_split", "test_size", "group_column")  # with the seed: the held-out rows
+
+
+def runs_own_split(saved: dict | None, cfg: Config) -> bool:
+    """Whether `cfg` names the held-out rows of the run whose saved config is `saved`: the same data, split the
+    same way by the same seed (column mappings may differ)."""
+    def same(key: str) -> bool:  # a relative path and the absolute one training saved name the same data
+        ours, theirs = getattr(cfg.data, key), (saved.get("data") or {}).get(key)
+        return theirs == ours or (key in ("path", "test_path") and D.same_file(ours, theirs))
+
+    return saved is not None and saved.get("seed") == cfg.seed and all(same(k) for k in SPLIT_KEYS)
+
+
 def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -> EvalData:
     """The run's own held-out rows while the source and split are the run's (column mappings may change),
     checked against their saved content hash; an explicit test file; or every row of other data."""
     saved = _saved_config(info)
     _run_classes(cfg, saved)
-    split_keys = ("path", "test_path", "test_split", "test_size", "group_column")
-    def same(key: str) -> bool:  # a relative path and the absolute one training saved name the same data
-        ours, theirs = getattr(cfg.data, key), (saved.get("data") or {}).get(key)
-        return theirs == ours or (key in ("path", "test_path") and D.same_file(ours, theirs))
-
-    same_source = saved is not None and saved.get("seed") == cfg.seed and all(same(k) for k in split_keys)
+    same_source = runs_own_split(saved, cfg)
     record = _heldout_record(info) if same_source else None
     if record is not None and not cfg.data.test_path:
         examples = D.map_columns(D.read_rows(cfg.data.path, cfg.data), cfg.data, D.resolve_data_path(cfg.data.path))
@@ -199,7 +207,7 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
     cfg.data.group_column = None  # every row is scored, none split: other data need not have the run's groups
     test = D.map_columns(rows, cfg.data, D.resolve_data_path(cfg.data.path))
     if saved is not None:
-        run_data = {k: (saved.get("data") or {}).get(k) for k in split_keys}
+        run_data = {k: (saved.get("data") or {}).get(k) for k in SPLIT_KEYS}
         say(f"fittune: NOTE: evaluating all {len(test)} rows of {cfg.data.path}, which is NOT the held-out split "
             f"of this run (the run used data {run_data}, seed {saved.get('seed')}): these numbers are not the run's "
             f"held-out evaluation")
@@ -299,12 +307,16 @@ def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Pat
     if run is None or not owned(run, "train"):
         raise FittuneError(f"pass --output_dir DIR: {info.weights_dir} is not in a fittune training run's "
                            f"directory, and fittune writes only into directories it creates")
-    if not req.data_path_given and req.config_file is None:  # the run's own recipe: its held-out rows
-        return run / f"{prefix}heldout"
-    # other data: named after its file, and its full path (two test.jsonl never share a folder)
-    source = str(D.absolute_path(D.resolve_data_path(cfg.data.path)))
+    if not req.data_path_given and req.config_file is None and runs_own_split(_saved_config(info), cfg):
+        return run / f"{prefix}heldout"  # the run's own recipe and split: its held-out rows
+    # other data, or the run's split another way: named after the file scored, and a hash of its full path and
+    # of how its rows were chosen (two test.jsonl, or two seeds, never share a folder)
+    path = cfg.data.test_path or cfg.data.path
+    source = str(D.absolute_path(D.resolve_data_path(path)))
+    chosen = json.dumps([source, cfg.seed, *(getattr(cfg.data, k) for k in SPLIT_KEYS[2:])]) \
+        if cfg.data.test_path or runs_own_split(_saved_config(info), cfg) else source
     stem = re.sub(r"[^\w.-]+", "-", Path(source).stem).strip("-.") or "data"
-    return run / f"{prefix}{stem}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
+    return run / f"{prefix}{stem}-{hashlib.sha256(chosen.encode()).hexdigest()[:8]}"
 
 
 def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, mixed: str, data: EvalData,

@@ -297,6 +297,16 @@ def test_default_output_is_beside_the_training_report_and_never_outside_a_run(tm
     (tmp_path / "b/other.jsonl").write_text(other.read_text())
     assert evaluate(["--checkpoint", run, "--data.path", tmp_path / "b/other.jsonl"], capsys)[0] == 0
     assert len(list(run.glob("eval-other-*"))) == 2
+    # the run's recipe scoring other rows (a test file, another seed): not its held-out results (was: written
+    # into eval-heldout, replacing them), and each its own folder
+    heldout = (run / "eval-heldout/metrics.json").read_text()
+    assert evaluate(["--checkpoint", run, "--data.test_path", other], capsys)[0] == 0
+    assert evaluate(["--checkpoint", run, "--seed", "2"], capsys)[0] == 0
+    assert evaluate(["--checkpoint", run, "--data.test_size", "0.1"], capsys)[0] == 0
+    assert (run / "eval-heldout/metrics.json").read_text() == heldout
+    assert len(list(run.glob("eval-other-*"))) == 3  # the split's seed or size changed: every row of qa scored
+    [every] = run.glob("eval-qa-*")
+    assert json.loads((every / "evaluation.json").read_text())["data"].startswith("all rows of")
     for reserved in ("final", "checkpoints", "eval.tmp"):  # the run's own names are not evaluation outputs
         code, _, err = evaluate(["--checkpoint", run, "--output_dir", run / reserved], capsys)
         assert code == 2 and "name it eval-SOMETHING there" in one_error(err)
