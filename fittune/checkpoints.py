@@ -59,7 +59,7 @@ def resolve_checkpoint(path: str) -> CheckpointInfo:
         raise FittuneError(f"checkpoint not found: {path}")
     if not p.is_dir():
         raise FittuneError(f"checkpoint must be a directory (a training output dir or its final/): {path}")
-    if (p / "config.yaml").is_file() and (p / "final").is_dir():
+    if owned(p, "train") and (p / "config.yaml").is_file() and (p / "final").is_dir():
         return CheckpointInfo(p / "final", p, p / "config.yaml")
     if owned(p, "train") and not _has_weights(p):
         raise FittuneError(_unfinished_run(p))
@@ -71,10 +71,21 @@ def resolve_checkpoint(path: str) -> CheckpointInfo:
     if not _has_weights(p):
         raise FittuneError(f"{path} holds no model or adapter (no config.json / adapter_config.json); "
                            f"pass a training output dir or its final/")
-    if (p.parent / "config.yaml").is_file():
-        return CheckpointInfo(p, p.parent, p.parent / "config.yaml")
+    holder = recipe_holder(p)
+    if holder is not None:
+        return CheckpointInfo(p, holder, holder / "config.yaml")
     own = p / OWN_CONFIG
     return CheckpointInfo(p, None, own if own.is_file() else None)
+
+
+def recipe_holder(weights: Path) -> Path | None:
+    """The fittune run or checkpoint directory whose config.yaml is the recipe of the model in `weights` (its
+    final/, a checkpoint's adapter/); None for weights anywhere else, whose own fittune_config.yaml (an export,
+    a copied final/) is the recipe. A config.yaml beside weights in a folder fittune did not make is not ours."""
+    parent = weights.parent
+    if (parent / "config.yaml").is_file() and (owned(parent, "train") or owned(parent, "checkpoint")):
+        return parent
+    return None
 
 
 def _unfinished_run(run: Path) -> str:

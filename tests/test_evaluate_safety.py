@@ -18,7 +18,7 @@ from conftest import ROOT, launch
 from fittune import data as D
 from fittune.config import build_config, to_yaml
 from fittune.data import examples_digest
-from fittune.rundir import MARKER, DirLock, claim_dir
+from fittune.rundir import MARKER, OWN_CONFIG, OWN_HELDOUT_IDS, DirLock, claim_dir
 from fittune.tiny import DEMO_DATA
 
 
@@ -176,6 +176,27 @@ def test_a_run_without_final_says_why_and_what_to_evaluate(tmp_path, tiny_model_
     info = resolve_checkpoint(str(adapter))
     cfg = build_config(str(run / "config.yaml"), {})
     assert default_eval_dir(info, cfg, EvalRequest(str(adapter), None, None)) == run / "eval-step-00000004-heldout"
+
+def test_a_config_yaml_beside_a_copied_model_is_not_its_recipe(tmp_path, tiny_model_dir, capsys):
+    """Was: a model copied out of its run (with its own fittune_config.yaml) into a folder that also held a
+    config.yaml was scored with that file: another tool's was "unknown config key", another recipe's data
+    was scored without a word. Only a config.yaml in a folder fittune made is a run's recipe."""
+    from fittune.checkpoints import resolve_checkpoint
+
+    run = make_run(tmp_path, tiny_model_dir)
+    project = tmp_path / "project"
+    shutil.copytree(run / "final", project / "model")
+    shutil.copy(run / "config.yaml", project / "model" / OWN_CONFIG)
+    shutil.copy(run / "heldout_ids.json", project / "model" / OWN_HELDOUT_IDS)
+    (project / "config.yaml").write_text("database: postgres\n")
+    assert resolve_checkpoint(str(project / "model")).config_file == project / "model" / OWN_CONFIG
+    code, out, err = evaluate(["--checkpoint", project / "model", "--output_dir", tmp_path / "ev"], capsys)
+    assert code == 0 and "(the run's held-out rows)" in out, err[-3000:]
+    other = build_config(None, {"output_dir": str(project), "data.path": str(DEMO_DATA), "data.test_size": 0.5})
+    (project / "config.yaml").write_text(to_yaml(other, {"world_size": 1}))  # another recipe, not the model's
+    assert resolve_checkpoint(str(project / "model")).config_file == project / "model" / OWN_CONFIG
+    assert resolve_checkpoint(str(run / "final")).config_file == run / "config.yaml"  # in its run: the run's
+
 
 def test_run_being_trained_is_refused_on_every_rank(tmp_path, tiny_model_dir):
     """Two ranks: only the main one takes the lock; the other learns of the refusal and exits too (no hang)."""

@@ -68,6 +68,7 @@ def test_sharded_checkpoint_consolidates_to_one_model(tmp_path, strategy_run, ac
     assert (run / "final" / "fittune_heldout_ids.json").read_bytes() == (run / "heldout_ids.json").read_bytes()
     moved = tmp_path / "elsewhere" / "model"
     __import__("shutil").copytree(tmp_path / "model", moved)
+    (moved.parent / "config.yaml").write_text("database: postgres\n")  # another tool's file beside it: not ours
     code, out, err = evaluate(["--checkpoint", moved, "--output_dir", tmp_path / "ev"], capsys)
     assert code == 0 and "(the run's held-out rows)" in out, err[-3000:]
     ours, theirs = ([json.loads(x) for x in (d / "predictions.jsonl").read_text().splitlines()]
