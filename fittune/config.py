@@ -11,6 +11,8 @@ import json
 import math
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -80,7 +82,8 @@ def expand_home(value: str | None) -> str | None:
 
 
 def _label_text(value: Any) -> Any:
-    """A class written as a number in YAML (`classes: [1, 2]`) is the label text the data gives (`str(value)`)."""
+    """A class written as a number in YAML (`classes: [1, 2]`) is the label text the data gives (`str(value)`);
+    so is a GPU index in `max_memory: {0: 10GiB}`."""
     return str(value) if isinstance(value, (bool, int, float)) else value
 
 
@@ -157,7 +160,7 @@ class ModelConfig(_Section):
     """`auto`: split the model's decoder layers across all visible GPUs of ONE process (naive model/pipeline
     parallelism: each GPU holds some layers, activations move between them), balanced by memory. For
     several small GPUs without a distributed launch; a distributed launch (DDP, ZeRO, FSDP2) is an error."""
-    max_memory: dict[str, str] | None = None
+    max_memory: dict[Annotated[str, BeforeValidator(_label_text)], str] | None = None
     """With `parallel: auto`, memory each device may use, e.g. `{"0": "10GiB", "1": "10GiB"}` (keys: GPU
     indices, or `cpu` to run the layers that do not fit on the CPU, slowly). Weights are placed so that, when
     training, their gradients and Adam states fit beside them. Default: 80% of what each visible GPU has
@@ -534,12 +537,53 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
                 raise FittuneError(f"option '--{key}' needs a value, e.g. --{key} VALUE")
             value = argv[i + 1]
             i += 1
-        try:
-            out[key] = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError:
-            out[key] = value  # not YAML: keep the raw string (paths, prompts)
+        out[key] = parse_value(key, value)
         i += 1
     return out
+
+
+_NULLS = ("null", "Null", "NULL", "~")
+
+
+def parse_value(key: str, text: str) -> Any:
+    """A command-line value for the dotted `key`, by its field's type: a text field takes the text as typed
+    (a `#`, a `:` or a date in a prompt, a path or a column name is text, not YAML), `null` where the field may
+    be null; a field that may also be a list reads `[a, b]` as one; any other value is YAML (numbers, booleans,
+    lists, mappings), with only true/false as booleans."""
+    kinds = _value_kinds(key)
+    if kinds and kinds <= {str, type(None)} or (str in kinds and not text.lstrip().startswith(("[", "{"))):
+        return None if text in _NULLS and type(None) in kinds else text
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader) if text != "" else ""  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError:
+        return text  # not YAML: the raw string, which validation judges
+
+
+def _value_kinds(key: str) -> set[type]:
+    """The plain types a dotted key's field accepts (str for a Literal of texts, list for list[...]); empty for
+    an unknown key."""
+    model: Any = Config
+    *sections, leaf = key.split(".")
+    for name in sections:
+        field = model.model_fields.get(name) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return set()
+        model = field.annotation
+    field = model.model_fields.get(leaf) if isinstance(model, type) and issubclass(model, BaseModel) else None
+    return _plain_types(field.annotation) if field is not None else set()
+
+
+def _plain_types(annotation: Any) -> set[type]:
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _plain_types(typing.get_args(annotation)[0])
+    if origin is Literal:
+        return {type(a) for a in typing.get_args(annotation)}
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_plain_types(a) for a in typing.get_args(annotation)))
+    if origin is not None:
+        return {origin}
+    return {annotation} if isinstance(annotation, type) else set()
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -565,12 +609,25 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class _Yaml12Loader(_UniqueKeyLoader):
+    """As _UniqueKeyLoader, with YAML 1.2's booleans: only true / false. YAML 1.1 also reads yes, no, on, off,
+    y and n as booleans, so `classes: [no, yes]` became the classes 'False' and 'True' and `--data.label_column
+    on` a boolean; a boolean field still takes yes / no (pydantic reads them)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
 def _read_config_file(config_file: str) -> dict[str, Any]:
     path = Path(config_file)
     if not path.is_file():
         raise FittuneError(f"config file not found: {config_file}")
     try:
-        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        tree = yaml.load(path.read_text(), Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
     except _DuplicateKey as e:
         raise FittuneError(f"config file {config_file} {e}") from None
     except yaml.YAMLError as e:

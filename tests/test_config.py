@@ -74,6 +74,33 @@ def test_saved_config_round_trip(tmp_path):
     assert again == cfg
 
 
+def test_a_flags_text_is_taken_as_typed_and_yes_no_stay_words(tmp_path):
+    """Was: every flag value read as YAML, so `#` started a comment (`runs/exp #3` -> `runs/exp`), a prompt with
+    `: ` was a mapping and a date a date ("Input should be a valid string"), `on` a boolean; and YAML 1.1 made
+    `classes: [no, yes]` the classes 'False' and 'True'."""
+    flags = parse_overrides(["--output_dir", "runs/exp #3", "--data.system_prompt", "Answer: A, B, C or D",
+                             "--data.label_column", "on", "--data.answer_column", "null", "--data.classes",
+                             "[no, yes]", "--data.test_path", "2024-06-01",
+                             "--lora.enabled", "yes", "--train.micro_batch_size", "4", "--seed", "3"])
+    cfg = build_config(None, flags)
+    assert cfg.output_dir == "runs/exp #3" and cfg.data.system_prompt == "Answer: A, B, C or D"
+    assert (cfg.data.label_column, cfg.data.answer_column, cfg.data.classes) == ("on", None, ["no", "yes"])
+    assert cfg.data.test_path == "2024-06-01"
+    assert parse_overrides(["--data.choices_column", "[A, B]"]) == {"data.choices_column": ["A", "B"]}
+    assert cfg.lora.enabled is True and cfg.train.micro_batch_size == 4 and cfg.seed == 3
+    assert parse_overrides(["--data.choices_column", "choices"]) == {"data.choices_column": "choices"}
+    recipe = tmp_path / "r.yaml"  # a recipe: YAML 1.2's booleans, a GPU index as a number
+    recipe.write_text("data: {label_column: label, answer_column: null, classes: [no, yes, maybe]}\n"
+                      "lora: {enabled: yes}\nmodel: {parallel: auto, max_memory: {0: 10GiB, cpu: 20GiB}}\n")
+    cfg = build_config(str(recipe), {})
+    assert cfg.data.classes == ["no", "yes", "maybe"] and cfg.lora.enabled is True
+    assert cfg.model.max_memory == {"0": "10GiB", "cpu": "20GiB"}
+    assert build_config(str(recipe), {}) == cfg  # and its saved config reloads the same
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(cfg))
+    assert build_config(str(saved), {}) == cfg
+
+
 def test_bad_override_syntax():
     with pytest.raises(FittuneError, match="needs a value"):
         parse_overrides(["--train.lr"])
