@@ -90,9 +90,9 @@ def planned_gib(case: dict, cfg) -> float | None:
 
 def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
     lora = case["method"] == "lora"
+    adapter = {"lora.r": 16, "lora.alpha": 32, "lora.dropout": 0.0} if lora else {}  # refused without LoRA
     cfg = build_config(None, {
-        "model.name_or_path": "Qwen/Qwen2.5-3B", "lora.enabled": lora, "lora.r": 16, "lora.alpha": 32,
-        "lora.dropout": 0.0, "train.micro_batch_size": case["micro"], "train.grad_accum": case["accum"],
+        "model.name_or_path": "Qwen/Qwen2.5-3B", "lora.enabled": lora, **adapter, "train.micro_batch_size": case["micro"], "train.grad_accum": case["accum"],
         "train.mixed_precision": "bf16", "train.gradient_checkpointing": case["ckpt"],
         "data.max_length": case["seq"], "train.lr": 1e-4, "train.kernels": case["kernels"],
         "model.dtype": "bfloat16" if case["bf16_weights"] else "auto", "train.optimizer": case["optimizer"],

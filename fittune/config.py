@@ -686,7 +686,20 @@ def build_config(config_file: str | None, overrides: dict[str, Any], skip: tuple
     except ValidationError as e:
         raise FittuneError(_format_validation_error(e)) from None
     cfg.data._origins = {k: f"set in {config_file}" for k in sorted(from_file)}
+    _check_flags_used(cfg, overrides)
     return cfg
+
+
+def _check_flags_used(cfg: Config, overrides: dict[str, Any]) -> None:
+    """A flag that the rest of the config makes meaningless would be parsed and then ignored: refused. (Only
+    flags: a recipe or a saved config.yaml holds every key, used or not.)"""
+    lora = sorted(k for k in overrides if k.startswith("lora.") and k != "lora.enabled")
+    if lora and not cfg.lora.enabled:
+        raise FittuneError(f"--{lora[0]} sets the LoRA adapter, but lora.enabled is false (all weights are "
+                           f"trained): add --lora.enabled true, or remove --{lora[0]}")
+    if "data.test_size" in overrides and cfg.data.test_path:
+        raise FittuneError("--data.test_size is the fraction of data.path held out, but data.test_path is the "
+                           "held-out set (nothing is split): remove one of them")
 
 
 # what the special value of a bounded field does, said next to its bound

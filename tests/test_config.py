@@ -12,7 +12,7 @@ def test_yaml_and_overrides(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"train": {"lr": 1e-3, "micro_batch_size": 2}, "lora": {"enabled": True}}))
     cfg = build_config(str(recipe), parse_overrides(["--train.lr", "2e-4", "--lora.r=8", "--data.path", "x.jsonl",
-                                                     "--lora.target_modules", "[q_proj, v_proj]"]))
+                                                     "--lora.target_modules", "[q_proj, v_proj]"]))  # LoRA in r.yaml
     assert cfg.train.lr == pytest.approx(2e-4)
     assert cfg.train.micro_batch_size == 2  # from the file
     assert cfg.lora.enabled and cfg.lora.r == 8

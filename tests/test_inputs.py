@@ -369,9 +369,10 @@ BOUNDS = [
 
 @pytest.mark.parametrize("key, bad, message, edge", BOUNDS, ids=[f"{b[0]}={b[1]}" for b in BOUNDS])
 def test_numeric_bounds(key, bad, message, edge):
+    used = {"lora.enabled": True} if key.startswith("lora.") else {}  # a LoRA flag without LoRA is refused
     with pytest.raises(FittuneError, match=f"^invalid config: {message}"):
-        build_config(None, {key: bad})
-    cfg = build_config(None, {key: edge})  # the edge of the range is allowed
+        build_config(None, {key: bad, **used})
+    cfg = build_config(None, {key: edge, **used})  # the edge of the range is allowed
     value = cfg
     for part in key.split("."):
         value = getattr(value, part)
@@ -532,14 +533,23 @@ def test_one_lora_target_module_name_is_a_list_of_one(tiny_model_dir):
     adapted = {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj"}
     assert build_config(None, {}).lora.target_modules == "all-linear"
+    on = {"lora.enabled": True}
     for kept in ("All-Linear", r".*\.(q_proj|v_proj)"):  # PEFT's special value and a regular expression stay
-        assert build_config(None, {"lora.target_modules": kept}).lora.target_modules == kept
+        assert build_config(None, {"lora.target_modules": kept, **on}).lora.target_modules == kept
     # names with commas are the list (was: one regular expression that matched nothing)
-    assert build_config(None, {"lora.target_modules": "q_proj, v_proj"}).lora.target_modules == ["q_proj", "v_proj"]
+    assert build_config(None, {"lora.target_modules": "q_proj, v_proj", **on}).lora.target_modules == ["q_proj",
+                                                                                                        "v_proj"]
     # a broken list is one error (was: re.error's traceback), and a typo in a list is refused (was: dropped)
     with pytest.raises(FittuneError, match=r"lora.target_modules '\[q_proj,v_proj' is neither a list of names nor a "
                                            r"regular expression \(unterminated character set.*\): write a list as"):
-        build_config(None, {"lora.target_modules": "[q_proj,v_proj"})
+        build_config(None, {"lora.target_modules": "[q_proj,v_proj", **on})
+    # without LoRA a LoRA flag would be ignored (was: a full fine-tuning run, without a word)
+    with pytest.raises(FittuneError, match=r"--lora.target_modules sets the LoRA adapter, but lora.enabled is false "
+                                           r"\(all weights are trained\): add --lora.enabled true, or remove"):
+        build_config(None, {"lora.target_modules": "q_proj"})
+    with pytest.raises(FittuneError, match=r"--data.test_size is the fraction of data.path held out, but "
+                                           r"data.test_path is the held-out set"):
+        build_config(None, {"data.test_size": 0.2, "data.test_path": "x.jsonl"})
     typo = build_config(None, {"lora.enabled": True, "lora.target_modules": ["q_proj", "v_porj"]})
     with pytest.raises(FittuneError, match=r"names 'v_porj', which no module of the model is called; its linear "
                                            r"layers are: .*q_proj.*v_proj"):

@@ -115,7 +115,7 @@ def tiny_config() -> Qwen2Config:
 
 
 def tiny_shape(lora: bool, weights_dtype=torch.float32, rank: int = 2, dropout: float = 0.05):
-    cfg = _cfg(**{"lora.enabled": lora, "lora.r": rank, "lora.dropout": dropout})
+    cfg = _cfg(**({"lora.enabled": True, "lora.r": rank, "lora.dropout": dropout} if lora else {}))
     return shape_from_hf_config(tiny_config(), cfg, weights_dtype)
 
 
