@@ -42,7 +42,7 @@ class ChunkedLossHead(nn.Linear):
         if self.targets is None:
             return super().forward(hidden)
         shifted = self.targets[:, 1:].reshape(-1).to(hidden.device)  # the head may sit on another GPU (device map)
-        keep = shifted != IGNORE_INDEX
+        keep = shifted != IGNORE_INDEX  # indexing by it waits for the GPU once: the chunks need the count
         h = hidden[:, :-1].reshape(-1, hidden.size(-1))[keep]
         t = shifted[keep]
         # zero-valued terms keep every input in the graph even with no target token in the micro-batch
@@ -87,21 +87,21 @@ def _targets(head: ChunkedLossHead, labels: torch.Tensor):
         head.targets = None
 
 
-def nll_sum(model, batch: dict[str, torch.Tensor], head: ChunkedLossHead | None = None) -> tuple[torch.Tensor, int]:
-    """(sum of NLL over the micro-batch's target tokens, number of target tokens).
+def nll_sum(model, batch: dict[str, torch.Tensor], head: ChunkedLossHead | None = None) -> torch.Tensor:
+    """The sum of NLL over the micro-batch's target tokens, a 0-d tensor on the model's device.
 
-    Returning a sum, not a mean, lets the loop divide by the target tokens of the whole global batch, so
-    every token weighs the same whatever the micro-batch / accumulation / process split. `head`: the
-    installed ChunkedLossHead, or None for the standard loss.
+    Returning a sum, not a mean, lets the loop divide by the target tokens of the whole global batch (counted
+    on the CPU when the step is planned: counting them here would wait for the GPU every micro-batch), so every
+    token weighs the same whatever the micro-batch / accumulation / process split. `head`: the installed
+    ChunkedLossHead, or None for the standard loss.
     """
     labels = batch["labels"]
-    n_targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
     if head is not None:
         with _targets(head, labels):
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return out.reshape(()), n_targets
+        return out.reshape(())
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     shift_logits = logits[:, :-1, :].float()  # fp32 log-softmax: half-precision CE loses accuracy
     loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), labels[:, 1:].reshape(-1).to(logits.device),
                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, n_targets
+    return loss

@@ -98,10 +98,10 @@ class StepRunner:
 
     def _forward(self, plan: StepPlan, rows: list[int]) -> torch.Tensor:
         if self.before_backward is None:
-            return nll_sum(self.model, plan.make_batch(rows), self.head)[0]
+            return nll_sum(self.model, plan.make_batch(rows), self.head)
         failed, loss_sum = False, None
         try:
-            loss_sum = nll_sum(self.model, plan.make_batch(rows), self.head)[0]
+            loss_sum = nll_sum(self.model, plan.make_batch(rows), self.head)
         except torch.OutOfMemoryError:
             failed = True
         self.before_backward(failed)  # raises _AgreedOom on every rank when any failed
