@@ -32,6 +32,7 @@ from fittune.hardware import run_cpu_threads, set_cpu_threads  # noqa: E402
 from fittune.loss import install_chunked_loss  # noqa: E402
 from fittune.model import apply_liger, apply_lora, compile_layers, enable_gradient_checkpointing, use_liger  # noqa: E402
 from fittune.optim import build_optimizer  # noqa: E402
+from fittune.precision import Precision  # noqa: E402
 from fittune.step import StepPlan, StepRunner  # noqa: E402
 from fittune.strategy import Strategy, strategy_of  # noqa: E402
 
@@ -80,8 +81,8 @@ def planned_gib(case: dict, cfg) -> float | None:
     from fittune.model import weights_dtype
     from fittune.model_shapes import model_shape
 
-    shape = model_shape(cfg, weights_dtype(cfg, "bf16"))
-    work = Workload(case["micro"], case["seq"], case["ckpt"], cfg.train.loss_chunk_size, "bf16",
+    shape = model_shape(cfg, weights_dtype(cfg, Precision("bf16")))
+    work = Workload(case["micro"], case["seq"], case["ckpt"], cfg.train.loss_chunk_size, Precision("bf16"),
                     cfg.train.optimizer, cfg.train.optimizer_in_backward)
     est = estimate(Strategy.named(case["strategy"]), shape, work, 1)
     est.grad_accum = case["accum"]
@@ -98,7 +99,7 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
         "model.dtype": "bfloat16" if case["bf16_weights"] else "auto", "train.optimizer": case["optimizer"],
         "train.optimizer_in_backward": case["in_backward"], "train.max_grad_norm": 0.0 if case["in_backward"] else 1.0})
     torch.manual_seed(0)
-    accelerator = accelerator or make_accelerator("bf16", 1, None, "/tmp/fittune-bench")
+    accelerator = accelerator or make_accelerator(Precision("bf16"), 1, None, "/tmp/fittune-bench")
     dev = accelerator.device
     strategy = strategy_of(accelerator)
     threads = run_cpu_threads(case["cpu_threads"], strategy, dev)  # as train.py chooses them
@@ -132,7 +133,7 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
         compile_layers(model)  # train.compile (the warm-up steps absorb the compilation)
     head = model.get_output_embeddings() if install_chunked_loss(model, cfg.train.loss_chunk_size, liger) else None
     params = [p for p in model.parameters() if p.requires_grad]
-    setup = build_optimizer(cfg, params, strategy, "bf16", fused=dev.type == "cuda")  # as train.py builds it
+    setup = build_optimizer(cfg, params, strategy, Precision("bf16"), fused=dev.type == "cuda")  # as train.py builds it
     if case["torchao_offload"]:  # the one-GPU offload path to compare with ZeRO-2 offload (not in fittune)
         from torchao.optim import CPUOffloadOptimizer
 
@@ -144,7 +145,7 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
     model, optimizer = accelerator.prepare(model, setup.optimizer)
     model.train()
     runner = StepRunner(accelerator, strategy, model, optimizer, scheduler, params, head, cfg.train.max_grad_norm,
-                        "bf16")
+                        Precision("bf16"))
     runner.in_backward = setup.in_backward
     accelerator.gradient_accumulation_steps = case["accum"]
     ids = torch.randint(0, config.vocab_size, (case["micro"], case["seq"]), device=dev)

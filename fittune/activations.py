@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fittune.model_shapes import ModelShape
+from fittune.precision import Precision
 from fittune.strategy import Strategy
 
 # ---- element sizes and counts (bytes) ------------------------------------------------------------------
@@ -66,10 +67,10 @@ def base_itemsize(shape: ModelShape) -> int:
     return shape.frozen_itemsize if shape.lora else shape.trainable_itemsize
 
 
-def activation_dtypes(strategy: Strategy, shape: ModelShape, mixed: str) -> ActivationDtypes:
+def activation_dtypes(strategy: Strategy, shape: ModelShape, precision: Precision) -> ActivationDtypes:
     """The activation dtypes of `strategy`: accelerate autocast over the weights as loaded (no sharding
     engine: one process, DDP, device map) or a module the engine keeps in half precision (DeepSpeed, FSDP2)."""
-    half = mixed in ("bf16", "fp16")
+    half = precision.half
     if not strategy.sharded:
         residual = base_itemsize(shape)
         return ActivationDtypes(residual=residual, compute=HALF if half else residual,

@@ -16,13 +16,16 @@ Tests check that each rank reports world size 2 and sees its own shard (and, for
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from fittune.errors import FittuneError
-from fittune.strategy import fsdp_version
+from fittune.launch import check_world_size
+from fittune.precision import Precision, check_device_precision, run_precision
+from fittune.strategy import Strategy, fsdp_version, strategy_of
 
 
 def launched_world_size() -> int:
@@ -48,7 +51,7 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def _enable_fsdp_on_cpu(accelerator: Accelerator, mixed_precision: str) -> None:
+def _enable_fsdp_on_cpu(accelerator: Accelerator, precision: Precision) -> None:
     """Turn on the FSDP the launch asked for, on real gloo ranks (see the module docstring)."""
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import CPUOffloadPolicy
@@ -57,8 +60,8 @@ def _enable_fsdp_on_cpu(accelerator: Accelerator, mixed_precision: str) -> None:
     if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
         raise FittuneError("fsdp_offload_params moves the shards from GPU memory to CPU RAM; without a GPU they are "
                            "in CPU RAM already: use accelerate_configs/fsdp2.yaml")
-    if mixed_precision != "no":
-        plugin.set_mixed_precision(mixed_precision)
+    if precision.half:
+        plugin.set_mixed_precision(precision.mixed)
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.distributed_type = DistributedType.FSDP
     # as AcceleratorState.__init__ does for GPUs: every later AcceleratorState() re-reads PartialState's copy
@@ -84,7 +87,7 @@ def name_deepspeed_cpu_accelerator() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def make_accelerator(mixed_precision: str, grad_accum: int, log_with: str | None, project_dir: str) -> Accelerator:
+def make_accelerator(precision: Precision, grad_accum: int, log_with: str | None, project_dir: str) -> Accelerator:
     """Create the run's Accelerator, with real gloo ranks on a CPU-only machine (see module docstring)."""
     check_deepspeed_config_file()
     # DDP re-broadcasts module buffers at every forward by default; Qwen2's only buffers are constant rotary
@@ -98,18 +101,42 @@ def make_accelerator(mixed_precision: str, grad_accum: int, log_with: str | None
         cpu = not deepspeed_requested()
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=mixed_precision,
+        mixed_precision=precision.mixed,
         gradient_accumulation_steps=grad_accum,
         log_with=log_with,
         project_dir=project_dir,
         kwargs_handlers=handlers,
     )
     if cpu and fsdp_requested():
-        _enable_fsdp_on_cpu(accelerator, mixed_precision)
+        _enable_fsdp_on_cpu(accelerator, precision)
     if fsdp_version(accelerator) not in (None, 2):
         raise FittuneError("FSDP1 is not supported by fittune: set fsdp_version: 2 in the accelerate config "
                            "(see accelerate_configs/fsdp2.yaml)")
     return accelerator
+
+
+@dataclass(frozen=True)
+class Launched:
+    """What the launch set up for this process, decided once: training and evaluation ask it."""
+
+    accelerator: Accelerator
+    precision: Precision
+    strategy: Strategy
+
+
+def start_accelerator(mixed_precision: str, parallel: str, grad_accum: int = 1, log_with: str | None = None,
+                      project_dir: str = ".") -> Launched:
+    """The run's Accelerator with its precision (`train.mixed_precision` against the launch and the machine)
+    and strategy (`model.parallel`). Refused, before anything is written: fewer processes than the launch asked
+    for, a precision the machine has not (fp16 on the CPU, bf16 on a GPU without it)."""
+    precision = run_precision(mixed_precision)
+    try:
+        accelerator = make_accelerator(precision, grad_accum, log_with, project_dir)
+    except ValueError as e:  # e.g. fp16 requested on a machine without a GPU
+        raise FittuneError(f"cannot set up accelerate: {e}") from None
+    check_world_size(accelerator.num_processes)
+    check_device_precision(precision, accelerator.device)
+    return Launched(accelerator, precision, strategy_of(accelerator, parallel))
 
 
 def sum_across_ranks(accelerator: Accelerator, values: list[float]) -> list[float]:

@@ -52,6 +52,7 @@ from fittune.errors import FittuneError
 from fittune.hardware import GIB
 from fittune.model_shapes import ModelShape
 from fittune.optim import QUANTIZE_MIN, state_bytes
+from fittune.precision import Precision
 from fittune.strategy import Strategy
 
 ADAM_MOMENTS = 2  # exp_avg + exp_avg_sq, each the size (and dtype) of the trainable parameter
@@ -75,8 +76,8 @@ class Workload:
     checkpointing: bool
     loss_chunk: int
     """train.loss_chunk_size (0: the standard loss)."""
-    mixed: str
-    """The run's mixed precision: `no`, `bf16` or `fp16`."""
+    precision: Precision
+    """The run's mixed precision."""
     optimizer: str = "adamw"
     """train.optimizer: the moments' bytes (fittune.optim.state_bytes)."""
     in_backward: bool = False
@@ -178,7 +179,7 @@ def estimate(strategy: Strategy, shape: ModelShape, work: Workload, gpus: int) -
     applicable. The result's grad_accum is 0: the caller sets it (it changes the peak, see gpu_peak).
     """
     procs = processes(strategy, gpus)
-    dt = activation_dtypes(strategy, shape, work.mixed)
+    dt = activation_dtypes(strategy, shape, work.precision)
     if strategy.device_map:
         est = _device_map(strategy, shape, work, dt, gpus)
     else:
@@ -221,7 +222,7 @@ def _resident(strategy: Strategy, shape: ModelShape, work: Workload, procs: int)
 
 
 def _half(work: Workload) -> bool:
-    return work.mixed in ("bf16", "fp16")
+    return work.precision.half
 
 
 def _module_width(shape: ModelShape, work: Workload) -> int:

@@ -26,10 +26,9 @@ from fittune.checkpoints import CheckpointInfo, resolve_checkpoint
 from fittune.cli import own_data_mapping, split_flag
 from fittune.config import Config, build_config, parse_overrides
 from fittune.data import examples_digest
-from fittune.distributed import configure_deepspeed, make_accelerator, on_main_then_agree
+from fittune.distributed import configure_deepspeed, on_main_then_agree, start_accelerator
 from fittune.errors import FittuneError
 from fittune.evaluator import evaluate_and_report
-from fittune.launch import check_world_size
 from fittune.metrics import class_name, majority_baseline
 from fittune.model import (
     load_tokenizer,
@@ -39,10 +38,10 @@ from fittune.model import (
     weights_dtype,
 )
 from fittune.placement import place_model
-from fittune.precision import run_precision
+from fittune.precision import Precision
 from fittune.reports import EvalDir, check_eval_dir, metrics_table, reserve_eval_dir
 from fittune.rundir import HELDOUT_IDS, OWN_HELDOUT_IDS, DirInUse, DirLock, owned, owning_run
-from fittune.strategy import Strategy, strategy_of
+from fittune.strategy import Strategy
 
 USAGE = """usage: accelerate launch evaluate.py --checkpoint DIR [--config FILE] [--output_dir DIR] [--section.key VALUE ...]
   DIR: a training output dir, its final/, or a model/adapter dir.
@@ -280,10 +279,8 @@ def hold_on_main(accelerator, held: ExitStack, info: CheckpointInfo, out: Path) 
 def evaluate_checkpoint(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> dict:
     """Evaluate a saved model/adapter (see the module docstring for the rules); write the reports on the main
     process; return the metrics."""
-    mixed = run_precision(cfg.train.mixed_precision)
-    accelerator = make_accelerator(mixed, 1, None, cfg.output_dir)
-    check_world_size(accelerator.num_processes)  # fewer processes than the launch asked for: before any write
-    strategy = strategy_of(accelerator, cfg.model.parallel)
+    launched = start_accelerator(cfg.train.mixed_precision, cfg.model.parallel, project_dir=cfg.output_dir)
+    accelerator, precision, strategy = launched.accelerator, launched.precision, launched.strategy
     out = check_eval_dir(Path(req.out_dir) if req.out_dir else default_eval_dir(info, cfg, req),
                          "--output_dir" if req.out_dir else "the default output directory (--output_dir chooses another)")
     with ExitStack() as held:
@@ -292,7 +289,7 @@ def evaluate_checkpoint(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> 
         if notice:
             accelerator.print(notice)
         data = select_data(info, cfg, req.data_path_given, accelerator.print)
-        metrics = _score(accelerator, strategy, info, cfg, mixed, data, out, reserved)
+        metrics = _score(accelerator, strategy, info, cfg, precision, data, out, reserved)
     accelerator.end_training()
     return metrics
 
@@ -319,7 +316,7 @@ def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Pat
     return run / f"{prefix}{stem}-{hashlib.sha256(chosen.encode()).hexdigest()[:8]}"
 
 
-def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, mixed: str, data: EvalData,
+def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, precision: Precision, data: EvalData,
            out: Path, reserved: EvalDir | None) -> dict:
     """Score `data` and write the reports to `out` (the main process has it `reserved`)."""
     weights = info.weights_dir
@@ -337,7 +334,7 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, m
                           f"{cfg.data.max_length})")
     if not test_set:
         raise FittuneError("no example to evaluate fits data.max_length")
-    model = _load_model(accelerator, strategy, weights, cfg, mixed)
+    model = _load_model(accelerator, strategy, weights, cfg, precision)
     compare = {}
     if data.train and any(x.candidates for x in test_set):
         train_set, _ = D.tokenize_examples(data.train, tokenizer, cfg.data)
@@ -359,10 +356,10 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, m
     return metrics
 
 
-def _load_model(accelerator, strategy: Strategy, weights: Path, cfg: Config, mixed: str):
-    model = load_trained_model(weights, cfg, weights_dtype(cfg, mixed))
+def _load_model(accelerator, strategy: Strategy, weights: Path, cfg: Config, precision: Precision):
+    model = load_trained_model(weights, cfg, weights_dtype(cfg, precision))
     if strategy.device_map:  # strategy_of refused a device map under a distributed launch
-        place_model(model, cfg.model.max_memory, weights_dtype(cfg, mixed), training=False)
+        place_model(model, cfg.model.max_memory, weights_dtype(cfg, precision), training=False)
     if strategy.deepspeed:
         # ZeRO-3 loaded the weights partitioned: only the engine's hooks gather them for a forward pass
         configure_deepspeed(accelerator, cfg.eval.batch_size, 1, 0.0)

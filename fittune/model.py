@@ -8,6 +8,7 @@ import torch
 
 from fittune.config import Config
 from fittune.errors import FittuneError, first_line
+from fittune.precision import Precision
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,12 +43,12 @@ def prepare_builtin_model(cfg: Config, accelerator) -> None:
         ensure_builtin(spec, accelerator.print)
 
 
-def weights_dtype(cfg: Config, mixed_precision: str) -> torch.dtype:
+def weights_dtype(cfg: Config, precision: Precision) -> torch.dtype:
     """fp32 master weights for full fine-tuning; a LoRA run's frozen base may sit in the half dtype."""
     if cfg.model.dtype != "auto":
         return DTYPES[cfg.model.dtype]
-    if cfg.lora.enabled and mixed_precision in ("bf16", "fp16"):
-        return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    if cfg.lora.enabled and precision.half:
+        return precision.half_dtype
     return torch.float32
 
 
@@ -176,11 +177,11 @@ def enable_gradient_checkpointing(model, lora: bool) -> None:
         model.enable_input_require_grads()
 
 
-def build_model(cfg: Config, mixed_precision: str, device_map: bool):
+def build_model(cfg: Config, precision: Precision, device_map: bool):
     """The model to train: loaded, optionally LoRA-wrapped, optionally checkpointed. `device_map`: as in
     `use_liger`."""
     path = resolve_model_path(cfg)
-    model = load_model(path, cfg, weights_dtype(cfg, mixed_precision))
+    model = load_model(path, cfg, weights_dtype(cfg, precision))
     if use_liger(cfg, model, device_map):
         apply_liger(model)
     if cfg.lora.enabled:

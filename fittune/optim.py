@@ -1,4 +1,4 @@
-"""The optimizer of a run, decided and built in one place: `build_optimizer(cfg, params, strategy, mixed, fused)`.
+"""The optimizer of a run, decided and built in one place: `build_optimizer(cfg, params, strategy, precision, fused)`.
 
   train.optimizer           adamw (torch's AdamW; torchao's AdamW with bf16 stochastic rounding when the
                             trainable weights are bf16 and fittune steps them itself: DeepSpeed and FSDP2 keep
@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from fittune.errors import FittuneError
+from fittune.precision import Precision
 from fittune.strategy import Strategy
 
 # torchao's block sizes and the rule it quantizes by (torchao/optim/adam.py, _AdamBase._new_buffer): a moment
@@ -94,7 +95,7 @@ def choose(optimizer: str, in_backward: bool, trainable_dtype: torch.dtype, stra
                            cpu_adam=strategy.deepspeed and strategy.offload_optimizer)
 
 
-def unsupported(choice: OptimizerChoice, strategy: Strategy, mixed: str, lora: bool) -> str | None:
+def unsupported(choice: OptimizerChoice, strategy: Strategy, precision: Precision, lora: bool) -> str | None:
     """Why `choice` cannot run under `strategy` (None: it can). Shared by the run and the planner."""
     if choice.torchao and choice.fp16_weights:
         return ("fp16 weights cannot be trained with low-bit states or stochastic rounding: keep fp32 master "
@@ -115,7 +116,7 @@ def unsupported(choice: OptimizerChoice, strategy: Strategy, mixed: str, lora: b
         return (f"train.optimizer_in_backward runs in one process, not under {strategy.name} (DDP reduces "
                 f"gradients in buckets after the hooks have run; DeepSpeed and FSDP2 own the optimizer step): "
                 f"launch one process or turn optimizer_in_backward off")
-    if choice.in_backward and mixed == "fp16":
+    if choice.in_backward and precision.scales_loss:
         return ("train.optimizer_in_backward cannot use fp16 loss scaling (every gradient must be checked before "
                 "any update): use bf16, or turn optimizer_in_backward off")
     return None
@@ -271,7 +272,7 @@ class OptimizerSetup:
     """The same object as `optimizer` when it steps inside backward (StepRunner then only finishes)."""
 
 
-def build_optimizer(cfg, params: list, strategy: Strategy, mixed: str, fused: bool) -> OptimizerSetup:
+def build_optimizer(cfg, params: list, strategy: Strategy, precision: Precision, fused: bool) -> OptimizerSetup:
     """The run's optimizer over `params` (the trainable parameters), or one FittuneError when the
     combination is not supported (`unsupported`). `fused`: torch's fused AdamW (every parameter on a GPU)."""
     t = cfg.train
@@ -279,7 +280,7 @@ def build_optimizer(cfg, params: list, strategy: Strategy, mixed: str, fused: bo
     choice = choose(t.optimizer, t.optimizer_in_backward,
                     torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16 if torch.float16 in dtypes
                     else torch.float32, strategy)
-    reason = unsupported(choice, strategy, mixed, cfg.lora.enabled)
+    reason = unsupported(choice, strategy, precision, cfg.lora.enabled)
     if reason:
         raise FittuneError(reason)
     make = _factory(choice, t.lr, tuple(t.betas), t.weight_decay, fused)

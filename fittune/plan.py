@@ -44,7 +44,7 @@ from fittune.hardware import GIB, Hardware, detect_hardware
 from fittune.model import weights_dtype
 from fittune.model_shapes import ModelShape, model_shape
 from fittune.optim import choose, unsupported
-from fittune.precision import resolve_precision
+from fittune.precision import Precision, resolve_precision
 from fittune.strategy import Strategy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ class Row:
     estimate: Estimate
     cfg: Config
     shape: ModelShape
-    mixed: str
+    precision: Precision
 
 
 @dataclass
@@ -157,8 +157,7 @@ class Plan:
     cfg: Config
     shape: ModelShape
     hardware: Hardware
-    mixed: str
-    mixed_reason: str
+    precision: Precision
     global_batch: int
     estimates: list[Estimate]
     """One per LAUNCH_OPTIONS row, in its order."""
@@ -250,19 +249,19 @@ def _row_config(cfg: Config, option: LaunchOption, per_process: int) -> tuple[Co
     return row_cfg, "the recipe's own row" if same else ""
 
 
-def _optimizer_reason(option: LaunchOption, cfg: Config, mixed: str, itemsize: int) -> str:
+def _optimizer_reason(option: LaunchOption, cfg: Config, precision: Precision, itemsize: int) -> str:
     """Why the row's optimizer cannot run under its strategy (fittune.optim.unsupported), shortly; "" if it can."""
     t = cfg.train
-    dtype = {2: torch.bfloat16 if mixed != "fp16" else torch.float16, 4: torch.float32}[itemsize]
+    dtype = {2: precision.half_dtype, 4: torch.float32}[itemsize]
     choice = choose(t.optimizer, t.optimizer_in_backward, dtype, option.strategy)
-    if unsupported(choice, option.strategy, mixed, cfg.lora.enabled) is None:
+    if unsupported(choice, option.strategy, precision, cfg.lora.enabled) is None:
         return ""
     return "not with optimizer_in_backward" if choice.in_backward else f"not with train.optimizer {t.optimizer}" \
         if choice.name != "adamw" else "not with bf16 weights"
 
 
-def _fitted(option: LaunchOption, cfg: Config, shapes: Callable[[Config, str], ModelShape], hw: Hardware,
-            mixed: str, global_batch: int) -> Row:
+def _fitted(option: LaunchOption, cfg: Config, shapes: Callable[[Config, Precision], ModelShape], hw: Hardware,
+            precision: Precision, global_batch: int) -> Row:
     """`option` at the largest micro-batch that fits (or 1), with the accumulation that keeps the global
     batch (optimizer in backward: accumulation 1); a strategy fittune cannot launch (yet, or with this
     recipe's optimizer) is estimated for reference and marked not applicable."""
@@ -270,12 +269,12 @@ def _fitted(option: LaunchOption, cfg: Config, shapes: Callable[[Config, str], M
     row_cfg, why_not = _row_config(cfg, option, per_process)
     if option.recipe_overrides and not hw.bf16:
         why_not = why_not or "needs a bf16 GPU"  # fp16 GPUs keep fp32 master weights
-    row_mixed = "bf16" if option.recipe_overrides else mixed
-    shape, t = shapes(row_cfg, row_mixed), row_cfg.train
-    why_not = why_not or _optimizer_reason(option, row_cfg, row_mixed, shape.trainable_itemsize)
+    row_precision = Precision("bf16", "the row's recipe keys") if option.recipe_overrides else precision
+    shape, t = shapes(row_cfg, row_precision), row_cfg.train
+    why_not = why_not or _optimizer_reason(option, row_cfg, row_precision, shape.trainable_itemsize)
     sizes = [per_process] if t.optimizer_in_backward else _micro_candidates(t.micro_batch_size, per_process)
     for m in sizes:  # always ends with 1, unless in backward
-        work = Workload(m, row_cfg.data.max_length, t.gradient_checkpointing, t.loss_chunk_size, row_mixed,
+        work = Workload(m, row_cfg.data.max_length, t.gradient_checkpointing, t.loss_chunk_size, row_precision,
                         t.optimizer, t.optimizer_in_backward)
         est = estimate(option.strategy, shape, work, hw.gpus)
         est.grad_accum = per_process // m
@@ -284,7 +283,7 @@ def _fitted(option: LaunchOption, cfg: Config, shapes: Callable[[Config, str], M
             break  # fits, or only CPU RAM is short: a smaller micro-batch does not change CPU RAM
     if est.applicable and (why_not or not option.runnable):
         est.applicable, est.why_not = False, why_not or "not in fittune yet"
-    return Row(option, est, row_cfg, shape, row_mixed)
+    return Row(option, est, row_cfg, shape, row_precision)
 
 
 def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = None,
@@ -305,19 +304,19 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = 
     precision = resolve_precision(cfg.train.mixed_precision, LAUNCHER_PRECISION, gpu=True, bf16_supported=hw.bf16)
     cache: dict[torch.dtype, ModelShape] = {}
 
-    def shapes(row_cfg: Config, mixed: str) -> ModelShape:  # one meta-device count per weights dtype
-        dtype = weights_dtype(row_cfg, mixed)
+    def shapes(row_cfg: Config, row_precision: Precision) -> ModelShape:  # one count per weights dtype
+        dtype = weights_dtype(row_cfg, row_precision)
         if dtype not in cache:
             cache[dtype] = model_shape(row_cfg, dtype)
         return cache[dtype]
 
-    shape = shapes(cfg, precision.mixed)
+    shape = shapes(cfg, precision)
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * hw.gpus
-    rows = [_fitted(o, cfg, shapes, hw, precision.mixed, global_batch) for o in LAUNCH_OPTIONS]
+    rows = [_fitted(o, cfg, shapes, hw, precision, global_batch) for o in LAUNCH_OPTIONS]
     estimates = [r.estimate for r in rows]
     fitting = sorted((e for e in estimates if e.fits and e.applicable), key=lambda e: _preference(e.strategy, hw.gpus))
     recommended = fitting[0] if fitting else None
-    return Plan(cfg, shape, hw, precision.mixed, precision.why, global_batch, estimates, recommended,
+    return Plan(cfg, shape, hw, precision, global_batch, estimates, recommended,
                 recipe or "<recipe.yaml>", list(extra_args),
                 list(shape.notes) + _hardware_notes(cfg, hw) + _global_batch_notes(cfg, hw), rows)
 
@@ -386,15 +385,16 @@ def _breakdown(est: Estimate) -> str:
 
 def _precision_line(plan: Plan) -> str:
     s = plan.shape
-    names = {4: "fp32", 2: plan.mixed if plan.mixed != "no" else "half"}
+    mixed = plan.precision.mixed
+    names = {4: "fp32", 2: mixed if plan.precision.half else "half"}
     if s.lora:
         weights = f"base weights {names[s.frozen_itemsize]}, adapters {names[s.trainable_itemsize]}"
     elif s.trainable_itemsize == 2:
         weights = f"weights {names[2]}, updated with stochastic rounding (no fp32 master copy)"
     else:
         weights = f"weights {names[s.trainable_itemsize]} (their own master copy on the native path)"
-    mp = f"{plan.mixed} mixed precision" if plan.mixed != "no" else "no mixed precision, fp32 compute"
-    return f"{mp} ({plan.mixed_reason}); {weights}"
+    mp = f"{mixed} mixed precision" if plan.precision.half else "no mixed precision, fp32 compute"
+    return f"{mp} ({plan.precision.why}); {weights}"
 
 
 def render(plan: Plan) -> str:
@@ -518,7 +518,7 @@ def _details(plan: Plan, est: Estimate) -> list[str]:
     planned = plan.row(est)
     s, cfg = planned.shape, planned.cfg
     tokens = est.micro_batch * cfg.data.max_length
-    dt = activation_dtypes(est.strategy, s, planned.mixed)
+    dt = activation_dtypes(est.strategy, s, planned.precision)
     per_layer = sum(layer_activation_terms(s, dt).values())
     ckpt = cfg.train.gradient_checkpointing
     chunk = cfg.train.loss_chunk_size

@@ -9,12 +9,30 @@ from fittune.errors import FittuneError
 
 @dataclass(frozen=True)
 class Precision:
-    """The precision a run uses and why (for the planner's report)."""
+    """The mixed precision a run uses and why: what every part of fittune asks about precision, asked here."""
 
     mixed: str
     """`no`, `bf16` or `fp16` (accelerate's names)."""
-    why: str
-    """Which setting decided it."""
+    why: str = ""
+    """Which setting decided it (for the planner's report)."""
+
+    @property
+    def half(self) -> bool:
+        """Whether matmuls run in a 16-bit type (autocast)."""
+        return self.mixed in ("bf16", "fp16")
+
+    @property
+    def scales_loss(self) -> bool:
+        """fp16's narrow range: the loss is scaled, and a step whose gradients overflow is skipped, not an error."""
+        return self.mixed == "fp16"
+
+    @property
+    def half_dtype(self):
+        """The 16-bit torch dtype of the compute (fp16's, else bf16's: what a half-precision copy of fp32 weights
+        uses), whether or not `half`."""
+        import torch
+
+        return torch.float16 if self.mixed == "fp16" else torch.bfloat16
 
 
 def resolve_precision(wanted: str, launcher: str, gpu: bool, bf16_supported: bool) -> Precision:
@@ -32,7 +50,7 @@ def resolve_precision(wanted: str, launcher: str, gpu: bool, bf16_supported: boo
     return Precision(wanted, why)
 
 
-def run_precision(wanted: str) -> str:
+def run_precision(wanted: str) -> Precision:
     """The precision of this process: the launch's setting (ACCELERATE_MIXED_PRECISION) and this machine."""
     import os
 
@@ -40,12 +58,12 @@ def run_precision(wanted: str) -> str:
 
     gpu = torch.cuda.is_available()
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    return resolve_precision(wanted, launcher, gpu, gpu and torch.cuda.is_bf16_supported()).mixed
+    return resolve_precision(wanted, launcher, gpu, gpu and torch.cuda.is_bf16_supported())
 
 
-def check_device_precision(mixed: str, device) -> None:
+def check_device_precision(precision: Precision, device) -> None:
     """bf16 asked for explicitly on a GPU without it (T4, V100) is an error that names the fix."""
     import torch
 
-    if mixed == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if precision.mixed == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise FittuneError("this GPU has no bf16: use --train.mixed_precision fp16")

@@ -37,16 +37,15 @@ from fittune.config import BUILTIN_MODEL, Config, to_yaml
 from fittune.data import examples_digest
 from fittune.distributed import (
     configure_deepspeed,
-    make_accelerator,
     on_main_then_agree,
     raise_if_any_failed,
+    start_accelerator,
     sum_across_ranks,
 )
 from fittune.errors import FittuneError
 from fittune.evaluator import evaluate_and_report, validation_loss
 from fittune.final import save_final
 from fittune.hardware import run_cpu_threads, set_cpu_threads
-from fittune.launch import check_world_size
 from fittune.loss import install_chunked_loss
 from fittune.metrics import class_name, majority_baseline
 from fittune.model import (
@@ -62,7 +61,6 @@ from fittune.model import (
 from fittune.notices import quiet_scheduler_order_notice
 from fittune.optim import build_optimizer
 from fittune.placement import input_device, place_model
-from fittune.precision import check_device_precision, run_precision
 from fittune.progress import TrainingProgress
 from fittune.reports import metrics_table, plot_loss_curve
 from fittune.rundir import (
@@ -77,7 +75,6 @@ from fittune.rundir import (
 )
 from fittune.signals import StopRequest
 from fittune.step import BatchSplit, OomAdaptive, StepPlan, StepResult, StepRunner
-from fittune.strategy import strategy_of
 from fittune.testing import install_oom_injection
 
 
@@ -173,15 +170,9 @@ class FineTuneRecipe:
         from accelerate.utils import set_seed
 
         cfg = self.cfg
-        self.mixed = run_precision(cfg.train.mixed_precision)
-        try:
-            self.accelerator = make_accelerator(self.mixed, cfg.train.grad_accum,
-                                                None if cfg.log_with == "none" else cfg.log_with, str(self.out))
-        except ValueError as e:  # e.g. fp16 requested on a machine without a GPU
-            raise FittuneError(f"cannot set up accelerate: {e}") from None
-        check_world_size(self.accelerator.num_processes)  # fewer processes than the launch asked for
-        check_device_precision(self.mixed, self.accelerator.device)
-        self.strategy = strategy_of(self.accelerator, cfg.model.parallel)
+        launched = start_accelerator(cfg.train.mixed_precision, cfg.model.parallel, cfg.train.grad_accum,
+                                     None if cfg.log_with == "none" else cfg.log_with, str(self.out))
+        self.accelerator, self.precision, self.strategy = launched.accelerator, launched.precision, launched.strategy
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         if cfg.train.oom_adaptive:
             OomAdaptive.check_supported(self.strategy)
@@ -299,7 +290,7 @@ class FineTuneRecipe:
 
         cfg = self.cfg
         set_seed(cfg.seed)  # the same adapter initialisation whatever ran before (data, model download/build)
-        model = build_model(cfg, self.mixed, self.strategy.device_map)
+        model = build_model(cfg, self.precision, self.strategy.device_map)
         install_oom_injection(model, self.rank)
         if cfg.train.compile:
             self._log(f"torch.compile: {compile_layers(model)} decoder layers (the first steps compile)")
@@ -310,7 +301,7 @@ class FineTuneRecipe:
         self.n_total, self.n_trainable = count_parameters(model)
         self._log(f"parameters: {self.n_total:,} total, {self.n_trainable:,} trainable")
         if self.strategy.device_map:
-            device_map = place_model(model, cfg.model.max_memory, weights_dtype(cfg, self.mixed))
+            device_map = place_model(model, cfg.model.max_memory, weights_dtype(cfg, self.precision))
             self._log(f"model.parallel: auto placed the blocks on {sorted(set(map(str, device_map.values())))}: "
                       f"{device_map}")
         self.model = model
@@ -324,7 +315,7 @@ class FineTuneRecipe:
         # accelerate moves the model to the GPU in prepare() below
         fused = (all(p.device.type == "cuda" for p in params) if self.strategy.device_map
                  else accel.device.type == "cuda")
-        setup = build_optimizer(cfg, params, self.strategy, self.mixed, fused)  # FittuneError if unsupported
+        setup = build_optimizer(cfg, params, self.strategy, self.precision, fused)  # FittuneError if unsupported
         optimizer = setup.optimizer
         self._log(f"optimizer: {setup.choice.describe()}")
         if self.strategy.deepspeed:
@@ -340,7 +331,7 @@ class FineTuneRecipe:
         # FSDP2 replaces every parameter with a sharded DTensor one: clip and check the live ones
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.runner = StepRunner(accel, self.strategy, self.model, self.optimizer, self.scheduler, params,
-                                 self.head, cfg.train.max_grad_norm, self.mixed)
+                                 self.head, cfg.train.max_grad_norm, self.precision)
         self.runner.in_backward = setup.in_backward
         self.target = CheckpointTarget(accel, self.strategy, self.model, self.optimizer, self.scheduler,
                                        cfg.lora.enabled)
@@ -426,7 +417,7 @@ class FineTuneRecipe:
 
     def _facts(self) -> dict:
         """The run facts saved under `run:` in config.yaml."""
-        return {"world_size": self.world, "mixed_precision": self.mixed, "strategy": self.strategy.name,
+        return {"world_size": self.world, "mixed_precision": self.precision.mixed, "strategy": self.strategy.name,
                 "strategy_detail": self.strategy.label, "device": str(self.accelerator.device),
                 "model_path": self.model_path, "global_batch_size": self.global_batch,
                 "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
@@ -533,7 +524,7 @@ class FineTuneRecipe:
         if result.stepped and math.isfinite(loss):
             c.optimizer_steps += 1
             self.bad_in_a_row = 0
-        elif self.mixed != "fp16" or not math.isfinite(loss):
+        elif not result.overflow or not math.isfinite(loss):  # an fp16 overflow skips its step by design
             c.skipped_nonfinite += 1  # skipped, weights untouched (the data moves on)
             self.bad_in_a_row += 1
         c.step = step + 1

@@ -18,6 +18,7 @@ import torch
 from fittune.distributed import sum_across_ranks
 from fittune.errors import FittuneError
 from fittune.loss import nll_sum
+from fittune.precision import Precision
 from fittune.strategy import Strategy
 
 
@@ -61,10 +62,10 @@ class StepRunner:
     """Runs optimizer steps for a prepared model; knows nothing of OOM or the loop around it."""
 
     def __init__(self, accelerator, strategy: Strategy, model, optimizer, scheduler, params, head,
-                 max_grad_norm: float, mixed: str):
+                 max_grad_norm: float, precision: Precision):
         self.accelerator, self.strategy, self.model = accelerator, strategy, model
         self.optimizer, self.scheduler, self.params, self.head = optimizer, scheduler, params, head
-        self.max_grad_norm, self.fp16 = max_grad_norm, mixed == "fp16"
+        self.max_grad_norm, self.scales_loss = max_grad_norm, precision.scales_loss
         # the hook between forward and backward of each micro-batch, and whether DDP waits for the step's end
         self.before_backward: Callable[[bool], None] | None = None
         self.defer_sync = False
@@ -131,7 +132,7 @@ class StepRunner:
         stepped = overflow = False
         # the norm comes from all-reduced gradients, so every rank takes the same branch; under fp16 the
         # scaler sees the overflow itself and lowers the scale
-        if norm is None or math.isfinite(norm) or self.fp16:
+        if norm is None or math.isfinite(norm) or self.scales_loss:
             self.optimizer.step()  # under DeepSpeed a no-op wrapper: the engine stepped in backward
             overflow = bool(accel.optimizer_step_was_skipped)
             stepped = not overflow

@@ -54,7 +54,7 @@ def test_precision_conflict_with_launcher(monkeypatch):
     from fittune.precision import run_precision
 
     def resolve_mixed_precision(cfg):
-        return run_precision(cfg.train.mixed_precision)
+        return run_precision(cfg.train.mixed_precision).mixed
 
     cfg = build_config(None, {"train.mixed_precision": "fp16"})
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")

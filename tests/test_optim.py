@@ -25,6 +25,7 @@ from fittune.optim import (
     state_bytes,
     unsupported,
 )
+from fittune.precision import Precision
 from fittune.step import StepPlan, StepRunner
 from fittune.strategy import Strategy
 
@@ -66,11 +67,11 @@ def _runner(model_dir, cfg, dtype=torch.float32, cpu=True, recompute=False):
         enable_gradient_checkpointing(model, lora=False)
         head = model.get_output_embeddings() if install_chunked_loss(model, 32) else None
     params = [p for p in model.parameters() if p.requires_grad]
-    setup = build_optimizer(cfg, params, Strategy(), "no", fused=not cpu)
+    setup = build_optimizer(cfg, params, Strategy(), Precision("no"), fused=not cpu)
     sched = get_scheduler("linear", setup.optimizer, num_training_steps=8, num_warmup_steps=1)
     model, opt = accel.prepare(model, setup.optimizer)
     model.train()
-    runner = StepRunner(accel, Strategy(), model, opt, sched, params, head, cfg.train.max_grad_norm, "no")
+    runner = StepRunner(accel, Strategy(), model, opt, sched, params, head, cfg.train.max_grad_norm, Precision("no"))
     runner.in_backward = setup.in_backward
     return runner
 
@@ -137,19 +138,19 @@ def test_in_backward_refuses_what_it_cannot_do(overrides, needle):
 @pytest.mark.parametrize("name", ["ddp", "zero2", "zero3_offload", "fsdp2"])
 def test_one_process_only_for_torchao_and_in_backward(name):
     strategy, one = Strategy.named(name, 2), Strategy()
-    assert "in one process" in unsupported(choose("adamw", True, torch.float32, strategy), strategy, "bf16", False)
-    assert "one process" in unsupported(choose("adamw8bit", False, torch.float32, strategy), strategy, "bf16", False)
-    assert unsupported(choose("adamw", False, torch.float32, strategy), strategy, "bf16", False) is None  # as before
+    assert "in one process" in unsupported(choose("adamw", True, torch.float32, strategy), strategy, Precision("bf16"), False)
+    assert "one process" in unsupported(choose("adamw8bit", False, torch.float32, strategy), strategy, Precision("bf16"), False)
+    assert unsupported(choose("adamw", False, torch.float32, strategy), strategy, Precision("bf16"), False) is None  # as before
     bf16 = choose("adamw", False, torch.bfloat16, strategy)
     if strategy.sharded:  # the engine keeps fp32 master weights of a bf16 module: nothing to round
-        assert not bf16.stochastic_rounding and unsupported(bf16, strategy, "bf16", False) is None
+        assert not bf16.stochastic_rounding and unsupported(bf16, strategy, Precision("bf16"), False) is None
     else:  # DDP replicas would each draw their own rounding
-        assert "one process" in unsupported(bf16, strategy, "bf16", False)
+        assert "one process" in unsupported(bf16, strategy, Precision("bf16"), False)
     for single in (one, Strategy.named("device_map")):
-        assert unsupported(choose("adamw8bit", True, torch.bfloat16, single), single, "bf16", False) is None
-    assert "LoRA" in unsupported(choose("adamw8bit", False, torch.float32, one), one, "bf16", True)
-    assert "fp16 weights" in unsupported(choose("adamw8bit", False, torch.float16, one), one, "fp16", False)
-    assert "fp16 loss scaling" in unsupported(choose("adamw", True, torch.float32, one), one, "fp16", False)
+        assert unsupported(choose("adamw8bit", True, torch.bfloat16, single), single, Precision("bf16"), False) is None
+    assert "LoRA" in unsupported(choose("adamw8bit", False, torch.float32, one), one, Precision("bf16"), True)
+    assert "fp16 weights" in unsupported(choose("adamw8bit", False, torch.float16, one), one, Precision("fp16"), False)
+    assert "fp16 loss scaling" in unsupported(choose("adamw", True, torch.float32, one), one, Precision("fp16"), False)
 
 
 @pytest.mark.parametrize("name, library", [("single", "(torch)"), ("zero2", "(torch)"),
@@ -170,7 +171,7 @@ def test_bf16_weights_lose_small_updates_without_stochastic_rounding():
     plain = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
     rounded = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
     torch_opt = torch.optim.AdamW([plain], lr=lr, weight_decay=0.0)  # what bf16 weights got before
-    setup = build_optimizer(_cfg(lr=lr, weight_decay=0.0), [rounded], Strategy(), "bf16", fused=False)
+    setup = build_optimizer(_cfg(lr=lr, weight_decay=0.0), [rounded], Strategy(), Precision("bf16"), fused=False)
     assert setup.choice.stochastic_rounding and setup.choice.torchao
     torch.manual_seed(0)
     for _ in range(steps):
@@ -198,13 +199,13 @@ def test_live_state_bytes_equal_the_planner_term(optimizer):
     model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     params = list(model.parameters())
     cfg = _cfg(optimizer=optimizer, max_grad_norm=0.0, optimizer_in_backward=True, lr=1e-3)
-    setup = build_optimizer(cfg, params, Strategy(), "bf16", fused=False)
+    setup = build_optimizer(cfg, params, Strategy(), Precision("bf16"), fused=False)
     ids = torch.randint(0, config.vocab_size, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()  # the states exist after the first step
     live = live_state_bytes(setup.optimizer)
     full = build_config(None, {"model.dtype": "bfloat16", "train.optimizer": optimizer})
     shape = shape_from_hf_config(config, full, torch.bfloat16)
-    work = E.Workload(2, 16, False, 0, "bf16", optimizer=optimizer, in_backward=True)
+    work = E.Workload(2, 16, False, 0, Precision("bf16"), optimizer=optimizer, in_backward=True)
     planned = E.estimate(Strategy(), shape, work, 1).gpu["optimizer"]
     assert planned == pytest.approx(live, rel=0.01)
     assert live == state_bytes([p.numel() for p in params], optimizer, 2)  # and the formula is exact here
@@ -245,7 +246,7 @@ def test_compiled_lowbit_step_equals_eager():
     out = []
     for stance in ("force_eager", "default"):
         p = torch.nn.Parameter(torch.linspace(-1, 1, 4096))
-        setup = build_optimizer(_cfg(optimizer="adamw8bit", lr=1e-2), [p], Strategy(), "no", fused=False)
+        setup = build_optimizer(_cfg(optimizer="adamw8bit", lr=1e-2), [p], Strategy(), Precision("no"), fused=False)
         with torch.compiler.set_stance(stance):
             for g in grads:
                 p.grad = g.clone()
@@ -367,7 +368,7 @@ def test_in_backward_state_view_serves_lora_portable_moments():
     """fittune.checkpoints reads and writes `optimizer.state[p]` (LoRA's portable moments): with one optimizer
     per parameter the facade's state is each parameter's own (read after a step, written on resume)."""
     p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
-    setup = build_optimizer(_cfg(max_grad_norm=0.0, optimizer_in_backward=True), [p, q], Strategy(), "no", False)
+    setup = build_optimizer(_cfg(max_grad_norm=0.0, optimizer_in_backward=True), [p, q], Strategy(), Precision("no"), False)
     opt = setup.optimizer
     (p.sum() * 2).backward()  # only p gets a gradient: only p is stepped
     assert set(opt.state) == {p} and opt.state[p]["exp_avg"].shape == (3,) and opt.state.get(q, {}) == {}
@@ -382,4 +383,4 @@ def test_missing_torchao_is_one_clear_error(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "torchao.optim", None)  # as if not installed
     with pytest.raises(FittuneError, match=r"pip install 'fittune\[lowbit\]'"):
-        build_optimizer(_cfg(optimizer="adamw8bit"), [torch.nn.Parameter(torch.ones(2))], Strategy(), "no", False)
+        build_optimizer(_cfg(optimizer="adamw8bit"), [torch.nn.Parameter(torch.ones(2))], Strategy(), Precision("no"), False)

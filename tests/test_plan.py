@@ -25,6 +25,7 @@ from fittune.model_shapes import (
     model_shape,
     shape_from_hf_config,
 )
+from fittune.precision import Precision
 from fittune.strategy import Strategy
 
 QWEN3B = "Qwen/Qwen2.5-3B-Instruct"
@@ -133,7 +134,7 @@ def test_tiny_parameter_counts():
 def test_layer_activation_terms_full_finetuning_native_bf16():
     # accelerate autocast over fp32 weights: residual stream fp32 (4 B), matmul outputs bf16 (2 B)
     shape = tiny_shape(lora=False)
-    dt = A.activation_dtypes(S("single"), shape, "bf16")
+    dt = A.activation_dtypes(S("single"), shape, Precision("bf16"))
     assert (dt.residual, dt.compute, dt.autocast) == (4, 2, True)
     assert A.layer_activation_terms(shape, dt) == {
         "rmsnorm": 2 * (4 * 8 + 4 + 4 * 8),  # fp32 input copy + 1/rms + normalised x (trainable weight)
@@ -149,7 +150,7 @@ def test_layer_activation_terms_full_finetuning_native_bf16():
 
 def test_layer_activation_terms_lora_and_deepspeed():
     lora = tiny_shape(lora=True, weights_dtype=torch.bfloat16)  # bf16 base, fp32 adapters, dropout 0.05
-    dt = A.activation_dtypes(S("single"), lora, "bf16")
+    dt = A.activation_dtypes(S("single"), lora, Precision("bf16"))
     assert (dt.residual, dt.compute, dt.lora_input) == (2, 2, 2)
     adapter = (1 + 2) * 8 + 2 * 2  # bool dropout mask + bf16 A input per input feature, + A's rank-2 output
     assert A.layer_activation_terms(lora, dt) == {
@@ -162,7 +163,7 @@ def test_layer_activation_terms_lora_and_deepspeed():
         "down_input": (1 + 2) * 16 + 2 * 2,
     }  # 460 = 34 h + 9 I + 14 r + 4 heads + 8
     full = tiny_shape(lora=False)
-    ds = A.activation_dtypes(S("zero2"), full, "bf16")  # DeepSpeed keeps the module in bf16, no autocast
+    ds = A.activation_dtypes(S("zero2"), full, Precision("bf16"))  # DeepSpeed keeps the module in bf16, no autocast
     assert (ds.residual, ds.compute, ds.autocast) == (2, 2, False)
     terms = A.layer_activation_terms(full, ds)
     assert terms["rmsnorm"] == 2 * (4 * 8 + 4 + 2 * 8) and terms["qkv_inputs"] == 2 * 8  # one shared input
@@ -171,7 +172,7 @@ def test_layer_activation_terms_lora_and_deepspeed():
 
 def test_activation_terms_with_and_without_checkpointing():
     shape = tiny_shape(lora=False)
-    dt = A.activation_dtypes(S("single"), shape, "bf16")
+    dt = A.activation_dtypes(S("single"), shape, Precision("bf16"))
     tokens = 2 * 4  # micro-batch 2 x 4 tokens
     per_layer = 416 * tokens
     mask_per_layer = 2 * 4 * 4 * 2  # SDPA's bf16 additive mask, micro x seq x seq
@@ -189,7 +190,7 @@ def test_activation_terms_with_and_without_checkpointing():
 
 def test_logits_terms():
     shape = tiny_shape(lora=False)
-    dt = A.activation_dtypes(S("single"), shape, "bf16")
+    dt = A.activation_dtypes(S("single"), shape, Precision("bf16"))
     assert A.logits_bytes(shape, dt, 2, 4, chunk=0) == 2 * 4 * 32 * 12
     # chunk of 2 tokens: 2 x vocab x 14 B, + the 8 fp32 hidden states kept for the recompute
     assert A.logits_bytes(shape, dt, 2, 4, chunk=2) == 2 * 32 * 14 + 8 * 8 * 4
@@ -198,7 +199,7 @@ def test_logits_terms():
 
 def test_single_gpu_and_ddp_estimates_full_finetuning():
     shape = tiny_shape(lora=False)
-    work = E.Workload(micro_batch=2, seq_len=4, checkpointing=False, loss_chunk=0, mixed="bf16")
+    work = E.Workload(micro_batch=2, seq_len=4, checkpointing=False, loss_chunk=0, precision=Precision("bf16"))
     est = E.estimate(S("single"), shape, work, gpus=1)
     assert est.gpu == {"weights": 1480 * 4, "gradients": 1480 * 4, "optimizer": 2 * 1480 * 4}
     acts = 2 * (416 * 8 + 64) + 32 + 84 * 8
@@ -220,7 +221,7 @@ def test_single_gpu_and_ddp_estimates_full_finetuning():
 
 def test_single_gpu_estimate_lora():
     shape = tiny_shape(lora=True, weights_dtype=torch.bfloat16)
-    work = E.Workload(micro_batch=2, seq_len=4, checkpointing=True, loss_chunk=0, mixed="bf16")
+    work = E.Workload(micro_batch=2, seq_len=4, checkpointing=True, loss_chunk=0, precision=Precision("bf16"))
     est = E.estimate(S("single"), shape, work, gpus=1)
     assert est.gpu == {"weights": 1480 * 2 + 512 * 4, "gradients": 512 * 4, "optimizer": 2 * 512 * 4}
     assert est.gpu_pass["weight copies"] == 2 * 512
@@ -229,7 +230,7 @@ def test_single_gpu_estimate_lora():
 
 def test_deepspeed_and_fsdp_estimates():
     shape = tiny_shape(lora=False)
-    work = E.Workload(micro_batch=2, seq_len=4, checkpointing=True, loss_chunk=0, mixed="bf16")
+    work = E.Workload(micro_batch=2, seq_len=4, checkpointing=True, loss_chunk=0, precision=Precision("bf16"))
     bucket = 2 * 8 * 8 * 2  # two reduce buckets of hidden^2 bf16 elements
     z2 = E.estimate(S("zero2"), shape, work, gpus=2)
     assert z2.gpu == {"weights": 1480 * 2, "gradients": 1480 * 2 // 2 + bucket, "optimizer": 12 * 1480 // 2}
@@ -249,7 +250,7 @@ def test_deepspeed_and_fsdp_estimates():
 
 def test_device_map_splits_layers():
     shape = tiny_shape(lora=False)
-    work = E.Workload(micro_batch=2, seq_len=4, checkpointing=False, loss_chunk=0, mixed="bf16")
+    work = E.Workload(micro_batch=2, seq_len=4, checkpointing=False, loss_chunk=0, precision=Precision("bf16"))
     est = E.estimate(S("device_map"), shape, work, gpus=2)
     # busiest GPU: the first one, with 1 of the 2 layers and the tied embedding / head (and the logits)
     assert est.gpu["weights"] == (608 + 256) * 4
@@ -262,7 +263,7 @@ def test_estimate_follows_the_strategy_fields_not_its_name():
     # the weights too): the weights stay sharded on the GPUs, the optimizer states and fp32 gradients go to
     # CPU RAM, and no parameters do
     shape = tiny_shape(lora=False)
-    work = E.Workload(micro_batch=2, seq_len=4, checkpointing=True, loss_chunk=0, mixed="bf16")
+    work = E.Workload(micro_batch=2, seq_len=4, checkpointing=True, loss_chunk=0, precision=Precision("bf16"))
     z3 = Strategy(world_size=2, zero_stage=3, offload_optimizer=True)
     assert z3.name == "zero3_offload"
     est = E.estimate(z3, shape, work, gpus=2)
@@ -274,7 +275,7 @@ def test_estimate_follows_the_strategy_fields_not_its_name():
 
 @pytest.mark.parametrize("name", ["zero1", "fsdp2_offload"])
 def test_estimate_refuses_a_strategy_it_has_no_model_of(name):
-    work = E.Workload(micro_batch=2, seq_len=4, checkpointing=True, loss_chunk=0, mixed="bf16")
+    work = E.Workload(micro_batch=2, seq_len=4, checkpointing=True, loss_chunk=0, precision=Precision("bf16"))
     with pytest.raises(FittuneError, match=f"no model of {name} yet"):
         E.estimate(Strategy.named(name, 2), tiny_shape(lora=False), work, gpus=2)
 
@@ -284,7 +285,7 @@ def test_estimate_refuses_a_strategy_it_has_no_model_of(name):
 
 
 def test_chunked_loss_removes_most_of_the_3b_logits_term(qwen3b_lora):
-    dt = A.activation_dtypes(S("single"), qwen3b_lora, "bf16")
+    dt = A.activation_dtypes(S("single"), qwen3b_lora, Precision("bf16"))
     standard = A.logits_bytes(qwen3b_lora, dt, 4, 1024, chunk=0)
     assert standard == 4 * 1024 * 151936 * 12  # 6.96 GiB at the recipe's micro-batch 4 x 1024 tokens
     chunked = A.logits_bytes(qwen3b_lora, dt, 4, 1024, chunk=1024)
@@ -475,7 +476,7 @@ def test_qwen25_3b_lowbit_states_follow_the_formula(optimizer, code_bytes, block
     hand = _qwen3b_tensors()
     assert sum(hand) == shape.trainable_params == 3_085_938_688
     assert sorted(E.trainable_numels(shape)) == sorted(hand)
-    work = E.Workload(2, 1024, True, 512, "bf16", optimizer=optimizer, in_backward=True)
+    work = E.Workload(2, 1024, True, 512, Precision("bf16"), optimizer=optimizer, in_backward=True)
     est = E.estimate(Strategy(), shape, work, 1)
     assert est.gpu["optimizer"] == _by_hand(hand, code_bytes, block, qmap)
     assert est.gpu["optimizer"] / 2**30 == pytest.approx(5.84 if optimizer == "adamw8bit" else 3.05, abs=0.01)

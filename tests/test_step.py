@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from fittune import data as D
 from fittune.config import DataConfig
 from fittune.model import load_tokenizer
+from fittune.precision import Precision
 from fittune.step import BatchSplit, OomAdaptive, StepPlan, StepRunner
 from fittune.strategy import Strategy
 from fittune.testing import install_oom_injection
@@ -39,7 +40,7 @@ def _runner(tiny_model_dir, lr=0.1, max_grad_norm=0.0):
     model, opt = accel.prepare(model, opt)
     model.train()  # as in the loop (the OOM test hook only fires in training mode)
     params = [p for p in model.parameters() if p.requires_grad]
-    return StepRunner(accel, Strategy(), model, opt, sched, params, None, max_grad_norm, "no")
+    return StepRunner(accel, Strategy(), model, opt, sched, params, None, max_grad_norm, Precision("no"))
 
 
 def _plan(items, pad_id, micro: int):
