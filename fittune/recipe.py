@@ -362,10 +362,7 @@ class FineTuneRecipe:
         if state.get("world_size") == self.world:  # the same layout keeps an adapted micro-batch (oom_adaptive)
             self.split.micro_batch_size = state.get("micro_batch_size", self.split.micro_batch_size)
             self.split.grad_accum = state.get("grad_accum", self.split.grad_accum)
-        self.accelerator.gradient_accumulation_steps = self.split.grad_accum
-        if self.strategy.deepspeed:
-            self.model.set_train_micro_batch_size(self.split.micro_batch_size)
-            self.model.set_train_batch_size(self.global_batch)
+        self.split.apply(self.accelerator, self.strategy, self.model, self.global_batch)
         self.resume_how = how
 
     def _commit_output_dir(self) -> None:

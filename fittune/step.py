@@ -43,6 +43,13 @@ class BatchSplit:
     micro_batch_size: int
     grad_accum: int
 
+    def apply(self, accelerator, strategy: Strategy, model, global_batch: int) -> None:
+        """Tell accelerate (and the DeepSpeed engine, which scales its loss by 1 / accumulation) this split."""
+        accelerator.gradient_accumulation_steps = self.grad_accum
+        if strategy.deepspeed:
+            model.set_train_micro_batch_size(self.micro_batch_size)
+            model.set_train_batch_size(global_batch)
+
 
 @dataclass
 class StepPlan:
@@ -221,10 +228,6 @@ class OomAdaptive:
                                f"ZeRO offload config (python -m fittune.plan shows what fits)")
         new = old // 2 if old % 2 == 0 else 1  # same global batch: old // new times more accumulation
         self.split.micro_batch_size, self.split.grad_accum = new, self.split.grad_accum * (old // new)
-        runner = self.runner
-        runner.accelerator.gradient_accumulation_steps = self.split.grad_accum
-        if runner.strategy.deepspeed:
-            runner.model.set_train_micro_batch_size(new)  # the engine's loss scale (1 / accumulation) follows
-            runner.model.set_train_batch_size(self.global_batch)
+        self.split.apply(self.runner.accelerator, self.runner.strategy, self.runner.model, self.global_batch)
         self.log(f"out of memory at step {step + 1}: micro-batch -> {new}, accumulation -> "
                  f"{self.split.grad_accum}; {then}")
