@@ -155,7 +155,7 @@ class Estimate:
 def one_process_per_gpu(strategy: Strategy) -> bool:
     """DDP and the sharding engines launch one process per GPU; a single GPU and the device map (one process
     whose layers span the GPUs) one process in all."""
-    return strategy.distributed or strategy.sharded
+    return not strategy.plain
 
 
 def processes(strategy: Strategy, gpus: int) -> int:

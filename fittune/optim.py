@@ -103,7 +103,7 @@ def unsupported(choice: OptimizerChoice, strategy: Strategy, precision: Precisio
     if choice.name in LOWBIT and lora:
         return (f"train.optimizer {choice.name} is for full fine-tuning (LoRA's optimizer states are a few MB): "
                 f"use train.optimizer adamw with LoRA")
-    if choice.torchao and (strategy.distributed or strategy.sharded):
+    if choice.torchao and not strategy.plain:
         why = ("DeepSpeed and FSDP2 shard the optimizer step themselves" if strategy.sharded else
                "DDP replicas would each draw their own stochastic rounding" if choice.stochastic_rounding else
                "low-bit states under DDP are not supported yet")
@@ -112,7 +112,7 @@ def unsupported(choice: OptimizerChoice, strategy: Strategy, precision: Precisio
                 f"process in fittune, not under {strategy.name} ({why}): launch one process "
                 f"(accelerate_configs/single_gpu.yaml), or use train.optimizer adamw with fp32 weights "
                 f"(model.dtype auto)")
-    if choice.in_backward and (strategy.distributed or strategy.sharded):
+    if choice.in_backward and not strategy.plain:
         return (f"train.optimizer_in_backward runs in one process, not under {strategy.name} (DDP reduces "
                 f"gradients in buckets after the hooks have run; DeepSpeed and FSDP2 own the optimizer step): "
                 f"launch one process or turn optimizer_in_backward off")

@@ -58,6 +58,12 @@ class Strategy:
         return self.world_size > 1
 
     @property
+    def plain(self) -> bool:
+        """One process with a plain PyTorch model: no replicas to keep in step, no engine owning the backward
+        pass or the optimizer step (a single GPU, the device map)."""
+        return not (self.distributed or self.sharded)
+
+    @property
     def gathers_weights(self) -> bool:
         """The forward pass all-gathers weights with collectives (ZeRO-3, FSDP2): every rank must run the
         same number of forward calls, and a rank that fails mid-forward would leave the others waiting."""
@@ -111,7 +117,7 @@ def strategy_of(accelerator, parallel: str = "none") -> Strategy:
     launched = _launched(accelerator)
     if parallel != "auto":
         return launched
-    if launched.distributed or launched.sharded:
+    if not launched.plain:
         # one process drives several GPUs; a distributed launch would place the whole model on the same GPUs
         raise FittuneError(f"model.parallel: auto splits one model across the GPUs of a single process, but this "
                            f"launch is distributed ({launched.label}): launch with --num_processes 1, or drop "
