@@ -772,30 +772,6 @@ def collate_train(items: list[TokExample], pad_id: int) -> dict[str, torch.Tenso
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def collate_aligned(prompts: list[list[int]], conts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Batch (prompt, continuation) pairs so every continuation starts at the same column.
-
-    Prompts are left-padded to a common end P and continuations right-padded, so the logits needed to score
-    the continuations are exactly the columns P-1 .. P+C-2: the model computes only those (`logits_to_keep`),
-    never a full-vocabulary row for every prompt position.
-    """
-    P = max(len(p) for p in prompts)
-    C = max(len(c) for c in conts)
-    B = len(prompts)
-    ids = torch.full((B, P + C), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, P + C), dtype=torch.long)
-    targets = torch.full((B, C), IGNORE_INDEX, dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompts, conts)):
-        ids[i, P - len(p):P] = torch.tensor(p)
-        ids[i, P:P + len(c)] = torch.tensor(c)
-        mask[i, P - len(p):P + len(c)] = 1
-        targets[i, :len(c)] = torch.tensor(c)
-    # positions count real tokens only, so a left-padded row sees the positions it would see alone
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids,
-            "logits_to_keep": torch.arange(P - 1, P + C - 1), "targets": targets}
-
-
 def padding_fraction(batch_lengths: list[list[int]]) -> float:
     """Share of padded slots over micro-batches given as lists of example lengths."""
     slots = sum(max(b) * len(b) for b in batch_lengths if b)

@@ -89,6 +89,11 @@ class RunCounters:
     pad_slots: int = 0
     real_tokens: int = 0
 
+    @property
+    def padding(self) -> float:
+        """The share of this rank's micro-batch slots so far that were padding."""
+        return 1 - self.real_tokens / max(1, self.pad_slots)
+
 
 @dataclass
 class StepTally:
@@ -540,7 +545,7 @@ class FineTuneRecipe:
                "lr": self.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
                "tokens_per_s": self._clock[1] / max(now - self._clock[0], 1e-9),
                "peak_mem_gib": peak_memory_gib(self.accelerator.device),
-               "padding_frac": 1 - c.real_tokens / max(1, c.pad_slots),
+               "padding_frac": c.padding,
                "overflow_skipped": c.skipped_overflow, "nonfinite_skipped": c.skipped_nonfinite}
         self._clock = (now, 0)
         if validate:
@@ -626,7 +631,7 @@ class FineTuneRecipe:
         c = self.counters
         self._remove_replaced(self.run_dir)  # first: final/ and eval/ are there, the plot may fail
         plot_loss_curve(self.out / "train_log.jsonl", self.out / "loss_curve.png")
-        self._log(f"padding: {1 - c.real_tokens / max(1, c.pad_slots):.1%} of micro-batch slots were padding")
+        self._log(f"padding: {c.padding:.1%} of micro-batch slots were padding")
         left_out = f" of {self.fit.heldout_total}: {len(self.fit.heldout_dropped)} do not fit data.max_length" \
             if self.fit.heldout_dropped else ""
         self._log(f"held-out metrics ({len(self.test_set)} examples{left_out})\n"

@@ -4,7 +4,6 @@ import json
 from collections import Counter
 
 import pytest
-import torch
 
 from fittune import data as D
 from fittune.config import DataConfig
@@ -175,24 +174,6 @@ def test_global_batches_do_not_depend_on_the_split():
     rand = D.plan_global_batches(lengths, 8, seed=1, epoch=0, group_by_length=False)
     random_ = [[lengths[j] for j in m] for b in rand for m in D.micro_batches_for_rank(b, lengths, 2, 4, 1, 0)]
     assert D.padding_fraction(grouped) <= D.padding_fraction(random_)
-
-
-def test_aligned_batch_gives_the_logits_of_unpadded_rows(tiny_model_dir):
-    """Left-padded prompts + logits_to_keep give the same continuation log-probs as each row run alone."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
-    conts = [[20, 21], [22, 23, 24, 25], [26]]
-    batch = D.collate_aligned(prompts, conts, pad_id=0)
-    targets = batch.pop("targets")
-    with torch.no_grad():
-        logits = model(**batch).logits.log_softmax(-1)
-        for i, (p, c) in enumerate(zip(prompts, conts)):
-            alone = model(input_ids=torch.tensor([p + c])).logits.log_softmax(-1)[0, len(p) - 1:len(p) + len(c) - 1]
-            got = logits[i, :len(c)]
-            torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
-            assert targets[i, :len(c)].tolist() == c
 
 
 def test_held_out_rows_that_do_not_fit_are_said_apart_from_training_rows():
