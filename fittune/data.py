@@ -19,7 +19,7 @@ import string
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -779,9 +779,16 @@ def padding_fraction(batch_lengths: list[list[int]]) -> float:
     return 0.0 if slots == 0 else 1.0 - real / slots
 
 
+class StepCount(NamedTuple):
+    total: int
+    """Optimizer steps of the whole run."""
+    per_epoch: int
+    """Optimizer steps in one pass over the training split."""
+
+
 def count_steps(n_examples: int, global_size: int, max_steps: int, epochs: float, dropped: int = 0,
-                max_length: int = 0) -> tuple[int, int]:
-    """(optimizer steps for the run, steps per epoch); `dropped` rows of the split did not fit `max_length`."""
+                max_length: int = 0) -> StepCount:
+    """The optimizer steps of the run and of one epoch; `dropped` rows of the split did not fit `max_length`."""
     per_epoch = n_examples // global_size
     if per_epoch < 1:
         if dropped and n_examples + dropped >= global_size:  # the rows exist: the length limit dropped them
@@ -791,7 +798,7 @@ def count_steps(n_examples: int, global_size: int, max_steps: int, epochs: float
         raise FittuneError(f"the training split has {n_examples} examples, fewer than one global batch "
                            f"({global_size} = micro_batch_size x grad_accum x processes); lower them or add data")
     total = max_steps if max_steps > 0 else max(1, math.ceil(per_epoch * epochs))
-    return total, per_epoch
+    return StepCount(total, per_epoch)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -207,11 +208,16 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
-def count_parameters(model) -> tuple[int, int]:
-    """(total, trainable) parameter counts of the whole model, also when ZeRO-3 has partitioned it (each
+class ParameterCount(NamedTuple):
+    total: int
+    trainable: int
+
+
+def count_parameters(model) -> ParameterCount:
+    """The total and trainable parameter counts of the whole model, also when ZeRO-3 has partitioned it (each
     parameter then holds an empty placeholder; `ds_numel` is its real size)."""
     sizes = [(int(getattr(p, "ds_numel", p.numel())), p.requires_grad) for p in model.parameters()]
-    return sum(n for n, _ in sizes), sum(n for n, trainable in sizes if trainable)
+    return ParameterCount(sum(n for n, _ in sizes), sum(n for n, trainable in sizes if trainable))
 
 
 def load_trained_model(checkpoint: Path, cfg: Config, dtype: torch.dtype):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -147,13 +148,25 @@ SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                       rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
 
 
-def _tiny_config(cfg: Config):
+@dataclass(frozen=True)
+class FoundConfig:
+    """A model's transformers config as found offline, and where from (for the planner's report)."""
+
+    config: Any
+    """The transformers `PretrainedConfig`."""
+    source: str
+    """Where it came from, in words."""
+    notes: list[str] = field(default_factory=list)
+    """What the counts based on it cannot know (e.g. an approximated vocabulary)."""
+
+
+def _tiny_config(cfg: Config) -> FoundConfig:
     """The built-in tiny model's config: from its built directory when present, else approximated."""
     from transformers import AutoConfig, Qwen2Config  # local: slow import (docstring)
 
     built = Path(resolve_model_path(cfg))
     if (built / "config.json").is_file():
-        return AutoConfig.from_pretrained(str(built)), f"{built}/config.json (built tiny model)", []
+        return FoundConfig(AutoConfig.from_pretrained(str(built)), f"{built}/config.json (built tiny model)")
     t = cfg.model.tiny
     # Same fields as fittune.tiny.write_tiny_model. The real vocabulary is the size of the BPE tokenizer
     # trained on the demo corpus, known only once it is built (often below tiny.vocab_size, which is the
@@ -165,11 +178,11 @@ def _tiny_config(cfg: Config):
     note = (f"built-in tiny model not built yet ({built} has no config.json): vocabulary approximated by "
             f"model.tiny.vocab_size={t.vocab_size} (the trained tokenizer is usually smaller); run train.py "
             f"once for exact counts")
-    return config, "model.tiny (approximate)", [note]
+    return FoundConfig(config, "model.tiny (approximate)", [note])
 
 
-def load_hf_config(cfg: Config):
-    """(transformers config, source description, notes) for `cfg.model.name_or_path`, without any download.
+def load_hf_config(cfg: Config) -> FoundConfig:
+    """The transformers config of `cfg.model.name_or_path`, without any download.
 
     Raises FittuneError when the model's config cannot be found offline.
     """
@@ -181,23 +194,24 @@ def load_hf_config(cfg: Config):
     if name == SMOLLM2:
         from transformers import LlamaConfig  # local: slow import (docstring)
 
-        return LlamaConfig(**SMOLLM2_CONFIG), "published SmolLM2-135M-Instruct config", []
+        return FoundConfig(LlamaConfig(**SMOLLM2_CONFIG), "published SmolLM2-135M-Instruct config")
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FittuneError(f"model directory {name} has no config.json: point model.name_or_path at a "
                                f"model saved with save_pretrained")
         try:
-            return (AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code),
-                    f"{path}/config.json", [])
+            return FoundConfig(AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code),
+                               f"{path}/config.json")
         except (OSError, ValueError) as e:
             raise FittuneError(f"cannot read {path}/config.json: {str(e).splitlines()[0]}") from None
     builtin = builtin_config(name)
     if builtin is not None:
-        return builtin, "built-in shape table (published config.json values)", []
+        return FoundConfig(builtin, "built-in shape table (published config.json values)")
     try:  # a hub id already in the local Hugging Face cache; never the network
-        return (AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=cfg.model.trust_remote_code),
-                "local Hugging Face cache", [])
+        return FoundConfig(AutoConfig.from_pretrained(name, local_files_only=True,
+                                                      trust_remote_code=cfg.model.trust_remote_code),
+                           "local Hugging Face cache")
     except (OSError, ValueError):
         pass
     known = ", ".join(sorted(KNOWN_CONFIGS))
@@ -311,5 +325,5 @@ def shape_from_hf_config(hf_config, cfg: Config, weights_dtype: torch.dtype, nam
 
 def model_shape(cfg: Config, weights_dtype: torch.dtype) -> ModelShape:
     """The shape of `cfg.model` as fittune will train it (config found offline, counted on the meta device)."""
-    hf_config, source, notes = load_hf_config(cfg)
-    return shape_from_hf_config(hf_config, cfg, weights_dtype, source=source, notes=notes)
+    found = load_hf_config(cfg)
+    return shape_from_hf_config(found.config, cfg, weights_dtype, source=found.source, notes=found.notes)
