@@ -14,6 +14,7 @@ from fittune.launch import install_parent_death_signal
 
 
 def main() -> None:
+    """Evaluate the checkpoint the command line names, as its recipe (or --config) says."""
     install_parent_death_signal()  # a launcher killed from here on still ends this process
     from fittune.evaluate_cli import evaluate_main
 

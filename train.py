@@ -14,6 +14,7 @@ from fittune.launch import install_parent_death_signal
 
 
 def main() -> int:
+    """Train with the recipe and flags of the command line; the exit code (143 after a SIGTERM's checkpoint)."""
     install_parent_death_signal()  # first: a launcher killed from here on still reaches this process
     if "--plan" in sys.argv[1:]:  # predict memory for every strategy instead of training
         from fittune.plan import exit_code, plan_main

@@ -136,6 +136,7 @@ class CheckpointTarget:
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
+    """Where a run keeps its training checkpoints (step-N/ directories)."""
     return Path(output_dir) / "checkpoints"
 
 

@@ -138,6 +138,8 @@ class TinyModelConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """Which model to fine-tune, how its weights are loaded, and how it is placed on the devices."""
+
     name_or_path: PathStr = BUILTIN_MODEL
     """Hub id (e.g. `Qwen/Qwen2.5-3B-Instruct`) or local directory loaded with `from_pretrained`, or a built-in
     model: `builtin:tiny-qwen2` (a tiny random Qwen2 model + tokenizer built offline, shape `model.tiny`) or
@@ -177,6 +179,8 @@ class ModelConfig(_Section):
 
 
 class LoraConfig(_Section):
+    """LoRA adapters (`enabled`), or full fine-tuning of every weight (the default)."""
+
     enabled: bool = False
     """Train a LoRA adapter (PEFT) instead of all weights."""
     r: _int(ge=1) = 16
@@ -209,6 +213,8 @@ class LoraConfig(_Section):
 
 
 class DataConfig(_Section):
+    """Where the data is, how its columns map to question / answer / choices / label, and the held-out split."""
+
     path: PathStr = BUILTIN_DATA
     """Training data: a .jsonl/.json/.csv/.parquet file, a `datasets.save_to_disk` directory, or a hub dataset
     name. `builtin:ai-research-qa` is the demo set shipped with fittune."""
@@ -303,6 +309,8 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
+    """The training loop: batch, optimizer and schedule, precision, memory savers, checkpoints and logging."""
+
     micro_batch_size: _int(ge=1) = 8
     """Examples per forward pass on each process."""
     grad_accum: _int(ge=1) = 1
@@ -411,6 +419,8 @@ def _check_in_backward(t: TrainConfig) -> None:
 
 
 class EvalConfig(_Section):
+    """The held-out evaluation after training and in evaluate.py."""
+
     batch_size: _int(ge=1) = 8
     """Examples per evaluation forward pass on each process."""
     before_training: bool = False

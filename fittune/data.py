@@ -682,10 +682,16 @@ class TokExample:
 
 @dataclass
 class TokenizeStats:
+    """What tokenizing a split did to its rows."""
+
     rows: int = 0
+    """Rows kept."""
     truncated: int = 0
+    """Rows kept with the start of their prompt cut to fit data.max_length."""
     dropped: int = 0
+    """Rows left out: their answer (or longest choice) does not fit."""
     dropped_ids: list[str] = field(default_factory=list)
+    """The ids of the dropped rows."""
 
 
 def _last_user_turn(messages: list[dict[str, str]]) -> str:

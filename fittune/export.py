@@ -326,6 +326,7 @@ def _fsdp2_state_dict(shards: Path) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str]) -> None:
+    """`python -m fittune.export --checkpoint DIR --output OUT [--merge] [--trust_checkpoint]`."""
     from fittune.cli import split_flag
 
     if "-h" in argv or "--help" in argv:

@@ -39,6 +39,7 @@ class ChunkedLossHead(nn.Linear):
     fused = None  # Liger's fused linear + cross-entropy (GPU), set at install: gradients in the forward, no recompute
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits without `targets`; with them, the summed NLL of the target tokens as a (1, 1, 1) tensor."""
         if self.targets is None:
             return super().forward(hidden)
         shifted = self.targets[:, 1:].reshape(-1).to(hidden.device)  # the head may sit on another GPU (device map)

@@ -33,6 +33,7 @@ class TrainingProgress:
             self.bar = tqdm(total=total, initial=initial, desc="training", dynamic_ncols=True, file=terminal)
 
     def step_done(self) -> None:
+        """One optimizer step more on the bar."""
         if self.bar is not None:
             self.bar.update(1)
 

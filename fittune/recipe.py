@@ -131,6 +131,7 @@ class DataFit:
     heldout_total: int
 
     def notes(self) -> list[str]:
+        """What the length limit did to the data, as lines for the start of the run."""
         notes = []
         if self.train_dropped:
             notes.append(f"dropped from training, their answer does not fit data.max_length: "

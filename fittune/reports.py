@@ -51,6 +51,7 @@ def metrics_table(columns: dict[str, dict]) -> str:
 
 
 def markdown_table(columns: dict[str, dict]) -> str:
+    """One column per model (majority, untrained, fine-tuned ...), one row per metric any of them has."""
     names = [m for m in TABLE_METRICS if any(m in c for c in columns.values())]
     out = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     out += [f"| {m} | " + " | ".join(_fmt(c.get(m)) for c in columns.values()) + " |" for m in names]
@@ -58,6 +59,7 @@ def markdown_table(columns: dict[str, dict]) -> str:
 
 
 def plot_confusion(cm: dict, path: Path, title: str) -> None:
+    """The confusion matrix (`{"labels": [...], "matrix": [[...]]}`) as a PNG at `path`."""
     import matplotlib
 
     matplotlib.use("Agg")

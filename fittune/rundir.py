@@ -521,6 +521,7 @@ class DirLock:
         self._noted = True
 
     def release(self) -> None:
+        """Let go of the lock (idempotent); the lock file stays, emptied if this process wrote its holder."""
         if self._fd is not None:
             if self._noted:  # nobody holds it now; the file itself stays (one inode for everyone)
                 os.ftruncate(self._fd, 0)
@@ -693,6 +694,7 @@ class RunDir:
         return cleanup
 
     def release(self) -> None:
+        """Let go of the directory's lock."""
         self.lock.release()
 
 

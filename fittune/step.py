@@ -176,6 +176,7 @@ class OomAdaptive:
 
     @staticmethod
     def check_supported(strategy: Strategy) -> None:
+        """Refuse a strategy under which one rank's OOM would leave the others waiting in a collective."""
         if strategy.gathers_weights:
             raise FittuneError(f"train.oom_adaptive does not work under {strategy.name} (its forward pass gathers "
                                f"weights with collectives, so a rank that fails mid-forward leaves the others "
