@@ -105,6 +105,10 @@ def accelerate_checkpoint(root, model_dir):
 
     import yaml
 
+    from fittune.rundir import claim_dir, owned
+
+    if not owned(root, "train"):
+        claim_dir(root, "train")  # a fittune run: its config.yaml is the checkpoint's recipe
     ckpt = root / "checkpoints" / "step-00000004"
     ckpt.mkdir(parents=True)
     shutil.copy(model_dir / "model.safetensors", ckpt / "model.safetensors")
