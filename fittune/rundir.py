@@ -27,9 +27,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from fittune.errors import FittuneError, first_line
 
+DirKind = Literal["train", "eval", "checkpoint", "final"]
+"""What fittune made a directory for (its marker says it): a run, an evaluation, a training checkpoint, a run's
+final/ while it is built."""
 MARKER = ".fittune"
 LOCK_INFO = ".fittune.lock"
 REPLACED = ".fittune.replaced"  # the runs --overwrite moved aside, removed when the run replacing them finishes
@@ -207,7 +211,7 @@ def check_free_space(directory: Path, need_bytes: int, what: str) -> None:
 # ---- ownership --------------------------------------------------------------------------------------------
 
 
-def owned(path: Path, kind: str | None = None) -> bool:
+def owned(path: Path, kind: DirKind | None = None) -> bool:
     """Whether fittune created `path` (its marker; never a symbolic link, which fittune does not create); with
     `kind`, for that purpose (`train`, `eval`, `checkpoint`): fittune replaces or removes a directory only as
     what it made it for, never e.g. a run someone placed where a checkpoint goes."""
@@ -216,7 +220,7 @@ def owned(path: Path, kind: str | None = None) -> bool:
     return kind is None or marker_kind(path) == kind
 
 
-def marker_kind(path: Path) -> str | None:
+def marker_kind(path: Path) -> DirKind | None:
     """What fittune created `path` for (`train`, `eval`, `checkpoint`...), from its marker; None without one."""
     try:
         return json.loads((path / MARKER).read_text()).get("kind")
@@ -273,7 +277,7 @@ def check_writable_dir(path: Path, flag: str) -> None:
                            f"did not create")
 
 
-def claim_dir(path: Path, kind: str) -> Path:
+def claim_dir(path: Path, kind: DirKind) -> Path:
     """Create `path` (parents too) or adopt an empty one, and mark it as fittune's (sealed: `sealed`)."""
     path.mkdir(parents=True, exist_ok=True)
     if not (path / MARKER).is_file():
@@ -423,7 +427,7 @@ def interrupted_claim(path: Path) -> bool:
     return all(c.is_file() and c.name.startswith(f".{MARKER}.tmp-") for c in path.iterdir())
 
 
-def claim_build_dir(tmp: Path, kind: str, refusal: str) -> Path:
+def claim_build_dir(tmp: Path, kind: DirKind, refusal: str) -> Path:
     """An empty, marked `tmp` to build a directory in before it is published: fittune's leftover of a crashed
     attempt (the same kind) is removed, a claim cut short is adopted, anything else there is refused with
     `refusal`."""
@@ -434,7 +438,7 @@ def claim_build_dir(tmp: Path, kind: str, refusal: str) -> Path:
     return claim_dir(tmp, kind)
 
 
-def remove_owned(path: Path, kind: str) -> None:
+def remove_owned(path: Path, kind: DirKind) -> None:
     """Remove a directory fittune created as `kind` (refuses anything else: a guard against deleting user files
     or another of fittune's directories that ended up where this one was expected)."""
     if path.is_symlink():
