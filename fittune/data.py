@@ -88,58 +88,68 @@ def read_rows(path: str, cfg: DataConfig, split: str | None = None) -> list[dict
     fmt = _detect_format(path, cfg.format)
     if fmt != "hub" and not Path(path).exists():
         raise FittuneError(f"data file not found: {path}{_relative_to_cwd(path)} (data.path / data.test_path)")
-    if fmt == "jsonl":
-        rows = _read_jsonl(path)
-    elif fmt == "json":
-        rows = _read_json(path)
-    elif fmt == "csv":
-        import pandas as pd
-
-        text = _utf8_text(Path(path).read_bytes(), path)
-        _check_csv_width(text, cfg, path)
-        try:
-            frame = pd.read_csv(io.StringIO(text), header=0 if cfg.csv_header else None, names=cfg.column_names,
-                                dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-            raise FittuneError(f"{path}: not a readable CSV file ({str(e).strip()})") from None
-        rows = frame.to_dict(orient="records")
-    elif fmt == "parquet":
-        import pandas as pd
-
-        try:
-            rows = pd.read_parquet(path).to_dict(orient="records")
-        except Exception as e:  # pyarrow raises several unrelated types for a broken file
-            raise FittuneError(f"{path}: not a readable Parquet file ({e})") from None
-    elif fmt == "disk":
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(path)
-        except FileNotFoundError as e:
-            raise FittuneError(f"{path}: not a datasets.save_to_disk directory ({e})") from None
-        if not isinstance(ds, datasets.DatasetDict) and split != "train":  # a split asked of one Dataset
-            if split != cfg.hub_split:
-                raise FittuneError(f"{path} is one dataset, not a DatasetDict with splits: remove data.test_split")
-            raise FittuneError(f"{path} is one dataset, not a DatasetDict with splits: data.hub_split '{split}' "
-                               f"picks nothing there; set data.hub_split back to train (its default)")
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                key = "data.test_split" if split != cfg.hub_split else "data.hub_split"
-                raise FittuneError(f"{path} has splits {list(ds)}, not '{split}': set {key}")
-            ds = ds[split]
-        rows = ds.to_list()
-    else:
-        import datasets
-
-        try:
-            rows = datasets.load_dataset(path, split=split).to_list()
-        except Exception as e:  # network, missing dataset, missing split: all the user's to fix
-            raise FittuneError(f"cannot load hub dataset '{path}' split '{split}' "
-                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                               f"check the name and your network, or point data.path at a local file") from None
+    rows = _READERS[fmt](path, cfg, split)
     if not rows:
         raise FittuneError(f"{path} holds no rows: add examples or point data.path at another file")
     return rows
+
+
+def _read_csv(path: str, cfg: DataConfig, split: str) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    text = _utf8_text(Path(path).read_bytes(), path)
+    _check_csv_width(text, cfg, path)
+    try:
+        frame = pd.read_csv(io.StringIO(text), header=0 if cfg.csv_header else None, names=cfg.column_names,
+                            dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise FittuneError(f"{path}: not a readable CSV file ({str(e).strip()})") from None
+    return frame.to_dict(orient="records")
+
+
+def _read_parquet(path: str, cfg: DataConfig, split: str) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path).to_dict(orient="records")
+    except Exception as e:  # pyarrow raises several unrelated types for a broken file
+        raise FittuneError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _read_saved(path: str, cfg: DataConfig, split: str) -> list[dict[str, Any]]:
+    """A `save_to_disk` directory: one Dataset, or a DatasetDict read at `split`."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except FileNotFoundError as e:
+        raise FittuneError(f"{path}: not a datasets.save_to_disk directory ({e})") from None
+    key = "data.test_split" if split != cfg.hub_split else "data.hub_split"  # which key asked for `split`
+    if not isinstance(ds, datasets.DatasetDict):
+        if split == "train":
+            return ds.to_list()
+        if key == "data.test_split":
+            raise FittuneError(f"{path} is one dataset, not a DatasetDict with splits: remove data.test_split")
+        raise FittuneError(f"{path} is one dataset, not a DatasetDict with splits: data.hub_split '{split}' "
+                           f"picks nothing there; set data.hub_split back to train (its default)")
+    if split not in ds:
+        raise FittuneError(f"{path} has splits {list(ds)}, not '{split}': set {key}")
+    return ds[split].to_list()
+
+
+def _read_hub(path: str, cfg: DataConfig, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, split=split).to_list()
+    except Exception as e:  # network, missing dataset, missing split: all the user's to fix
+        raise FittuneError(f"cannot load hub dataset '{path}' split '{split}' "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                           f"check the name and your network, or point data.path at a local file") from None
+
+
+_READERS = {"jsonl": lambda path, cfg, split: _read_jsonl(path), "json": lambda path, cfg, split: _read_json(path),
+            "csv": _read_csv, "parquet": _read_parquet, "disk": _read_saved, "hub": _read_hub}
 
 
 def _utf8_text(data: bytes, path: str) -> str:
