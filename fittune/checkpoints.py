@@ -19,6 +19,7 @@ from fittune.rundir import (
     STEP_NAME,
     DirInUse,
     DirLock,
+    RunLayout,
     atomic_write_text,
     check_free_space,
     claim_build_dir,
@@ -59,8 +60,9 @@ def resolve_checkpoint(path: str) -> CheckpointInfo:
         raise FittuneError(f"checkpoint not found: {path}")
     if not p.is_dir():
         raise FittuneError(f"checkpoint must be a directory (a training output dir or its final/): {path}")
-    if owned(p, "train") and (p / "config.yaml").is_file() and (p / "final").is_dir():
-        return CheckpointInfo(p / "final", p, p / "config.yaml")
+    run = RunLayout(p)
+    if owned(p, "train") and run.config.is_file() and run.final.is_dir():
+        return CheckpointInfo(run.final, p, run.config)
     if owned(p, "train") and not _has_weights(p):
         raise FittuneError(_unfinished_run(p))
     if owned(p, "checkpoint") and not _has_weights(p):
@@ -137,7 +139,7 @@ class CheckpointTarget:
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     """Where a run keeps its training checkpoints (step-N/ directories)."""
-    return Path(output_dir) / "checkpoints"
+    return RunLayout(Path(output_dir)).checkpoints
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -191,8 +193,8 @@ def run_finished(output_dir: str | Path) -> bool:
     a finished run has nothing to train (it only retries removing the runs an --overwrite replaced); one of a
     run that has not finished does what is left."""
     out = Path(output_dir)
-    metrics = out / "eval" / "metrics.json"
-    if not ((out / "final").is_dir() and metrics.is_file()):
+    metrics = RunLayout(out).eval / "metrics.json"
+    if not (RunLayout(out).final.is_dir() and metrics.is_file()):
         return False
     saves = complete_checkpoints(out)
     return not saves or metrics.stat().st_mtime_ns >= (saves[-1] / STATE_FILE).stat().st_mtime_ns

@@ -18,7 +18,7 @@ from fittune.config import (
     recipe_data_path,
 )
 from fittune.errors import FittuneError
-from fittune.rundir import owned
+from fittune.rundir import RunLayout, owned
 from fittune.tiny import DEMO_DATA
 
 DEMO_RECIPE = DEMO_DATA.parent / "demo.yaml"
@@ -97,7 +97,7 @@ def resumed_recipe(overrides: dict[str, Any]) -> RecipeChoice | None:
     out = overrides.get("output_dir")
     if not overrides.get("resume") or out is None:
         return None
-    saved = Path(expand_home(str(out))) / "config.yaml"
+    saved = RunLayout(Path(expand_home(str(out)))).config
     if not (saved.is_file() and owned(saved.parent, "train")):
         return None
     # what each command grants for itself (trust, replacing a run) is never taken from the saved file

@@ -41,11 +41,11 @@ from fittune.checkpoints import check_dcp_files, check_files, complete_checkpoin
 from fittune.config import TinyModelConfig
 from fittune.errors import FittuneError, first_line, run_cli
 from fittune.rundir import (
-    HELDOUT_IDS,
     OWN_CONFIG,
     OWN_HELDOUT_IDS,
     DirInUse,
     DirLock,
+    RunLayout,
     check_not_inside_fittune_dir,
     fsync_dir,
     fsync_tree,
@@ -170,7 +170,7 @@ def _describe(src: Path, tmp: Path) -> None:
     """The run's recipe and held-out ids beside the exported weights (as final/ has them), so evaluate.py
     scores the export on the run's held-out rows wherever it is copied."""
     run = owning_run(src)
-    sources = ((run / "config.yaml", run / HELDOUT_IDS) if run is not None else
+    sources = ((RunLayout(run).config, RunLayout(run).heldout_ids) if run is not None else
                (src / OWN_CONFIG, src / OWN_HELDOUT_IDS))
     for source, name in zip(sources, (OWN_CONFIG, OWN_HELDOUT_IDS)):
         if source.is_file() and not (tmp / name).exists():
@@ -220,8 +220,8 @@ def export(checkpoint: str, output: str, merge: bool = False, trust_checkpoint: 
 
 def _weights_of(src: Path) -> Path:
     """What to export from `src`: a run's final/, or `src` itself; a run without final/ names its checkpoints."""
-    if (src / "final").is_dir() and (src / "config.yaml").is_file():
-        return src / "final"
+    if RunLayout(src).final.is_dir() and RunLayout(src).config.is_file():
+        return RunLayout(src).final
     if owned(src, "train"):  # a run that stopped before its end: its checkpoints are what it has
         saves = complete_checkpoints(src)
         hint = f"export its last checkpoint: --checkpoint {saves[-1]}, or " if saves else ""

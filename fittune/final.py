@@ -13,6 +13,7 @@ from fittune.rundir import (
     MARKER,
     OWN_CONFIG,
     OWN_HELDOUT_IDS,
+    RunLayout,
     atomic_write_text,
     claim_build_dir,
     publish_dir,
@@ -23,7 +24,7 @@ from fittune.rundir import (
 def save_final(model, accelerator, tokenizer, out: Path, config_yaml: str, log) -> Path:
     """Write final/ through final.tmp: saved, checked against the live weights, then swapped in atomically
     (a previous final/ stays until the new one is complete)."""
-    final = out / "final"
+    final = RunLayout(out).final
     # gathered from every rank's shards under ZeRO-3 / FSDP2 (a collective: every rank calls it)
     state_dict = accelerator.get_state_dict(model)
 

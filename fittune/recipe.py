@@ -64,10 +64,10 @@ from fittune.placement import input_device, place_model
 from fittune.progress import TrainingProgress
 from fittune.reports import metrics_table, plot_loss_curve
 from fittune.rundir import (
-    HELDOUT_IDS,
     DirInUse,
     DirLock,
     RunDir,
+    RunLayout,
     atomic_write_text,
     inspect_output_dir,
     owned,
@@ -151,6 +151,7 @@ class FineTuneRecipe:
 
     def __init__(self, cfg: Config, program: str = "train.py"):
         self.cfg, self.program, self.out = cfg, program, Path(cfg.output_dir)
+        self.layout = RunLayout(self.out)
         self.counters, self.bad_in_a_row, self.run_dir = RunCounters(), 0, None
         self.lock, self.progress, self.done = None, None, None
         self._plan, self._plan_epoch = [], -1  # the epoch's global batches, made when an epoch starts
@@ -403,14 +404,14 @@ class FineTuneRecipe:
                       f"this run has finished")
         for partial in remove_partial_checkpoints(self.out):  # saves a crash cut short: never resumed from
             self._log(f"removed incomplete checkpoint {partial}")
-        atomic_write_text(self.out / "config.yaml", self.config_yaml)
-        atomic_write_text(self.out / HELDOUT_IDS, json.dumps(
+        atomic_write_text(self.layout.config, self.config_yaml)
+        atomic_write_text(self.layout.heldout_ids, json.dumps(
             {"ids": [x.id for x in self.test_set], "examples_sha256": self.heldout_ids_digest,
              "source_sha256": self.digests["source_sha256"]}, indent=0))
         self._start_log()
 
     def _start_log(self) -> None:
-        log = self.out / "train_log.jsonl"
+        log = self.layout.log
         if self.resume_from is None:
             runlog.start(log)
             return
@@ -439,7 +440,7 @@ class FineTuneRecipe:
         if self.resume_from is None:
             return [now]
         try:
-            earlier = yaml.safe_load((self.resume_from / "config.yaml").read_text())
+            earlier = yaml.safe_load(RunLayout(self.resume_from).config.read_text())
             layouts = earlier["run"].get("trained_with") or [
                 {"strategy": earlier["run"]["strategy"], "world_size": earlier["run"]["world_size"],
                  "micro_batch_size": earlier["train"]["micro_batch_size"],
@@ -462,12 +463,12 @@ class FineTuneRecipe:
         # the built-in tiny model starts from random weights; any other model is pretrained
         title = "untrained" if cfg.model.name_or_path == BUILTIN_MODEL else "zero-shot"
         if self.resume_from is None:
-            self.compare[title] = self._evaluate(self.out / "eval_untrained", title)
+            self.compare[title] = self._evaluate(self.layout.eval_untrained, title)
             return
         # resumed: the evaluation before training is the run's own (or, --resume PATH, the run it came from)
-        for run in (self.out, self.resume_from.parent.parent):
-            if owned(run / "eval_untrained", "eval") and (run / "eval_untrained" / "metrics.json").is_file():
-                self.compare[title] = json.loads((run / "eval_untrained" / "metrics.json").read_text())
+        for run in (self.layout, RunLayout(self.resume_from.parent.parent)):
+            if owned(run.eval_untrained, "eval") and (run.eval_untrained / "metrics.json").is_file():
+                self.compare[title] = json.loads((run.eval_untrained / "metrics.json").read_text())
                 return
 
     # ---- the loop ----------------------------------------------------------------------------------------
@@ -555,7 +556,7 @@ class FineTuneRecipe:
                                               cfg.eval.batch_size, cfg.eval.max_batch_tokens)
         if self.accelerator.is_main_process and self._log_failure is None:
             try:
-                self._write(runlog.append, self.out / "train_log.jsonl", row)
+                self._write(runlog.append, self.layout.log, row)
             except Exception as e:  # noqa: BLE001 - every rank learns of it at the next step's all-reduce
                 self._log_failure = e
         self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
@@ -620,7 +621,7 @@ class FineTuneRecipe:
             self.checkpoint(self.total_steps)
         self._write_ranks()
         save_final(self.model, self.accelerator, self.tokenizer, self.out, self.config_yaml, self._log)
-        metrics = self._evaluate(self.out / "eval", "fine-tuned")
+        metrics = self._evaluate(self.layout.eval, "fine-tuned")
         # every rank waits for the main process's last writes: none tears the process group down early, and a
         # failed write there fails the run on every rank
         on_main_then_agree(self.accelerator, lambda: self._report(metrics))
@@ -631,7 +632,7 @@ class FineTuneRecipe:
         """The replaced run goes; the loss curve, the summary lines and the metrics table (main process)."""
         c = self.counters
         self._remove_replaced(self.run_dir)  # first: final/ and eval/ are there, the plot may fail
-        plot_loss_curve(self.out / "train_log.jsonl", self.out / "loss_curve.png")
+        plot_loss_curve(self.layout.log, self.layout.loss_curve)
         self._log(f"padding: {c.padding:.1%} of micro-batch slots were padding")
         left_out = f" of {self.fit.heldout_total}: {len(self.fit.heldout_dropped)} do not fit data.max_length" \
             if self.fit.heldout_dropped else ""
@@ -650,7 +651,7 @@ class FineTuneRecipe:
     def _finished_metrics(self) -> dict | None:
         """The held-out metrics a finished run wrote (the main process reads them; None elsewhere)."""
         try:
-            return json.loads((self.out / "eval" / "metrics.json").read_text()) if self.accelerator.is_main_process \
+            return json.loads((self.layout.eval / "metrics.json").read_text()) if self.accelerator.is_main_process \
                 else None
         except (OSError, ValueError):  # damaged since: the run still has nothing to train
             return None
@@ -673,7 +674,7 @@ class FineTuneRecipe:
                   "examples_seen": self.total_steps * cfg.train.micro_batch_size * cfg.train.grad_accum,
                   "first_step_ids": [self.train_set[j].id for m in first for j in m], **local_shards(self.model)}
         ranks = gather_object([report])
-        on_main_then_agree(self.accelerator, lambda: self._write(atomic_write_text, self.out / "ranks.json",
+        on_main_then_agree(self.accelerator, lambda: self._write(atomic_write_text, self.layout.ranks,
                                                                  json.dumps(ranks, indent=1)))
 
     def _write(self, write, path: Path, content) -> None:

@@ -49,6 +49,57 @@ RUN_NAMES = frozenset(RUN_FILES) | {"eval_untrained", "ranks.json", "loss_curve.
                                     "eval.tmp", "eval_untrained.tmp"}
 
 
+@dataclass(frozen=True)
+class RunLayout:
+    """Where a run keeps each of its files: the one place that names them."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        """The resolved recipe with the run's facts (`run:`), as train.py and evaluate.py read it back."""
+        return self.root / "config.yaml"
+
+    @property
+    def log(self) -> Path:
+        """One JSON line per logged step (loss, learning rate, tokens/s ...)."""
+        return self.root / "train_log.jsonl"
+
+    @property
+    def heldout_ids(self) -> Path:
+        """The held-out rows' ids and content hash: what evaluate.py scores."""
+        return self.root / HELDOUT_IDS
+
+    @property
+    def final(self) -> Path:
+        """The trained model (or adapter), written whole at the end."""
+        return self.root / "final"
+
+    @property
+    def checkpoints(self) -> Path:
+        """The resumable training checkpoints (step-N/)."""
+        return self.root / "checkpoints"
+
+    @property
+    def eval(self) -> Path:
+        """The held-out evaluation that training wrote."""
+        return self.root / "eval"
+
+    @property
+    def eval_untrained(self) -> Path:
+        """The untrained model's evaluation (train.eval.before_training)."""
+        return self.root / "eval_untrained"
+
+    @property
+    def loss_curve(self) -> Path:
+        return self.root / "loss_curve.png"
+
+    @property
+    def ranks(self) -> Path:
+        """Which host and device each rank ran on."""
+        return self.root / "ranks.json"
+
+
 # ---- durable writes ---------------------------------------------------------------------------------------
 
 
@@ -565,7 +616,7 @@ def foreign_entries(run: Path) -> list[str]:
         evaluation = name.startswith("eval") and (owned(entry, "eval") or interrupted_claim(entry))
         if entry.is_symlink() or not (name in ours or temporary or evaluation):
             foreign.append(name + ("@" if entry.is_symlink() else "/" if entry.is_dir() else ""))
-    saves = run / "checkpoints"
+    saves = RunLayout(run).checkpoints
     if saves.is_dir() and not saves.is_symlink():  # e.g. a step-best/ copied aside there is the user's
         foreign += [f"checkpoints/{c.name}" for c in sorted(saves.iterdir()) if not (
             (STEP_NAME.fullmatch(c.name.removesuffix(".tmp")) or c.name.startswith(".step-"))  # publish_dir's too
@@ -595,7 +646,7 @@ def inspect_output_dir(path: Path, resume: str | None, overwrite: bool, resumabl
                            f"choose another output_dir")
     exists = path.is_dir()
     holds_run = exists and any((path / f).exists() for f in RUN_FILES)
-    finished = exists and (path / "final").is_dir()
+    finished = exists and RunLayout(path).final.is_dir()
     if overwrite and resume:
         raise FittuneError("--overwrite and --resume contradict each other: --resume continues the run in "
                            "output_dir, --overwrite replaces it; pass one")
