@@ -28,6 +28,7 @@ from fittune.rundir import (
     publish_dir,
     remove_owned,
     seal_problem,
+    sealed,
     write_guard,
 )
 from fittune.strategy import Strategy
@@ -162,7 +163,7 @@ def partial_checkpoints(output_dir: str | Path) -> list[Path]:
 def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
     """Remove the partial checkpoints fittune wrote (its marker inside); returns them. Anything else that
     merely looks like one is left alone."""
-    removed = [d for d in partial_checkpoints(output_dir) if owned(d, "checkpoint")]
+    removed = [d for d in partial_checkpoints(output_dir) if owned(d, "checkpoint") and sealed(d)]
     for d in removed:
         remove_owned(d, "checkpoint")
     return removed
@@ -492,8 +493,13 @@ def _publish(target: CheckpointTarget, output_dir: Path, tmp: Path, final: Path,
         return
     publish_dir(tmp, final)
     for old in complete_checkpoints(output_dir)[:-keep]:
-        if owned(old, "checkpoint"):  # fittune's own checkpoint: anything else in checkpoints/ is left alone
+        # fittune's own checkpoint, made here (its seal verifies): anything else in checkpoints/ is left alone,
+        # a user's copy of a checkpoint under a step-N name too (it carries the marker, not a valid seal)
+        if owned(old, "checkpoint") and sealed(old):
             remove_owned(old, "checkpoint")
+        elif owned(old, "checkpoint"):
+            target.accelerator.print(f"fittune: kept {old} (not rotated away): {seal_problem(old)}; fittune "
+                                     f"deletes only the checkpoints it made here")
 
 
 def save_checkpoint(target: CheckpointTarget, output_dir: str | Path, step: int, state: dict, config_yaml: str,

@@ -640,6 +640,13 @@ def test_a_save_never_replaces_or_rotates_away_what_is_not_a_fittune_checkpoint(
     save(t, out, 3, keep=1)  # the rotation drops step 1, keeps the others' directories
     assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["step-00000000", "step-00000002",
                                                                      "step-00000003"]
+    # a user's copy of a checkpoint under a step name (cp -r keeps the marker, not the seal): kept (was: deleted)
+    import shutil
+
+    shutil.copytree(out / "checkpoints/step-00000003", out / "checkpoints/step-00000001")
+    save(t, out, 4, keep=1)
+    assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["step-00000000", "step-00000001",
+                                                                     "step-00000002", "step-00000004"]
 
 
 def test_a_run_is_finished_when_its_evaluation_is_newer_than_its_newest_checkpoint(tmp_path):
