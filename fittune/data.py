@@ -24,7 +24,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from fittune.config import BUILTIN_DATA, DataConfig
-from fittune.errors import FittuneError
+from fittune.errors import DataNotFound, FittuneError
 from fittune.tiny import DEMO_DATA
 
 IGNORE_INDEX = -100
@@ -71,7 +71,7 @@ def _detect_format(path: str, fmt: str) -> str:
         raise FittuneError(f"cannot tell the format of {path}: use .jsonl, .json, .csv or .parquet, or set data.format")
     if "/" in path and not path.startswith((".", "/")) and len(path.split("/")) == 2:
         return "hub"
-    raise FittuneError(f"data file not found: {path}{_relative_to_cwd(path)} (set data.path to a "
+    raise DataNotFound(f"data file not found: {path}{_relative_to_cwd(path)} (set data.path to a "
                        f".jsonl/.json/.csv/.parquet file, a save_to_disk directory or a hub dataset name)")
 
 
@@ -87,7 +87,7 @@ def read_rows(path: str, cfg: DataConfig, split: str | None = None) -> list[dict
     path = resolve_data_path(path)
     fmt = _detect_format(path, cfg.format)
     if fmt != "hub" and not Path(path).exists():
-        raise FittuneError(f"data file not found: {path}{_relative_to_cwd(path)} (data.path / data.test_path)")
+        raise DataNotFound(f"data file not found: {path}{_relative_to_cwd(path)} (data.path / data.test_path)")
     rows = _READERS[fmt](path, cfg, split)
     if not rows:
         raise FittuneError(f"{path} holds no rows: add examples or point data.path at another file")

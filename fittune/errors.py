@@ -16,6 +16,10 @@ class FittuneError(Exception):
     """A problem with the user's input (config, data, checkpoint) that says what is wrong and how to fix it."""
 
 
+class DataNotFound(FittuneError):
+    """A data file the config names is not there (evaluate.py adds how to point at the run's moved data)."""
+
+
 def first_line(e: BaseException) -> str:
     """An exception's first line for a one-line message (its type's name when it has no text)."""
     text = str(e).strip()

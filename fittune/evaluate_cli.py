@@ -27,7 +27,7 @@ from fittune.cli import own_data_mapping, split_flag
 from fittune.config import Config, build_config, parse_overrides
 from fittune.data import examples_digest
 from fittune.distributed import configure_deepspeed, on_main_then_agree, start_accelerator
-from fittune.errors import FittuneError
+from fittune.errors import DataNotFound, FittuneError
 from fittune.evaluator import evaluate_and_report
 from fittune.metrics import class_name, majority_baseline
 from fittune.model import (
@@ -169,14 +169,30 @@ def _heldout_record(info: CheckpointInfo) -> dict | None:
 SPLIT_KEYS = ("path", "test_path", "test_split", "test_size", "group_column")  # with the seed: the held-out rows
 
 
+def _same_key(saved: dict, cfg: Config, key: str) -> bool:
+    """Whether data key `key` is the run's (a relative path and the absolute one training saved are the same)."""
+    ours, theirs = getattr(cfg.data, key), (saved.get("data") or {}).get(key)
+    return theirs == ours or (key in ("path", "test_path") and D.same_file(ours, theirs))
+
+
 def runs_own_split(saved: dict | None, cfg: Config) -> bool:
     """Whether `cfg` names the held-out rows of the run whose saved config is `saved`: the same data, split the
     same way by the same seed (column mappings may differ)."""
-    def same(key: str) -> bool:  # a relative path and the absolute one training saved name the same data
-        ours, theirs = getattr(cfg.data, key), (saved.get("data") or {}).get(key)
-        return theirs == ours or (key in ("path", "test_path") and D.same_file(ours, theirs))
+    return saved is not None and saved.get("seed") == cfg.seed and all(_same_key(saved, cfg, k) for k in SPLIT_KEYS)
 
-    return saved is not None and saved.get("seed") == cfg.seed and all(same(k) for k in SPLIT_KEYS)
+
+def _moved_run_data(info: CheckpointInfo, saved: dict | None, cfg: Config) -> bool:
+    """`--data.path` names the run's data at another place: the same bytes as the run's (the content hash in its
+    held-out record), split the same way by the same seed, so its held-out rows are the run's."""
+    if saved is None or saved.get("seed") != cfg.seed or cfg.data.test_path:
+        return False
+    if not all(_same_key(saved, cfg, k) for k in SPLIT_KEYS if k != "path"):
+        return False
+    try:
+        record, digest = _heldout_record(info), D.source_digest(cfg.data)
+    except FittuneError:  # a damaged record, an unreadable file: not shown to be the run's data
+        return False
+    return record is not None and digest is not None and record.get("source_sha256") == digest
 
 
 def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -> EvalData:
@@ -184,16 +200,17 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
     checked against their saved content hash; an explicit test file; or every row of other data."""
     saved = _saved_config(info)
     _run_classes(cfg, saved)
-    same_source = runs_own_split(saved, cfg)
+    same_source = runs_own_split(saved, cfg) or (data_path_given and _moved_run_data(info, saved, cfg))
     record = _heldout_record(info) if same_source else None
     if record is not None and not cfg.data.test_path:
-        examples = D.map_columns(D.read_rows(cfg.data.path, cfg.data), cfg.data, D.resolve_data_path(cfg.data.path))
+        examples = D.map_columns(_read_run_data(cfg, data_path_given), cfg.data, D.resolve_data_path(cfg.data.path))
         test = D.select_ids(examples, record["ids"], cfg.data.path)
         held = set(record["ids"])
         check_identity(record, test, cfg.data, data_path_given, say)
         if data_path_given:  # the split is the run's: its training rows would score what the model memorised
-            say(f"fittune: NOTE: --data.path is the run's own data: scoring its {len(test)} held-out rows, not all "
-                f"{len(examples)} (the others trained the model); to score every row, give a copy of the file")
+            say(f"fittune: NOTE: --data.path is the run's own data (its content hash): scoring its {len(test)} "
+                f"held-out rows, not all {len(examples)} (the others trained the model); to score every row, pass "
+                f"a copy of the file as --data.test_path")
         return EvalData([e for e in examples if e.id not in held], test, "the run's held-out rows")
     if same_source or cfg.data.test_path:
         train, test = D.load_splits(cfg.data, cfg.seed)
@@ -211,6 +228,17 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
             f"of this run (the run used data {run_data}, seed {saved.get('seed')}): these numbers are not the run's "
             f"held-out evaluation")
     return EvalData([], test, f"all rows of {cfg.data.path}")
+
+
+def _read_run_data(cfg: Config, data_path_given: bool) -> list[dict]:
+    """The rows of the run's data; where it is not there any more, how to point at its new place."""
+    try:
+        return D.read_rows(cfg.data.path, cfg.data)
+    except DataNotFound as e:
+        if data_path_given:
+            raise
+        raise DataNotFound(f"{e}; if the run's data moved, pass --data.path NEW_PATH: the run's held-out rows are "
+                           f"found in it by their saved content hash") from None
 
 
 def _run_classes(cfg: Config, saved: dict | None) -> None:

@@ -35,8 +35,8 @@ def make_run(root: Path, model_dir: Path, hashed: bool = True, **overrides) -> P
     (run / "config.yaml").write_text(to_yaml(cfg, {"world_size": 1}))
     _, test = D.load_splits(cfg.data, cfg.seed)
     record = {"ids": [e.id for e in test]}
-    if hashed:
-        record["examples_sha256"] = examples_digest(test)
+    if hashed:  # as training writes it
+        record |= {"examples_sha256": examples_digest(test), "source_sha256": D.source_digest(cfg.data)}
     (run / "heldout_ids.json").write_text(json.dumps(record))
     return run
 
@@ -264,7 +264,30 @@ def test_other_data_is_said_loudly_and_old_runs_warn_once(tmp_path, tiny_model_d
     code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev3", "--data.path",
                                tmp_path / "qa.jsonl"], capsys)
     held = len(json.loads((run / "heldout_ids.json").read_text())["ids"])
-    assert code == 0 and f"--data.path is the run's own data: scoring its {held} held-out rows, not all 400" in out
+    assert code == 0 and f"--data.path is the run's own data (its content hash): scoring its {held} held-out rows, " \
+                         f"not all 400" in out
+
+
+def test_the_runs_moved_data_is_found_by_its_content_hash(tmp_path, tiny_model_dir, capsys):
+    """Was: after the data file moved, "data file not found" with no way on, and --data.path NEW scored every row
+    (training rows too) as other data. Now the error says how, and NEW (the same bytes) gives the held-out rows."""
+    run = make_run(tmp_path, tiny_model_dir)
+    code, _, _ = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "before"], capsys)
+    assert code == 0
+    moved = tmp_path / "elsewhere" / "renamed.jsonl"
+    moved.parent.mkdir()
+    (tmp_path / "qa.jsonl").rename(moved)
+    code, _, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev"], capsys)
+    assert code == 2 and "qa.jsonl" in one_error(err) and "if the run's data moved, pass --data.path NEW_PATH" in err
+    code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev", "--data.path", moved], capsys)
+    assert code == 0 and "--data.path is the run's own data (its content hash)" in out, err[-2000:]
+    ids = [json.loads(x)["id"] for x in (tmp_path / "ev/predictions.jsonl").read_text().splitlines()]
+    assert ids == [json.loads(x)["id"] for x in (tmp_path / "before/predictions.jsonl").read_text().splitlines()]
+    assert sorted(ids) == sorted(json.loads((run / "heldout_ids.json").read_text())["ids"])
+    changed = tmp_path / "changed.jsonl"  # other bytes: other data, every row scored
+    changed.write_text(moved.read_text().replace("?", "? "))
+    code, out, _ = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev2", "--data.path", changed], capsys)
+    assert code == 0 and "NOT the held-out split" in out
 
 
 def test_data_path_is_scored_even_when_the_run_had_a_test_file(tmp_path, tiny_model_dir, capsys):
