@@ -332,16 +332,33 @@ def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Pat
     if run is None or not owned(run, "train"):
         raise FittuneError(f"pass --output_dir DIR: {info.weights_dir} is not in a fittune training run's "
                            f"directory, and fittune writes only into directories it creates")
-    if not req.data_path_given and req.config_file is None and runs_own_split(_saved_config(info), cfg):
-        return run / f"{prefix}heldout"  # the run's own recipe and split: its held-out rows
-    # other data, or the run's split another way: named after the file scored, and a hash of its full path and
-    # of how its rows were chosen (two test.jsonl, or two seeds, never share a folder)
+    suffix = _settings_suffix(req)
+    if not req.data_path_given and runs_own_split(_saved_config(info), cfg):
+        return run / f"{prefix}heldout{suffix}"  # the run's held-out rows (-HASH: scored with other settings)
+    # other data, or the run's split another way: named after the file scored, and a hash of its full path, its
+    # bytes and how its rows were chosen (two test.jsonl, two seeds or an edited file never share a folder)
     path = cfg.data.test_path or cfg.data.path
     source = str(D.absolute_path(D.resolve_data_path(path)))
-    chosen = json.dumps([source, cfg.seed, *(getattr(cfg.data, k) for k in SPLIT_KEYS[2:])]) \
-        if cfg.data.test_path or runs_own_split(_saved_config(info), cfg) else source
+    chosen = json.dumps([source, D.source_digest(cfg.data), cfg.seed, *(getattr(cfg.data, k) for k in SPLIT_KEYS[2:])]
+                        if cfg.data.test_path or runs_own_split(_saved_config(info), cfg)
+                        else [source, D.source_digest(cfg.data)])
     stem = re.sub(r"[^\w.-]+", "-", Path(source).stem).strip("-.") or "data"
-    return run / f"{prefix}{stem}-{hashlib.sha256(chosen.encode()).hexdigest()[:8]}"
+    return run / f"{prefix}{stem}-{hashlib.sha256(chosen.encode()).hexdigest()[:8]}{suffix}"
+
+
+# flags that only choose the rows (in the default folder's name already) or what may run, not how rows are scored
+_ROW_FLAGS = {"seed", "model.trust_remote_code", *(f"data.{k}" for k in SPLIT_KEYS)}
+
+
+def _settings_suffix(req: EvalRequest) -> str:
+    """"" for the run's own settings; else "-" and a hash of the flags that change how rows are scored (the
+    length normalisation, data.max_length, the prompt, the classes ...) and of a --config file's bytes: two
+    evaluations scored differently never share a default folder, and the same command again replaces its own."""
+    flags = {k: v for k, v in sorted(req.overrides.items()) if k not in _ROW_FLAGS}
+    recipe = hashlib.sha256(Path(req.config_file).read_bytes()).hexdigest() if req.config_file else None
+    if not flags and recipe is None:
+        return ""
+    return "-" + hashlib.sha256(json.dumps([flags, recipe], default=str).encode()).hexdigest()[:8]
 
 
 def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, precision: Precision, data: EvalData,
@@ -371,7 +388,9 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, p
     if accelerator.is_main_process and (out / "metrics.json").is_file():
         print(f"fittune: replacing the previous evaluation in {out} (its evaluation.json said what it was)",
               flush=True)
-    about = {"model": str(weights), "data": data.source}
+    # what was scored, and how, in full: two evaluations can be told apart from their evaluation.json alone
+    about = {"model": str(weights.resolve()), "data": data.source, "data_sha256": D.source_digest(cfg.data),
+             "data_config": cfg.data.model_dump(mode="json"), "mixed_precision": precision.mixed}
     # the column training's own report names it (comparison.json keys alike); any other model is "model"
     column = "fine-tuned" if info.config_file is not None else "model"
     metrics = evaluate_and_report(model, accelerator, strategy, cfg, tokenizer, test_set, class_task,

@@ -29,8 +29,9 @@ def make_run(root: Path, model_dir: Path, hashed: bool = True, **overrides) -> P
     shutil.copy(DEMO_DATA, data)
     run = claim_dir(root / "run", "train")
     shutil.copytree(model_dir, run / "final")
+    split = {} if "data.test_path" in overrides else {"data.test_size": 0.05}  # a test file is not split
     cfg = build_config(None, {"output_dir": str(run), "seed": 1, "model.name_or_path": str(model_dir),
-                              "data.path": str(data), "data.choices_column": "choices", "data.test_size": 0.05,
+                              "data.path": str(data), "data.choices_column": "choices", **split,
                               "data.max_length": 96, "eval.batch_size": 8, **overrides})
     (run / "config.yaml").write_text(to_yaml(cfg, {"world_size": 1}))
     _, test = D.load_splits(cfg.data, cfg.seed)
@@ -329,9 +330,18 @@ def test_default_output_is_beside_the_training_report_and_never_outside_a_run(tm
     about = json.loads((run / "eval-heldout/evaluation.json").read_text())  # what was evaluated, and how
     assert about["model"] == str(run / "final") and about["data"] == "the run's held-out rows"
     assert about["processes"] == 1 and about["eval"]["batch_size"] == 8 and about["examples"] > 0
+    # scored another way (a flag that changes the numbers): its own folder (was: it replaced eval-heldout)
+    first = (run / "eval-heldout/evaluation.json").read_text()
     code, out, _ = evaluate(["--checkpoint", run, "--eval.length_normalize", "true"], capsys)
-    assert code == 0 and f"replacing the previous evaluation in {run / 'eval-heldout'}" in out
-    assert json.loads((run / "eval-heldout/evaluation.json").read_text())["eval"]["length_normalize"] is True
+    [normalised] = run.glob("eval-heldout-*")
+    assert code == 0 and (run / "eval-heldout/evaluation.json").read_text() == first
+    about = json.loads((normalised / "evaluation.json").read_text())
+    assert about["eval"]["length_normalize"] is True and about["data_config"]["max_length"] == 96
+    assert about["data_sha256"] == D.source_digest(build_config(str(run / "config.yaml"), {}).data)
+    code, out, _ = evaluate(["--checkpoint", run, "--eval.length_normalize", "true"], capsys)  # the same again
+    assert code == 0 and f"replacing the previous evaluation in {normalised}" in out
+    assert evaluate(["--checkpoint", run, "--data.max_length", "64"], capsys)[0] == 0
+    assert len(list(run.glob("eval-heldout-*"))) == 2
     other = tmp_path / "other.jsonl"
     other.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:12]))
     code, _, err = evaluate(["--checkpoint", run, "--data.path", other], capsys)
