@@ -317,6 +317,8 @@ def evaluate_checkpoint(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> 
         if notice:
             accelerator.print(notice)
         data = select_data(info, cfg, req.data_path_given, accelerator.print)
+        if note := D.leaked_rows_note(data.train, data.test, cfg.data):
+            accelerator.print(f"fittune: {note}")
         metrics = _score(accelerator, strategy, info, cfg, precision, data, out, reserved)
     accelerator.end_training()
     return metrics

@@ -658,6 +658,26 @@ def test_a_grouped_split_keeps_the_label_mix(tmp_path):
     assert one_draw_missed  # what it fixes: the single draw left the rare class out for some of these seeds
 
 
+def test_held_out_rows_that_are_also_training_rows_are_said(tmp_path):
+    """Was: a duplicated row split to both sides (ACL-ARC's training file: 54 of 169 held-out rows), or a test
+    file repeating training rows, gave inflated held-out scores without a word."""
+    rows = [{"text": f"cite {i % 20}", "label": ["Uses", "Background"][i % 2]} for i in range(80)]  # 4 copies each
+    data = write_jsonl(tmp_path / "dups.jsonl", rows)
+    cfg = DataConfig(path=data, **CLASS)
+    train, test = D.load_splits(cfg, 0)
+    trained = {(rows[int(e.id)]["text"], rows[int(e.id)]["label"]) for e in train}  # counted from the file
+    leaked = sum((rows[int(t.id)]["text"], rows[int(t.id)]["label"]) in trained for t in test)
+    note = D.leaked_rows_note(train, test, cfg)
+    assert leaked == len(test) == 8 and note.startswith("NOTE: 8 of the 8 held-out rows are also training rows")
+    assert note.endswith("hold out identical rows together with --data.group_column text")
+    grouped = DataConfig(path=data, **CLASS, group_column="text")  # the fix it names: no row on both sides
+    assert D.leaked_rows_note(*D.load_splits(grouped, 0), grouped) is None
+    other = write_jsonl(tmp_path / "test.jsonl", rows[:3] + [{"text": "new", "label": "Uses"}])
+    with_file = DataConfig(path=data, test_path=other, **CLASS)
+    note = D.leaked_rows_note(*D.load_splits(with_file, 0), with_file)
+    assert note.startswith("NOTE: 3 of the 4 held-out rows") and note.endswith("rows that are not in data.path")
+
+
 def test_grouped_split_mistakes_are_named(tmp_path):
     path = _sentences(tmp_path)
     base = {"path": path, "question_column": "sentence", "answer_column": None, "label_column": "label"}
