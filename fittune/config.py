@@ -87,6 +87,11 @@ def _label_text(value: Any) -> Any:
     return str(value) if isinstance(value, (bool, int, float)) else value
 
 
+def _comma_list(value: Any) -> Any:
+    """`--data.classes "no, yes"` is the list [no, yes], as `[no, yes]` is."""
+    return [item.strip() for item in value.split(",")] if isinstance(value, str) and "," in value else value
+
+
 # a file or directory path (or a name that is not one: `auto`, a hub id, `builtin:...`), `~` expanded
 PathStr = Annotated[str, AfterValidator(expand_home)]
 
@@ -242,7 +247,7 @@ class DataConfig(_Section):
     trained answer (MMLU's prompt format). Default: the question alone, each choice scored as the answer's text."""
     label_column: str | None = None
     """Class label column: stratifies the split; without choices, the classes are the candidates."""
-    classes: list[Annotated[str, BeforeValidator(_label_text)]] | None = None
+    classes: Annotated[list[Annotated[str, BeforeValidator(_label_text)]] | None, BeforeValidator(_comma_list)] = None
     """The classes of a classification task (label column, no choices), which are every row's candidates.
     Default: every label found in the training data (and data.test_path). A run saves them in its config.yaml,
     so evaluating it on other data (a slice, another file) scores the same candidates."""

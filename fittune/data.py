@@ -90,7 +90,8 @@ def read_rows(path: str, cfg: DataConfig, split: str | None = None) -> list[dict
         raise DataNotFound(f"data file not found: {path}{_relative_to_cwd(path)} (data.path / data.test_path)")
     rows = _READERS[fmt](path, cfg, split)
     if not rows:
-        raise FittuneError(f"{path} holds no rows: add examples or point data.path at another file")
+        key = "data.test_path" if cfg.test_path and same_file(path, resolve_data_path(cfg.test_path)) else "data.path"
+        raise FittuneError(f"{path} holds no rows: add examples or point {key} at another file")
     return rows
 
 
@@ -572,7 +573,8 @@ def split_heldout(examples: list[Example], test_size: float, seed: int) -> tuple
 
     n_test = max(1, round(len(examples) * test_size))
     if len(examples) - n_test < 1:
-        raise FittuneError(f"only {len(examples)} examples: too few to hold out {test_size:.0%}; add data")
+        raise FittuneError(f"only {count_rows(len(examples))}: too few to hold out {test_size:g} of them and train "
+                           f"on the rest; add data or lower data.test_size")
     labels = [e.label for e in examples]
     counts = Counter(labels)
     # a class with one row cannot be on both sides: it goes to training, the other classes are stratified

@@ -89,6 +89,9 @@ def test_a_flags_text_is_taken_as_typed_and_yes_no_stay_words(tmp_path):
     assert parse_overrides(["--data.choices_column", "[A, B]"]) == {"data.choices_column": ["A", "B"]}
     assert cfg.lora.enabled is True and cfg.train.micro_batch_size == 4 and cfg.seed == 3
     assert parse_overrides(["--data.choices_column", "choices"]) == {"data.choices_column": "choices"}
+    commas = build_config(None, parse_overrides(["--data.label_column", "label", "--data.answer_column", "null",
+                                                 "--data.classes", "no, yes"]))
+    assert commas.data.classes == ["no", "yes"]  # as lora.target_modules reads names with commas (was: refused)
     recipe = tmp_path / "r.yaml"  # a recipe: YAML 1.2's booleans, a GPU index as a number
     recipe.write_text("data: {label_column: label, answer_column: null, classes: [no, yes, maybe]}\n"
                       "lora: {enabled: yes}\nmodel: {parallel: auto, max_memory: {0: 10GiB, cpu: 20GiB}}\n")
