@@ -442,6 +442,19 @@ def untrained_classes_note(classes: list[str], train: list[Example], test: list[
             f"to choose")
 
 
+def similar_classes_note(classes: list[str]) -> str | None:
+    """Classes that differ only in case or spacing (`'no'` / `'no '` / `'No'`): most likely one class written
+    two ways, which the metrics would count as two. None when there are none."""
+    same: dict[str, list[str]] = {}
+    for c in classes:
+        same.setdefault(" ".join(c.split()).casefold(), []).append(c)
+    alike = [" / ".join(repr(c) for c in group) for group in same.values() if len(group) > 1]
+    if not alike:
+        return None
+    return (f"NOTE: classes that differ only in case or spaces: {'; '.join(alike)}: they are scored as different "
+            f"classes; if each is one class, write it one way in the data (or name the classes in data.classes)")
+
+
 def _label(row: dict, cfg: DataConfig, where: str) -> str:
     """A row's class label as text; a list (one label per sentence, per token) is not one class."""
     value = _cell(row, cfg, "label_column", where, "label")

@@ -148,6 +148,10 @@ def test_a_class_with_one_row_trains_and_the_rest_stay_stratified(tmp_path):
     note = D.untrained_classes_note(classes + ["Motivation"], [e for e in train if e.label != "Uses"], test)
     assert note == ("classes with no training row: 'Uses' (4 held-out rows), 'Motivation' (no row): they are "
                     "candidates the model was never trained to choose")
+    assert D.similar_classes_note(classes) is None  # and classes written two ways are said (was: silently two)
+    assert D.similar_classes_note(["no", "no ", "yes", "No", "maybe"]) == (
+        "NOTE: classes that differ only in case or spaces: 'no' / 'no ' / 'No': they are scored as different "
+        "classes; if each is one class, write it one way in the data (or name the classes in data.classes)")
     # too few rows a class to stratify (more classes than held-out rows): one-row classes still train
     rows = [{"text": f"p{i}", "label": f"pair{i // 2}"} for i in range(20)] + [
         {"text": f"s{i}", "label": f"solo{i}"} for i in range(5)]
