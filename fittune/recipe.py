@@ -95,6 +95,18 @@ class RunCounters:
         return 1 - self.real_tokens / max(1, self.pad_slots)
 
 
+@dataclass(frozen=True)
+class GlobalBatch:
+    """One optimizer step's rows, over all ranks."""
+
+    step: int
+    """Its index in the run (0-based)."""
+    ids: list[int]
+    """Indices into the training set."""
+    n_targets: int
+    """Target tokens of all of them: the loss normaliser, the same on every rank."""
+
+
 @dataclass
 class StepTally:
     """One step as all ranks agree on it: the loss over the global batch, and whether a stop was asked for."""
@@ -256,6 +268,8 @@ class FineTuneRecipe:
             self._log(note)
         if cfg.data.group_column:
             self._log(D.groups_note(cfg.data.group_column, train_examples, test_examples))
+        if note := D.leaked_rows_note(train_examples, test_examples, cfg.data):
+            self._log(note)
         # saved in config.yaml: evaluate.py and --resume find the data from any working directory
         cfg.data.path, cfg.data.test_path = D.absolute_path(cfg.data.path), D.absolute_path(cfg.data.test_path)
         self.class_task = task.kind == "classification"
@@ -291,6 +305,8 @@ class FineTuneRecipe:
         note = D.untrained_classes_note(self.cfg.data.classes, train, test)
         if note:
             self._log(f"NOTE: {note}")
+        if note := D.similar_classes_note(self.cfg.data.classes):
+            self._log(note)
 
     def _setup_model(self) -> None:
         from accelerate.utils import set_seed
@@ -481,8 +497,9 @@ class FineTuneRecipe:
         self.model.train()
         self._clock = (time.perf_counter(), 0)
         for step in range(self.counters.step, self.total_steps):
-            result = self.train_step(step)
-            tally = self._account(step, result)
+            batch = self._global_batch(step)
+            result = self.train_step(batch)
+            tally = self._account(batch, result)
             self._log_step(step, tally.loss, result)
             self._check_divergence(step, tally.loss, result)
             if tally.stop:
@@ -491,31 +508,35 @@ class FineTuneRecipe:
                 self.checkpoint(step + 1)
         return self.finish()
 
-    def train_step(self, step: int) -> StepResult:
-        """This rank's share of global batch `step` through forward, backward and the optimizer step."""
+    def _global_batch(self, step: int) -> GlobalBatch:
+        """The rows of global batch `step` (all ranks): the data order depends only on the seed, the epoch and
+        the global batch size, so a resumed or re-launched run sees the same batches."""
         epoch = step // self.steps_per_epoch
-        if self._plan_epoch != epoch:  # the data order depends only on the seed, the epoch and the global batch
+        if self._plan_epoch != epoch:
             self._plan = D.plan_global_batches(self.lengths, self.global_batch, self.cfg.seed, epoch,
                                                self.cfg.data.group_by_length)
             self._plan_epoch = epoch
-        self._batch_ids = self._plan[step % self.steps_per_epoch]
-        self._n_targets = sum(self.train_set[j].n_targets for j in self._batch_ids)  # same on every rank
-        if self.oom is not None:
-            return self.oom.run(step, self._step_plan)
-        return self.runner.run(self._step_plan(self.split))
+        ids = self._plan[step % self.steps_per_epoch]
+        return GlobalBatch(step, ids, sum(self.train_set[j].n_targets for j in ids))
 
-    def _step_plan(self, split: BatchSplit) -> StepPlan:
-        micro = D.micro_batches_for_rank(self._batch_ids, self.lengths, split.micro_batch_size, split.grad_accum,
+    def train_step(self, batch: GlobalBatch) -> StepResult:
+        """This rank's share of `batch` through forward, backward and the optimizer step."""
+        if self.oom is not None:  # it may split the micro-batches again, and retry
+            return self.oom.run(batch.step, lambda split: self._step_plan(split, batch))
+        return self.runner.run(self._step_plan(self.split, batch))
+
+    def _step_plan(self, split: BatchSplit, batch: GlobalBatch) -> StepPlan:
+        micro = D.micro_batches_for_rank(batch.ids, self.lengths, split.micro_batch_size, split.grad_accum,
                                          self.world, self.rank)
-        return StepPlan(micro, self._make_batch, self._n_targets)
+        return StepPlan(micro, self._make_batch, batch.n_targets)
 
     def _make_batch(self, rows: list[int]) -> dict:
         batch = D.collate_train([self.train_set[j] for j in rows], self.tokenizer.pad_token_id)
         return {k: v.to(self.in_device) for k, v in batch.items()}
 
-    def _account(self, step: int, result: StepResult) -> StepTally:
+    def _account(self, batch: GlobalBatch, result: StepResult) -> StepTally:
         """Count the step (one all-reduce for the loss, tokens and stop requests)."""
-        c, micro = self.counters, self._step_plan(self.split).micro_batches
+        c, micro = self.counters, self._step_plan(self.split, batch).micro_batches
         c.pad_slots += sum(len(m) * max(self.lengths[j] for j in m) for m in micro if m)
         step_tokens = sum(self.lengths[j] for m in micro for j in m)
         c.real_tokens += step_tokens
@@ -524,14 +545,14 @@ class FineTuneRecipe:
             self.accelerator, [result.nll, step_tokens, self.stop.requested, self._log_failure is not None])
         if log_failed:  # the main process could not log the last step: every rank stops, none left waiting
             self._agree_on_the_log()
-        loss = total_nll / self._n_targets
+        loss = total_nll / batch.n_targets
         if result.stepped and math.isfinite(loss):
             c.optimizer_steps += 1
             self.bad_in_a_row = 0
         elif not result.overflow or not math.isfinite(loss):  # an fp16 overflow skips its step by design
             c.skipped_nonfinite += 1  # skipped, weights untouched (the data moves on)
             self.bad_in_a_row += 1
-        c.step = step + 1
+        c.step = batch.step + 1
         self._clock = (self._clock[0], self._clock[1] + total_tokens)
         self.progress.step_done()
         return StepTally(loss, bool(stop))
@@ -636,7 +657,7 @@ class FineTuneRecipe:
         self._log(f"padding: {c.padding:.1%} of micro-batch slots were padding")
         left_out = f" of {self.fit.heldout_total}: {len(self.fit.heldout_dropped)} do not fit data.max_length" \
             if self.fit.heldout_dropped else ""
-        self._log(f"held-out metrics ({len(self.test_set)} examples{left_out})\n"
+        self._log(f"held-out metrics ({D.count_rows(len(self.test_set))}{left_out})\n"
                   + metrics_table({**self.compare, "fine-tuned": metrics}))
         self._log(f"outputs in {self.out}/ (final/, eval/, config.yaml, train_log.jsonl, loss_curve.png)")
 
