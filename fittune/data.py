@@ -279,16 +279,18 @@ def _check_csv_width(text: str, cfg: DataConfig, path: str) -> None:
 
 
 def _column_hint(cfg: DataConfig, name: str, source: str) -> str:
-    """What usually causes a missing column, where it is not the key's value itself."""
-    if name == "answer_column" and cfg.label_column:
-        return "; for a classification set (data.label_column) with no answer column set data.answer_column null"
-    if name == "answer_column":
-        return ("; for a classification set name its label column (data.label_column COLUMN, data.answer_column "
-                "null)")
+    """What usually causes a missing column, where it is not the key's value itself: a CSV read with its first
+    row as the header (said first: then every column is missing), a classification set's answer column."""
+    hint = ""
     if str(source).lower().endswith(".csv") and cfg.csv_header and not cfg.column_names:
-        return ("; if the file has no header row (the columns above are its first row's values), set "
+        hint = ("; if the file has no header row (the columns above are its first row's values), set "
                 "data.csv_header false and name the fields with data.column_names")
-    return ""
+    if name == "answer_column" and cfg.label_column:
+        hint += "; for a classification set (data.label_column) with no answer column set data.answer_column null"
+    elif name == "answer_column":
+        hint += ("; for a classification set name its label column (data.label_column COLUMN, data.answer_column "
+                 "null)")
+    return hint
 
 
 def _check_columns(columns: list, cfg: DataConfig, source: str) -> None:

@@ -569,6 +569,9 @@ def test_csv_and_classification_mistakes_get_the_fix_named(tmp_path):
     with pytest.raises(FittuneError, match="no header row .* set data.csv_header false and name the fields with "
                                            "data.column_names"):
         D.map_columns(D.read_rows(str(csv), cfg), cfg, str(csv))
+    plain = DataConfig(path=str(csv), question_column="What is 1+1?", csv_header=True)  # only 'answer' is missing
+    with pytest.raises(FittuneError, match="no header row .* set data.csv_header false"):  # was: no hint for it
+        D.map_columns(D.read_rows(str(csv), plain), plain, str(csv))
     five = DataConfig(path=str(csv), csv_header=False, column_names=["question", "A", "B", "C", "answer"])
     with pytest.raises(FittuneError, match=r"its rows have 6 fields but data.column_names names 5 .*name every field"):
         D.read_rows(str(csv), five)
