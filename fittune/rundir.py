@@ -655,7 +655,10 @@ def inspect_output_dir(path: Path, resume: str | None, overwrite: bool, resumabl
                 "it has no checkpoint to continue from (train.save_steps was 0): replace it with --overwrite")
         if complete:
             ways = f"evaluate it with evaluate.py --checkpoint {path}, replace it with --overwrite"
-        raise FittuneError(f"{path} already holds a {'finished' if finished else 'started'} run: {ways}, or "
+        aside = _replaced(path)  # an --overwrite that was stopped: the run it replaces is kept until it ends
+        kept = (f" (the run it is replacing is kept aside in {', '.join(str(a) for a in aside)} until it "
+                f"finishes)" if aside else "")
+        raise FittuneError(f"{path} already holds a {'finished' if finished else 'started'} run{kept}: {ways}, or "
                            f"choose another output_dir")
     foreign = foreign_entries(path) if holds_run else []
     links = [f for f in foreign if f.endswith("@")]

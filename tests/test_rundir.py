@@ -98,6 +98,9 @@ def test_a_replaced_run_is_removed_by_whichever_run_finishes_the_replacement(tmp
     first.release()
     assert [p.read_text() for p in (r / "config.yaml" for r in first.replaced())] == ["first\n"]
     atomic_write_text(out / "config.yaml", "second\n")
+    with pytest.raises(FittuneError, match=r"already holds a started run \(the run it is replacing is kept aside in "
+                                           r".*run\.replaced-.* until it finishes\)"):  # was: not said
+        inspect_output_dir(out, None, False)
     resumed = _claim(out, overwrite=False, resume="auto")  # --resume auto of the replacing run
     assert resumed.replaced() == first.replaced()
     resumed.release()
