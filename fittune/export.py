@@ -61,10 +61,12 @@ FSDP_MODEL_DIR = "pytorch_model_fsdp_0"  # accelerate's save_state under FSDP wi
 
 def _run_config(d: Path) -> dict:
     """The recipe of the model in `d` (a run, its final/, a checkpoint's adapter/ or a copy of one): the model's
-    own fittune_config.yaml, else the config.yaml of the fittune run or checkpoint that holds it (never one in
-    a folder fittune did not make)."""
-    holders = [h for h in (d, d.parent, d.parent.parent) if owned(h, "train") or owned(h, "checkpoint")]
-    for candidate in (d / OWN_CONFIG, *(h / "config.yaml" for h in holders)):
+    own fittune_config.yaml, else the config.yaml of the fittune run or checkpoint that holds it, and only
+    where neither exists a config.yaml in an unmarked folder around it (a run received without its marker:
+    its pickled files still need --trust_checkpoint)."""
+    around = (d, d.parent, d.parent.parent)
+    ours = [h for h in around if owned(h, "train") or owned(h, "checkpoint")]
+    for candidate in (d / OWN_CONFIG, *(h / "config.yaml" for h in ours + [h for h in around if h not in ours])):
         if candidate.is_file():
             try:
                 return yaml.safe_load(candidate.read_text()) or {}
