@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any
 
 from fittune.distributed import agree_on_failure, raise_if_any_failed
 from fittune.errors import FittuneError, first_line
+from fittune.launcher_env import is_launch_main
 from fittune.optim import tensor_bytes
 from fittune.rundir import (
     MARKER,
@@ -31,6 +31,7 @@ from fittune.rundir import (
     sealed,
     write_guard,
 )
+from fittune.shards import gathered_copy, local_part
 from fittune.strategy import Strategy
 
 
@@ -94,7 +95,7 @@ def recipe_holder(weights: Path) -> Path | None:
 def _unfinished_run(run: Path) -> str:
     """Why a training run directory without final/ cannot be evaluated, and what can be. Only the main process
     looks at the lock (every rank gets here; ranks probing at once would see each other as the holder)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_launch_main():
         try:
             lock = DirLock(run).acquire("evaluate.py", create=False, shared=True)
         except DirInUse as e:
@@ -375,15 +376,8 @@ def _innermost(optimizer):
     return optimizer
 
 
-def _local(t):
-    """This rank's part of a tensor: an FSDP2 DTensor's shard, a ZeRO-3 parameter's partition."""
-    if hasattr(t, "ds_tensor"):
-        return t.ds_tensor
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _nbytes(t) -> int:
-    return tensor_bytes(_local(t))  # a torchao 8-/4-bit state counts its codes and scales, not its nominal dtype
+    return tensor_bytes(local_part(t))  # a torchao 8-/4-bit state counts its codes and scales, not its nominal dtype
 
 
 def checkpoint_bytes(target: CheckpointTarget) -> int:
@@ -417,14 +411,11 @@ def _full_optimizer_state(target: CheckpointTarget, model) -> dict:
             out[name] = {k: safe_get_full_optimizer_state(p, k).detach().cpu().clone() for k in ("exp_avg", "exp_avg_sq")}
         return out
 
-    def whole(t):  # FSDP2 keeps states as DTensor shards: all-gather (a collective, every rank calls it)
-        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
-
     inner = _innermost(target.optimizer)
     for name, p in _trainable_named(model):
         st = inner.state.get(p, {})
         if st:
-            out[name] = {k: whole(st[k]) for k in ("exp_avg", "exp_avg_sq")}
+            out[name] = {k: gathered_copy(st[k]) for k in ("exp_avg", "exp_avg_sq")}  # DTensors under FSDP2
         else:  # no step taken yet
             out[name] = {k: torch.zeros(p.shape, dtype=p.dtype) for k in ("exp_avg", "exp_avg_sq")}
     return out

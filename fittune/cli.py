@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from fittune.config import (
     recipe_data_path,
 )
 from fittune.errors import FittuneError
+from fittune.launcher_env import is_launch_main
 from fittune.rundir import RunLayout, owned
 from fittune.tiny import DEMO_DATA
 
@@ -53,7 +53,7 @@ class RecipeChoice:
 
     def announce(self) -> None:
         """Print the note, once per launch (rank 0), not once per process."""
-        if self.note and int(os.environ.get("RANK", "0")) == 0:
+        if self.note and is_launch_main():
             print(f"fittune: {self.note}", flush=True)
 
 

@@ -24,13 +24,9 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 
 from fittune.errors import FittuneError
 from fittune.launch import check_world_size
+from fittune.launcher_env import launched_world_size
 from fittune.precision import Precision, check_device_precision, run_precision
 from fittune.strategy import Strategy, fsdp_version, strategy_of
-
-
-def launched_world_size() -> int:
-    """World size the launcher asked for (1 when run without a launcher)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def has_accelerator() -> bool:

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from fittune.launcher_env import is_launch_main, launched_world_size
 from fittune.notices import quiet_maintainer_notices
 from fittune.progress import library_bars_only_on_a_terminal
 
@@ -44,14 +45,14 @@ def run_cli(main: Callable[[], int | None]) -> None:
     try:
         code = main() or 0
     except FittuneError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_launch_main():
             print(f"fittune: error: {e}", file=sys.stderr, flush=True)
         else:  # torch's launcher stops every rank as soon as one exits: let the main rank say why first
             time.sleep(OTHER_RANKS_WAIT_S)
         code = 2
     except KeyboardInterrupt:  # Ctrl-C outside the training steps (start-up, final save and evaluation, an
         # evaluate.py), where no stop handler finishes a step first: a user's choice, not a bug to trace back
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_launch_main():
             print("fittune: interrupted (Ctrl-C): stopped here; every file fittune writes is written whole or "
                   "not at all", file=sys.stderr, flush=True)
         code = 130
@@ -66,7 +67,7 @@ def _leave(code: int) -> None:
     teardown: there, the C++ destructors of the communication threads (gloo) now and then abort the process
     (std::terminate, SIGABRT) after the run's files are written, and the launcher reports a finished run as
     failed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         logging.shutdown()  # what the skipped teardown would have done that matters: flush and close
         sys.stdout.flush()
         sys.stderr.flush()
