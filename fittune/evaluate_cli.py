@@ -334,15 +334,15 @@ def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Pat
     if run is None or not owned(run, "train"):
         raise FittuneError(f"pass --output_dir DIR: {info.weights_dir} is not in a fittune training run's "
                            f"directory, and fittune writes only into directories it creates")
-    suffix = _settings_suffix(req)
-    if not req.data_path_given and runs_own_split(_saved_config(info), cfg):
+    suffix, own_split = _settings_suffix(req), runs_own_split(_saved_config(info), cfg)
+    if not req.data_path_given and own_split:
         return run / f"{prefix}heldout{suffix}"  # the run's held-out rows (-HASH: scored with other settings)
     # other data, or the run's split another way: named after the file scored, and a hash of its full path, its
     # bytes and how its rows were chosen (two test.jsonl, two seeds or an edited file never share a folder)
     path = cfg.data.test_path or cfg.data.path
     source = str(D.absolute_path(D.resolve_data_path(path)))
     chosen = json.dumps([source, D.source_digest(cfg.data), cfg.seed, *(getattr(cfg.data, k) for k in SPLIT_KEYS[2:])]
-                        if cfg.data.test_path or runs_own_split(_saved_config(info), cfg)
+                        if cfg.data.test_path or own_split
                         else [source, D.source_digest(cfg.data)])
     stem = re.sub(r"[^\w.-]+", "-", Path(source).stem).strip("-.") or "data"
     return run / f"{prefix}{stem}-{hashlib.sha256(chosen.encode()).hexdigest()[:8]}{suffix}"

@@ -10,6 +10,7 @@ import torch
 from fittune.config import Config
 from fittune.errors import FittuneError, first_line
 from fittune.precision import Precision
+from fittune.shards import full_numel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -215,8 +216,8 @@ class ParameterCount(NamedTuple):
 
 def count_parameters(model) -> ParameterCount:
     """The total and trainable parameter counts of the whole model, also when ZeRO-3 has partitioned it (each
-    parameter then holds an empty placeholder; `ds_numel` is its real size)."""
-    sizes = [(int(getattr(p, "ds_numel", p.numel())), p.requires_grad) for p in model.parameters()]
+    parameter then holds an empty placeholder)."""
+    sizes = [(full_numel(p), p.requires_grad) for p in model.parameters()]
     return ParameterCount(sum(n for n, _ in sizes), sum(n for n, trainable in sizes if trainable))
 
 

@@ -16,6 +16,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -73,9 +74,18 @@ from fittune.rundir import (
     owned,
     write_guard,
 )
+from fittune.shards import full_numel, full_shape, local_part
 from fittune.signals import StopRequest
 from fittune.step import BatchSplit, OomAdaptive, StepPlan, StepResult, StepRunner
 from fittune.testing import install_oom_injection
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+    from fittune.precision import Precision
+    from fittune.rundir import OutputDirCheck
+    from fittune.strategy import Strategy
 
 
 @dataclass
@@ -159,7 +169,50 @@ class DataFit:
 
 
 class FineTuneRecipe:
-    """One fine-tuning run: built by `setup`, run by `train`."""
+    """One fine-tuning run: built by `setup`, run by `train`. Its state, by the step that sets it:"""
+
+    # _setup_accelerator: where and how this process computes (decided once; the loop only asks these)
+    accelerator: Accelerator
+    precision: Precision
+    strategy: Strategy
+    world: int
+    rank: int
+    # _check_output_dir: what output_dir holds and what this run may do with it
+    dir_check: OutputDirCheck
+    finished: bool  # --resume auto of a run that has finished: nothing to train
+    resume_from: Path | None
+    # _setup_data: the rows, tokenised, and the step count they give
+    class_task: bool
+    model_path: str
+    tokenizer: PreTrainedTokenizerBase
+    train_set: list[D.TokExample]
+    test_set: list[D.TokExample]
+    fit: DataFit
+    digests: dict[str, str]  # the data's identity, part of the resume fingerprint
+    heldout_ids_digest: str
+    lengths: list[int]
+    global_batch: int
+    total_steps: int
+    steps_per_epoch: int
+    # _setup_model and _setup_optimizer: the prepared model and what steps it
+    head: torch.nn.Module | None  # the output head when the chunked loss computes the logits itself
+    n_total: int
+    n_trainable: int
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    in_device: torch.device
+    runner: StepRunner
+    target: CheckpointTarget
+    split: BatchSplit
+    oom: OomAdaptive | None
+    # _setup_resume, _commit_output_dir, _setup_baselines
+    resume_how: str
+    config_yaml: str
+    compare: dict[str, dict]  # the baselines the held-out metrics are reported beside, by name
+    # train
+    stop: StopRequest
+    _clock: tuple[float, int]  # (start of the logging window, tokens in it)
 
     def __init__(self, cfg: Config, program: str = "train.py"):
         self.cfg, self.program, self.out = cfg, program, Path(cfg.output_dir)
@@ -619,7 +672,7 @@ class FineTuneRecipe:
         """Save a resumable checkpoint of the state after `step` steps."""
         self._agree_on_the_log()
         state = {**asdict(self.counters), "step": step, "micro_batch_size": self.split.micro_batch_size,
-                 "grad_accum": self.split.grad_accum, "world_size": self.world, "strategy": self.strategy.name,
+                 "grad_accum": self.split.grad_accum, "world_size": self.world,
                  "epoch": step // self.steps_per_epoch, "step_in_epoch": step % self.steps_per_epoch,
                  "fingerprint": self.fingerprint()}
         path = save_checkpoint(self.target, self.out, step, state, self.config_yaml, self.cfg.train.keep_checkpoints)
@@ -732,10 +785,9 @@ def local_shards(model) -> dict:
     under FSDP2 and ZeRO-3; the full tensors under DDP)."""
     shapes, local, total = {}, 0, 0
     for name, p in model.named_parameters():
-        mine = p.to_local() if hasattr(p, "to_local") else p  # a DTensor shard under FSDP2
-        full = list(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape aside, p itself is empty
-        shapes[name] = [list(mine.shape), full]
-        local, total = local + mine.numel(), total + int(getattr(p, "ds_numel", p.numel()))
+        mine = local_part(p)
+        shapes[name] = [list(mine.shape), full_shape(p)]
+        local, total = local + mine.numel(), total + full_numel(p)
     return {"local_parameter_elements": local, "parameter_elements": total, "parameter_shapes": shapes}
 
 
