@@ -137,28 +137,34 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model_dir(shared_root(tmp_path_factory) / "tiny-qwen2", TinyModelConfig(**TINY_SHAPE), 0)
 
 
+def write_tiny_recipe(directory: Path, model_dir: Path, name: str = "tiny.yaml", **sections) -> Path:
+    """A tiny fp32 recipe on the built-in data in `directory` (output_dir: `directory`/run); `sections` update
+    the recipe's sections (a dict) or replace a top-level key."""
+    tree = {
+        "output_dir": str(directory / "run"),
+        "seed": 0,
+        "log_with": "none",
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"path": "builtin:ai-research-qa", "choices_column": "choices", "label_column": "topic",
+                 "max_length": 96},
+        "train": {"micro_batch_size": 4, "grad_accum": 1, "max_steps": 6, "lr": 1e-3, "warmup_ratio": 0.0,
+                  "log_every": 1},
+        "eval": {"batch_size": 8},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            tree.setdefault(section, {}).update(values)
+        else:
+            tree[section] = values
+    return write_config(directory / name, tree)
+
+
 @pytest.fixture
 def tiny_config(tmp_path, tiny_model_dir):
-    """Write a tiny fp32 recipe on the built-in data; returns a function(overrides...) -> config path."""
+    """Write a tiny fp32 recipe on the built-in data; returns a function(name, overrides...) -> config path."""
 
     def make(name: str = "tiny.yaml", **sections) -> Path:
-        tree = {
-            "output_dir": str(tmp_path / "run"),
-            "seed": 0,
-            "log_with": "none",
-            "model": {"name_or_path": str(tiny_model_dir)},
-            "data": {"path": "builtin:ai-research-qa", "choices_column": "choices", "label_column": "topic",
-                     "max_length": 96},
-            "train": {"micro_batch_size": 4, "grad_accum": 1, "max_steps": 6, "lr": 1e-3, "warmup_ratio": 0.0,
-                      "log_every": 1},
-            "eval": {"batch_size": 8},
-        }
-        for section, values in sections.items():
-            if isinstance(values, dict):
-                tree.setdefault(section, {}).update(values)
-            else:
-                tree[section] = values
-        return write_config(tmp_path / name, tree)
+        return write_tiny_recipe(tmp_path, tiny_model_dir, name, **sections)
 
     return make
 

@@ -7,14 +7,22 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT, child_env, free_port, launch, read_log
+from conftest import ROOT, child_env, free_port, launch, read_log, write_tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory, tiny_model_dir):
+    """The recipe, and its 2-process single-node run: the reference of every two-node template."""
+    root = tmp_path_factory.mktemp("one-node")
+    recipe = write_tiny_recipe(root, tiny_model_dir, train={"max_steps": 5, "grad_accum": 2, "micro_batch_size": 2})
+    launch("train.py", ["--config", recipe, "--output_dir", root / "single"], nproc=2)
+    return recipe, root / "single"
 
 
 @pytest.mark.parametrize("template", ["multi_node_ddp", "multi_node_zero3", "multi_node_fsdp2"])
-def test_two_nodes_on_loopback_match_one_node(tmp_path, tiny_config, template):
-    recipe = tiny_config(train={"max_steps": 5, "grad_accum": 2, "micro_batch_size": 2})
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    launch("train.py", ["--config", recipe, "--output_dir", single], nproc=2)
+def test_two_nodes_on_loopback_match_one_node(tmp_path, one_node, template):
+    recipe, single = one_node
+    multi = tmp_path / "multi"
     port = free_port()
     nodes = []
     for rank in (0, 1):
