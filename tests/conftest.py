@@ -20,12 +20,14 @@ TINY_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_
               "vocab_size": 512}
 
 
-# seconds each slow file took on 2 CPU cores, one after the other: under pytest-xdist (`make test`) the files
-# are handed out longest first, so the workers finish together; a file not listed comes after these
-FILE_SECONDS = {"test_checkpoints.py": 300, "test_evaluate.py": 140, "test_deepspeed.py": 115, "test_train.py": 105,
-                "test_real_model.py": 85, "test_oom.py": 80, "test_run_safety.py": 45, "test_multinode.py": 45,
-                "test_export.py": 40, "test_optim.py": 35, "test_signals.py": 30, "test_fsdp.py": 25,
-                "test_placement.py": 20}
+# seconds each slow file took in `make test` on 2 CPU cores (its tests' times in pytest's --junitxml, a shared
+# run counted where it is first built): pytest-xdist hands the files out longest first, so the two workers finish
+# together; a file not listed comes after these
+FILE_SECONDS = {"test_checkpoints.py": 600, "test_train.py": 370, "test_evaluate.py": 280, "test_real_model.py": 280,
+                "test_deepspeed.py": 215, "test_oom.py": 190, "test_run_safety.py": 125, "test_export.py": 115,
+                "test_multinode.py": 105, "test_optim.py": 90, "test_signals.py": 80, "test_placement.py": 50,
+                "test_fsdp.py": 45, "test_plan.py": 40, "test_qwen_tokenizer.py": 25, "test_evaluate_safety.py": 25,
+                "test_layout.py": 15}
 
 
 def pytest_collection_modifyitems(config, items):
