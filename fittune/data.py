@@ -335,8 +335,6 @@ def map_columns(rows: list[dict], cfg: DataConfig, source: str, classes: list[st
             if cfg.choices_in_prompt:
                 messages, choices = _list_choices(messages, choices, where)
                 answer = choices[gold]
-            else:
-                choices, gold = _merge_same_choices(choices, gold)
         elif classes is not None:
             if label not in classes:
                 raise FittuneError(f"{where}: label {label!r} is not one of the classes {classes} (data.classes: "
@@ -386,13 +384,6 @@ def _row_choices(row: dict, cfg: DataConfig, where: str) -> list[str]:
     if len(choices) < 2:
         raise FittuneError(f"{where}: needs at least 2 choices, got {len(choices)}")
     return choices
-
-
-def _merge_same_choices(choices: list[str], gold: int) -> tuple[list[str], int]:
-    """One candidate per distinct text. Two identical choice texts score exactly alike, so the tie would be broken
-    by position alone: the model was counted wrong whenever the answer was the second of the two."""
-    distinct = list(dict.fromkeys(choices))
-    return distinct, distinct.index(choices[gold])
 
 
 def _list_choices(messages: list[dict], choices: list[str], where: str) -> tuple[list[dict], list[str]]:

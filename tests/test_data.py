@@ -114,17 +114,6 @@ def test_csv_without_header_and_letter_answers(tmp_path):
         D.map_columns(D.read_rows(str(bad), cfg), cfg, str(bad))
 
 
-def test_identical_choices_are_one_candidate_so_a_tie_never_counts_against_the_model():
-    cfg = DataConfig(choices_column=["A", "B", "C", "D"], answer_format="letter")
-    rows = [{"question": "q", "A": "none", "B": "all", "C": "none", "D": "some", "answer": "C"}]
-    (ex,) = D.map_columns(rows, cfg, "mem")
-    # scored as texts, the two "none" would tie and argmax would pick the first: the second was never right
-    assert ex.choices == ["none", "all", "some"] and ex.gold == 0 and ex.answer == "none"
-    listed = DataConfig(choices_column=["A", "B", "C", "D"], answer_format="letter", choices_in_prompt=True)
-    (ex,) = D.map_columns(rows, listed, "mem")
-    assert ex.choices == ["A", "B", "C", "D"] and ex.gold == 2  # letters are distinct candidates: kept as given
-
-
 def test_class_label_task():
     cfg = DataConfig(question_column="text", answer_column=None, label_column="label")
     rows = [{"text": "t1", "label": "Uses"}, {"text": "t2", "label": "Background"}, {"text": "t3", "label": "Uses"}]
