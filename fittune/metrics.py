@@ -43,6 +43,8 @@ def build_predictions(examples: list[TokExample], records: list[dict], class_tas
         row = {"id": e.id, "question": e.question, "nll": rec["nll"], "n_tokens": rec["n_tokens"], "n_correct_tokens": rec["n_correct"]}
         if e.candidates and "scores" in rec:
             best = max(range(len(rec["scores"])), key=lambda k: (rec["scores"][k], -k))
+            if e.choices[best] == e.choices[e.gold]:  # a row listing the answer's text twice: the model chose that
+                best = e.gold  # text, and the tie between the copies (first wins) is not its error
             row.update(gold=class_name(e, e.gold, class_task), pred=class_name(e, best, class_task),
                        correct=best == e.gold, gold_text=e.choices[e.gold], pred_text=e.choices[best],
                        scores=rec["scores"], labels=[class_name(e, k, class_task) for k in range(len(rec["scores"]))])

@@ -158,3 +158,22 @@ def test_token_budget_batches():
     assert [len(b) for b in plan_batches(units, batch_size=4, max_batch_tokens=5)] == [1] * 6  # too long: alone
     batch = collate_packed(plan[0], pad_id=0, mask="bool")
     assert batch.inputs["attention_mask"].shape == (2, 1, 18, 18) and batch.n_slots == 4
+
+
+def test_a_row_listing_the_answer_twice_counts_the_chosen_text(tiny, accelerator):
+    """Choices `none, all, none, some` with the answer C: the two `none` tie (the same text after the same
+    prompt), and the first of a tie was the prediction, so a model that chose `none` was counted wrong. The
+    copies are one answer: the letters stay as the data gives them, and choosing that text is correct."""
+    from fittune.metrics import build_predictions
+
+    model, tok = tiny
+    cfg = DataConfig(choices_column=["A", "B", "C", "D"], answer_format="letter", max_length=96)
+    rows = [{"question": "Which regularizer?", "A": "none", "B": "all", "C": "none", "D": "some", "answer": "C"}]
+    examples, _ = D.tokenize_examples(D.map_columns(rows, cfg, "mem"), tok, cfg)
+    (rec,) = score_examples(model, accelerator, Strategy(), examples, tok, 1, 0, False)
+    scores = rec["scores"]
+    assert scores[0] == pytest.approx(scores[2], abs=TOL)  # the tie: the same continuation after the same prompt
+    (row,) = build_predictions(examples, [{**rec, "scores": [1.0, 0.0, 1.0, 0.0]}], class_task=False)
+    assert (row["gold"], row["pred"], row["correct"], row["labels"]) == ("C", "C", True, ["A", "B", "C", "D"])
+    (row,) = build_predictions(examples, [{**rec, "scores": [0.0, 1.0, 0.0, 0.0]}], class_task=False)
+    assert (row["pred"], row["correct"]) == ("B", False)  # another text is still wrong
