@@ -83,6 +83,15 @@ def name_deepspeed_cpu_accelerator() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def skip_deepspeed_shm_op() -> None:
+    """A DeepSpeed launch on CPU ranks: DeepSpeed compiles its shared-memory all-reduce op when its process group
+    starts (90 s on 2 cores, the first time on a machine). That op serves only DeepSpeed's inference all-reduce;
+    training's collectives go through torch.distributed (gloo here), so it is marked unavailable and not built."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # the probed table DeepSpeed keeps and reads
+
+
 def make_accelerator(precision: Precision, grad_accum: int, log_with: str | None, project_dir: str) -> Accelerator:
     """Create the run's Accelerator, with real gloo ranks on a CPU-only machine (see module docstring)."""
     check_deepspeed_config_file()
@@ -91,6 +100,8 @@ def make_accelerator(precision: Precision, grad_accum: int, log_with: str | None
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
     cpu = False
     name_deepspeed_cpu_accelerator()
+    if deepspeed_requested() and not has_accelerator():
+        skip_deepspeed_shm_op()
     if launched_world_size() > 1 and not has_accelerator():
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
         # DeepSpeed only takes its own init path (and gets the gloo backend) when cpu=False
