@@ -86,13 +86,16 @@ class OptimizerChoice:
         return ", ".join(parts)
 
 
-def choose(optimizer: str, in_backward: bool, trainable_dtype: torch.dtype, strategy: Strategy) -> OptimizerChoice:
+def choose(optimizer: str, in_backward: bool, trainable_dtype: torch.dtype, strategy: Strategy,
+           gpu: bool = True) -> OptimizerChoice:
     """The optimizer for train.optimizer / optimizer_in_backward and the trainable weights' dtype as loaded.
-    DeepSpeed and FSDP2 keep fp32 master weights of a bf16 module themselves: no stochastic rounding there."""
+    DeepSpeed and FSDP2 keep fp32 master weights of a bf16 module themselves: no stochastic rounding there.
+    `gpu`: GPU ranks (DeepSpeed's offload then steps with its CPU Adam; CPU ranks keep torch's AdamW, see
+    distributed.configure_deepspeed)."""
     native = not strategy.sharded
     return OptimizerChoice(optimizer, native and trainable_dtype == torch.bfloat16, in_backward,
                            fp16_weights=native and trainable_dtype == torch.float16,
-                           cpu_adam=strategy.deepspeed and strategy.offload_optimizer)
+                           cpu_adam=strategy.deepspeed and strategy.offload_optimizer and gpu)
 
 
 def unsupported(choice: OptimizerChoice, strategy: Strategy, precision: Precision, lora: bool) -> str | None:
@@ -275,11 +278,13 @@ class OptimizerSetup:
 def build_optimizer(cfg, params: list, strategy: Strategy, precision: Precision, fused: bool) -> OptimizerSetup:
     """The run's optimizer over `params` (the trainable parameters), or one FittuneError when the
     combination is not supported (`unsupported`). `fused`: torch's fused AdamW (every parameter on a GPU)."""
+    from fittune.distributed import has_accelerator  # here: the planner imports this module without accelerate
+
     t = cfg.train
     dtypes = {p.dtype for p in params}
     choice = choose(t.optimizer, t.optimizer_in_backward,
                     torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16 if torch.float16 in dtypes
-                    else torch.float32, strategy)
+                    else torch.float32, strategy, gpu=has_accelerator())
     reason = unsupported(choice, strategy, precision, cfg.lora.enabled)
     if reason:
         raise FittuneError(reason)

@@ -201,7 +201,13 @@ def shared_strategy_recipe(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def strategy_run(tmp_path_factory, shared_strategy_recipe):
+def strategy_extensions(tmp_path_factory) -> Path:
+    """TORCH_EXTENSIONS_DIR of the strategy runs: where DeepSpeed would put an op it compiles on first use."""
+    return shared_root(tmp_path_factory) / "torch-extensions"
+
+
+@pytest.fixture(scope="session")
+def strategy_run(tmp_path_factory, shared_strategy_recipe, strategy_extensions):
     """(strategy, "lora"|"full") -> the finished run of the strategy recipe on 2 processes, only --config_file
     differing; each is trained once per session (DDP is the reference of both the ZeRO and the FSDP2 tests)."""
     root = shared_root(tmp_path_factory)
@@ -210,7 +216,8 @@ def strategy_run(tmp_path_factory, shared_strategy_recipe):
         return build_once(root, f"strategy-run-{strategy}-{method}", lambda d: launch(
             "train.py", ["--config", shared_strategy_recipe, "--output_dir", d,
                          "--lora.enabled", str(method == "lora").lower()],
-            nproc=2, config_file=STRATEGY_CONFIGS[strategy]))
+            nproc=2, config_file=STRATEGY_CONFIGS[strategy],
+            extra_env={"TORCH_EXTENSIONS_DIR": str(strategy_extensions)}))
 
     return get
 
