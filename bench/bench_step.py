@@ -133,7 +133,8 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
         compile_layers(model)  # train.compile (the warm-up steps absorb the compilation)
     head = model.get_output_embeddings() if install_chunked_loss(model, cfg.train.loss_chunk_size, liger) else None
     params = [p for p in model.parameters() if p.requires_grad]
-    setup = build_optimizer(cfg, params, strategy, Precision("bf16"), fused=dev.type == "cuda")  # as train.py builds it
+    setup = build_optimizer(cfg, params, strategy, Precision("bf16"), fused=dev.type == "cuda",
+                            gpu=dev.type == "cuda")  # as train.py builds it
     if case["torchao_offload"]:  # the one-GPU offload path to compare with ZeRO-2 offload (not in fittune)
         from torchao.optim import CPUOffloadOptimizer
 

@@ -223,12 +223,12 @@ def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_accum: 
         elif float(current) != float(value):
             raise FittuneError(f"the DeepSpeed config sets {key}={current} but the recipe gives {value} "
                                f"({source}): set it to \"auto\" in the JSON (fittune fills it) or change the recipe")
-    zero = ds.get("zero_optimization", {})
-    if not has_accelerator() and zero.get("offload_optimizer", {}).get("device", "none") != "none":
+    zero, on_cpu = ds.get("zero_optimization", {}), accelerator.device.type == "cpu"
+    if on_cpu and zero.get("offload_optimizer", {}).get("device", "none") != "none":
         # DeepSpeed's CPU Adam is a C++ extension compiled on first use (2 to 4 minutes on 2 cores); on CPU ranks
         # every state is in CPU RAM anyway, so torch's AdamW steps the offloaded partitions (GPUs keep CPU Adam)
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
-    if accelerator.device.type == "cpu" and zero.get("overlap_comm") and grad_accum > 1:
+    if on_cpu and zero.get("overlap_comm") and grad_accum > 1:
         # overlap_comm overlaps reduction with backward on a side CUDA stream. DeepSpeed's CPU accelerator has
         # no streams, and with accumulation the reused buckets corrupt gradients (seen on gloo: the grad norm
         # 3.7% off DDP's at step 1, accumulation 2). Off on the CPU; GPUs keep it.

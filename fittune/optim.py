@@ -1,4 +1,4 @@
-"""The optimizer of a run, decided and built in one place: `build_optimizer(cfg, params, strategy, precision, fused)`.
+"""The optimizer of a run, decided and built in one place: `build_optimizer(cfg, params, strategy, precision, fused, gpu)`.
 
   train.optimizer           adamw (torch's AdamW; torchao's AdamW with bf16 stochastic rounding when the
                             trainable weights are bf16 and fittune steps them itself: DeepSpeed and FSDP2 keep
@@ -275,16 +275,16 @@ class OptimizerSetup:
     """The same object as `optimizer` when it steps inside backward (StepRunner then only finishes)."""
 
 
-def build_optimizer(cfg, params: list, strategy: Strategy, precision: Precision, fused: bool) -> OptimizerSetup:
+def build_optimizer(cfg, params: list, strategy: Strategy, precision: Precision, fused: bool,
+                    gpu: bool) -> OptimizerSetup:
     """The run's optimizer over `params` (the trainable parameters), or one FittuneError when the
-    combination is not supported (`unsupported`). `fused`: torch's fused AdamW (every parameter on a GPU)."""
-    from fittune.distributed import has_accelerator  # here: the planner imports this module without accelerate
-
+    combination is not supported (`unsupported`). `fused`: torch's fused AdamW (every parameter on a GPU);
+    `gpu`: the ranks compute on GPUs (see `choose`)."""
     t = cfg.train
     dtypes = {p.dtype for p in params}
     choice = choose(t.optimizer, t.optimizer_in_backward,
                     torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16 if torch.float16 in dtypes
-                    else torch.float32, strategy, gpu=has_accelerator())
+                    else torch.float32, strategy, gpu)
     reason = unsupported(choice, strategy, precision, cfg.lora.enabled)
     if reason:
         raise FittuneError(reason)

@@ -391,7 +391,8 @@ class FineTuneRecipe:
         # accelerate moves the model to the GPU in prepare() below
         fused = (all(p.device.type == "cuda" for p in params) if self.strategy.device_map
                  else accel.device.type == "cuda")
-        setup = build_optimizer(cfg, params, self.strategy, self.precision, fused)  # FittuneError if unsupported
+        setup = build_optimizer(cfg, params, self.strategy, self.precision, fused,  # FittuneError if unsupported
+                                gpu=accel.device.type != "cpu")
         optimizer = setup.optimizer
         self._log(f"optimizer: {setup.choice.describe()}")
         if self.strategy.deepspeed:

@@ -67,7 +67,7 @@ def _runner(model_dir, cfg, dtype=torch.float32, cpu=True, recompute=False):
         enable_gradient_checkpointing(model, lora=False)
         head = model.get_output_embeddings() if install_chunked_loss(model, 32) else None
     params = [p for p in model.parameters() if p.requires_grad]
-    setup = build_optimizer(cfg, params, Strategy(), Precision("no"), fused=not cpu)
+    setup = build_optimizer(cfg, params, Strategy(), Precision("no"), fused=not cpu, gpu=not cpu)
     sched = get_scheduler("linear", setup.optimizer, num_training_steps=8, num_warmup_steps=1)
     model, opt = accel.prepare(model, setup.optimizer)
     model.train()
@@ -171,7 +171,7 @@ def test_bf16_weights_lose_small_updates_without_stochastic_rounding():
     plain = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
     rounded = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
     torch_opt = torch.optim.AdamW([plain], lr=lr, weight_decay=0.0)  # what bf16 weights got before
-    setup = build_optimizer(_cfg(lr=lr, weight_decay=0.0), [rounded], Strategy(), Precision("bf16"), fused=False)
+    setup = build_optimizer(_cfg(lr=lr, weight_decay=0.0), [rounded], Strategy(), Precision("bf16"), fused=False, gpu=False)
     assert setup.choice.stochastic_rounding and setup.choice.torchao
     torch.manual_seed(0)
     for _ in range(steps):
@@ -199,7 +199,7 @@ def test_live_state_bytes_equal_the_planner_term(optimizer):
     model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     params = list(model.parameters())
     cfg = _cfg(optimizer=optimizer, max_grad_norm=0.0, optimizer_in_backward=True, lr=1e-3)
-    setup = build_optimizer(cfg, params, Strategy(), Precision("bf16"), fused=False)
+    setup = build_optimizer(cfg, params, Strategy(), Precision("bf16"), fused=False, gpu=False)
     ids = torch.randint(0, config.vocab_size, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()  # the states exist after the first step
     live = live_state_bytes(setup.optimizer)
@@ -246,7 +246,7 @@ def test_compiled_lowbit_step_equals_eager():
     out = []
     for stance in ("force_eager", "default"):
         p = torch.nn.Parameter(torch.linspace(-1, 1, 4096))
-        setup = build_optimizer(_cfg(optimizer="adamw8bit", lr=1e-2), [p], Strategy(), Precision("no"), fused=False)
+        setup = build_optimizer(_cfg(optimizer="adamw8bit", lr=1e-2), [p], Strategy(), Precision("no"), fused=False, gpu=False)
         with torch.compiler.set_stance(stance):
             for g in grads:
                 p.grad = g.clone()
@@ -368,7 +368,7 @@ def test_in_backward_state_view_serves_lora_portable_moments():
     """fittune.checkpoints reads and writes `optimizer.state[p]` (LoRA's portable moments): with one optimizer
     per parameter the facade's state is each parameter's own (read after a step, written on resume)."""
     p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
-    setup = build_optimizer(_cfg(max_grad_norm=0.0, optimizer_in_backward=True), [p, q], Strategy(), Precision("no"), False)
+    setup = build_optimizer(_cfg(max_grad_norm=0.0, optimizer_in_backward=True), [p, q], Strategy(), Precision("no"), False, False)
     opt = setup.optimizer
     (p.sum() * 2).backward()  # only p gets a gradient: only p is stepped
     assert set(opt.state) == {p} and opt.state[p]["exp_avg"].shape == (3,) and opt.state.get(q, {}) == {}
@@ -383,4 +383,5 @@ def test_missing_torchao_is_one_clear_error(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "torchao.optim", None)  # as if not installed
     with pytest.raises(FittuneError, match=r"pip install 'fittune\[lowbit\]'"):
-        build_optimizer(_cfg(optimizer="adamw8bit"), [torch.nn.Parameter(torch.ones(2))], Strategy(), Precision("no"), False)
+        build_optimizer(_cfg(optimizer="adamw8bit"), [torch.nn.Parameter(torch.ones(2))], Strategy(), Precision("no"), False,
+                        False)
