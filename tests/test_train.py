@@ -70,7 +70,7 @@ def split_runs(tmp_path_factory, tiny_model_dir):
     recipe = root / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "seed": 0, "log_with": "none", "model": {"name_or_path": str(tiny_model_dir)},
-        "data": {"path": "builtin:ai-research-qa", "max_length": 96},
+        "data": {"path": "builtin:ai-research-qa", "choices_column": "choices", "max_length": 96},
         "train": {"max_steps": 5, "lr": 1e-3, "warmup_ratio": 0.0, "max_grad_norm": 1.0},
         "eval": {"batch_size": 8}}))
     runs = {}
