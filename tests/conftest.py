@@ -27,12 +27,13 @@ TINY_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_
 
 
 # seconds each slow file took in `make test` on 2 CPU cores (its tests' times in pytest's --junitxml, a shared
-# run counted where it is first built): pytest-xdist hands the files out longest first, so the two workers finish
-# together; a file not listed comes after these
-FILE_SECONDS = {"test_checkpoints.py": 600, "test_train.py": 370, "test_evaluate.py": 280, "test_real_model.py": 280,
-                "test_deepspeed.py": 215, "test_oom.py": 190, "test_run_safety.py": 125, "test_export.py": 115,
-                "test_multinode.py": 105, "test_optim.py": 90, "test_signals.py": 80, "test_placement.py": 50,
-                "test_fsdp.py": 45, "test_plan.py": 40, "test_qwen_tokenizer.py": 25, "test_evaluate_safety.py": 25,
+# run counted where it is first built; test_checkpoints and test_deepspeed estimated since test_checkpoints'
+# SIGKILL cases resume the shared strategy runs): pytest-xdist hands the files out longest first, so the two
+# workers finish together; a file not listed comes after these
+FILE_SECONDS = {"test_checkpoints.py": 450, "test_deepspeed.py": 330, "test_train.py": 315, "test_evaluate.py": 290,
+                "test_real_model.py": 260, "test_oom.py": 215, "test_export.py": 150, "test_run_safety.py": 130,
+                "test_multinode.py": 95, "test_signals.py": 90, "test_optim.py": 80, "test_plan.py": 52,
+                "test_placement.py": 51, "test_fsdp.py": 51, "test_qwen_tokenizer.py": 28, "test_evaluate_safety.py": 24,
                 "test_layout.py": 15}
 
 
@@ -177,7 +178,7 @@ def tiny_config(tmp_path, tiny_model_dir):
     return make
 
 
-STRATEGY_STEPS = 6
+STRATEGY_STEPS = 16  # checkpoints at 4, 8, 12, 16: the SIGKILL tests resume these runs' recipe mid-way
 
 
 def strategy_recipe(directory: Path, model_dir: Path) -> Path:
@@ -187,9 +188,10 @@ def strategy_recipe(directory: Path, model_dir: Path) -> Path:
         "seed": 0, "log_with": "none", "model": {"name_or_path": str(model_dir)},
         "data": {"path": "builtin:ai-research-qa", "choices_column": "choices", "max_length": 128},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        # one checkpoint, at the end: test_export consolidates each strategy's shards and compares with final/
+        # the last checkpoint is at the end: test_export consolidates each strategy's shards and compares with
+        # final/; test_checkpoints kills the same recipe after a checkpoint and resumes it
         "train": {"micro_batch_size": 2, "grad_accum": 2, "max_steps": STRATEGY_STEPS, "lr": 5e-3,
-                  "log_every": 1, "warmup_ratio": 0.2, "save_steps": STRATEGY_STEPS},
+                  "log_every": 1, "warmup_ratio": 0.2, "save_steps": 4, "keep_checkpoints": 2},
         "eval": {"batch_size": 8}})
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, child_env, free_port, launch, read_log
+from conftest import ROOT, STRATEGY_CONFIGS, STRATEGY_STEPS, child_env, free_port, launch, read_log
 from safetensors.torch import load_file
 
 STEPS = 16  # checkpoints at 4, 8, 12, 16: a kill after the first and before the last leaves steps to redo
@@ -90,9 +90,10 @@ def assert_same_run(a: Path, b: Path, tol=1e-6):
         torch.testing.assert_close(wa[k], wb[k], atol=tol, rtol=tol)
 
 
-CASES = [("1proc", 1, None, False), ("ddp", 2, None, False), ("zero2", 2, "accelerate_configs/deepspeed_zero2.yaml", False),
-         ("zero3", 2, "accelerate_configs/deepspeed_zero3.yaml", True),
-         ("fsdp2-lora", 2, "accelerate_configs/fsdp2.yaml", True), ("fsdp2-full", 2, "accelerate_configs/fsdp2.yaml", False)]
+# each sharding strategy's own checkpoint format; the reference is the strategy's uninterrupted run that
+# test_deepspeed / test_fsdp compare with DDP (the same recipe and command, trained once per session). One process
+# resumes in test_sigterm_saves_and_resume_completes and, with adamw8bit in backward, in test_optim
+CASES = [("ddp", "full"), ("zero2", "full"), ("zero3", "lora"), ("fsdp2", "lora"), ("fsdp2", "full")]
 
 
 def uninterrupted(cfg: Path, out: Path, nproc: int, accel: str | None) -> Path:
@@ -103,24 +104,24 @@ def uninterrupted(cfg: Path, out: Path, nproc: int, accel: str | None) -> Path:
 
 @pytest.fixture(scope="module")
 def one_process_ref(tmp_path_factory, tiny_model_dir) -> Path:
-    """The uninterrupted 1-process run: the reference of the SIGKILL (1proc) and the SIGTERM tests (when and
-    whether it checkpoints changes nothing in the training)."""
+    """The uninterrupted 1-process run: the reference of the SIGTERM test (when and whether it checkpoints
+    changes nothing in the training)."""
     d = tmp_path_factory.mktemp("one-process-ref")
     return uninterrupted(recipe(d, tiny_model_dir), d / "ref", 1, None)
 
 
-@pytest.mark.parametrize("name, nproc, accel, lora", CASES, ids=[c[0] for c in CASES])
-def test_sigkill_then_resume_auto_matches_uninterrupted(request, tmp_path, tiny_model_dir, name, nproc, accel, lora):
-    cfg = recipe(tmp_path, tiny_model_dir, lora=lora)
-    run = tmp_path / "run"
-    ref = (request.getfixturevalue("one_process_ref") if name == "1proc"
-           else uninterrupted(cfg, tmp_path / "ref", nproc, accel))
-    at = random.Random(name).randint(5, STEPS - 7)  # a random step, reproducible per case; 7+ steps to go
-    kill_when_logged(launch_cmd(nproc, accel, ["--config", cfg, "--output_dir", run]), run / "train_log.jsonl", at)
+@pytest.mark.parametrize("strategy, method", CASES, ids=[f"{s}-{m}" for s, m in CASES])
+def test_sigkill_then_resume_auto_matches_uninterrupted(tmp_path, strategy_run, shared_strategy_recipe, strategy,
+                                                        method):
+    assert STRATEGY_STEPS == STEPS  # checkpoints at 4, 8, 12, 16 in the shared recipe too
+    ref, run, accel = strategy_run(strategy, method), tmp_path / "run", STRATEGY_CONFIGS[strategy]
+    args = ["--config", shared_strategy_recipe, "--output_dir", run, "--lora.enabled", str(method == "lora").lower()]
+    at = random.Random(f"{strategy}-{method}").randint(5, STEPS - 7)  # a random step, reproducible per case
+    kill_when_logged(launch_cmd(2, accel, args), run / "train_log.jsonl", at)
     done = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*") if not p.name.endswith(".tmp")]
     assert done and max(done) < STEPS  # it really died mid-run, after at least one checkpoint
-    proc = subprocess.run(launch_cmd(nproc, accel, ["--config", cfg, "--output_dir", run, "--resume", "auto"]),
-                          cwd=ROOT, env=child_env(1), capture_output=True, text=True)
+    proc = subprocess.run(launch_cmd(2, accel, args + ["--resume", "auto"]), cwd=ROOT, env=child_env(1),
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints'}" in proc.stdout
     assert_same_run(ref, run)
