@@ -27,14 +27,13 @@ TINY_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_
 
 
 # seconds each slow file took in `make test` on 2 CPU cores (its tests' times in pytest's --junitxml, a shared
-# run counted where it is first built; test_checkpoints and test_deepspeed estimated since test_checkpoints'
-# SIGKILL cases resume the shared strategy runs): pytest-xdist hands the files out longest first, so the two
-# workers finish together; a file not listed comes after these
-FILE_SECONDS = {"test_checkpoints.py": 450, "test_deepspeed.py": 330, "test_train.py": 315, "test_evaluate.py": 290,
-                "test_real_model.py": 260, "test_oom.py": 215, "test_export.py": 150, "test_run_safety.py": 130,
-                "test_multinode.py": 95, "test_signals.py": 90, "test_optim.py": 80, "test_plan.py": 52,
-                "test_placement.py": 51, "test_fsdp.py": 51, "test_qwen_tokenizer.py": 28, "test_evaluate_safety.py": 24,
-                "test_layout.py": 15}
+# run counted where it is first built): pytest-xdist hands the files out longest first, so the two workers finish
+# together; a file not listed comes after these
+FILE_SECONDS = {"test_checkpoints.py": 583, "test_deepspeed.py": 272, "test_train.py": 252, "test_evaluate.py": 242,
+                "test_real_model.py": 208, "test_oom.py": 167, "test_run_safety.py": 118, "test_export.py": 112,
+                "test_multinode.py": 80, "test_signals.py": 77, "test_optim.py": 74, "test_plan.py": 39,
+                "test_placement.py": 37, "test_qwen_tokenizer.py": 24, "test_fsdp.py": 21,
+                "test_evaluate_safety.py": 20, "test_layout.py": 18}
 
 
 def pytest_collection_modifyitems(config, items):
