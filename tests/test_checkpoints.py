@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, STRATEGY_CONFIGS, STRATEGY_STEPS, child_env, free_port, launch, read_log
+from conftest import ROOT, STRATEGY_CONFIGS, child_env, free_port, launch, read_log
 from safetensors.torch import load_file
 
 STEPS = 16  # checkpoints at 4, 8, 12, 16: a kill after the first and before the last leaves steps to redo
@@ -50,12 +50,12 @@ def launch_cmd(nproc: int, accel: str | None, args: list) -> list[str]:
     return cmd + ["--main_process_port", str(free_port()), str(ROOT / "train.py")] + [str(a) for a in args]
 
 
-def kill_when_logged(cmd: list[str], log: Path, at_row: int, sig=signal.SIGKILL) -> int:
-    """Start a run; once `at_row` steps are logged, send `sig` to it and every process below it (torchrun puts
-    its workers in their own sessions, so a process-group kill would miss them)."""
+def kill_when_logged(cmd: list[str], log: Path, at_row: int, sig=signal.SIGKILL, env: dict | None = None) -> int:
+    """Start a run (in `env`, default child_env(1)); once `at_row` steps are logged, send `sig` to it and every
+    process below it (torchrun puts its workers in their own sessions, so a process-group kill would miss them)."""
     import psutil
 
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or child_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -91,8 +91,9 @@ def assert_same_run(a: Path, b: Path, tol=1e-6):
 
 
 # each sharding strategy's own checkpoint format; the reference is the strategy's uninterrupted run that
-# test_deepspeed / test_fsdp compare with DDP (the same recipe and command, trained once per session). One process
-# resumes in test_sigterm_saves_and_resume_completes and, with adamw8bit in backward, in test_optim
+# test_deepspeed / test_fsdp compare with DDP (the same recipe, command and environment, trained once per session).
+# One process resumes and redoes steps in test_partial_checkpoint_is_skipped (fp32 AdamW) and, with adamw8bit in
+# backward, in test_optim
 CASES = [("ddp", "full"), ("zero2", "full"), ("zero3", "lora"), ("fsdp2", "lora"), ("fsdp2", "full")]
 
 
@@ -111,19 +112,22 @@ def one_process_ref(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.mark.parametrize("strategy, method", CASES, ids=[f"{s}-{m}" for s, m in CASES])
-def test_sigkill_then_resume_auto_matches_uninterrupted(tmp_path, strategy_run, shared_strategy_recipe, strategy,
-                                                        method):
-    assert STRATEGY_STEPS == STEPS  # checkpoints at 4, 8, 12, 16 in the shared recipe too
+def test_sigkill_then_resume_auto_matches_uninterrupted(tmp_path, strategy_run, shared_strategy_recipe,
+                                                        strategy_extensions, strategy, method):
+    train = yaml.safe_load(shared_strategy_recipe.read_text())["train"]
+    assert (train["max_steps"], train["save_steps"], train["keep_checkpoints"]) == (STEPS, 4, 2)  # as below
     ref, run, accel = strategy_run(strategy, method), tmp_path / "run", STRATEGY_CONFIGS[strategy]
     args = ["--config", shared_strategy_recipe, "--output_dir", run, "--lora.enabled", str(method == "lora").lower()]
+    env = child_env(1) | {"TORCH_EXTENSIONS_DIR": str(strategy_extensions)}  # the reference's: no op built there
     at = random.Random(f"{strategy}-{method}").randint(5, STEPS - 7)  # a random step, reproducible per case
-    kill_when_logged(launch_cmd(2, accel, args), run / "train_log.jsonl", at)
+    kill_when_logged(launch_cmd(2, accel, args), run / "train_log.jsonl", at, env=env)
     done = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*") if not p.name.endswith(".tmp")]
     assert done and max(done) < STEPS  # it really died mid-run, after at least one checkpoint
-    proc = subprocess.run(launch_cmd(2, accel, args + ["--resume", "auto"]), cwd=ROOT, env=child_env(1),
-                          capture_output=True, text=True)
+    proc = subprocess.run(launch_cmd(2, accel, args + ["--resume", "auto"]), cwd=ROOT, env=env, capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints'}" in proc.stdout
+    assert not list(strategy_extensions.rglob("*.so"))  # nor did a resume compile a DeepSpeed op (CPU ranks)
     assert_same_run(ref, run)
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert kept == [f"step-{STEPS - 4:08d}", f"step-{STEPS:08d}"]  # the newest two (keep_checkpoints: 2)
