@@ -9,7 +9,9 @@ Trust and identity rules (README "What fittune writes, and what it never touches
   * the held-out rows must be the rows the run held out (their content hash), unless `--data.path` says
     explicitly that other data is meant, which is then said loudly;
   * the output directory is new, empty, or fittune's own; it is reserved from the start (a second evaluation
-    into it is refused at once) and replaced atomically.
+    into it is refused at once) and replaced atomically; it replaces the same model's results, another
+    model's only with --overwrite, and inside a training run it holds only that run's models' evaluations;
+  * a flag that only training reads is refused, not ignored.
 """
 
 from __future__ import annotations
@@ -50,8 +52,11 @@ USAGE = """usage: accelerate launch evaluate.py --checkpoint DIR [--config FILE]
   Without --config the run's saved config.yaml and held-out ids are used (but never its
   model.trust_remote_code: pass --model.trust_remote_code true to run a checkpoint's own code).
   --data.path FILE evaluates every row of another file (said loudly).
-  Any config key can be given (--eval.batch_size 16, --eval.max_batch_tokens 8192, --data.KEY ...):
-  python train.py --help lists them all."""
+  --overwrite replaces an --output_dir that holds another model's evaluation (the same model's is replaced
+  without it: the same command again).
+  The config keys evaluation reads can be given (--eval.batch_size 16, --eval.max_batch_tokens 8192,
+  --data.KEY, --model.KEY, --seed, --train.mixed_precision): python train.py --help lists them all; a
+  training-only key (--train.lr, --lora.r, --resume ...) is refused, not ignored."""
 
 TRUST_KEY = "model.trust_remote_code"
 
@@ -65,6 +70,8 @@ class EvalRequest:
     """The explicit --config (None: the run's saved config.yaml)."""
     out_dir: str | None
     overrides: dict = field(default_factory=dict)
+    overwrite: bool = False
+    """--overwrite: replace an output directory that holds another model's evaluation."""
 
     @property
     def data_path_given(self) -> bool:
@@ -80,7 +87,31 @@ def parse_request(argv: list[str]) -> EvalRequest:
                            "see python evaluate.py --help")
     out_dir, rest = split_flag(rest, "output_dir")
     config_file, rest = split_flag(rest, "config")
-    return EvalRequest(checkpoint, config_file, out_dir, parse_overrides(rest))
+    overrides = parse_overrides(rest)
+    overwrite = overrides.pop("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise FittuneError(f"--overwrite takes true or false (or nothing), not '{overwrite}'")
+    for key in overrides:
+        refuse_training_key(key)
+    return EvalRequest(checkpoint, config_file, out_dir, overrides, overwrite)
+
+
+# the training settings evaluation reads (the precision it runs in; LoRA's on/off chooses the base's dtype)
+_READ_BY_EVALUATION = {"train.mixed_precision", "lora.enabled"}
+
+
+def refuse_training_key(key: str) -> None:
+    """A command-line key that only training reads is refused, not ignored: the weights are evaluated as saved
+    (an adapter's own adapter_config.json says its shape), and eval.* says how they are scored."""
+    if key in _READ_BY_EVALUATION:
+        return
+    if key in ("resume", "trust_checkpoint"):
+        raise FittuneError(f"evaluate.py has no --{key}: it reads only the saved weights, never a checkpoint's "
+                           f"optimizer files (train.py --output_dir RUN --resume auto continues a training run)")
+    if key == "log_with" or key.startswith(("train.", "lora.")):
+        raise FittuneError(f"--{key} is a training setting that evaluate.py does not read: the weights are "
+                           f"evaluated as saved; evaluation settings are --eval.KEY (e.g. --eval.batch_size), "
+                           f"--data.KEY, --model.KEY and --train.mixed_precision (python train.py --help)")
 
 
 def evaluate_main(argv: list[str]) -> dict | None:
@@ -277,11 +308,13 @@ def check_identity(record: dict, test: list[D.Example], data_cfg, data_path_give
 # What the evaluation holds while it runs
 
 
-def hold_on_main(accelerator, held: ExitStack, info: CheckpointInfo, out: Path) -> EvalDir | None:
+def hold_on_main(accelerator, held: ExitStack, info: CheckpointInfo, out: Path, overwrite: bool,
+                 flag: str) -> EvalDir | None:
     """On the main process: the shared lock of each training run the evaluation reads or writes into (a run
     being trained is refused; other evaluations of it go on; none is resumed or replaced meanwhile), then the
-    reservation of the output directory. Each is released by `held`, however the evaluation ends; any failure
-    stops every rank (none is left waiting). The reservation on the main process, None on the others."""
+    reservation of the output directory, whose results may be replaced only as `check_replaces_same_model`
+    says. Each is released by `held`, however the evaluation ends; any failure stops every rank (none is left
+    waiting). The reservation on the main process, None on the others."""
     reserved: list[EvalDir] = []
 
     def take() -> None:
@@ -295,9 +328,41 @@ def hold_on_main(accelerator, held: ExitStack, info: CheckpointInfo, out: Path) 
                 held.callback(lock.release)
         reserved.append(reserve_eval_dir(out, "evaluate.py"))
         held.callback(reserved[0].release)  # first released: it may remove its build directory
+        check_replaces_same_model(out, info.weights_dir, overwrite, flag)  # reserved: no other writer now
 
     on_main_then_agree(accelerator, take)
     return reserved[0] if reserved else None
+
+
+def check_in_own_run(out: Path, info: CheckpointInfo, flag: str) -> None:
+    """An output directory inside a training run holds evaluations of that run's own model (its final/, a
+    checkpoint): another model's results there would read as the run's."""
+    run = owning_run(out.parent)
+    if run is not None and run != info.run:
+        raise FittuneError(f"{flag} {out} is inside the training run {run}, but {info.weights_dir} is not that "
+                           f"run's model: its evaluation would read as the run's own; choose a directory outside "
+                           f"that run")
+
+
+def evaluated_model(out: Path) -> str | None:
+    """The model whose evaluation `out` holds, as its evaluation.json says (None: unknown)."""
+    try:
+        model = json.loads((out / "evaluation.json").read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) else None
+
+
+def check_replaces_same_model(out: Path, weights: Path, overwrite: bool, flag: str) -> None:
+    """Results in `out` are replaced by an evaluation of the same model (the same command again) or with
+    --overwrite; another model's, or results that do not say whose they are, are never replaced by accident."""
+    if overwrite or not (out / "metrics.json").is_file():
+        return
+    before = evaluated_model(out)
+    if before != str(weights.resolve()):
+        whose = f"of {before}" if before else "that does not say which model it scored (no evaluation.json)"
+        raise FittuneError(f"{flag} {out} holds an evaluation {whose}, not of {weights.resolve()}: choose "
+                           f"another directory, or pass --overwrite to replace it")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -309,10 +374,11 @@ def evaluate_checkpoint(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> 
     process; return the metrics."""
     launched = start_accelerator(cfg.train.mixed_precision, cfg.model.parallel, project_dir=cfg.output_dir)
     accelerator, precision, strategy = launched.accelerator, launched.precision, launched.strategy
-    out = check_eval_dir(Path(req.out_dir) if req.out_dir else default_eval_dir(info, cfg, req),
-                         "--output_dir" if req.out_dir else "the default output directory (--output_dir chooses another)")
+    flag = "--output_dir" if req.out_dir else "the default output directory (--output_dir chooses another)"
+    out = check_eval_dir(Path(req.out_dir) if req.out_dir else default_eval_dir(info, cfg, req), flag)
+    check_in_own_run(out, info, flag)
     with ExitStack() as held:
-        reserved = hold_on_main(accelerator, held, info, out)
+        reserved = hold_on_main(accelerator, held, info, out, req.overwrite, flag)
         notice = remote_code_notice(info, cfg)
         if notice:
             accelerator.print(notice)

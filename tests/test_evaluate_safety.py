@@ -490,3 +490,49 @@ def test_a_linked_default_output_is_named_as_the_default(tmp_path, tiny_model_di
     assert code == 2 and (f"the default output directory (--output_dir chooses another) {run / 'eval-heldout'} is a "
                           f"symbolic link") in one_error(err)
     assert not any((tmp_path / "elsewhere").iterdir())
+
+
+def test_another_models_evaluation_is_replaced_only_with_overwrite(tmp_path, tiny_model_dir, capsys):
+    """The same evaluation again replaces its own results; results of another model are replaced only with
+    --overwrite (was: replaced, said in one line), and never by another model inside a training run (was:
+    run A's scores written into run B/eval-heldout, read as B's)."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a, b = make_run(tmp_path / "a", tiny_model_dir), make_run(tmp_path / "b", tiny_model_dir)
+    assert evaluate(["--checkpoint", b], capsys)[0] == 0
+    theirs = (b / "eval-heldout/evaluation.json").read_text()
+    for out in (b / "eval-heldout", b / "eval-new"):  # inside run b: b's own models only, even with --overwrite
+        code, _, err = evaluate(["--checkpoint", a, "--output_dir", out, "--overwrite"], capsys)
+        assert code == 2 and f"is inside the training run {b}" in one_error(err) and not out.with_name("eval-new").exists()
+    assert (b / "eval-heldout/evaluation.json").read_text() == theirs
+
+    out = tmp_path / "results"
+    assert evaluate(["--checkpoint", a, "--output_dir", out], capsys)[0] == 0
+    code, out_text, _ = evaluate(["--checkpoint", a, "--output_dir", out], capsys)  # the same command again
+    assert code == 0 and f"replacing the previous evaluation in {out}" in out_text
+    first = (out / "evaluation.json").read_text()
+    code, _, err = evaluate(["--checkpoint", b, "--output_dir", out], capsys)
+    assert code == 2 and f"holds an evaluation of {a / 'final'}, not of {b / 'final'}" in one_error(err)
+    assert "pass --overwrite" in one_error(err) and (out / "evaluation.json").read_text() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "results"]  # no build directory left
+    assert evaluate(["--checkpoint", b, "--output_dir", out, "--overwrite"], capsys)[0] == 0
+    assert json.loads((out / "evaluation.json").read_text())["model"] == str(b / "final")
+    (out / "evaluation.json").unlink()  # results that do not say whose they are: not replaced by accident
+    code, _, err = evaluate(["--checkpoint", b, "--output_dir", out], capsys)
+    assert code == 2 and "does not say which model it scored" in one_error(err)
+
+
+@pytest.mark.parametrize(("flag", "says"), [
+    (["--train.lr", "1e-3"], "--train.lr is a training setting that evaluate.py does not read"),
+    (["--lora.r", "4"], "--lora.r is a training setting that evaluate.py does not read"),
+    (["--log_with", "none"], "--log_with is a training setting"),
+    (["--resume", "auto"], "evaluate.py has no --resume"),
+    (["--trust_checkpoint"], "evaluate.py has no --trust_checkpoint"),
+    (["--overwrite", "maybe"], "--overwrite takes true or false"),
+])
+def test_a_flag_evaluation_does_not_read_is_refused(tmp_path, tiny_model_dir, capsys, flag, says):
+    """Was: accepted and ignored (e.g. --train.micro_batch_size for --eval.batch_size)."""
+    run = make_run(tmp_path, tiny_model_dir)
+    code, _, err = evaluate(["--checkpoint", run, *flag], capsys)
+    assert code == 2 and says in one_error(err)
+    assert sorted(p.name for p in run.iterdir()) == sorted([".fittune", "config.yaml", "final", "heldout_ids.json"])
+
