@@ -253,12 +253,44 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
     rows = D.read_rows(cfg.data.path, cfg.data)
     cfg.data.group_column = None  # every row is scored, none split: other data need not have the run's groups
     test = D.map_columns(rows, cfg.data, D.resolve_data_path(cfg.data.path))
-    if saved is not None:
-        run_data = {k: (saved.get("data") or {}).get(k) for k in SPLIT_KEYS}
-        say(f"fittune: NOTE: evaluating all {len(test)} rows of {cfg.data.path}, which is NOT the held-out split "
-            f"of this run (the run used data {run_data}, seed {saved.get('seed')}): these numbers are not the run's "
-            f"held-out evaluation")
-    return EvalData([], test, f"all rows of {cfg.data.path}")
+    if saved is None:
+        return EvalData([], test, f"all rows of {cfg.data.path}")
+    run_data = {k: (saved.get("data") or {}).get(k) for k in SPLIT_KEYS}
+    say(f"fittune: NOTE: evaluating all {len(test)} rows of {cfg.data.path}, which is NOT the held-out split "
+        f"of this run (the run used data {run_data}, seed {saved.get('seed')}): these numbers are not the run's "
+        f"held-out evaluation")
+    scored_as = D.is_class_task(cfg.data) if cfg.data.label_column or cfg.data.choices_column else None
+    return EvalData(run_training_rows(info, scored_as, say) if scored_as is not None else [], test,
+                    f"all rows of {cfg.data.path}")
+
+
+def run_training_rows(info: CheckpointInfo, class_task: bool, say) -> list[D.Example]:
+    """The rows the run trained on (its recipe's split of its data, made again as training made it), whose most
+    frequent class is the majority baseline for other data scored the same way (`class_task`: classes, not
+    choice letters); [] with a note when they are not there as they were (the held-out rows' saved content
+    hash, or ids, tell)."""
+    def none(why: str) -> list[D.Example]:
+        say(f"fittune: no majority baseline for these rows: {why}")
+        return []
+
+    record = _heldout_record(info)
+    run_cfg = build_config(str(info.config_file), {TRUST_KEY: False})  # the run's own recipe, read, never run
+    if record is None:
+        return none("the run has no heldout_ids.json to tell its training rows from its held-out ones")
+    if not (run_cfg.data.label_column or run_cfg.data.choices_column):
+        return none("the run was trained on open answers, not classes or choices")
+    if D.is_class_task(run_cfg.data) != class_task:
+        return none("the run was trained to choose " + ("classes" if not class_task else "between choices") +
+                    ", these rows are scored the other way")
+    try:
+        train, test = D.load_splits(run_cfg.data, run_cfg.seed)
+    except FittuneError as e:  # its data moved, or cannot be read here
+        return none(f"the run's training rows cannot be read ({e})")
+    by_id = {x.id: x for x in train + test}
+    held = [by_id.get(i) for i in record["ids"]]
+    if None in held or record.get("examples_sha256") not in (None, examples_digest(held)):
+        return none(f"the run's data {run_cfg.data.path} changed since training")
+    return train
 
 
 def _read_run_data(cfg: Config, data_path_given: bool) -> list[dict]:

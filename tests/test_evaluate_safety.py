@@ -10,6 +10,7 @@ import runpy
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -536,3 +537,25 @@ def test_a_flag_evaluation_does_not_read_is_refused(tmp_path, tiny_model_dir, ca
     assert code == 2 and says in one_error(err)
     assert sorted(p.name for p in run.iterdir()) == sorted([".fittune", "config.yaml", "final", "heldout_ids.json"])
 
+
+def test_other_data_is_compared_with_the_runs_training_majority(tmp_path, tiny_model_dir, capsys):
+    """Was: no majority column for --data.path (no training rows). The baseline is the run's own: the most
+    frequent answer letter among the rows it trained on (counted here from the file and heldout_ids.json),
+    always predicted on the other rows; when the run's data changed, no baseline, said."""
+    run = make_run(tmp_path, tiny_model_dir)
+    rows = [json.loads(line) for line in (tmp_path / "qa.jsonl").read_text().splitlines()]
+    held = set(json.loads((run / "heldout_ids.json").read_text())["ids"])
+    letter = {r["id"]: "ABCD"[r["choices"].index(r["answer"])] for r in rows}
+    [(top, _)] = Counter(letter[r["id"]] for r in rows if r["id"] not in held).most_common(1)
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**r, "id": f"o{r['id']}"}) + "\n" for r in rows[-30:]))
+    code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev", "--data.path", other], capsys)
+    assert code == 0 and "NOT the held-out split" in out, err[-3000:]
+    majority = json.loads((tmp_path / "ev/comparison.json").read_text())["majority"]
+    expected = sum(letter[r["id"]] == top for r in rows[-30:]) / 30
+    assert majority["majority_class"] == top and majority["accuracy"] == pytest.approx(expected)
+
+    (tmp_path / "qa.jsonl").write_text((tmp_path / "qa.jsonl").read_text().replace("?", "? "))
+    code, out, _ = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev2", "--data.path", other], capsys)
+    assert code == 0 and "no majority baseline for these rows: the run's data" in out and "changed" in out
+    assert not (tmp_path / "ev2/comparison.json").exists()
