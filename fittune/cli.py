@@ -8,6 +8,7 @@ from typing import Any
 
 from fittune.config import (
     BUILTIN_DATA,
+    COMMAND_ONLY,
     DATA_MAPPING_KEYS,
     Config,
     build_config,
@@ -101,7 +102,7 @@ def resumed_recipe(overrides: dict[str, Any]) -> RecipeChoice | None:
     if not (saved.is_file() and owned(saved.parent, "train")):
         return None
     # what each command grants for itself (trust, replacing a run) is never taken from the saved file
-    per_command = ("model.trust_remote_code", "trust_checkpoint", "overwrite", "resume")
+    per_command = ("model.trust_remote_code", *COMMAND_ONLY)
     return RecipeChoice(str(saved), per_command,
                         f"--resume without --config: continuing with the run's own recipe {saved} (every setting "
                         f"not given on the command line comes from it, except {', '.join(per_command)})")

@@ -533,6 +533,11 @@ def _flatten(tree: dict, prefix: str = "") -> list[str]:
 # top-level booleans that may be given as a bare flag
 _BARE_FLAGS = {"overwrite", "trust_checkpoint"}
 
+# what one command asks for itself (replacing a run, continuing one, unpickling a checkpoint): given on the
+# command line only, never saved in a run's config.yaml nor taken from a file (a recipe, or a received run's
+# config.yaml used as one, must not replace a finished run or grant trust by itself)
+COMMAND_ONLY = ("overwrite", "resume", "trust_checkpoint")
+
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
     """Turn `--a.b value` / `--a.b=value` pairs into {"a.b": parsed value} (values parsed as YAML scalars)."""
@@ -690,6 +695,7 @@ def build_config(config_file: str | None, overrides: dict[str, Any], skip: tuple
     for key in _flatten(tree):
         if key not in valid:
             raise _unknown_key_error(key, config_file)
+    _refuse_command_only(tree, overrides, config_file)
     data = tree.get("data")
     from_file = {k for k in data if f"data.{k}" not in overrides} if isinstance(data, dict) else set()
     for key, value in overrides.items():
@@ -703,6 +709,18 @@ def build_config(config_file: str | None, overrides: dict[str, Any], skip: tuple
     cfg.data._origins = {k: f"set in {config_file}" for k in sorted(from_file)}
     _check_flags_used(cfg, overrides)
     return cfg
+
+
+def _refuse_command_only(tree: dict[str, Any], overrides: dict[str, Any], config_file: str | None) -> None:
+    """A file that asks for what only a command line may (COMMAND_ONLY, set to anything but its default) is
+    refused, unless the command line gives that key too (its value decides). The defaults are accepted: runs
+    saved them in config.yaml before they were command-only."""
+    for key in COMMAND_ONLY:
+        if key in tree and key not in overrides and tree[key] not in (None, False):
+            raise FittuneError(f"{config_file} sets {key}: {tree[key]}, which only the command line may ask for "
+                               f"(--{key}): a recipe or a run's saved config.yaml never replaces a run, continues "
+                               f"one or trusts a checkpoint by itself; remove that line, and give --{key} where "
+                               f"you mean it")
 
 
 def _check_flags_used(cfg: Config, overrides: dict[str, Any]) -> None:
@@ -760,8 +778,9 @@ def _default_of(key: str) -> str:
 
 
 def to_yaml(cfg: Config, extra: dict[str, Any] | None = None) -> str:
-    """The resolved config as YAML (plus run facts such as world size under `run:`)."""
-    data = cfg.model_dump(mode="json")
+    """The resolved config as YAML (plus run facts such as world size under `run:`), without the COMMAND_ONLY keys:
+    it is reused as a recipe (`--config RUN/config.yaml`), which must not replace or continue a run by itself."""
+    data = cfg.model_dump(mode="json", exclude=set(COMMAND_ONLY))  # what the command asked: in `run:` if anywhere
     if extra:
         data["run"] = extra
     return yaml.safe_dump(data, sort_keys=False)

@@ -76,6 +76,19 @@ def test_reruns_and_refused_resumes_change_nothing_and_overwrite_replaces(tmp_pa
     assert not list(tmp_path.glob("run.replaced-*"))
     assert _tree(out)["config.yaml"] != before["config.yaml"]  # the new run (edited data) replaced the old
 
+    # the run's config.yaml, reused as a recipe, never replaces it (was: it saved `overwrite: true`, so
+    # `--config RUN/config.yaml --train.lr X` replaced and removed the finished run), nor does a recipe's line
+    saved = (out / "config.yaml").read_text()
+    assert not any(line.startswith(("overwrite:", "resume:", "trust_checkpoint:")) for line in saved.splitlines())
+    after = _tree(out)
+    _refused(run_python("train.py", ["--config", out / "config.yaml", "--train.lr", "1e-2"]),
+             "already holds a finished run")
+    asks = tmp_path / "asks.yaml"
+    asks.write_text(saved + "overwrite: true\n")
+    _refused(run_python("train.py", ["--config", asks]), f"{asks} sets overwrite: True, which only the command line "
+             f"may ask for (--overwrite)")
+    assert _tree(out) == after and not list(tmp_path.glob("run.replaced-*"))
+
 
 def test_foreign_directory_is_refused_untouched(tmp_path, recipe):
     mine = tmp_path / "mine"
