@@ -660,12 +660,13 @@ def inspect_output_dir(path: Path, resume: str | None, overwrite: bool, resumabl
                 f"finishes)" if aside else "")
         raise FittuneError(f"{path} already holds a {'finished' if finished else 'started'} run{kept}: {ways}, or "
                            f"choose another output_dir")
-    foreign = foreign_entries(path) if holds_run else []
+    # also where no run is yet (a run emptied but for its marker): a tensorboard@ there is written through
+    foreign = foreign_entries(path) if exists else []
     links = [f for f in foreign if f.endswith("@")]
     if links:  # e.g. final@ or eval@ pointing at a folder of yours: fittune would replace what it points to
         raise FittuneError(f"{path} holds symbolic links ({', '.join(links)}), which fittune never creates and "
                            f"would write through: remove them (what they point to stays yours)")
-    if overwrite and foreign:
+    if overwrite and holds_run and foreign:
         raise FittuneError(f"--overwrite replaces the whole run {path}, and it also holds {', '.join(foreign)}, "
                            f"which fittune did not write: move them out first, or choose another output_dir")
     return OutputDirCheck(path, exists, holds_run, finished)

@@ -134,6 +134,14 @@ def test_one_run_per_directory_then_a_moved_torn_run_resumes(tmp_path, recipe):
     moved = tmp_path / "elsewhere" / "run"
     moved.parent.mkdir()
     out.rename(moved)
+    log = moved / "train_log.jsonl"
+    good = log.read_text()
+    log.write_text(good.replace("\n", "\nnot json\n", 1))  # damaged, not torn: refused before any write
+    before = _tree(moved)  # (was: config.yaml rewritten, partial checkpoints removed, then the refusal)
+    _refused(run_python("train.py", ["--config", cfg, "--output_dir", moved, "--resume", "auto"]),
+             "train_log.jsonl:2 is not valid JSON and is not the last line")
+    assert _tree(moved) == before
+    log.write_text(good)
     with open(moved / "train_log.jsonl", "a") as f:
         f.write('{"step": 99, "loss": 0.')  # a crash mid-append
     resumed = run_python("train.py", ["--config", cfg, "--output_dir", moved, "--resume", "auto"])

@@ -343,6 +343,11 @@ def test_links_in_a_run_are_refused_before_fittune_writes_through_them(tmp_path)
         with pytest.raises(FittuneError, match=r"symbolic links \(eval@\)"):
             inspect_output_dir(out, resume, overwrite)
     (out / "eval").unlink()
+    emptied = claim_dir(tmp_path / "emptied", "train")  # a run removed but for its marker: no run, a link
+    (emptied / "tensorboard").symlink_to(mine, target_is_directory=True)
+    for resume, overwrite in ((None, False), ("auto", False), (None, True)):  # was: written through
+        with pytest.raises(FittuneError, match=r"symbolic links \(tensorboard@\)"):
+            inspect_output_dir(emptied, resume, overwrite)
     tmp = claim_dir(tmp_path / "final.tmp", "final")
     (tmp_path / "final").symlink_to(mine, target_is_directory=True)
     with pytest.raises(FittuneError, match="is a symbolic link"):
