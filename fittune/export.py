@@ -49,9 +49,11 @@ from fittune.rundir import (
     check_not_inside_fittune_dir,
     fsync_dir,
     fsync_tree,
+    missing_parents,
     owned,
     owning_run,
     readable_like_umask,
+    remove_if_empty,
     write_guard,
 )
 
@@ -247,6 +249,7 @@ def _lock_source_run(src: Path) -> DirLock | None:
 def _build_and_publish(src: Path, out: Path, merge: bool, trusted: bool, empty_dir: bool) -> None:
     """Build the export in a hidden directory of its own next to `out`, then rename it into place (in place
     of `out` when that is an empty directory, `empty_dir`)."""
+    made = missing_parents(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # a name of our own next to OUT (same filesystem, so the final rename is atomic); never a user's path
     tmp = out.with_name(f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -260,6 +263,7 @@ def _build_and_publish(src: Path, out: Path, merge: bool, trusted: bool, empty_d
             fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # ours (the unique name above), half-written
+        remove_if_empty(made)  # and the directories made for it: a refused export leaves no trace
         raise
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from glob import escape as glob_escape
 from pathlib import Path
 
@@ -22,8 +22,10 @@ from fittune.rundir import (
     claim_dir,
     interrupted_claim,
     marker_kind,
+    missing_parents,
     owned,
     publish_dir,
+    remove_if_empty,
     remove_owned,
     write_guard,
 )
@@ -125,13 +127,17 @@ class EvalDir:
     out: Path
     build: Path
     lock: DirLock
+    made: list[Path] = field(default_factory=list)
+    """The directories above `out` that reserving it created (removed again, while empty, if it fails)."""
     published: bool = False
 
     def release(self) -> None:
-        """Let go of the reservation; an evaluation that ended without results removes its build directory."""
+        """Let go of the reservation; an evaluation that ended without results removes its build directory,
+        and the directories it created for it."""
         try:
             if not self.published:
                 remove_owned(self.build, "eval")
+                remove_if_empty(self.made)
         finally:
             self.lock.release()
 
@@ -167,9 +173,14 @@ def reserve_eval_dir(out_dir: str | os.PathLike, program: str) -> EvalDir:
     evaluation's build directory is removed (its lock is free)."""
     out = check_eval_dir(out_dir)
     _clear_builds(out, program)  # refused here, before anything is created, in the common case
-    with write_guard(f"the evaluation's build directory beside {out}", "nothing was written"):
-        build = claim_dir(out.with_name(f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"), "eval")
-    reserved = EvalDir(out, build, DirLock(build).acquire(program))
+    made = missing_parents(out)
+    try:
+        with write_guard(f"the evaluation's build directory beside {out}", "nothing was written"):
+            build = claim_dir(out.with_name(f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"), "eval")
+    except BaseException:
+        remove_if_empty(made)
+        raise
+    reserved = EvalDir(out, build, DirLock(build).acquire(program), made)
     try:
         # a second look once ours is locked: of two evaluations started at the same instant, the later to
         # lock sees the other's locked build, so they never both write (both may be refused, nothing lost)

@@ -328,6 +328,22 @@ def check_writable_dir(path: Path, flag: str) -> None:
                            f"did not create")
 
 
+def missing_parents(path: Path) -> list[Path]:
+    """The directories above `path` that do not exist yet (nearest first): what creating it would make, for
+    `remove_if_empty` to take back if the command then fails."""
+    return [p for p in Path(path).absolute().parents if not p.exists()]
+
+
+def remove_if_empty(made: list[Path]) -> None:
+    """Remove the directories a failed command created (`missing_parents`, nearest first) while they are
+    empty: a refused command leaves no trace, and never removes anything that is in them now."""
+    for directory in made:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (someone else's now), or gone: leave it and everything above it
+            return
+
+
 def claim_dir(path: Path, kind: DirKind) -> Path:
     """Create `path` (parents too) or adopt an empty one, and mark it as fittune's (sealed: `sealed`)."""
     path.mkdir(parents=True, exist_ok=True)

@@ -69,6 +69,17 @@ def test_missing_checkpoint_flag_is_one_clear_error(capsys):
     assert code == 2 and "--checkpoint DIR is required" in one_error(err)
 
 
+def test_a_refused_evaluation_leaves_no_directory_it_made(tmp_path, tiny_model_dir, capsys):
+    """Was: the output directory's missing parents stayed after the refusal (they were made when it was
+    reserved, before the data was read)."""
+    run = make_run(tmp_path, tiny_model_dir)
+    (tmp_path / "results").mkdir()
+    out = tmp_path / "results" / "new" / "deep" / "eval"
+    code, _, err = evaluate(["--checkpoint", run, "--output_dir", out, "--data.path", tmp_path / "gone.jsonl"], capsys)
+    assert code == 2 and "gone.jsonl" in one_error(err)
+    assert list((tmp_path / "results").iterdir()) == []
+
+
 def test_foreign_output_dir_is_refused_and_kept(tmp_path, tiny_model_dir, capsys):
     run = make_run(tmp_path, tiny_model_dir)
     mine = tmp_path / "mine"

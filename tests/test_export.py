@@ -139,8 +139,9 @@ def test_export_is_atomic_and_never_touches_other_paths(tmp_path, tiny_model_dir
     # a cut weights file: one clear error naming it, nothing written
     f = ckpt / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(FittuneError, match="model.safetensors cannot be read .*damaged"):
-        export(str(ckpt), str(tmp_path / "model2"))
+    for out in (tmp_path / "model2", tmp_path / "new" / "deep" / "model2"):  # nor the directories made for it
+        with pytest.raises(FittuneError, match="model.safetensors cannot be read .*damaged"):
+            export(str(ckpt), str(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["made", "model", "model.tmp", "run"]
     with pytest.raises(FittuneError, match="already exists and is not an empty directory"):
         export(str(ckpt), str(tmp_path / "model"))
