@@ -9,7 +9,7 @@ config.yaml and held-out ids are reused (never its model.trust_remote_code); --d
 
 import sys
 
-from fittune.errors import run_cli
+from fittune.entry import run_cli
 from fittune.launch import install_parent_death_signal
 
 

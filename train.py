@@ -9,7 +9,7 @@ With no arguments it runs the offline demo (tiny Qwen2 model, built-in AI-resear
 import sys
 
 from fittune.cli import parse_args
-from fittune.errors import run_cli
+from fittune.entry import run_cli
 from fittune.launch import install_parent_death_signal
 
 

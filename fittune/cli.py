@@ -10,6 +10,7 @@ from fittune.config import (
     BUILTIN_DATA,
     COMMAND_ONLY,
     DATA_MAPPING_KEYS,
+    DEMO_DATA,
     Config,
     build_config,
     expand_home,
@@ -20,7 +21,6 @@ from fittune.config import (
 from fittune.errors import FittuneError
 from fittune.launcher_env import is_launch_main
 from fittune.rundir import RunLayout, owned
-from fittune.tiny import DEMO_DATA
 
 DEMO_RECIPE = DEMO_DATA.parent / "demo.yaml"
 

@@ -33,6 +33,8 @@ from fittune.errors import FittuneError
 
 BUILTIN_MODEL = "builtin:tiny-qwen2"
 BUILTIN_DATA = "builtin:ai-research-qa"
+# the file behind it (and the demo recipe beside it), shipped in the package
+DEMO_DATA = Path(__file__).parent / "demo" / "ai_research_qa.jsonl"
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,8 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from fittune.config import BUILTIN_DATA, DataConfig
+from fittune.config import BUILTIN_DATA, DEMO_DATA, DataConfig
 from fittune.errors import DataNotFound, FittuneError
-from fittune.tiny import DEMO_DATA
 
 IGNORE_INDEX = -100
 

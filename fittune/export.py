@@ -39,7 +39,8 @@ import yaml
 from fittune.builtin_models import builtin_spec, ensure_builtin, is_builtin
 from fittune.checkpoints import check_dcp_files, check_files, complete_checkpoints, require_trusted
 from fittune.config import TinyModelConfig
-from fittune.errors import FittuneError, first_line, run_cli
+from fittune.entry import run_cli
+from fittune.errors import FittuneError, first_line
 from fittune.rundir import (
     OWN_CONFIG,
     OWN_HELDOUT_IDS,

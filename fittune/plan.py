@@ -32,7 +32,8 @@ from fittune.activations import (
 )
 from fittune.cli import DEMO_RECIPE, split_flag
 from fittune.config import Config, all_keys, build_config, parse_overrides
-from fittune.errors import FittuneError, run_cli
+from fittune.entry import run_cli
+from fittune.errors import FittuneError
 from fittune.estimate import (
     Estimate,
     Workload,

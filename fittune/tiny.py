@@ -11,9 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fittune.config import TinyModelConfig
-
-DEMO_DATA = Path(__file__).parent / "demo" / "ai_research_qa.jsonl"
+from fittune.config import DEMO_DATA, TinyModelConfig
 
 # ChatML, as Qwen2.5 uses it, without Qwen's default system message
 CHATML_TEMPLATE = (

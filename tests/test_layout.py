@@ -4,6 +4,8 @@ module that builds the Strategy, and functions short enough to read at once."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +71,16 @@ def test_functions_are_short():
 
 
 def test_no_sys_exit_in_the_library():
-    offenders = [f"{p.name}:{n}" for p in sorted(PACKAGE.glob("*.py")) if p.name != "errors.py"
+    """Only fittune/entry.py (run_cli, what every entry point calls) exits the process."""
+    offenders = [f"{p.name}:{n}" for p in sorted(PACKAGE.glob("*.py")) if p.name != "entry.py"
                  for n, line in enumerate(p.read_text().splitlines(), 1) if "sys.exit(" in line]
     assert not offenders, f"the entry points turn results into exit codes, not the library: {offenders}"
+
+
+def test_help_and_config_errors_answer_without_importing_torch():
+    """Was: 3 s for `train.py --help` (the demo data's path came from fittune.tiny, which imports torch)."""
+    probe = ("import runpy, sys\nsys.argv = ['train.py', *sys.argv[1:]]\ntry:\n    runpy.run_path('train.py', "
+             "run_name='__main__')\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules, file=sys.stderr)")
+    for args in (["--help"], ["--train.lr", "fast"]):
+        proc = subprocess.run([sys.executable, "-c", probe, *args], cwd=ROOT, capture_output=True, text=True)
+        assert proc.stderr.strip().splitlines()[-1] == "False", proc.stderr[-2000:]

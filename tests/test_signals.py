@@ -74,7 +74,8 @@ def test_check_world_size_refuses_fewer_processes_than_asked():
 
 EXIT = textwrap.dedent("""
     import atexit, sys
-    from fittune.errors import FittuneError, run_cli
+    from fittune.entry import run_cli
+    from fittune.errors import FittuneError
     atexit.register(lambda: print("interpreter teardown ran", flush=True))
     def main():
         print("work done")  # still in the buffer (stdout is a pipe): the exit must flush it
