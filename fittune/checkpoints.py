@@ -17,12 +17,11 @@ from fittune.rundir import (
     MARKER,
     OWN_CONFIG,
     STEP_NAME,
-    DirInUse,
-    DirLock,
     RunLayout,
     atomic_write_text,
     check_free_space,
     claim_build_dir,
+    hold_for_reading,
     owned,
     owning_run,
     publish_dir,
@@ -97,9 +96,9 @@ def _unfinished_run(run: Path) -> str:
     looks at the lock (every rank gets here; ranks probing at once would see each other as the holder)."""
     if is_launch_main():
         try:
-            lock = DirLock(run).acquire("evaluate.py", create=False, shared=True)
-        except DirInUse as e:
-            return f"cannot evaluate now: {e.path} is in use by {e.holder}: wait for it to finish"
+            lock = hold_for_reading(run, "evaluate.py", "evaluate")
+        except FittuneError as e:
+            return str(e)
         if lock is not None:
             lock.release()
     latest = complete_checkpoints(run)[-1:]

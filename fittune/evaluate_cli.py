@@ -42,7 +42,7 @@ from fittune.model import (
 from fittune.placement import place_model
 from fittune.precision import Precision
 from fittune.reports import EvalDir, check_eval_dir, metrics_table, reserve_eval_dir
-from fittune.rundir import HELDOUT_IDS, OWN_HELDOUT_IDS, DirInUse, DirLock, owned, owning_run
+from fittune.rundir import HELDOUT_IDS, OWN_HELDOUT_IDS, hold_for_reading, owned, owning_run
 from fittune.strategy import Strategy
 
 USAGE = """usage: accelerate launch evaluate.py --checkpoint DIR [--config FILE] [--output_dir DIR] [--section.key VALUE ...]
@@ -351,11 +351,7 @@ def hold_on_main(accelerator, held: ExitStack, info: CheckpointInfo, out: Path, 
 
     def take() -> None:
         for run in dict.fromkeys(r for r in (info.run, owning_run(out.parent)) if r is not None):
-            try:
-                lock = DirLock(run).acquire("evaluate.py", create=False, shared=True)
-            except DirInUse as e:
-                raise FittuneError(f"cannot evaluate now: {e.path} is in use by {e.holder}: wait for it to "
-                                   f"finish") from None
+            lock = hold_for_reading(run, "evaluate.py", "evaluate")
             if lock is not None:
                 held.callback(lock.release)
         reserved.append(reserve_eval_dir(out, "evaluate.py"))

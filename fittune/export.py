@@ -44,12 +44,12 @@ from fittune.errors import FittuneError, first_line
 from fittune.rundir import (
     OWN_CONFIG,
     OWN_HELDOUT_IDS,
-    DirInUse,
     DirLock,
     RunLayout,
     check_not_inside_fittune_dir,
     fsync_dir,
     fsync_tree,
+    hold_for_reading,
     missing_parents,
     owned,
     owning_run,
@@ -241,10 +241,7 @@ def _lock_source_run(src: Path) -> DirLock | None:
     run = owning_run(src)
     if run is None:
         return None
-    try:
-        return DirLock(run).acquire("export", create=False, shared=True)
-    except DirInUse as e:
-        raise FittuneError(f"cannot export now: {e.path} is in use by {e.holder}: wait for it to finish") from None
+    return hold_for_reading(run, "export", "export")
 
 
 def _build_and_publish(src: Path, out: Path, merge: bool, trusted: bool, empty_dir: bool) -> None:

@@ -600,6 +600,16 @@ class DirLock:
             self._fd = None
 
 
+def hold_for_reading(run: Path, program: str, doing: str) -> DirLock | None:
+    """The shared lock of the training run `run`, for a program that only reads it (an evaluation, an export):
+    several go on at once, the run is not resumed or replaced meanwhile, and a run being trained is refused
+    with one line (`doing`: what cannot be done now, e.g. "evaluate"). None: the run has no lock file."""
+    try:
+        return DirLock(run).acquire(program, create=False, shared=True)
+    except DirInUse as e:
+        raise FittuneError(f"cannot {doing} now: {e.path} is in use by {e.holder}: wait for it to finish") from None
+
+
 def _holder_of(fd: int) -> str:
     """Who holds the lock that `fd` could not take: readers (a shared lock; they leave no note), or the
     exclusive holder its note names (checked second: a holder killed by kill -9 leaves its note behind)."""
