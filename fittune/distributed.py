@@ -194,8 +194,10 @@ def on_main_then_agree(accelerator: Accelerator, work) -> None:
     raise_if_any_failed(accelerator, error)
 
 
-def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_accum: int, max_grad_norm: float) -> None:
-    """Fill the DeepSpeed config's "auto" values from the training recipe, before the engine is built.
+def configure_deepspeed(accelerator: Accelerator, strategy: Strategy, micro_batch: int, grad_accum: int,
+                        max_grad_norm: float) -> None:
+    """Fill the DeepSpeed config's "auto" values from the training recipe, before the engine is built
+    (`strategy`: the run's, read from the same config: whether the optimizer is offloaded).
 
     The recipe owns micro-batch, accumulation, global batch and clipping; an explicit JSON value that
     disagrees is an error (silently training with another batch size is worse). The optimizer and the
@@ -224,7 +226,7 @@ def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_accum: 
             raise FittuneError(f"the DeepSpeed config sets {key}={current} but the recipe gives {value} "
                                f"({source}): set it to \"auto\" in the JSON (fittune fills it) or change the recipe")
     zero, on_cpu = ds.get("zero_optimization", {}), accelerator.device.type == "cpu"
-    if on_cpu and zero.get("offload_optimizer", {}).get("device", "none") != "none":
+    if on_cpu and strategy.offload_optimizer:
         # DeepSpeed's CPU Adam is a C++ extension compiled on first use (2 to 4 minutes on 2 cores); on CPU ranks
         # every state is in CPU RAM anyway, so torch's AdamW steps the offloaded partitions (GPUs keep CPU Adam)
         ds.setdefault("zero_force_ds_cpu_optimizer", False)

@@ -505,7 +505,7 @@ def _load_model(accelerator, strategy: Strategy, weights: Path, cfg: Config, pre
         place_model(model, cfg.model.max_memory, weights_dtype(cfg, precision), training=False)
     if strategy.deepspeed:
         # ZeRO-3 loaded the weights partitioned: only the engine's hooks gather them for a forward pass
-        configure_deepspeed(accelerator, cfg.eval.batch_size, 1, 0.0)
+        configure_deepspeed(accelerator, strategy, cfg.eval.batch_size, 1, 0.0)
         return accelerator.prepare(model)
     # a device map placed the model already (even all on one device): accelerate must not move it
     return accelerator.prepare_model(model, device_placement=not strategy.device_map, evaluation_mode=True)

@@ -350,7 +350,7 @@ class FineTuneRecipe:
                                                                cfg.train.max_steps, cfg.train.epochs,
                                                                len(train_stats.dropped_ids), cfg.data.max_length)
         if self.strategy.deepspeed:
-            configure_deepspeed(self.accelerator, cfg.train.micro_batch_size, cfg.train.grad_accum,
+            configure_deepspeed(self.accelerator, self.strategy, cfg.train.micro_batch_size, cfg.train.grad_accum,
                                 cfg.train.max_grad_norm)
 
     def _settle_classes(self, train: list[D.Example], test: list[D.Example]) -> None:
