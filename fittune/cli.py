@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fittune.config import (
     BUILTIN_DATA,
@@ -25,7 +25,14 @@ from fittune.rundir import RunLayout, owned
 DEMO_RECIPE = DEMO_DATA.parent / "demo.yaml"
 
 
-def split_flag(argv: list[str], name: str) -> tuple[str | None, list[str]]:
+class FlagValue(NamedTuple):
+    """A flag's value taken out of a command line, and the rest of it (unpacks as `value, rest`)."""
+
+    value: str | None
+    rest: list[str]
+
+
+def split_flag(argv: list[str], name: str) -> FlagValue:
     """Remove `--name VALUE` (or `--name=VALUE`) from argv; return (value, rest). The flags taken this way
     name files or numbers: a leading `~` is expanded (`--output=~/x` reaches no shell expansion)."""
     rest, value, i = [], None, 0
@@ -41,7 +48,7 @@ def split_flag(argv: list[str], name: str) -> tuple[str | None, list[str]]:
         else:
             rest.append(arg)
         i += 1
-    return expand_home(value), rest
+    return FlagValue(expand_home(value), rest)
 
 
 @dataclass(frozen=True)

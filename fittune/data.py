@@ -581,7 +581,14 @@ def _resolve_gold(answer: Any, choices: list[str], fmt: str, where: str) -> int:
 # Split
 
 
-def split_heldout(examples: list[Example], test_size: float, seed: int) -> tuple[list[Example], list[Example]]:
+class Split(NamedTuple):
+    """The rows a run trains on and the rows it holds out (unpacks as `train, test`)."""
+
+    train: list[Example]
+    test: list[Example]
+
+
+def split_heldout(examples: list[Example], test_size: float, seed: int) -> Split:
     """Deterministic train / held-out split by seed, stratified by label when every class can be split."""
     from sklearn.model_selection import train_test_split
 
@@ -602,14 +609,13 @@ def split_heldout(examples: list[Example], test_size: float, seed: int) -> tuple
         if not alone or n_test >= len(idx):  # no one-row classes: the same split as before they were moved
             idx, alone = list(range(len(examples))), []
     train_idx, test_idx = train_test_split(idx, test_size=n_test, random_state=seed, stratify=stratify)
-    return [examples[i] for i in sorted(train_idx + alone)], [examples[i] for i in sorted(test_idx)]
+    return Split([examples[i] for i in sorted(train_idx + alone)], [examples[i] for i in sorted(test_idx)])
 
 
 GROUP_SPLIT_CANDIDATES = 32  # seeded group splits compared for their held-out label mix
 
 
-def split_heldout_groups(examples: list[Example], test_size: float, seed: int,
-                         column: str) -> tuple[list[Example], list[Example]]:
+def split_heldout_groups(examples: list[Example], test_size: float, seed: int, column: str) -> Split:
     """Deterministic train / held-out split by seed that holds out whole groups (`Example.group`):
     round(test_size x groups) of them, at least one, never all. With labels, of GROUP_SPLIT_CANDIDATES
     seeded splits (scikit-learn's GroupShuffleSplit) the one whose held-out label mix is closest to the whole
@@ -629,7 +635,7 @@ def split_heldout_groups(examples: list[Example], test_size: float, seed: int,
     splits = GroupShuffleSplit(n_splits=tries, test_size=n_test, random_state=seed).split(examples, groups=groups)
     whole = _label_mix(labels)
     train_idx, test_idx = min(splits, key=lambda s: _mix_distance(_label_mix([labels[i] for i in s[1]]), whole))
-    return [examples[i] for i in sorted(train_idx)], [examples[i] for i in sorted(test_idx)]
+    return Split([examples[i] for i in sorted(train_idx)], [examples[i] for i in sorted(test_idx)])
 
 
 def _label_mix(labels: list) -> dict:
@@ -742,7 +748,14 @@ def _last_user_turn(messages: list[dict[str, str]]) -> str:
     return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
 
 
-def tokenize_examples(examples: list[Example], tokenizer, cfg: DataConfig) -> tuple[list[TokExample], TokenizeStats]:
+class Tokenized(NamedTuple):
+    """Tokenized rows and what fitting them into max_length did (unpacks as `examples, stats`)."""
+
+    examples: list[TokExample]
+    stats: TokenizeStats
+
+
+def tokenize_examples(examples: list[Example], tokenizer, cfg: DataConfig) -> Tokenized:
     """Tokenize prompts and answers; cut prompts from the left to fit `max_length`, drop rows that cannot fit.
 
     A row counts as truncated when its prompt had to be cut to fit the answer; scoring a longer choice may
@@ -767,7 +780,7 @@ def tokenize_examples(examples: list[Example], tokenizer, cfg: DataConfig) -> tu
         # keep the end of the prompt, next to the answer
         out.append(TokExample(e.id, p[-budget:], a, cands, e.gold, e.label, e.choices, e.answer,
                               cfg.train_on_prompt, p[-cand_budget:], _last_user_turn(e.messages)))
-    return out, stats
+    return Tokenized(out, stats)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -894,7 +907,7 @@ def other_splits_note(cfg: DataConfig) -> str | None:
             f"--data.test_split {others[0]}")
 
 
-def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example]]:
+def load_splits(cfg: DataConfig, seed: int) -> Split:
     """Read, map and split: (train examples, held-out examples). No tokenizer needed, so errors come fast."""
     _check_test_split(cfg)
     rows = read_rows(cfg.path, cfg)
@@ -902,7 +915,7 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example
     classes = task_classes(cfg, rows, test_rows) if is_class_task(cfg) else None
     examples = map_columns(rows, cfg, resolve_data_path(cfg.path), classes)
     if cfg.test_path:
-        return examples, map_columns(test_rows, cfg, cfg.test_path, classes)
+        return Split(examples, map_columns(test_rows, cfg, cfg.test_path, classes))
     if cfg.group_column:
         return split_heldout_groups(examples, cfg.test_size, seed, cfg.group_column)
     return split_heldout(examples, cfg.test_size, seed)

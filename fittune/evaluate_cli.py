@@ -152,7 +152,7 @@ def remote_code_notice(info: CheckpointInfo, cfg: Config) -> str | None:
                 asked.append(path.name)
         except (OSError, ValueError):
             continue
-    saved = info.config_file is not None and "trust_remote_code: true" in info.config_file.read_text()
+    saved = ((_saved_config(info) or {}).get("model") or {}).get("trust_remote_code") is True
     if not asked and not saved:
         return None
     what = f"{info.weights_dir} names its own code (auto_map in {', '.join(asked)})" if asked else \

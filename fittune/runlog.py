@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from fittune.errors import FittuneError
 from fittune.rundir import append_line, atomic_write_text
@@ -21,7 +22,14 @@ class LogRepair:
     """The unparseable last line a crash left (dropped), if any."""
 
 
-def read_rows(path: Path) -> tuple[list[dict], str | None]:
+class LogRows(NamedTuple):
+    """The log's rows, and the last line if a crash tore it (unpacks as `rows, torn_line`)."""
+
+    rows: list[dict]
+    torn_line: str | None
+
+
+def read_rows(path: Path) -> LogRows:
     """The log's rows, and the last line if a crash tore it (an unparseable last line)."""
     lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
     rows, torn = [], None
@@ -33,7 +41,7 @@ def read_rows(path: Path) -> tuple[list[dict], str | None]:
                 raise FittuneError(f"{path}:{k + 1} is not valid JSON and is not the last line (so not a write a "
                                    f"crash tore): fix or remove that line, then resume") from None
             torn = line
-    return rows, torn
+    return LogRows(rows, torn)
 
 
 def start(path: Path) -> None:
