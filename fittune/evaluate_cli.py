@@ -30,6 +30,7 @@ from fittune.config import Config, build_config, parse_overrides
 from fittune.data import examples_digest
 from fittune.distributed import configure_deepspeed, on_main_then_agree, start_accelerator
 from fittune.errors import DataNotFound, FittuneError
+from fittune.evaldir import EvalDir, check_eval_dir, check_in_own_run, check_replaces_same_model, reserve_eval_dir
 from fittune.evaluator import evaluate_and_report
 from fittune.metrics import class_name, majority_baseline
 from fittune.model import (
@@ -41,7 +42,7 @@ from fittune.model import (
 )
 from fittune.placement import place_model
 from fittune.precision import Precision
-from fittune.reports import EvalDir, check_eval_dir, metrics_table, reserve_eval_dir
+from fittune.reports import metrics_table
 from fittune.rundir import HELDOUT_IDS, OWN_HELDOUT_IDS, hold_for_reading, owned, owning_run
 from fittune.strategy import Strategy
 
@@ -362,37 +363,6 @@ def hold_on_main(accelerator, held: ExitStack, info: CheckpointInfo, out: Path, 
     return reserved[0] if reserved else None
 
 
-def check_in_own_run(out: Path, info: CheckpointInfo, flag: str) -> None:
-    """An output directory inside a training run holds evaluations of that run's own model (its final/, a
-    checkpoint): another model's results there would read as the run's."""
-    run = owning_run(out.parent)
-    if run is not None and run != info.run:
-        raise FittuneError(f"{flag} {out} is inside the training run {run}, but {info.weights_dir} is not that "
-                           f"run's model: its evaluation would read as the run's own; choose a directory outside "
-                           f"that run")
-
-
-def evaluated_model(out: Path) -> str | None:
-    """The model whose evaluation `out` holds, as its evaluation.json says (None: unknown)."""
-    try:
-        model = json.loads((out / "evaluation.json").read_text()).get("model")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return model if isinstance(model, str) else None
-
-
-def check_replaces_same_model(out: Path, weights: Path, overwrite: bool, flag: str) -> None:
-    """Results in `out` are replaced by an evaluation of the same model (the same command again) or with
-    --overwrite; another model's, or results that do not say whose they are, are never replaced by accident."""
-    if overwrite or not (out / "metrics.json").is_file():
-        return
-    before = evaluated_model(out)
-    if before != str(weights.resolve()):
-        whose = f"of {before}" if before else "that does not say which model it scored (no evaluation.json)"
-        raise FittuneError(f"{flag} {out} holds an evaluation {whose}, not of {weights.resolve()}: choose "
-                           f"another directory, or pass --overwrite to replace it")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Evaluate
 
@@ -404,7 +374,7 @@ def evaluate_checkpoint(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> 
     accelerator, precision, strategy = launched.accelerator, launched.precision, launched.strategy
     flag = "--output_dir" if req.out_dir else "the default output directory (--output_dir chooses another)"
     out = check_eval_dir(Path(req.out_dir) if req.out_dir else default_eval_dir(info, cfg, req), flag)
-    check_in_own_run(out, info, flag)
+    check_in_own_run(out, info.weights_dir, info.run, flag)
     with ExitStack() as held:
         reserved = hold_on_main(accelerator, held, info, out, req.overwrite, flag)
         notice = remote_code_notice(info, cfg)

@@ -7,8 +7,9 @@ import time
 
 from fittune.data import TokExample
 from fittune.distributed import on_main_then_agree
+from fittune.evaldir import EvalDir
 from fittune.metrics import build_predictions, compute_metrics
-from fittune.reports import EvalDir, write_eval_outputs
+from fittune.reports import write_eval_outputs
 from fittune.scoring import score_examples
 from fittune.strategy import Strategy
 
@@ -18,7 +19,7 @@ def evaluate_and_report(model, accelerator, strategy: Strategy, cfg, tokenizer, 
                         compare: dict[str, dict] | None = None, about: dict | None = None) -> dict:
     """Evaluate on `examples` (every rank its share), write `out_dir` on the main process (metrics.json,
     predictions.jsonl, report.md, confusion_matrix.png, evaluation.json) and return the metrics on every rank.
-    `out_dir` may be reserved already on the main process (`reports.reserve_eval_dir`).
+    `out_dir` may be reserved already on the main process (`evaldir.reserve_eval_dir`).
 
     `compare`: earlier columns of the report table (e.g. the majority baseline, the untrained model). A pass
     holds at most `eval.batch_size` rows and `eval.max_batch_tokens` padded tokens (None: no token budget).

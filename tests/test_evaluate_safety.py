@@ -426,10 +426,10 @@ def test_two_evaluations_started_at_one_instant_never_both_write(tmp_path, monke
     """Each evaluation looks for another's build again once its own is locked: of two that reserve one output
     at the same instant, the later to lock is refused and removes its build (they both wrote, the last
     results winning)."""
-    from fittune import reports
+    from fittune import evaldir
     from fittune.errors import FittuneError
 
-    out, real_claim, other = tmp_path / "ev", reports.claim_dir, {}
+    out, real_claim, other = tmp_path / "ev", evaldir.claim_dir, {}
 
     def claim_then_other_starts(path, kind, lock_it):
         mine = real_claim(path, kind)
@@ -439,18 +439,18 @@ def test_two_evaluations_started_at_one_instant_never_both_write(tmp_path, monke
         return mine
 
     # the other locks first: this one is refused at its second look and leaves nothing
-    monkeypatch.setattr(reports, "claim_dir", lambda p, k: claim_then_other_starts(p, k, True))
+    monkeypatch.setattr(evaldir, "claim_dir", lambda p, k: claim_then_other_starts(p, k, True))
     with pytest.raises(FittuneError, match=r"ev is being written by evaluate.py \(pid"):
-        reports.reserve_eval_dir(out, "evaluate.py")
+        evaldir.reserve_eval_dir(out, "evaluate.py")
     assert [p.name for p in tmp_path.iterdir()] == [".ev.tmp-99-other"]
     other["lock"].release()
     shutil.rmtree(other["build"])
     # this one locks first: it goes on, and the other's second look refuses it
-    monkeypatch.setattr(reports, "claim_dir", lambda p, k: claim_then_other_starts(p, k, False))
-    mine = reports.reserve_eval_dir(out, "evaluate.py")
+    monkeypatch.setattr(evaldir, "claim_dir", lambda p, k: claim_then_other_starts(p, k, False))
+    mine = evaldir.reserve_eval_dir(out, "evaluate.py")
     lock = DirLock(other["build"]).acquire("evaluate.py")
     with pytest.raises(FittuneError, match="ev is being written by evaluate.py"):
-        reports._clear_builds(out, "evaluate.py", mine=other["build"])
+        evaldir._clear_builds(out, "evaluate.py", mine=other["build"])
     lock.release()
     mine.release()
     assert [p.name for p in tmp_path.iterdir()] == [".ev.tmp-99-other"]
@@ -459,7 +459,7 @@ def test_two_evaluations_started_at_one_instant_never_both_write(tmp_path, monke
 def test_evaluations_of_one_run_go_on_at_once_but_never_into_one_directory(tmp_path, tiny_model_dir, capsys):
     """Two evaluations of one run share its lock; one whose output another is writing is refused at once
     (not after scoring), and an evaluation that fails removes its reserved build directory."""
-    from fittune.reports import reserve_eval_dir
+    from fittune.evaldir import reserve_eval_dir
 
     run = make_run(tmp_path, tiny_model_dir)
     other = DirLock(run).acquire("evaluate.py", shared=True)  # another evaluation of this run, going on now
