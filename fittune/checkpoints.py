@@ -16,11 +16,14 @@ from fittune.optim import tensor_bytes
 from fittune.rundir import (
     MARKER,
     OWN_CONFIG,
+    STATE_FILE,
     STEP_NAME,
     RunLayout,
     atomic_write_text,
     check_free_space,
+    checkpoint_root,
     claim_build_dir,
+    complete_checkpoints,
     hold_for_reading,
     owned,
     owning_run,
@@ -112,7 +115,6 @@ def _unfinished_run(run: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Training checkpoints: output_dir/checkpoints/step-00000012/ (complete) or step-00000012.tmp/ (partial)
 
-STATE_FILE = "trainer_state.json"
 # 2: the strategy is stored under its Strategy.name (`zero3`, not `deepspeed-zero3`); each checkpoint
 # directory carries fittune's marker
 FORMAT_VERSION = 2
@@ -138,37 +140,6 @@ class CheckpointTarget:
     """LoRA run: the checkpoint also holds an unsharded adapter + optimizer moments (portable restore)."""
 
 
-def checkpoint_root(output_dir: str | Path) -> Path:
-    """Where a run keeps its training checkpoints (step-N/ directories)."""
-    return RunLayout(Path(output_dir)).checkpoints
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first. A directory is complete once renamed from .tmp, state file inside."""
-    root = checkpoint_root(output_dir)
-    if not root.is_dir():
-        return []
-    # only fittune's own names (step-<digits>): a step-best/ or step-N.bak copied aside there is the user's
-    found = [d for d in root.iterdir() if STEP_NAME.fullmatch(d.name) and d.is_dir() and not d.is_symlink()
-             and (d / STATE_FILE).is_file()]
-    return sorted(found, key=lambda d: int(d.name.split("-")[1]))
-
-
-def partial_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Directories left by a save that never finished (a crash mid-save)."""
-    root = checkpoint_root(output_dir)
-    return sorted(d for d in root.glob("step-*.tmp") if d.is_dir()) if root.is_dir() else []
-
-
-def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Remove the partial checkpoints fittune wrote (its marker inside); returns them. Anything else that
-    merely looks like one is left alone."""
-    removed = [d for d in partial_checkpoints(output_dir) if owned(d, "checkpoint") and sealed(d)]
-    for d in removed:
-        remove_owned(d, "checkpoint")
-    return removed
-
-
 def find_resume_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
     """The checkpoint to resume from: None (fresh), `auto` (newest complete in output_dir) or a path."""
     if resume is None:
@@ -185,20 +156,6 @@ def find_resume_checkpoint(output_dir: str | Path, resume: str | None) -> Path |
         raise FittuneError(f"--resume {resume}: not a complete fittune checkpoint (no {STATE_FILE}); "
                            f"use --resume auto or a checkpoints/step-N directory")
     return path
-
-
-def run_finished(output_dir: str | Path) -> bool:
-    """Whether the run in `output_dir` has finished: its final/ and its held-out evaluation are written (only
-    the end of the training writes them), after its newest checkpoint (a run resumed from an earlier
-    checkpoint into its own directory and stopped again saved newer ones: not finished). A --resume auto of
-    a finished run has nothing to train (it only retries removing the runs an --overwrite replaced); one of a
-    run that has not finished does what is left."""
-    out = Path(output_dir)
-    metrics = RunLayout(out).eval / "metrics.json"
-    if not (RunLayout(out).final.is_dir() and metrics.is_file()):
-        return False
-    saves = complete_checkpoints(out)
-    return not saves or metrics.stat().st_mtime_ns >= (saves[-1] / STATE_FILE).stat().st_mtime_ns
 
 
 def read_state(path: Path) -> dict:

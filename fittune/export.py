@@ -37,7 +37,7 @@ import torch
 import yaml
 
 from fittune.builtin_models import builtin_spec, ensure_builtin, is_builtin
-from fittune.checkpoints import check_dcp_files, check_files, complete_checkpoints, require_trusted
+from fittune.checkpoints import check_dcp_files, check_files, require_trusted
 from fittune.config import TinyModelConfig
 from fittune.entry import run_cli
 from fittune.errors import FittuneError, first_line
@@ -47,6 +47,7 @@ from fittune.rundir import (
     DirLock,
     RunLayout,
     check_not_inside_fittune_dir,
+    complete_checkpoints,
     fsync_dir,
     fsync_tree,
     hold_for_reading,

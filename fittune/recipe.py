@@ -26,12 +26,9 @@ from fittune import runlog
 from fittune.checkpoints import (
     CheckpointTarget,
     check_compatible,
-    complete_checkpoints,
     find_resume_checkpoint,
     load_checkpoint,
     read_state,
-    remove_partial_checkpoints,
-    run_finished,
     save_checkpoint,
 )
 from fittune.config import BUILTIN_MODEL, Config, to_yaml
@@ -70,8 +67,11 @@ from fittune.rundir import (
     RunDir,
     RunLayout,
     atomic_write_text,
+    complete_checkpoints,
     inspect_output_dir,
     owned,
+    remove_partial_checkpoints,
+    run_finished,
     write_guard,
 )
 from fittune.shards import full_numel, full_shape, local_part
@@ -261,24 +261,18 @@ class FineTuneRecipe:
         """Refuse a directory this run must not touch, and lock an existing one (main process; all agree); note
         whether a --resume auto is of a run that has finished (`_setup_resume` then ends the run there)."""
         cfg = self.cfg
-        finished = False
+        complete = False  # only the main process looks
 
         def check() -> None:
-            nonlocal finished
+            nonlocal complete
             # locked first: a run that is training now is said to be, not offered --resume or --overwrite
             self.lock = self._lock_run()
-            finished = run_finished(self.out)
-            self.dir_check = inspect_output_dir(self.out, cfg.resume, cfg.overwrite,
-                                                resumable=bool(complete_checkpoints(self.out)), complete=finished)
-            if cfg.resume == "auto" and self.dir_check.finished and not finished and not complete_checkpoints(self.out):
-                raise FittuneError(f"--resume auto: {self.out} holds a run that stopped while finishing, without "
-                                   f"checkpoints (train.save_steps was 0): its held-out evaluation did not finish "
-                                   f"(no eval/): python evaluate.py --checkpoint {self.out} writes it; --overwrite "
-                                   f"trains it anew")
+            self.dir_check = inspect_output_dir(self.out, cfg.resume, cfg.overwrite)
+            complete = self.dir_check.complete
 
         on_main_then_agree(self.accelerator, check)
         # every rank learns it (a sum): each then stops after the resume checks, before anything is written
-        self.finished = cfg.resume == "auto" and bool(sum_across_ranks(self.accelerator, [finished])[0])
+        self.finished = cfg.resume == "auto" and bool(sum_across_ranks(self.accelerator, [complete])[0])
         self.resume_from = find_resume_checkpoint(self.out, cfg.resume) if cfg.resume else None
         if self.resume_from is not None and self.layout.log.is_file():
             runlog.read_rows(self.layout.log)  # a damaged log is refused now, before config.yaml is rewritten

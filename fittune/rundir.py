@@ -650,6 +650,57 @@ def foreign_entries(run: Path) -> list[str]:
     return foreign
 
 
+# ---- a run's state, from its files: checkpoints, final/, eval/ ----------------------------------------------
+
+STATE_FILE = "trainer_state.json"  # the last file a checkpoint save writes: a step-N/ with it is complete
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    """Where a run keeps its training checkpoints (step-N/ directories)."""
+    return RunLayout(Path(output_dir)).checkpoints
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first. A directory is complete once renamed from .tmp, state file inside."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    # only fittune's own names (step-<digits>): a step-best/ or step-N.bak copied aside there is the user's
+    found = [d for d in root.iterdir() if STEP_NAME.fullmatch(d.name) and d.is_dir() and not d.is_symlink()
+             and (d / STATE_FILE).is_file()]
+    return sorted(found, key=lambda d: int(d.name.split("-")[1]))
+
+
+def partial_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Directories left by a save that never finished (a crash mid-save)."""
+    root = checkpoint_root(output_dir)
+    return sorted(d for d in root.glob("step-*.tmp") if d.is_dir()) if root.is_dir() else []
+
+
+def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Remove the partial checkpoints fittune wrote (its marker inside); returns them. Anything else that
+    merely looks like one is left alone."""
+    removed = [d for d in partial_checkpoints(output_dir) if owned(d, "checkpoint") and sealed(d)]
+    for d in removed:
+        remove_owned(d, "checkpoint")
+    return removed
+
+
+def run_finished(output_dir: str | Path) -> bool:
+    """Whether the run in `output_dir` has finished: its final/ and its held-out evaluation are written (only
+    the end of the training writes them), after its newest checkpoint (a run resumed from an earlier
+    checkpoint into its own directory and stopped again saved newer ones: not finished). A --resume auto of
+    a finished run has nothing to train (it only retries removing the runs an --overwrite replaced); one of a
+    run that has not finished does what is left."""
+    out = Path(output_dir)
+    metrics = RunLayout(out).eval / "metrics.json"
+    if not (RunLayout(out).final.is_dir() and metrics.is_file()):
+        return False
+    saves = complete_checkpoints(out)
+    return not saves or metrics.stat().st_mtime_ns >= (saves[-1] / STATE_FILE).stat().st_mtime_ns
+
+
+
 @dataclass
 class OutputDirCheck:
     """What a training run found in its output_dir (decided before anything is written)."""
@@ -658,13 +709,14 @@ class OutputDirCheck:
     exists: bool
     holds_run: bool
     finished: bool
+    """Its final/ is written (the run reached its end; its evaluation may not have)."""
+    complete: bool
+    """It has finished, its held-out evaluation included (`run_finished`): a --resume auto has nothing to do."""
 
 
-def inspect_output_dir(path: Path, resume: str | None, overwrite: bool, resumable: bool = True,
-                       complete: bool = False) -> OutputDirCheck:
-    """Refuse an output_dir a fresh run must not touch; read-only (the refused run changes nothing).
-    `resumable`: the run there has a complete checkpoint (else a finished run is not offered --resume);
-    `complete`: it has finished, evaluation included (`checkpoints.run_finished`): nothing to continue."""
+def inspect_output_dir(path: Path, resume: str | None, overwrite: bool) -> OutputDirCheck:
+    """What a run finds in its output_dir (the state of the run there, from its files), refusing an output_dir
+    it must not touch and a --resume that cannot go on; read-only (the refused run changes nothing)."""
     check_not_inside_fittune_dir(path, "output_dir")
     check_writable_dir(path, "output_dir")
     if path.is_dir() and owned(path) and not owned(path, "train"):
@@ -673,6 +725,7 @@ def inspect_output_dir(path: Path, resume: str | None, overwrite: bool, resumabl
     exists = path.is_dir()
     holds_run = exists and any((path / f).exists() for f in RUN_FILES)
     finished = exists and RunLayout(path).final.is_dir()
+    complete, resumable = exists and run_finished(path), exists and bool(complete_checkpoints(path))
     if overwrite and resume:
         raise FittuneError("--overwrite and --resume contradict each other: --resume continues the run in "
                            "output_dir, --overwrite replaces it; pass one")
@@ -686,6 +739,10 @@ def inspect_output_dir(path: Path, resume: str | None, overwrite: bool, resumabl
                 f"finishes)" if aside else "")
         raise FittuneError(f"{path} already holds a {'finished' if finished else 'started'} run{kept}: {ways}, or "
                            f"choose another output_dir")
+    if resume == "auto" and finished and not complete and not resumable:
+        raise FittuneError(f"--resume auto: {path} holds a run that stopped while finishing, without checkpoints "
+                           f"(train.save_steps was 0): its held-out evaluation did not finish (no eval/): python "
+                           f"evaluate.py --checkpoint {path} writes it; --overwrite trains it anew")
     # also where no run is yet (a run emptied but for its marker): a tensorboard@ there is written through
     foreign = foreign_entries(path) if exists else []
     links = [f for f in foreign if f.endswith("@")]
@@ -695,7 +752,7 @@ def inspect_output_dir(path: Path, resume: str | None, overwrite: bool, resumabl
     if overwrite and holds_run and foreign:
         raise FittuneError(f"--overwrite replaces the whole run {path}, and it also holds {', '.join(foreign)}, "
                            f"which fittune did not write: move them out first, or choose another output_dir")
-    return OutputDirCheck(path, exists, holds_run, finished)
+    return OutputDirCheck(path, exists, holds_run, finished, complete)
 
 
 @dataclass

@@ -589,7 +589,7 @@ def test_a_changed_process_count_says_how_to_keep_the_global_batch(tmp_path):
                          world_size=2)
 
 def test_partial_checkpoints_removed_only_when_fittunes(tmp_path):
-    from fittune.checkpoints import remove_partial_checkpoints
+    from fittune.rundir import remove_partial_checkpoints
 
     t, out = small_target(), run_dir(tmp_path)
     ours = save(t, out, 1).rename(out / "checkpoints" / "step-00000001.tmp")  # as a crash mid-save leaves it
@@ -604,9 +604,8 @@ def test_save_killed_before_marking_its_tmp_does_not_block_the_next_save(tmp_pat
     """A kill between creating step-N.tmp and writing its marker (as CI once hit: SIGKILL mid-save, then
     `--resume auto` failed with "File exists") leaves an empty directory, or one holding only the marker's
     temporary file: the save of step N adopts it. A foreign step-N.tmp stays, and the save says so."""
-    from fittune.checkpoints import remove_partial_checkpoints
     from fittune.errors import FittuneError
-    from fittune.rundir import MARKER
+    from fittune.rundir import MARKER, remove_partial_checkpoints
 
     t, out = small_target(), run_dir(tmp_path)
     ckpts = out / "checkpoints"
@@ -660,7 +659,7 @@ def test_a_run_is_finished_when_its_evaluation_is_newer_than_its_newest_checkpoi
     """final/ and eval/ written after the newest checkpoint: finished (a --resume auto trains nothing). A run
     resumed from an earlier checkpoint into its own directory and stopped again has newer checkpoints than its
     old final/ and eval/: not finished (a --resume auto continues it)."""
-    from fittune.checkpoints import run_finished
+    from fittune.rundir import run_finished
 
     run = tmp_path / "run"
     step = run / "checkpoints" / "step-00000004"

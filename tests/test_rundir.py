@@ -17,6 +17,7 @@ from fittune import runlog
 from fittune.errors import FittuneError
 from fittune.rundir import (
     MARKER,
+    STATE_FILE,
     DirInUse,
     DirLock,
     RunDir,
@@ -59,11 +60,21 @@ def test_a_directory_holding_a_run_needs_resume_or_overwrite(tmp_path):
     with pytest.raises(FittuneError, match="already holds a started run.*--resume auto.*--overwrite"):
         inspect_output_dir(out, None, False)
     (out / "final").mkdir()
-    with pytest.raises(FittuneError, match="already holds a finished run: continue it with --resume auto"):
-        inspect_output_dir(out, None, False)
     # finished without checkpoints: nothing to continue, so --resume is not offered
     with pytest.raises(FittuneError, match="finished run: it has no checkpoint to continue from.*--overwrite"):
-        inspect_output_dir(out, None, False, resumable=False)
+        inspect_output_dir(out, None, False)
+    with pytest.raises(FittuneError, match="stopped while finishing, without checkpoints.*evaluate.py --checkpoint"):
+        inspect_output_dir(out, "auto", False)  # final/ but no eval/: the evaluation is what is left
+    step = claim_dir(out / "checkpoints" / "step-00000002", "checkpoint")
+    atomic_write_text(step / STATE_FILE, "{}")
+    with pytest.raises(FittuneError, match="already holds a finished run: continue it with --resume auto"):
+        inspect_output_dir(out, None, False)
+    assert not inspect_output_dir(out, "auto", False).complete  # its evaluation is not written yet
+    claim_dir(out / "eval", "eval")
+    atomic_write_text(out / "eval" / "metrics.json", "{}")
+    with pytest.raises(FittuneError, match="finished run: evaluate it with evaluate.py --checkpoint"):
+        inspect_output_dir(out, None, False)
+    assert inspect_output_dir(out, "auto", False).complete
     assert inspect_output_dir(out, "auto", False).holds_run
     with pytest.raises(FittuneError, match="contradict"):
         inspect_output_dir(out, "auto", True)
@@ -386,7 +397,7 @@ def test_a_kill_right_after_the_swap_leaves_a_tmp_fittune_removes(tmp_path, monk
 
 
 def test_only_fittunes_step_names_are_checkpoints(tmp_path):
-    from fittune.checkpoints import STATE_FILE, complete_checkpoints
+    from fittune.rundir import STATE_FILE, complete_checkpoints
 
     out = claim_dir(tmp_path / "run", "train")
     for name in ("step-00000002", "step-00000010", "step-best", "step-00000004.bak"):

@@ -16,7 +16,6 @@ import psutil
 import pytest
 from conftest import ROOT, child_env, free_port, read_log
 
-from fittune.checkpoints import STATE_FILE
 from fittune.errors import FittuneError
 from fittune.launch import (
     LaunchRequest,
@@ -25,6 +24,7 @@ from fittune.launch import (
     is_launcher,
     launch_request,
 )
+from fittune.rundir import STATE_FILE
 
 LINUX = sys.platform.startswith("linux")
 SIMPLE = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
