@@ -23,7 +23,6 @@ are read only from a checkpoint fittune saved on this machine under your account
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import pickle
@@ -56,6 +55,7 @@ from fittune.rundir import (
     owning_run,
     readable_like_umask,
     remove_if_empty,
+    rename_noreplace,
     write_guard,
 )
 
@@ -97,12 +97,8 @@ def _tokenizer_source(d: Path, base: str) -> str:
     return str(d) if (d / "tokenizer_config.json").is_file() else base
 
 
-_RENAME_NOREPLACE = 1  # linux/fs.h
-
-
 def _rename_new(tmp: Path, out: Path, empty_dir: bool) -> None:
-    """Rename `tmp` to `out` only if `out` does not exist (Linux renameat2 RENAME_NOREPLACE, atomically; a
-    plain rename would silently replace an empty directory that appeared meanwhile). `empty_dir`: `out` was an
+    """Rename `tmp` to `out` only if `out` does not exist (`rundir.rename_noreplace`). `empty_dir`: `out` was an
     empty directory (made for the export): a plain rename replaces it only while it is still empty."""
     if empty_dir:
         try:
@@ -112,16 +108,11 @@ def _rename_new(tmp: Path, out: Path, empty_dir: bool) -> None:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
                 raise
             raise FittuneError(f"{out} was filled while exporting: choose a new --output directory") from None
-    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform.startswith("linux") else None
-    if fn is not None:
-        at_fdcwd = -100
-        if fn(at_fdcwd, os.fsencode(tmp), at_fdcwd, os.fsencode(out), _RENAME_NOREPLACE) == 0:
+    try:
+        if rename_noreplace(tmp, out):
             return
-        err = ctypes.get_errno()
-        if err == errno.EEXIST:
-            raise FittuneError(f"{out} appeared while exporting: choose a new --output directory")
-        if err not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise OSError(err, os.strerror(err), str(out))
+    except FileExistsError:
+        raise FittuneError(f"{out} appeared while exporting: choose a new --output directory") from None
     if out.exists():  # no renameat2 here: check, then rename (a small window)
         raise FittuneError(f"{out} appeared while exporting: choose a new --output directory")
     tmp.rename(out)

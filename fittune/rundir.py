@@ -180,23 +180,34 @@ def readable_like_umask(root: Path) -> None:
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
+_RENAME_NOREPLACE = 1
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux renameat2(a, b, flags); False where the system cannot (not Linux, no renameat2, a filesystem
+    without the flag); an OSError for any other failure (FileExistsError: `b` exists, RENAME_NOREPLACE)."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform.startswith("linux") else None
     if fn is None:
         return False
     at_fdcwd = -100
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
         return False
-    raise OSError(err, os.strerror(err), str(a))
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def rename_noreplace(src: Path, dst: Path) -> bool:
+    """Rename `src` to `dst` only if `dst` does not exist, atomically (Linux renameat2 RENAME_NOREPLACE: a plain
+    rename would replace an empty directory that appeared meanwhile); FileExistsError if it does; False where
+    the system cannot (the caller checks, then renames)."""
+    return _renameat2(src, dst, _RENAME_NOREPLACE)
 
 
 def publish_dir(tmp: Path, final: Path) -> None:

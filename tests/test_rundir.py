@@ -477,3 +477,18 @@ def test_readers_share_the_lock_and_a_writer_is_told_who_holds_it(tmp_path):
         DirLock(out).acquire("train.py")  # the second reader still holds it
     readers[1].release()
     DirLock(out).acquire("train.py").release()
+
+
+def test_rename_noreplace_never_replaces_what_appeared(tmp_path):
+    """The export's last step: an empty directory that appeared at the destination meanwhile is not replaced
+    (a plain rename would replace it)."""
+    from fittune.rundir import rename_noreplace
+
+    (tmp_path / "built").mkdir()
+    (tmp_path / "built" / "model.safetensors").write_text("weights")
+    (tmp_path / "appeared").mkdir()
+    with pytest.raises(FileExistsError):
+        rename_noreplace(tmp_path / "built", tmp_path / "appeared")
+    assert list((tmp_path / "appeared").iterdir()) == [] and (tmp_path / "built" / "model.safetensors").is_file()
+    assert rename_noreplace(tmp_path / "built", tmp_path / "new")  # renameat2 is there on Linux
+    assert (tmp_path / "new" / "model.safetensors").read_text() == "weights" and not (tmp_path / "built").exists()
