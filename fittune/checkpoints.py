@@ -12,7 +12,6 @@ from typing import Any
 from fittune.distributed import agree_on_failure, raise_if_any_failed
 from fittune.errors import FittuneError, first_line
 from fittune.launcher_env import is_launch_main
-from fittune.optim import tensor_bytes
 from fittune.rundir import (
     MARKER,
     OWN_CONFIG,
@@ -33,7 +32,7 @@ from fittune.rundir import (
     sealed,
     write_guard,
 )
-from fittune.shards import gathered_copy, local_part
+from fittune.shards import gathered_copy, local_part, tensor_bytes
 from fittune.strategy import Strategy
 
 

@@ -38,10 +38,9 @@ from fittune.model import (
     load_trained_model,
     prepare_builtin_model,
     resolve_model_path,
-    weights_dtype,
 )
 from fittune.placement import place_model
-from fittune.precision import Precision
+from fittune.precision import Precision, weights_dtype
 from fittune.reports import metrics_table
 from fittune.rundir import HELDOUT_IDS, OWN_HELDOUT_IDS, hold_for_reading, owned, owning_run
 from fittune.strategy import Strategy

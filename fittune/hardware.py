@@ -8,6 +8,7 @@ GPU here the planner plans for one DEFAULT_GPU_MEM_GIB GPU and says so in a note
 from __future__ import annotations
 
 import os
+import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,3 +149,10 @@ def set_cpu_threads(threads: CpuThreads) -> None:
     OpenMP of its own), and to OMP_NUM_THREADS for any OpenMP runtime loaded after this."""
     torch.set_num_threads(threads.count)
     os.environ["OMP_NUM_THREADS"] = str(threads.count)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -9,10 +9,8 @@ import torch
 
 from fittune.config import Config
 from fittune.errors import FittuneError, first_line
-from fittune.precision import Precision
+from fittune.precision import Precision, weights_dtype
 from fittune.shards import full_numel
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _builtin_spec(cfg: Config):
@@ -43,15 +41,6 @@ def prepare_builtin_model(cfg: Config, accelerator) -> None:
     spec = _builtin_spec(cfg)  # a missing package fails here, on every rank, before any waiting
     with accelerator.main_process_first():
         ensure_builtin(spec, accelerator.print)
-
-
-def weights_dtype(cfg: Config, precision: Precision) -> torch.dtype:
-    """fp32 master weights for full fine-tuning; a LoRA run's frozen base may sit in the half dtype."""
-    if cfg.model.dtype != "auto":
-        return DTYPES[cfg.model.dtype]
-    if cfg.lora.enabled and precision.half:
-        return precision.half_dtype
-    return torch.float32
 
 
 def _load_error(path: str, e: Exception) -> FittuneError:

@@ -40,6 +40,7 @@ import torch
 
 from fittune.errors import FittuneError
 from fittune.precision import Precision
+from fittune.shards import tensor_bytes
 from fittune.strategy import Strategy
 
 # torchao's block sizes and the rule it quantizes by (torchao/optim/adam.py, _AdamBase._new_buffer): a moment
@@ -301,13 +302,6 @@ def build_optimizer(cfg, params: list, strategy: Strategy, precision: Precision,
 # ---------------------------------------------------------------------------------------------------------
 # Bytes: the live count and the planner's formula
 
-
-def tensor_bytes(t) -> int:
-    """Storage bytes of a state tensor: a torchao quantized state counts its codes, scales and lookup table."""
-    inner = getattr(t, "tensor_attrs", None)
-    if inner:
-        return sum(getattr(t, name).nbytes for name in inner)
-    return t.nbytes if isinstance(t, torch.Tensor) else 0
 
 
 def live_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -42,10 +42,9 @@ from fittune.estimate import (
     processes,
 )
 from fittune.hardware import GIB, Hardware, detect_hardware
-from fittune.model import weights_dtype
 from fittune.model_shapes import ModelShape, model_shape
 from fittune.optim import choose, unsupported
-from fittune.precision import Precision, resolve_precision
+from fittune.precision import Precision, resolve_precision, weights_dtype
 from fittune.strategy import Strategy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fittune.errors import FittuneError
+
+if TYPE_CHECKING:
+    import torch
+
+    from fittune.config import Config
 
 
 @dataclass(frozen=True)
@@ -67,3 +73,15 @@ def check_device_precision(precision: Precision, device) -> None:
 
     if precision.mixed == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise FittuneError("this GPU has no bf16: use --train.mixed_precision fp16")
+
+
+def weights_dtype(cfg: Config, precision: Precision) -> torch.dtype:
+    """The dtype the weights are loaded in: model.dtype when set; else fp32 master weights for full fine-tuning,
+    and a LoRA run's frozen base in the half dtype of its mixed precision."""
+    import torch
+
+    if cfg.model.dtype != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
+    if cfg.lora.enabled and precision.half:
+        return precision.half_dtype
+    return torch.float32

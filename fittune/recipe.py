@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from fittune.distributed import (
 from fittune.errors import FittuneError
 from fittune.evaluator import evaluate_and_report, validation_loss
 from fittune.final import save_final
-from fittune.hardware import run_cpu_threads, set_cpu_threads
+from fittune.hardware import peak_memory_gib, run_cpu_threads, set_cpu_threads
 from fittune.loss import install_chunked_loss
 from fittune.metrics import class_name, majority_baseline
 from fittune.model import (
@@ -54,11 +53,11 @@ from fittune.model import (
     prepare_builtin_model,
     resolve_model_path,
     use_liger,
-    weights_dtype,
 )
 from fittune.notices import quiet_scheduler_order_notice
 from fittune.optim import build_optimizer
 from fittune.placement import input_device, place_model
+from fittune.precision import weights_dtype
 from fittune.progress import TrainingProgress
 from fittune.reports import metrics_table, plot_loss_curve
 from fittune.rundir import (
@@ -74,7 +73,7 @@ from fittune.rundir import (
     run_finished,
     write_guard,
 )
-from fittune.shards import full_numel, full_shape, local_part
+from fittune.shards import local_shards
 from fittune.signals import StopRequest
 from fittune.step import BatchSplit, OomAdaptive, StepPlan, StepResult, StepRunner
 from fittune.testing import install_oom_injection
@@ -131,13 +130,6 @@ class RunResult:
 
     metrics: dict | None
     exit_code: int = 0
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak CUDA memory allocated, or the process's peak resident memory on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 @dataclass(frozen=True)
@@ -775,17 +767,6 @@ def train(cfg: Config) -> RunResult:
         return recipe.done if recipe.done is not None else recipe.train()
     finally:
         recipe.release()
-
-
-def local_shards(model) -> dict:
-    """What this rank holds of the weights: {name: [local shape, full shape]} and element counts (sharded
-    under FSDP2 and ZeRO-3; the full tensors under DDP)."""
-    shapes, local, total = {}, 0, 0
-    for name, p in model.named_parameters():
-        mine = local_part(p)
-        shapes[name] = [list(mine.shape), full_shape(p)]
-        local, total = local + mine.numel(), total + full_numel(p)
-    return {"local_parameter_elements": local, "parameter_elements": total, "parameter_shapes": shapes}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

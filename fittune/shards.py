@@ -35,3 +35,22 @@ def full_shape(t: torch.Tensor) -> list[int]:
 def gathered_copy(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor as a CPU copy. A DTensor is all-gathered: a collective, every rank must call it."""
     return (t.full_tensor() if _is_dtensor(t) else t).detach().cpu().clone()
+
+
+def tensor_bytes(t) -> int:
+    """Storage bytes of a state tensor: a torchao quantized state counts its codes, scales and lookup table."""
+    inner = getattr(t, "tensor_attrs", None)
+    if inner:
+        return sum(getattr(t, name).nbytes for name in inner)
+    return t.nbytes if isinstance(t, torch.Tensor) else 0
+
+
+def local_shards(model) -> dict:
+    """What this rank holds of the weights: {name: [local shape, full shape]} and element counts (sharded
+    under FSDP2 and ZeRO-3; the full tensors under DDP)."""
+    shapes, local, total = {}, 0, 0
+    for name, p in model.named_parameters():
+        mine = local_part(p)
+        shapes[name] = [list(mine.shape), full_shape(p)]
+        local, total = local + mine.numel(), total + full_numel(p)
+    return {"local_parameter_elements": local, "parameter_elements": total, "parameter_shapes": shapes}
