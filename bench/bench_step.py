@@ -78,8 +78,8 @@ def planned_gib(case: dict, cfg) -> float | None:
     if TINY:
         return None
     from fittune.estimate import Workload, estimate
-    from fittune.model import weights_dtype
     from fittune.model_shapes import model_shape
+    from fittune.precision import weights_dtype
 
     shape = model_shape(cfg, weights_dtype(cfg, Precision("bf16")))
     work = Workload(case["micro"], case["seq"], case["ckpt"], cfg.train.loss_chunk_size, Precision("bf16"),
@@ -107,7 +107,7 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
         set_cpu_threads(threads)
     deepspeed = strategy.deepspeed
     if deepspeed:
-        configure_deepspeed(accelerator, case["micro"], case["accum"], 1.0)
+        configure_deepspeed(accelerator, strategy, case["micro"], case["accum"], 1.0)
     from transformers import AutoModelForCausalLM
 
     config = hf_config(case["seq"])

@@ -26,7 +26,7 @@ from pathlib import Path
 from fittune import data as D
 from fittune.checkpoints import CheckpointInfo, resolve_checkpoint
 from fittune.cli import own_data_mapping, split_flag
-from fittune.config import Config, build_config, parse_overrides
+from fittune.config import COMMAND_ONLY, Config, all_keys, build_config, parse_overrides
 from fittune.data import examples_digest
 from fittune.distributed import configure_deepspeed, on_main_then_agree, start_accelerator
 from fittune.errors import DataNotFound, FittuneError
@@ -103,7 +103,7 @@ _READ_BY_EVALUATION = {"train.mixed_precision", "lora.enabled"}
 def refuse_training_key(key: str) -> None:
     """A command-line key that only training reads is refused, not ignored: the weights are evaluated as saved
     (an adapter's own adapter_config.json says its shape), and eval.* says how they are scored."""
-    if key in _READ_BY_EVALUATION:
+    if key in _READ_BY_EVALUATION or key not in all_keys():  # an unknown key: the config's did-you-mean error
         return
     if key in ("resume", "trust_checkpoint"):
         raise FittuneError(f"evaluate.py has no --{key}: it reads only the saved weights, never a checkpoint's "
@@ -111,7 +111,8 @@ def refuse_training_key(key: str) -> None:
     if key == "log_with" or key.startswith(("train.", "lora.")):
         raise FittuneError(f"--{key} is a training setting that evaluate.py does not read: the weights are "
                            f"evaluated as saved; evaluation settings are --eval.KEY (e.g. --eval.batch_size), "
-                           f"--data.KEY, --model.KEY and --train.mixed_precision (python train.py --help)")
+                           f"--data.KEY, --model.KEY, --train.mixed_precision and --lora.enabled (python train.py "
+                           f"--help)")
 
 
 def evaluate_main(argv: list[str]) -> dict | None:
@@ -135,10 +136,13 @@ def eval_config(info: CheckpointInfo, req: EvalRequest) -> Config:
         raise FittuneError(f"{req.checkpoint} has no saved fittune config: pass --config FILE describing the data")
     recipe = own_data_mapping(req.config_file or str(info.config_file), overrides)
     recipe.announce()
+    # an evaluation never replaces, continues or unpickles a run: a recipe's or an older run's saved
+    # `overwrite: true` / `resume: auto` (saved before they became command-only) are not its to refuse
+    skip = (*recipe.skip, *COMMAND_ONLY)
     if req.config_file is not None:
-        return build_config(recipe.path, overrides, recipe.skip)
+        return build_config(recipe.path, overrides, skip)
     # the saved config is part of the (possibly received) run directory: it cannot grant itself trust
-    return build_config(recipe.path, {**overrides, TRUST_KEY: overrides.get(TRUST_KEY, False)}, recipe.skip)
+    return build_config(recipe.path, {**overrides, TRUST_KEY: overrides.get(TRUST_KEY, False)}, skip)
 
 
 def remote_code_notice(info: CheckpointInfo, cfg: Config) -> str | None:
@@ -274,9 +278,12 @@ def run_training_rows(info: CheckpointInfo, class_task: bool, say) -> list[D.Exa
         return []
 
     record = _heldout_record(info)
-    run_cfg = build_config(str(info.config_file), {TRUST_KEY: False})  # the run's own recipe, read, never run
     if record is None:
         return none("the run has no heldout_ids.json to tell its training rows from its held-out ones")
+    try:  # the run's own recipe, read, never run
+        run_cfg = build_config(str(info.config_file), {TRUST_KEY: False}, COMMAND_ONLY)
+    except FittuneError as e:
+        return none(f"the run's saved config cannot be read ({e})")
     if not (run_cfg.data.label_column or run_cfg.data.choices_column):
         return none("the run was trained on open answers, not classes or choices")
     if D.is_class_task(run_cfg.data) != class_task:
@@ -284,11 +291,14 @@ def run_training_rows(info: CheckpointInfo, class_task: bool, say) -> list[D.Exa
                     ", these rows are scored the other way")
     try:
         train, test = D.load_splits(run_cfg.data, run_cfg.seed)
+        source = D.source_digest(run_cfg.data)  # the bytes of its training file, and of its test file if any
     except FittuneError as e:  # its data moved, or cannot be read here
         return none(f"the run's training rows cannot be read ({e})")
     by_id = {x.id: x for x in train + test}
     held = [by_id.get(i) for i in record["ids"]]
-    if None in held or record.get("examples_sha256") not in (None, examples_digest(held)):
+    saved_source = record.get("source_sha256")
+    if (None in held or record.get("examples_sha256") not in (None, examples_digest(held))
+            or None not in (source, saved_source) and source != saved_source):  # a hub dataset has no bytes
         return none(f"the run's data {run_cfg.data.path} changed since training")
     return train
 

@@ -268,7 +268,7 @@ def shape_from_hf_config(hf_config, cfg: Config, weights_dtype: torch.dtype, nam
                          source: str = "given config", notes: list[str] | None = None) -> ModelShape:
     """Instantiate the model on the meta device (LoRA-wrapped when `cfg.lora.enabled`) and measure it.
 
-    `weights_dtype` is the dtype fittune loads the weights in (fittune.model.weights_dtype): the meta model is
+    `weights_dtype` is the dtype fittune loads the weights in (fittune.precision.weights_dtype): the meta model is
     built in it so that PEFT's adapters come out in fp32 on a half-precision base, as in a real run.
     """
     model = _meta_model(hf_config, cfg, weights_dtype)

@@ -266,7 +266,7 @@ class FineTuneRecipe:
         # every rank learns it (a sum): each then stops after the resume checks, before anything is written
         self.finished = cfg.resume == "auto" and bool(sum_across_ranks(self.accelerator, [complete])[0])
         self.resume_from = find_resume_checkpoint(self.out, cfg.resume) if cfg.resume else None
-        if self.resume_from is not None and self.layout.log.is_file():
+        if self.resume_from is not None and not self.finished and self.layout.log.is_file():
             runlog.read_rows(self.layout.log)  # a damaged log is refused now, before config.yaml is rewritten
         if self.finished and self.resume_from is None:  # train.save_steps 0: no state to check the recipe against
             self._nothing_to_resume("")

@@ -9,9 +9,9 @@ import pytest
 from conftest import TINY_SHAPE, launch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
+from fittune.config import DEMO_DATA as DEMO_ROWS
 from fittune.config import DataConfig
 from fittune.data import read_rows
-from fittune.tiny import DEMO_DATA as DEMO_ROWS
 
 
 def train_here(args: list, capsys) -> None:

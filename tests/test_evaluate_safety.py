@@ -17,10 +17,9 @@ import pytest
 from conftest import ROOT, launch
 
 from fittune import data as D
-from fittune.config import build_config, to_yaml
+from fittune.config import DEMO_DATA, build_config, to_yaml
 from fittune.data import examples_digest
 from fittune.rundir import MARKER, OWN_CONFIG, OWN_HELDOUT_IDS, DirLock, claim_dir
-from fittune.tiny import DEMO_DATA
 
 
 def make_run(root: Path, model_dir: Path, hashed: bool = True, **overrides) -> Path:
@@ -570,3 +569,27 @@ def test_other_data_is_compared_with_the_runs_training_majority(tmp_path, tiny_m
     code, out, _ = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev2", "--data.path", other], capsys)
     assert code == 0 and "no majority baseline for these rows: the run's data" in out and "changed" in out
     assert not (tmp_path / "ev2/comparison.json").exists()
+    # a run with a test file: its held-out rows unchanged, its training file edited (the file's bytes tell)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t/test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))
+    with_test = make_run(tmp_path / "t", tiny_model_dir, **{"data.test_path": str(tmp_path / "t/test.jsonl")})
+    (tmp_path / "t/qa.jsonl").write_text((tmp_path / "t/qa.jsonl").read_text().replace("?", "? "))
+    code, out, _ = evaluate(["--checkpoint", with_test, "--output_dir", tmp_path / "ev3", "--data.path", other], capsys)
+    assert code == 0 and "no majority baseline for these rows: the run's data" in out
+
+
+def test_an_older_runs_saved_command_keys_do_not_stop_its_evaluation(tmp_path, tiny_model_dir, capsys):
+    """A run saved before overwrite / resume / trust_checkpoint became command-only has them in config.yaml (a
+    resumed one: `resume: auto`): evaluate.py, which never acts on them, scores it (the review found it refused,
+    with no flag to get past); a typo is still the config's did-you-mean error, not a training setting."""
+    run = make_run(tmp_path, tiny_model_dir)
+    with open(run / "config.yaml", "a") as f:
+        f.write("resume: auto\noverwrite: true\ntrust_checkpoint: true\n")
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[-12:]))
+    code, out, err = evaluate(["--checkpoint", run, "--data.path", other], capsys)
+    assert code == 0, err[-3000:]
+    [named] = run.glob("eval-other-*")
+    assert "majority" in json.loads((named / "comparison.json").read_text())  # the run's training rows were read
+    code, _, err = evaluate(["--checkpoint", run, "--train.mixed_precison", "no"], capsys)
+    assert code == 2 and "did you mean" in one_error(err).lower() and "training setting" not in one_error(err)

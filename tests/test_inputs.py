@@ -11,9 +11,8 @@ from pydantic import BaseModel
 
 from fittune import data as D
 from fittune.cli import DEMO_RECIPE, parse_args
-from fittune.config import DATA_MAPPING_KEYS, Config, DataConfig, build_config, help_text
+from fittune.config import DATA_MAPPING_KEYS, DEMO_DATA, Config, DataConfig, build_config, help_text
 from fittune.errors import FittuneError
-from fittune.tiny import DEMO_DATA
 
 
 def write_jsonl(path, rows):
@@ -289,7 +288,8 @@ def test_resume_without_config_continues_with_the_runs_own_recipe(tmp_path, caps
     run = claim_dir(tmp_path / "run", "train")
     saved = build_config(None, {"output_dir": str(run), "train.lr": 0.123, "model.trust_remote_code": True,
                                 "trust_checkpoint": True, "overwrite": True})
-    (run / "config.yaml").write_text(to_yaml(saved, {"world_size": 1}))
+    # as an older run saved it (the command's own keys in it; to_yaml leaves them out now)
+    (run / "config.yaml").write_text(to_yaml(saved, {"world_size": 1}) + "trust_checkpoint: true\noverwrite: true\n")
     cfg = parse_args(["--output_dir", str(run), "--resume", "auto", "--train.max_steps", "7"], prog="train.py")
     assert "continuing with the run's own recipe" in capsys.readouterr().out
     assert cfg.train.lr == 0.123 and cfg.train.max_steps == 7 and cfg.resume == "auto"

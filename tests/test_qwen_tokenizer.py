@@ -115,7 +115,7 @@ def test_special_tokens_and_chat_template(qwen25):
 
 
 def _rows() -> list[dict]:
-    from fittune.tiny import DEMO_DATA
+    from fittune.config import DEMO_DATA
 
     return [json.loads(x) for x in DEMO_DATA.read_text().splitlines()]
 

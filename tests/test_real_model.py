@@ -258,7 +258,7 @@ def test_smollm2_is_a_plain_pretrained_model(smollm2_dir):
 def real_data(tmp_path_factory) -> dict[str, Path]:
     """The demo set split by row number (every 10th row held out: 40 rows), and 4 held-out rows for the
     quick strategy runs."""
-    from fittune.tiny import DEMO_DATA
+    from fittune.config import DEMO_DATA
 
     root = tmp_path_factory.mktemp("real-data")
     rows = DEMO_DATA.read_text().splitlines()
