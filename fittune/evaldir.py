@@ -162,13 +162,26 @@ def evaluated_model(out: Path) -> str | None:
     return model if isinstance(model, str) else None
 
 
-def check_replaces_same_model(out: Path, weights: Path, overwrite: bool, flag: str) -> None:
+def check_replaces_same_model(out: Path, weights: Path, weights_run: Path | None, overwrite: bool, flag: str) -> None:
     """Results in `out` are replaced by an evaluation of the same model (the same command again) or with
-    --overwrite; another model's, or results that do not say whose they are, are never replaced by accident."""
+    --overwrite; another model's, or results that do not say whose they are, are never replaced by accident.
+    Inside the run the weights lie in (`weights_run`), the same place in the run is the same model: a run
+    moved elsewhere re-evaluates into its own folders."""
     if overwrite or not (out / "metrics.json").is_file():
         return
-    before = evaluated_model(out)
-    if before != str(weights.resolve()):
-        whose = f"of {before}" if before else "that does not say which model it scored (no evaluation.json)"
-        raise FittuneError(f"{flag} {out} holds an evaluation {whose}, not of {weights.resolve()}: choose "
-                           f"another directory, or pass --overwrite to replace it")
+    before, now = evaluated_model(out), weights.resolve()
+    if before == str(now) or before is not None and _same_place_in_run(Path(before), now, out, weights_run):
+        return
+    whose = f"of {before}" if before else "that does not say which model it scored (no evaluation.json)"
+    raise FittuneError(f"{flag} {out} holds an evaluation {whose}, not of {now}: choose another directory, or "
+                       f"pass --overwrite to replace it")
+
+
+def _same_place_in_run(before: Path, now: Path, out: Path, weights_run: Path | None) -> bool:
+    """`before` (a recorded path) ends as `now` does in its run (`final`, `checkpoints/step-N/adapter`), the run
+    `out` lies in: the run was moved or renamed since, with its evaluations (only that run's models' evaluations
+    are written inside it)."""
+    if weights_run is None or owning_run(out.parent) != weights_run:
+        return False
+    inside = now.relative_to(weights_run).parts
+    return bool(inside) and before.parts[-len(inside):] == inside

@@ -366,7 +366,7 @@ def hold_on_main(accelerator, held: ExitStack, info: CheckpointInfo, out: Path, 
                 held.callback(lock.release)
         reserved.append(reserve_eval_dir(out, "evaluate.py"))
         held.callback(reserved[0].release)  # first released: it may remove its build directory
-        check_replaces_same_model(out, info.weights_dir, overwrite, flag)  # reserved: no other writer now
+        check_replaces_same_model(out, info.weights_dir, info.run, overwrite, flag)  # reserved: no other writer now
 
     on_main_then_agree(accelerator, take)
     return reserved[0] if reserved else None

@@ -530,6 +530,10 @@ def test_another_models_evaluation_is_replaced_only_with_overwrite(tmp_path, tin
     (out / "evaluation.json").unlink()  # results that do not say whose they are: not replaced by accident
     code, _, err = evaluate(["--checkpoint", b, "--output_dir", out], capsys)
     assert code == 2 and "does not say which model it scored" in one_error(err)
+    moved = b.rename(b.with_name("moved"))  # a run moved with its evaluations re-evaluates into its own folder
+    code, out_text, err = evaluate(["--checkpoint", moved], capsys)
+    assert code == 0 and f"replacing the previous evaluation in {moved / 'eval-heldout'}" in out_text, err[-2000:]
+    assert json.loads((moved / "eval-heldout/evaluation.json").read_text())["model"] == str(moved / "final")
 
 
 @pytest.mark.parametrize(("flag", "says"), [
