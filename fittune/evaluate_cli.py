@@ -98,6 +98,9 @@ def parse_request(argv: list[str]) -> EvalRequest:
 
 # the training settings evaluation reads (the precision it runs in; LoRA's on/off chooses the base's dtype)
 _READ_BY_EVALUATION = {"train.mixed_precision", "lora.enabled"}
+# settings outside train.* / lora.* that only training reads (the tracker, the untrained model's report, the
+# order of the training batches)
+_TRAINING_ONLY = {"log_with", "eval.before_training", "data.group_by_length"}
 
 
 def refuse_training_key(key: str) -> None:
@@ -108,7 +111,7 @@ def refuse_training_key(key: str) -> None:
     if key in ("resume", "trust_checkpoint"):
         raise FittuneError(f"evaluate.py has no --{key}: it reads only the saved weights, never a checkpoint's "
                            f"optimizer files (train.py --output_dir RUN --resume auto continues a training run)")
-    if key == "log_with" or key.startswith(("train.", "lora.")):
+    if key in _TRAINING_ONLY or key.startswith(("train.", "lora.")):
         raise FittuneError(f"--{key} is a training setting that evaluate.py does not read: the weights are "
                            f"evaluated as saved; evaluation settings are --eval.KEY (e.g. --eval.batch_size), "
                            f"--data.KEY, --model.KEY, --train.mixed_precision and --lora.enabled (python train.py "

@@ -540,6 +540,8 @@ def test_another_models_evaluation_is_replaced_only_with_overwrite(tmp_path, tin
     (["--train.lr", "1e-3"], "--train.lr is a training setting that evaluate.py does not read"),
     (["--lora.r", "4"], "--lora.r is a training setting that evaluate.py does not read"),
     (["--log_with", "none"], "--log_with is a training setting"),
+    (["--eval.before_training", "true"], "--eval.before_training is a training setting"),
+    (["--data.group_by_length", "false"], "--data.group_by_length is a training setting"),
     (["--resume", "auto"], "evaluate.py has no --resume"),
     (["--trust_checkpoint"], "evaluate.py has no --trust_checkpoint"),
     (["--overwrite", "maybe"], "--overwrite takes true or false"),
