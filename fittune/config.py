@@ -160,7 +160,8 @@ class ModelConfig(_Section):
     stochastic rounding (torchao; see train.optimizer), one process (DeepSpeed and FSDP2 keep fp32 master
     weights of a bf16 module themselves)."""
     attn_implementation: str = "sdpa"
-    """Attention kernel passed to transformers (`sdpa`, `eager`, `flash_attention_2`)."""
+    """Attention kernel passed to transformers (`sdpa`, `eager`, `flash_attention_2`, ...). A Hub kernel
+    repository (`owner/name`, whose code transformers would download and run) needs `model.trust_remote_code`."""
     trust_remote_code: bool = False
     """Allow model code from the hub repository to run. Off unless you trust the repository."""
     tiny: TinyModelConfig = TinyModelConfig()
@@ -177,6 +178,11 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        if "/" in self.attn_implementation and not self.trust_remote_code:  # transformers' hub-kernel pattern
+            raise ValueError(f"model.attn_implementation '{self.attn_implementation}' names a kernel repository on "
+                             f"the Hugging Face Hub, whose code would run in this process: pass "
+                             f"--model.trust_remote_code true only if you trust it, or use sdpa, eager or "
+                             f"flash_attention_2")
         if self.max_memory is not None and self.parallel != "auto":
             raise ValueError("model.max_memory only applies with model.parallel: auto; set both or neither")
         for key in self.max_memory or {}:

@@ -176,3 +176,16 @@ def test_a_file_never_asks_for_what_only_a_command_may(tmp_path, line, key):
     recipe.write_text(f"output_dir: {tmp_path / 'out'}\nresume: null\noverwrite: false\ntrust_checkpoint: false\n")
     cfg = build_config(str(recipe), {key: True if key != "resume" else "auto"})
     assert key not in yaml.safe_load(to_yaml(cfg)) and yaml.safe_load(to_yaml(cfg))["output_dir"] == str(tmp_path / "out")
+
+
+@pytest.mark.parametrize("impl", ["kernels-community/flash-attn", "someone/attn@main:v2"])
+def test_a_hub_kernel_for_attention_needs_trust_remote_code(impl):
+    """transformers downloads and runs a kernel repository's code for `attn_implementation: owner/name`: that
+    is remote code, so it needs model.trust_remote_code like a model's own code; built-in kernels do not."""
+    with pytest.raises(FittuneError, match=f"'{impl}' names a kernel repository on the Hugging Face Hub.*"
+                                           "--model.trust_remote_code true"):
+        build_config(None, {"model.attn_implementation": impl})
+    assert build_config(None, {"model.attn_implementation": impl, "model.trust_remote_code": True}) \
+        .model.attn_implementation == impl
+    for builtin in ("sdpa", "eager", "flash_attention_2", "paged|eager"):
+        assert build_config(None, {"model.attn_implementation": builtin}).model.attn_implementation == builtin
