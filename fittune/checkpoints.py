@@ -15,6 +15,7 @@ from fittune.launcher_env import is_launch_main
 from fittune.rundir import (
     MARKER,
     OWN_CONFIG,
+    RUN_FILES,
     STATE_FILE,
     STEP_NAME,
     RunLayout,
@@ -154,7 +155,30 @@ def find_resume_checkpoint(output_dir: str | Path, resume: str | None) -> Path |
     if not (path / STATE_FILE).is_file():
         raise FittuneError(f"--resume {resume}: not a complete fittune checkpoint (no {STATE_FILE}); "
                            f"use --resume auto or a checkpoints/step-N directory")
+    _refuse_replacing_later_work(Path(output_dir), path)
     return path
+
+
+def _refuse_replacing_later_work(output_dir: Path, path: Path) -> None:
+    """An explicit --resume continues the run in output_dir from `path`: refused where that would mix two runs'
+    steps or replace what the run did after `path` (its later checkpoints, and a finished run's final/ and
+    eval/; a kill midway would also leave them beside the new ones, for a --resume auto to continue the wrong
+    one). Going on from `path` in a new output_dir replaces nothing."""
+    branch = f"pass a new --output_dir to go on from {path} there (the new run starts from its state)"
+    layout = RunLayout(output_dir)
+    if not any((output_dir / f).exists() for f in RUN_FILES):
+        return
+    run = owning_run(path)
+    if run is None or run != owning_run(output_dir):
+        raise FittuneError(f"--resume {path}: it is not a checkpoint of the run in {output_dir}, which continuing "
+                           f"from it there would mix with: {branch}")
+    step = read_state(path).get("step", 0)
+    later = [c.name for c in complete_checkpoints(output_dir) if read_state(c).get("step", 0) > step]
+    done = [f"{d.name}/" for d in (layout.final, layout.eval) if d.is_dir()]
+    if later or done:
+        raise FittuneError(f"--resume {path}: {output_dir} holds what the run did after it ({', '.join(later + done)}), "
+                           f"which continuing from it there would replace: {branch}; --resume auto continues "
+                           f"from the newest checkpoint")
 
 
 def read_state(path: Path) -> dict:

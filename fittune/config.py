@@ -458,7 +458,8 @@ class Config(_Section):
     """Experiment tracker used through accelerate (TensorBoard logs under output_dir/tensorboard)."""
     resume: PathStr | None = None
     """`auto`: continue from the newest complete checkpoint in output_dir (or start fresh and say so);
-    a path: continue from that checkpoint directory."""
+    a path: continue from that checkpoint directory (in its own run only if nothing came after it; into a
+    new output_dir, a branch)."""
     overwrite: bool = False
     """Replace a run already in output_dir (`--overwrite`): the old run is moved aside and removed only
     once the new one has finished. Without it, a directory that holds a run is refused."""

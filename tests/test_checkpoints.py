@@ -163,6 +163,9 @@ def test_sigterm_saves_and_resume_completes(tmp_path, tiny_model_dir, one_proces
         anew = launch("train.py", ["--config", cfg, "--output_dir", run, "--overwrite"], check=False)
     finally:
         evaluation.release()
+    # going back to its checkpoint in place would replace the finished final/ and eval/ (was: silently retrained)
+    back = launch("train.py", ["--config", cfg, "--output_dir", run, "--resume", ckpt], check=False)
+    assert back.returncode != 0 and "holds what the run did after it (final/, eval/)" in back.stderr
     assert f"{run} has finished ({STEPS} steps" in again.stdout and "nothing trained or rewritten" in again.stdout
     assert anew.returncode != 0 and "in use by another fittune process that reads it" in anew.stderr
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == files
@@ -677,3 +680,34 @@ def test_a_run_is_finished_when_its_evaluation_is_newer_than_its_newest_checkpoi
     assert not run_finished(run)
     shutil.rmtree(run / "checkpoints")
     assert run_finished(run)  # no checkpoints at all (train.save_steps: 0)
+
+
+def test_an_explicit_resume_never_replaces_later_work_or_mixes_runs(tmp_path):
+    """--resume step-N into its own run is refused while the run holds later checkpoints (continuing would
+    replace them, and a kill midway would leave both branches for --resume auto to pick the wrong one from);
+    a checkpoint of another run is refused where a run already is; the newest checkpoint of an unfinished run,
+    and any checkpoint into a new output_dir, are accepted."""
+    from fittune.checkpoints import find_resume_checkpoint
+    from fittune.errors import FittuneError
+    from fittune.rundir import claim_dir
+
+    def run_with(root: Path, steps: list[int]) -> list[Path]:
+        claim_dir(root, "train")
+        (root / "config.yaml").write_text("{}")
+        made = [root / "checkpoints" / f"step-{s:08d}" for s in steps]
+        for step, d in zip(steps, made):
+            d.mkdir(parents=True)
+            (d / "trainer_state.json").write_text(json.dumps({"step": step}))
+        return made
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    five, ten = run_with(a, [5, 10])
+    (other,) = run_with(b, [5])
+    with pytest.raises(FittuneError, match=r"holds what the run did after it \(step-00000010\), which continuing "
+                                           r"from it there would replace: pass a new --output_dir"):
+        find_resume_checkpoint(a, str(five))
+    with pytest.raises(FittuneError, match="it is not a checkpoint of the run in .*a, which continuing from it "
+                                           "there would mix with"):
+        find_resume_checkpoint(a, str(other))
+    assert find_resume_checkpoint(a, str(ten)) == ten
+    assert find_resume_checkpoint(tmp_path / "new", str(five)) == five
