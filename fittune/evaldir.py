@@ -13,6 +13,8 @@ from pathlib import Path
 
 from fittune.errors import FittuneError
 from fittune.rundir import (
+    LOCK_INFO,
+    MARKER,
     RUN_NAMES,
     DirInUse,
     DirLock,
@@ -26,8 +28,13 @@ from fittune.rundir import (
     owning_run,
     remove_if_empty,
     remove_owned,
+    resolved,
     write_guard,
 )
+
+# what an evaluation writes (reports.write_eval_outputs); replacing one removes these and nothing else
+EVAL_FILES = frozenset({"metrics.json", "predictions.jsonl", "evaluation.json", "comparison.json", "report.md",
+                        "confusion_matrix.png", MARKER, LOCK_INFO})
 
 
 def check_eval_dir(out_dir: str | os.PathLike, flag: str = "--output_dir", run_writes: bool = False) -> Path:
@@ -39,9 +46,15 @@ def check_eval_dir(out_dir: str | os.PathLike, flag: str = "--output_dir", run_w
     if out.is_symlink():  # results are published by swapping directories: never through a link
         raise FittuneError(f"{flag} {out} is a symbolic link: give the directory's own path, or a new one")
     check_not_inside_fittune_dir(out, flag, evaluation=True)  # RUN/eval-* beside a run's own eval/ is fine
-    if not run_writes and out.name in RUN_NAMES and owned(out.parent, "train"):
-        raise FittuneError(f"{flag} {out} is the run's own {out.name}/, what its training wrote: name it "
+    real = resolved(out)  # a link above it (latest -> RUN) or a `..` names the same place
+    if not run_writes and real.name in RUN_NAMES and owned(real.parent, "train"):
+        raise FittuneError(f"{flag} {out} is the run's own {real.name}/, what its training wrote: name it "
                            f"eval-SOMETHING there, or choose a directory outside the run")
+    foreign = _foreign_in_eval(out) if _ours(out) else []
+    if foreign:  # e.g. notes.md, or a copy of the very model being scored: replacing the results deletes them
+        raise FittuneError(f"{flag} {out} also holds {', '.join(foreign)}, which fittune did not write and "
+                           f"replacing the evaluation there would delete: move them out first, or choose another "
+                           f"directory")
     if out.is_dir() and not _ours(out) and any(out.iterdir()):
         check_writable_dir(out, flag)  # raises: not empty, not fittune's
         # fittune's, but not an evaluation output (a run directory, a checkpoint): never replaced by results
@@ -54,6 +67,12 @@ def check_eval_dir(out_dir: str | os.PathLike, flag: str = "--output_dir", run_w
         raise FittuneError(f"{tmp} exists and was not created by fittune: move it away (fittune builds "
                            f"{out.name}/ next to it before replacing the old one)")
     return out
+
+
+def _foreign_in_eval(out: Path) -> list[str]:
+    """What in fittune's evaluation directory `out` is not an evaluation's own file (links never are)."""
+    return [e.name + ("@" if e.is_symlink() else "/" if e.is_dir() else "") for e in sorted(out.iterdir())
+            if e.is_symlink() or e.name not in EVAL_FILES and not (e.name.startswith(".") and ".tmp-" in e.name)]
 
 
 def _ours(path: Path) -> bool:

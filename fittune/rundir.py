@@ -290,7 +290,8 @@ def marker_kind(path: Path) -> DirKind | None:
         return None
 
 
-def _resolved(path: Path) -> Path:
+def resolved(path: Path) -> Path:
+    """`path` with its links and `..` resolved (the place it names), or one error naming a link loop."""
     try:
         return Path(path).resolve()
     except (RuntimeError, OSError) as e:  # a symbolic link loop
@@ -300,19 +301,19 @@ def _resolved(path: Path) -> Path:
 def fittune_ancestor(path: Path) -> Path | None:
     """The nearest directory above `path` that fittune created (None: none): what is inside fittune's own
     directories (checkpoints, final/, eval/) is replaced and removed by fittune, so nothing else belongs there."""
-    return next((parent for parent in _resolved(path).parents if owned(parent)), None)
+    return next((parent for parent in resolved(path).parents if owned(parent)), None)
 
 
 def owning_run(path: Path) -> Path | None:
     """The training run that `path` is or lies in (its final/, a checkpoint), None outside any."""
-    real = _resolved(path)
+    real = resolved(path)
     return next((d for d in (real, *real.parents) if owned(d, "train")), None)
 
 
 def check_not_inside_fittune_dir(path: Path, flag: str, evaluation: bool = False) -> None:
     """Refuse `path` inside a directory fittune created, except, for an evaluation, an `eval*` directory
     directly inside a training run, beside the run's own eval/ (the run's other names are its own)."""
-    real = _resolved(path)
+    real = resolved(path)
     above = fittune_ancestor(real)
     if above is None:
         return

@@ -536,6 +536,27 @@ def test_another_models_evaluation_is_replaced_only_with_overwrite(tmp_path, tin
     assert json.loads((moved / "eval-heldout/evaluation.json").read_text())["model"] == str(moved / "final")
 
 
+def test_an_evaluation_is_never_replaced_with_files_it_did_not_write(tmp_path, tiny_model_dir, capsys):
+    """Replacing an evaluation removes its folder whole: a folder that also holds the user's notes or a copy of
+    the model being scored is refused, even with --overwrite (was: both deleted); a link above a run or a `..`
+    never makes the run's own eval/ or eval_untrained/ another evaluation's (was: latest/eval replaced it)."""
+    run = make_run(tmp_path, tiny_model_dir)
+    out = tmp_path / "results"
+    assert evaluate(["--checkpoint", run, "--output_dir", out], capsys)[0] == 0
+    (out / "notes.md").write_text("mine")
+    shutil.copytree(run / "final", out / "mymodel")
+    for args in (["--checkpoint", run], ["--checkpoint", out / "mymodel", "--config", run / "config.yaml", "--overwrite"]):
+        code, _, err = evaluate([*args, "--output_dir", out], capsys)
+        assert code == 2 and "also holds mymodel/, notes.md, which fittune did not write" in one_error(err)
+    assert (out / "notes.md").read_text() == "mine" and (out / "mymodel" / "config.json").is_file()
+    (run / "eval").mkdir(exist_ok=True)
+    (tmp_path / "latest").symlink_to(run)
+    for given in (tmp_path / "latest" / "eval", run / "nothere" / ".." / "eval_untrained"):
+        code, _, err = evaluate(["--checkpoint", run, "--output_dir", given, "--overwrite"], capsys)
+        assert code == 2 and f"is the run's own {given.name}/" in one_error(err)
+    assert not (run / "nothere").exists()
+
+
 @pytest.mark.parametrize(("flag", "says"), [
     (["--train.lr", "1e-3"], "--train.lr is a training setting that evaluate.py does not read"),
     (["--lora.r", "4"], "--lora.r is a training setting that evaluate.py does not read"),
