@@ -109,7 +109,7 @@ def resumed_recipe(overrides: dict[str, Any]) -> RecipeChoice | None:
     if not (saved.is_file() and owned(saved.parent, "train")):
         return None
     # what each command grants for itself (trust, replacing a run) is never taken from the saved file
-    per_command = ("model.trust_remote_code", *COMMAND_ONLY)
+    per_command = COMMAND_ONLY
     return RecipeChoice(str(saved), per_command,
                         f"--resume without --config: continuing with the run's own recipe {saved} (every setting "
                         f"not given on the command line comes from it, except {', '.join(per_command)})")

@@ -163,7 +163,8 @@ class ModelConfig(_Section):
     """Attention kernel passed to transformers (`sdpa`, `eager`, `flash_attention_2`, ...). A Hub kernel
     repository (`owner/name`, whose code transformers would download and run) needs `model.trust_remote_code`."""
     trust_remote_code: bool = False
-    """Allow model code from the hub repository to run. Off unless you trust the repository."""
+    """Allow the model's own code (its repository's or directory's `auto_map`, a Hub attention kernel) to run.
+    Off unless you trust where it came from; from the command line only (a file that sets it is refused)."""
     tiny: TinyModelConfig = TinyModelConfig()
     """Shape of the built-in tiny model (used only with `builtin:tiny-qwen2`)."""
     parallel: Literal["none", "auto"] = "none"
@@ -545,7 +546,13 @@ _BARE_FLAGS = {"overwrite", "trust_checkpoint"}
 # what one command asks for itself (replacing a run, continuing one, unpickling a checkpoint): given on the
 # command line only, never saved in a run's config.yaml nor taken from a file (a recipe, or a received run's
 # config.yaml used as one, must not replace a finished run or grant trust by itself)
-COMMAND_ONLY = ("overwrite", "resume", "trust_checkpoint")
+RUN_CONTROL = ("overwrite", "resume", "trust_checkpoint")
+"""What only a training run acts on (replace it, continue it, unpickle its checkpoint): readers skip them in a file."""
+COMMAND_ONLY = (*RUN_CONTROL, "model.trust_remote_code")
+"""Keys only a command line may ask for: a file (a recipe, a run's saved or received config.yaml) never replaces
+or continues a run, or runs code, by itself."""
+_COMMAND_FLAGS = {"overwrite": "--overwrite", "resume": "--resume auto", "trust_checkpoint": "--trust_checkpoint",
+                  "model.trust_remote_code": "--model.trust_remote_code true"}
 
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
@@ -725,11 +732,14 @@ def _refuse_command_only(tree: dict[str, Any], overrides: dict[str, Any], config
     refused, unless the command line gives that key too (its value decides). The defaults are accepted: runs
     saved them in config.yaml before they were command-only."""
     for key in COMMAND_ONLY:
-        if key in tree and key not in overrides and tree[key] not in (None, False):
-            raise FittuneError(f"{config_file} sets {key}: {tree[key]}, which only the command line may ask for "
-                               f"(--{key}): a recipe or a run's saved config.yaml never replaces a run, continues "
-                               f"one or trusts a checkpoint by itself; remove that line, and give --{key} where "
-                               f"you mean it")
+        section, _, name = key.rpartition(".")
+        holder = tree.get(section) if section else tree
+        value = holder.get(name) if isinstance(holder, dict) else None
+        if value not in (None, False) and key not in overrides:
+            raise FittuneError(f"{config_file} sets {key}: {value}, which only the command line may ask for "
+                               f"({_COMMAND_FLAGS[key]}): a recipe or a run's saved config.yaml never replaces a "
+                               f"run, continues one, trusts a checkpoint or runs a model's own code by itself; "
+                               f"remove that line, and give {_COMMAND_FLAGS[key]} where you mean it")
 
 
 def _check_flags_used(cfg: Config, overrides: dict[str, Any]) -> None:
@@ -789,7 +799,11 @@ def _default_of(key: str) -> str:
 def to_yaml(cfg: Config, extra: dict[str, Any] | None = None) -> str:
     """The resolved config as YAML (plus run facts such as world size under `run:`), without the COMMAND_ONLY keys:
     it is reused as a recipe (`--config RUN/config.yaml`), which must not replace or continue a run by itself."""
-    data = cfg.model_dump(mode="json", exclude=set(COMMAND_ONLY))  # what the command asked: in `run:` if anywhere
+    exclude: dict[str, Any] = {}
+    for key in COMMAND_ONLY:  # what the command asked: in `run:` if anywhere
+        section, _, name = key.rpartition(".")
+        (exclude.setdefault(section, {}) if section else exclude)[name] = True
+    data = cfg.model_dump(mode="json", exclude=exclude)
     if extra:
         data["run"] = extra
     return yaml.safe_dump(data, sort_keys=False)

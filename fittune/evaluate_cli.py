@@ -2,8 +2,9 @@
 processes, without touching anything fittune did not create.
 
 Trust and identity rules (README "What fittune writes, and what it never touches"):
-  * `model.trust_remote_code` comes from this command line or an explicit `--config`, never from the run's own
-    saved config.yaml: a run directory received from someone else runs none of its own Python;
+  * `model.trust_remote_code` comes from this command line only, never from the run's own saved config.yaml
+    (a recipe file that sets it is refused): a run directory received from someone else runs none of its own
+    Python;
   * a run directory that is being trained is refused (its lock), and held (shared: other evaluations and exports
     of it go on) for the evaluation's duration, so it is not resumed or replaced meanwhile;
   * the held-out rows must be the rows the run held out (their content hash), unless `--data.path` says
@@ -26,7 +27,7 @@ from pathlib import Path
 from fittune import data as D
 from fittune.checkpoints import CheckpointInfo, resolve_checkpoint
 from fittune.cli import own_data_mapping, split_flag
-from fittune.config import COMMAND_ONLY, Config, all_keys, build_config, parse_overrides
+from fittune.config import COMMAND_ONLY, RUN_CONTROL, Config, all_keys, build_config, parse_overrides
 from fittune.data import examples_digest
 from fittune.distributed import configure_deepspeed, on_main_then_agree, start_accelerator
 from fittune.errors import DataNotFound, FittuneError
@@ -141,7 +142,7 @@ def eval_config(info: CheckpointInfo, req: EvalRequest) -> Config:
     recipe.announce()
     # an evaluation never replaces, continues or unpickles a run: a recipe's or an older run's saved
     # `overwrite: true` / `resume: auto` (saved before they became command-only) are not its to refuse
-    skip = (*recipe.skip, *COMMAND_ONLY)
+    skip = (*recipe.skip, *RUN_CONTROL)
     if req.config_file is not None:
         return build_config(recipe.path, overrides, skip)
     # the saved config is part of the (possibly received) run directory: it cannot grant itself trust
@@ -164,8 +165,8 @@ def remote_code_notice(info: CheckpointInfo, cfg: Config) -> str | None:
         return None
     what = f"{info.weights_dir} names its own code (auto_map in {', '.join(asked)})" if asked else \
         f"the run's saved {info.config_file.name} allows remote code"
-    return (f"fittune: {what}; it is NOT run: model.trust_remote_code comes only from this command line or an "
-            f"explicit --config (pass --model.trust_remote_code true only for a checkpoint you trust)")
+    return (f"fittune: {what}; it is NOT run: model.trust_remote_code comes only from this command line "
+            f"(pass --model.trust_remote_code true only for a checkpoint you trust)")
 
 
 # ---------------------------------------------------------------------------------------------------------

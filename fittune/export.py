@@ -1,6 +1,6 @@
 """Export trained weights as a standalone Hugging Face model directory.
 
-    python -m fittune.export --checkpoint DIR --output OUT [--merge] [--trust_checkpoint]
+    python -m fittune.export --checkpoint DIR --output OUT [--merge] [--trust_checkpoint] [--trust_remote_code]
 
 DIR may be:
   * a run's `final/` (or the run dir): an adapter is copied, or with `--merge` folded into its base model;
@@ -18,7 +18,9 @@ OUT must not exist, or be an empty directory: the export is built in a hidden di
 and renamed into place, so OUT is either complete or absent (or still empty). DeepSpeed shards are pickles (DeepSpeed reads them with
 `torch.load(weights_only=False)`, which runs any code they hold), and so is FSDP2's checkpoint metadata: they
 are read only from a checkpoint fittune saved on this machine under your account (its sealed marker), or with
-`--trust_checkpoint` for a checkpoint from a source you trust.
+`--trust_checkpoint` for a checkpoint from a source you trust. The base model's (and tokenizer's) own code,
+which a `config.json` or `tokenizer_config.json` may name (`auto_map`), runs only with `--trust_remote_code`,
+and attention is always transformers' own (never a Hub kernel a `config.json` names).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import shutil
 import sys
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,7 +62,7 @@ from fittune.rundir import (
     write_guard,
 )
 
-USAGE = "--checkpoint DIR --output OUT [--merge] [--trust_checkpoint]"
+USAGE = "--checkpoint DIR --output OUT [--merge] [--trust_checkpoint] [--trust_remote_code]"
 FSDP_MODEL_DIR = "pytorch_model_fsdp_0"  # accelerate's save_state under FSDP with SHARDED_STATE_DICT
 
 
@@ -118,25 +121,40 @@ def _rename_new(tmp: Path, out: Path, empty_dir: bool) -> None:
     tmp.rename(out)
 
 
-def _from_base(loader, name: str, **kwargs):
+@dataclass(frozen=True)
+class ExportTrust:
+    """What an export may run besides reading tensors: both off unless its command line says so."""
+
+    checkpoint: bool = False
+    """Unpickle DeepSpeed's / FSDP2's shards of a checkpoint fittune did not save here (--trust_checkpoint)."""
+    remote_code: bool = False
+    """Run the base model's or tokenizer's own Python code (`auto_map`; --trust_remote_code)."""
+
+
+def _from_base(loader, name: str, trust: ExportTrust, **kwargs):
     """Load the base model, its config or tokenizer; a missing one is a clear error (transformers raises
-    OSError, which must not read as a failed write)."""
+    OSError, which must not read as a failed write). Their own code runs only when trusted (transformers
+    would otherwise ask on the terminal, and a `y` piped in ran it)."""
     try:
-        return loader.from_pretrained(name, **kwargs)
+        return loader.from_pretrained(name, trust_remote_code=trust.remote_code, **kwargs)
     except (OSError, ValueError) as e:  # ValueError: a damaged config.json ("Unrecognized model ...")
+        if "custom code" in str(e) and not trust.remote_code:
+            raise FittuneError(f"{name} names its own code (auto_map), which is not run: pass --trust_remote_code "
+                               f"only if you trust where it came from") from None
         raise FittuneError(f"cannot load {name} ({str(e).strip().splitlines()[0]}): the checkpoint's base model "
                            f"must be available at the path its run recorded") from None
 
 
-def _export_adapter(src: Path, adapter_dir: Path, tmp: Path, cfg: dict, merge: bool) -> None:
+def _export_adapter(src: Path, adapter_dir: Path, tmp: Path, cfg: dict, merge: bool, trust: ExportTrust) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = _base_model_path(adapter_dir, cfg)
-    tokenizer = _from_base(AutoTokenizer, _tokenizer_source(src, base))
+    tokenizer = _from_base(AutoTokenizer, _tokenizer_source(src, base), trust)
     if merge:
         from peft import PeftModel
 
-        model = _from_base(AutoModelForCausalLM, base, dtype=torch.float32)
+        # eager: the merge runs no attention, and a config.json naming a Hub kernel would fetch its code
+        model = _from_base(AutoModelForCausalLM, base, trust, dtype=torch.float32, attn_implementation="eager")
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         model.save_pretrained(tmp, safe_serialization=True)
     else:
@@ -144,23 +162,24 @@ def _export_adapter(src: Path, adapter_dir: Path, tmp: Path, cfg: dict, merge: b
     tokenizer.save_pretrained(tmp)
 
 
-def _export_consolidated(src: Path, tmp: Path, cfg: dict, trusted: bool) -> None:
+def _export_consolidated(src: Path, tmp: Path, cfg: dict, trust: ExportTrust) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     base = (cfg.get("run") or {}).get("model_path")
     if not base:
         raise FittuneError(f"{src} has no config.yaml naming its base model: cannot rebuild the architecture")
-    state = _consolidated_state_dict(src, trusted)
-    config = _from_base(AutoConfig, base)
+    state = _consolidated_state_dict(src, trust.checkpoint)
+    config = _from_base(AutoConfig, base, trust)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager",
+                                                 trust_remote_code=trust.remote_code)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise FittuneError(f"{src} does not match {base}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
     model.save_pretrained(tmp, safe_serialization=True)
-    _from_base(AutoTokenizer, base).save_pretrained(tmp)
+    _from_base(AutoTokenizer, base, trust).save_pretrained(tmp)
 
 
 def _describe(src: Path, tmp: Path) -> None:
@@ -174,12 +193,12 @@ def _describe(src: Path, tmp: Path) -> None:
             shutil.copyfile(source, tmp / name)
 
 
-def _write_export(src: Path, tmp: Path, merge: bool, trusted: bool) -> None:
+def _write_export(src: Path, tmp: Path, merge: bool, trust: ExportTrust) -> None:
     """Everything the export holds, into the empty directory `tmp`."""
     cfg = _run_config(src)
     adapter_dir = src if (src / "adapter_config.json").is_file() else src / "adapter"
     if (adapter_dir / "adapter_config.json").is_file():
-        _export_adapter(src, adapter_dir, tmp, cfg, merge)
+        _export_adapter(src, adapter_dir, tmp, cfg, merge, trust)
     elif (src / "config.json").is_file():
         if merge:
             raise FittuneError(f"{src} is a full model, not an adapter: nothing to merge (drop --merge)")
@@ -187,13 +206,16 @@ def _write_export(src: Path, tmp: Path, merge: bool, trusted: bool) -> None:
     elif merge:
         raise FittuneError(f"{src} is a full fine-tuning checkpoint, not an adapter: nothing to merge (drop --merge)")
     else:
-        _export_consolidated(src, tmp, cfg, trusted)
+        _export_consolidated(src, tmp, cfg, trust)
     _describe(src, tmp)
 
 
-def export(checkpoint: str, output: str, merge: bool = False, trust_checkpoint: bool = False) -> Path:
+def export(checkpoint: str, output: str, merge: bool = False, trust_checkpoint: bool = False,
+           trust_remote_code: bool = False) -> Path:
     """Write a standalone model (or adapter) directory to `output` (new, or an empty directory) whole or not at
-    all; returns its path. `trust_checkpoint`: read DeepSpeed's pickled shards from outside a fittune run."""
+    all; returns its path. `trust_checkpoint`: read DeepSpeed's pickled shards from outside a fittune run;
+    `trust_remote_code`: run the base model's own code."""
+    trust = ExportTrust(trust_checkpoint, trust_remote_code)
     src = Path(checkpoint)
     if not src.is_dir():
         raise FittuneError(f"checkpoint not found: {checkpoint}")
@@ -207,7 +229,7 @@ def export(checkpoint: str, output: str, merge: bool = False, trust_checkpoint: 
     check_not_inside_fittune_dir(out, "--output")  # a run's final/, eval/ ... are replaced with what is inside
     lock = _lock_source_run(src)  # first: a run being trained is said to be
     try:
-        _build_and_publish(_weights_of(src), out, merge, trust_checkpoint, empty_dir)
+        _build_and_publish(_weights_of(src), out, merge, trust, empty_dir)
     finally:
         if lock is not None:
             lock.release()
@@ -236,7 +258,7 @@ def _lock_source_run(src: Path) -> DirLock | None:
     return hold_for_reading(run, "export", "export")
 
 
-def _build_and_publish(src: Path, out: Path, merge: bool, trusted: bool, empty_dir: bool) -> None:
+def _build_and_publish(src: Path, out: Path, merge: bool, trust: ExportTrust, empty_dir: bool) -> None:
     """Build the export in a hidden directory of its own next to `out`, then rename it into place (in place
     of `out` when that is an empty directory, `empty_dir`)."""
     made = missing_parents(out)
@@ -246,7 +268,7 @@ def _build_and_publish(src: Path, out: Path, merge: bool, trusted: bool, empty_d
     tmp.mkdir()
     try:
         with write_guard(f"the export {out}", f"nothing was written to {out}"):
-            _write_export(src, tmp, merge, trusted)
+            _write_export(src, tmp, merge, trust)
             readable_like_umask(tmp)
             fsync_tree(tmp)
             _rename_new(tmp, out, empty_dir)
@@ -322,7 +344,7 @@ def _fsdp2_state_dict(shards: Path) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str]) -> None:
-    """`python -m fittune.export --checkpoint DIR --output OUT [--merge] [--trust_checkpoint]`."""
+    """`python -m fittune.export --checkpoint DIR --output OUT [--merge] [--trust_checkpoint] [--trust_remote_code]`."""
     from fittune.cli import split_flag
 
     if "-h" in argv or "--help" in argv:
@@ -330,8 +352,8 @@ def main(argv: list[str]) -> None:
         return
     checkpoint, rest = split_flag(argv, "checkpoint")
     output, rest = split_flag(rest, "output")
-    flags = {"--merge", "--trust_checkpoint"}
-    merge, trust = "--merge" in rest, "--trust_checkpoint" in rest
+    flags = {"--merge", "--trust_checkpoint", "--trust_remote_code"}
+    merge, trust, remote = "--merge" in rest, "--trust_checkpoint" in rest, "--trust_remote_code" in rest
     rest = [a for a in rest if a not in flags]
     if rest:
         raise FittuneError(f"unexpected arguments {rest}: use {USAGE}")
@@ -340,7 +362,7 @@ def main(argv: list[str]) -> None:
     from fittune.distributed import name_deepspeed_cpu_accelerator
 
     name_deepspeed_cpu_accelerator()  # a ZeRO checkpoint's conversion imports DeepSpeed
-    export(checkpoint, output, merge, trust)
+    export(checkpoint, output, merge, trust, remote)
 
 
 if __name__ == "__main__":

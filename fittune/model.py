@@ -65,10 +65,35 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
+def hub_kernel_fallback(attn_implementation: str) -> str | None:
+    """The Hub kernel repository whose code transformers would download and run for `attn_implementation`
+    (`flash_attention_N` without its package, when the `kernels` package is installed); None: installed code."""
+    try:
+        from transformers.modeling_flash_attention_utils import (
+            FLASH_ATTENTION_COMPATIBILITY_MATRIX,
+            FLASH_ATTN_KERNEL_FALLBACK,
+        )
+        from transformers.utils import is_kernels_available
+    except ImportError:  # another transformers: no such fallback known
+        return None
+    version = attn_implementation.removeprefix("flash_attention_")
+    entry = FLASH_ATTENTION_COMPATIBILITY_MATRIX.get(int(version)) if version.isdigit() else None
+    if entry is None or not is_kernels_available() or entry["general_availability_check"]():
+        return None
+    return FLASH_ATTN_KERNEL_FALLBACK.get(attn_implementation)
+
+
 def load_model(path: str, cfg: Config, dtype: torch.dtype):
-    """`from_pretrained` with the configured dtype and attention kernel."""
+    """`from_pretrained` with the configured dtype and attention kernel (never code from the Hub unless
+    model.trust_remote_code)."""
     from transformers import AutoModelForCausalLM
 
+    impl = cfg.model.attn_implementation
+    fallback = None if cfg.model.trust_remote_code else hub_kernel_fallback(impl)
+    if fallback is not None:
+        raise FittuneError(f"model.attn_implementation {impl}: its package is not installed here, so transformers "
+                           f"would download and run the Hub kernel {fallback} instead: install it, use sdpa, or "
+                           f"pass --model.trust_remote_code true to allow that code")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,

@@ -256,8 +256,8 @@ def _meta_model(hf_config, cfg: Config, weights_dtype: torch.dtype):
 
     with warnings.catch_warnings():  # deprecation chatter from transformers / peft is not for the planner's user
         warnings.simplefilter("ignore")
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=weights_dtype,
+        with torch.device("meta"):  # eager: only parameters are counted, and a config.json's Hub kernel would be fetched
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=weights_dtype, attn_implementation="eager",
                                                      trust_remote_code=cfg.model.trust_remote_code)
         if cfg.lora.enabled:
             return apply_lora(model, cfg)

@@ -31,7 +31,7 @@ from fittune.activations import (
     layer_activation_terms,
 )
 from fittune.cli import DEMO_RECIPE, split_flag
-from fittune.config import COMMAND_ONLY, Config, all_keys, build_config, parse_overrides
+from fittune.config import RUN_CONTROL, Config, all_keys, build_config, parse_overrides
 from fittune.entry import run_cli
 from fittune.errors import FittuneError
 from fittune.estimate import (
@@ -635,7 +635,7 @@ def plan_main(argv: list[str]) -> Plan | None:
     if config_file is None:
         config_file = os.path.relpath(DEMO_RECIPE) if DEMO_RECIPE.is_relative_to(Path.cwd()) else str(DEMO_RECIPE)
         print(f"fittune: no --config given: planning the offline demo recipe {config_file}", flush=True)
-    cfg = build_config(config_file, parse_overrides(rest), COMMAND_ONLY)  # planning replaces or continues nothing
+    cfg = build_config(config_file, parse_overrides(rest), RUN_CONTROL)  # planning replaces or continues nothing
     plan = make_plan(cfg, gpus, gpu_mem, cpu_mem, recipe=config_file, extra_args=_raw_overrides(rest))
     print(plan.render(), flush=True)
     return plan

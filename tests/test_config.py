@@ -161,21 +161,31 @@ def test_a_key_given_twice_is_refused_and_a_short_tuple_says_so(tmp_path):
         build_config(None, {"train.betas": [0.9]})
 
 
-@pytest.mark.parametrize(("line", "key"), [("overwrite: true", "overwrite"), ("resume: auto", "resume"),
-                                           ("trust_checkpoint: true", "trust_checkpoint")])
-def test_a_file_never_asks_for_what_only_a_command_may(tmp_path, line, key):
-    """Replacing a run, continuing one and unpickling a checkpoint are asked for on the command line only:
-    a recipe (or a received run's config.yaml) that sets them is refused, unless the command line gives the
-    key too; their defaults, which older runs saved, are accepted; a saved config.yaml leaves them out."""
+@pytest.mark.parametrize(("line", "key", "flag"), [
+    ("overwrite: true", "overwrite", "--overwrite"), ("resume: auto", "resume", "--resume auto"),
+    ("trust_checkpoint: true", "trust_checkpoint", "--trust_checkpoint"),
+    ("model: {trust_remote_code: true}", "model.trust_remote_code", "--model.trust_remote_code true")])
+def test_a_file_never_asks_for_what_only_a_command_may(tmp_path, line, key, flag):
+    """Replacing a run, continuing one, unpickling a checkpoint and running a model's own code are asked for on
+    the command line only: a recipe (or a received run's config.yaml) that sets them is refused, unless the
+    command line gives the key too; their defaults, which older runs saved, are accepted; a saved config.yaml
+    leaves them out."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"output_dir: {tmp_path / 'out'}\n{line}\n")
-    with pytest.raises(FittuneError, match=f"sets {key}: .*only the command line may ask for \\(--{key}\\)"):
+    with pytest.raises(FittuneError, match=f"sets {key}: .*only the command line may ask for \\({flag}\\)"):
         build_config(str(recipe), {})
-    value = {"overwrite": False, "resume": None, "trust_checkpoint": False}[key]
-    assert getattr(build_config(str(recipe), {key: value}), key) == value  # the command line decides
-    recipe.write_text(f"output_dir: {tmp_path / 'out'}\nresume: null\noverwrite: false\ntrust_checkpoint: false\n")
+    value = {"overwrite": False, "resume": None, "trust_checkpoint": False, "model.trust_remote_code": False}[key]
+    section, _, name = key.rpartition(".")
+
+    def get(cfg):
+        return getattr(getattr(cfg, section) if section else cfg, name)
+
+    assert get(build_config(str(recipe), {key: value})) == value  # the command line decides
+    recipe.write_text(f"output_dir: {tmp_path / 'out'}\nresume: null\noverwrite: false\ntrust_checkpoint: false\n"
+                      f"model: {{trust_remote_code: false}}\n")
     cfg = build_config(str(recipe), {key: True if key != "resume" else "auto"})
-    assert key not in yaml.safe_load(to_yaml(cfg)) and yaml.safe_load(to_yaml(cfg))["output_dir"] == str(tmp_path / "out")
+    saved = yaml.safe_load(to_yaml(cfg))
+    assert name not in (saved[section] if section else saved) and saved["output_dir"] == str(tmp_path / "out")
 
 
 @pytest.mark.parametrize("impl", ["kernels-community/flash-attn", "someone/attn@main:v2"])

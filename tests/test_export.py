@@ -1,6 +1,7 @@
 """python -m fittune.export: a merged LoRA model gives the adapter model's logits; a sharded ZeRO or FSDP2
 checkpoint becomes one safetensors model equal to the trained weights."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -11,9 +12,9 @@ from conftest import ROOT, STRATEGY_STEPS, child_env, launch
 from safetensors.torch import load_file
 
 
-def export(*args):
+def export(*args, answer: str = ""):
     proc = subprocess.run([sys.executable, "-m", "fittune.export", *map(str, args)], cwd=ROOT, env=child_env(2),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, input=answer)
     return proc
 
 
@@ -35,6 +36,19 @@ def test_merged_lora_export_matches_adapter_logits(tmp_path, tiny_config):
     # exporting twice to the same place refuses rather than overwrite
     again = export("--checkpoint", run, "--output", tmp_path / "merged", "--merge")
     assert again.returncode == 2 and "already exists" in again.stderr
+
+    # a received adapter whose tokenizer names its own code: run only with --trust_remote_code (was: transformers
+    # asked on the terminal, and a `y` on stdin ran it)
+    received, ran = shutil.copytree(run / "final", tmp_path / "received"), tmp_path / "code-ran"
+    (received / "evil.py").write_text(f"import pathlib\npathlib.Path({str(ran)!r}).write_text('ran')\n")
+    tok = json.loads((received / "tokenizer_config.json").read_text())
+    tok = {k: v for k, v in tok.items() if k != "tokenizer_class"} | {"auto_map": {"AutoTokenizer": ["evil.T", None]}}
+    (received / "tokenizer_config.json").write_text(json.dumps(tok))
+    untrusted = export("--checkpoint", received, "--output", tmp_path / "exp", answer="y\n")
+    assert untrusted.returncode == 2 and not ran.exists() and not (tmp_path / "exp").exists()
+    assert "names its own code (auto_map), which is not run: pass --trust_remote_code" in untrusted.stderr
+    export("--checkpoint", received, "--output", tmp_path / "exp2", "--trust_remote_code")
+    assert ran.read_text() == "ran"  # the flag is what allows it
 
 
 SHARDS = {"zero2": "pytorch_model", "zero3": "pytorch_model", "fsdp2": "pytorch_model_fsdp_0"}

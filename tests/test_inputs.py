@@ -6,6 +6,7 @@ import typing
 from collections import Counter
 
 import pytest
+import yaml
 from conftest import ROOT
 from pydantic import BaseModel
 
@@ -289,7 +290,9 @@ def test_resume_without_config_continues_with_the_runs_own_recipe(tmp_path, caps
     saved = build_config(None, {"output_dir": str(run), "train.lr": 0.123, "model.trust_remote_code": True,
                                 "trust_checkpoint": True, "overwrite": True})
     # as an older run saved it (the command's own keys in it; to_yaml leaves them out now)
-    (run / "config.yaml").write_text(to_yaml(saved, {"world_size": 1}) + "trust_checkpoint: true\noverwrite: true\n")
+    tree = yaml.safe_load(to_yaml(saved, {"world_size": 1})) | {"trust_checkpoint": True, "overwrite": True}
+    tree["model"]["trust_remote_code"] = True
+    (run / "config.yaml").write_text(yaml.safe_dump(tree))
     cfg = parse_args(["--output_dir", str(run), "--resume", "auto", "--train.max_steps", "7"], prog="train.py")
     assert "continuing with the run's own recipe" in capsys.readouterr().out
     assert cfg.train.lr == 0.123 and cfg.train.max_steps == 7 and cfg.resume == "auto"

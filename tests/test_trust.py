@@ -192,3 +192,26 @@ def test_trust_needs_fittunes_own_sealed_save_and_an_owner_only_key(tmp_path, mo
         require_trusted(ours, False, "shards")
     trust_key_path().chmod(0o600)
     require_trusted(ours, False, "shards")
+
+
+def test_flash_attention_without_its_package_never_fetches_a_hub_kernel(tmp_path, monkeypatch):
+    """Without flash-attn installed (and with the `kernels` package), transformers would download and run
+    kernels-community's flash-attn code for `flash_attention_2`: refused before loading, unless
+    model.trust_remote_code; attention transformers ships (sdpa, eager) never asks."""
+    import transformers.utils
+    from transformers.modeling_flash_attention_utils import FLASH_ATTENTION_COMPATIBILITY_MATRIX
+
+    from fittune.config import build_config
+    from fittune.errors import FittuneError
+    from fittune.model import hub_kernel_fallback, load_model
+
+    monkeypatch.setattr(transformers.utils, "is_kernels_available", lambda: True)
+    monkeypatch.setitem(FLASH_ATTENTION_COMPATIBILITY_MATRIX[2], "general_availability_check", lambda: False)
+    assert hub_kernel_fallback("flash_attention_2") == "kernels-community/flash-attn2"
+    assert hub_kernel_fallback("sdpa") is None and hub_kernel_fallback("eager") is None
+    cfg = build_config(None, {"model.attn_implementation": "flash_attention_2"})
+    with pytest.raises(FittuneError, match="flash_attention_2: its package is not installed here, so transformers "
+                                           "would download and run the Hub kernel kernels-community/flash-attn2"):
+        load_model(str(tmp_path / "nowhere"), cfg, torch.float32)
+    monkeypatch.setitem(FLASH_ATTENTION_COMPATIBILITY_MATRIX[2], "general_availability_check", lambda: True)
+    assert hub_kernel_fallback("flash_attention_2") is None  # the installed package is what runs
