@@ -409,9 +409,10 @@ def _prepare_tmp(target: CheckpointTarget, output_dir: Path, tmp: Path, intact: 
     if target.accelerator.is_main_process:
         checkpoint_root(output_dir).mkdir(parents=True, exist_ok=True)
         final = tmp.with_name(tmp.name[:-4])
-        if final.is_symlink() or (final.exists() and not owned(final, "checkpoint")):  # it would be replaced
-            raise FittuneError(f"could not write checkpoint {final}: it already exists and is not a fittune "
-                               f"checkpoint; move it out of {final.parent}; {intact}")
+        # it would be replaced: only fittune's own, made here (a copied one is the user's, like rotation's rule)
+        if final.is_symlink() or (final.exists() and not (owned(final, "checkpoint") and sealed(final))):
+            raise FittuneError(f"could not write checkpoint {final}: it already exists and is not a checkpoint "
+                               f"fittune made here; move it out of {final.parent}; {intact}")
         claim_build_dir(tmp, "checkpoint", f"could not write checkpoint {tmp}: it already exists and is not a "
                         f"fittune checkpoint; move it out of {tmp.parent}; {intact}")
 

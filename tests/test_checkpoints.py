@@ -644,7 +644,7 @@ def test_a_save_never_replaces_or_rotates_away_what_is_not_a_fittune_checkpoint(
     (nested / "train_log.jsonl").write_text('{"step": 1}\n')
     evaluation = claim_dir(out / "checkpoints/step-00000000", "eval")
     (evaluation / "trainer_state.json").write_text("{}")  # looks complete to the rotation
-    with pytest.raises(FittuneError, match=r"step-00000002: it already exists and is not a fittune checkpoint"):
+    with pytest.raises(FittuneError, match=r"step-00000002: it already exists and is not a checkpoint fittune made here"):
         save(t, out, 2)
     assert (nested / "train_log.jsonl").read_text() == '{"step": 1}\n'
     save(t, out, 1, keep=1)
@@ -658,6 +658,10 @@ def test_a_save_never_replaces_or_rotates_away_what_is_not_a_fittune_checkpoint(
     save(t, out, 4, keep=1)
     assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["step-00000000", "step-00000001",
                                                                      "step-00000002", "step-00000004"]
+    copied = digest(out / "checkpoints/step-00000001")  # nor does a save of step 1 replace it (was: replaced)
+    with pytest.raises(FittuneError, match=r"step-00000001: it already exists and is not a checkpoint fittune made"):
+        save(t, out, 1, keep=1)
+    assert digest(out / "checkpoints/step-00000001") == copied
 
 
 def test_a_run_is_finished_when_its_evaluation_is_newer_than_its_newest_checkpoint(tmp_path):
