@@ -30,10 +30,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fittune import data as D  # noqa: E402
+from fittune.batches import IGNORE_INDEX, TokExample, tokenize_examples  # noqa: E402
+from fittune.columns import Example, map_columns  # noqa: E402
 from fittune.config import DataConfig  # noqa: E402
 from fittune.metrics import build_predictions, compute_metrics  # noqa: E402
 from fittune.scoring import score_examples  # noqa: E402
+from fittune.sources import read_rows, resolve_data_path  # noqa: E402
 from fittune.strategy import Strategy  # noqa: E402
 
 SHAPES = {
@@ -59,7 +61,7 @@ def collate_aligned(prompts: list[list[int]], conts: list[list[int]], pad_id: in
     B = len(prompts)
     ids = torch.full((B, P + C), pad_id, dtype=torch.long)
     mask = torch.zeros((B, P + C), dtype=torch.long)
-    targets = torch.full((B, C), D.IGNORE_INDEX, dtype=torch.long)
+    targets = torch.full((B, C), IGNORE_INDEX, dtype=torch.long)
     for i, (p, c) in enumerate(zip(prompts, conts)):
         ids[i, P - len(p):P] = torch.tensor(p)
         ids[i, P:P + len(c)] = torch.tensor(c)
@@ -75,8 +77,8 @@ def _old_score(model, prompts, conts, pad_id, device):
     batch = collate_aligned(prompts, conts, pad_id)
     targets = batch.pop("targets").to(device)
     logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-    nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=D.IGNORE_INDEX, reduction="none")
-    valid = targets != D.IGNORE_INDEX
+    nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    valid = targets != IGNORE_INDEX
     correct = (logits.argmax(-1) == targets) & valid
     return -nll.sum(-1).double().cpu(), valid.sum(-1).cpu(), correct.sum(-1).cpu()
 
@@ -132,9 +134,9 @@ def build_model(args, device):
     return model, build_tokenizer(512)
 
 
-def six_class_rows(n: int) -> list[D.Example]:
+def six_class_rows(n: int) -> list[Example]:
     """From the demo questions: 6 topics as classes, each prompt padded with two related answers (60+ tokens)."""
-    rows = [json.loads(x) for x in Path(D.resolve_data_path("builtin:ai-research-qa")).read_text().splitlines()]
+    rows = [json.loads(x) for x in Path(resolve_data_path("builtin:ai-research-qa")).read_text().splitlines()]
     topics = sorted({r["topic"] for r in rows})[:6]
     rows = [r for r in rows if r["topic"] in topics]
     # round-robin over the topics, so any prefix holds every class
@@ -143,13 +145,13 @@ def six_class_rows(n: int) -> list[D.Example]:
     for i, r in enumerate(rows[:n]):
         notes = " ".join(rows[(i + j * 37) % len(rows)]["answer"] for j in (1, 2))
         text = f"Question: {r['question']}\nNotes: {notes}.\nWhich research topic does the question belong to?"
-        out.append(D.Example(str(i), [{"role": "system", "content": "Answer with the topic only."},
+        out.append(Example(str(i), [{"role": "system", "content": "Answer with the topic only."},
                                       {"role": "user", "content": text}], r["topic"], topics,
                              topics.index(r["topic"]), r["topic"]))
     return out
 
 
-def load_rows(args, tokenizer) -> list[D.TokExample]:
+def load_rows(args, tokenizer) -> list[TokExample]:
     cfg = DataConfig(max_length=args.max_length)
     if args.set == "synthetic":  # random ids: the shape of a long-prompt, 6-choice set without a tokenizer
         g = torch.Generator().manual_seed(0)
@@ -157,19 +159,19 @@ def load_rows(args, tokenizer) -> list[D.TokExample]:
         out = []
         for i in range(args.rows):
             p, cands = ids(args.prompt_len), [ids(3 + k % 3) for k in range(6)]
-            out.append(D.TokExample(str(i), p, cands[i % 6], cands, i % 6, choices=[f"c{k}" for k in range(6)],
+            out.append(TokExample(str(i), p, cands[i % 6], cands, i % 6, choices=[f"c{k}" for k in range(6)],
                                     cand_prompt_ids=p))
         return out
     if args.set == "six":
         examples = six_class_rows(args.rows)
     elif args.set == "mc":
         cfg = DataConfig(choices_column="choices", max_length=args.max_length, system_prompt="You are a helpful assistant.")
-        examples = D.map_columns(D.read_rows(cfg.path, cfg), cfg, "demo")[:args.rows]
+        examples = map_columns(read_rows(cfg.path, cfg), cfg, "demo")[:args.rows]
     else:  # a JSONL file of {"text", "label"} rows, read by path
         cfg = DataConfig(path=args.set, question_column="text", answer_column=None, label_column="label",
                          max_length=args.max_length)
-        examples = D.map_columns(D.read_rows(cfg.path, cfg), cfg, args.set)[:args.rows]
-    tokenized, _ = D.tokenize_examples(examples, tokenizer, cfg)
+        examples = map_columns(read_rows(cfg.path, cfg), cfg, args.set)[:args.rows]
+    tokenized, _ = tokenize_examples(examples, tokenizer, cfg)
     return tokenized
 
 

@@ -24,11 +24,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fittune import data as D
+from fittune.batches import tokenize_examples
 from fittune.checkpoints import CheckpointInfo, resolve_checkpoint
 from fittune.cli import own_data_mapping, split_flag
+from fittune.columns import Example, count_rows, is_class_task, map_columns, prompts_cut_note
 from fittune.config import COMMAND_ONLY, RUN_CONTROL, Config, all_keys, build_config, parse_overrides
-from fittune.data import examples_digest
 from fittune.distributed import configure_deepspeed, on_main_then_agree, start_accelerator
 from fittune.errors import DataNotFound, FittuneError
 from fittune.evaldir import EvalDir, check_eval_dir, check_in_own_run, check_replaces_same_model, reserve_eval_dir
@@ -44,6 +44,8 @@ from fittune.placement import place_model
 from fittune.precision import Precision, weights_dtype
 from fittune.reports import metrics_table
 from fittune.rundir import HELDOUT_IDS, OWN_HELDOUT_IDS, hold_for_reading, owned, owning_run
+from fittune.sources import absolute_path, read_rows, resolve_data_path, same_file, source_digest
+from fittune.splits import examples_digest, leaked_rows_note, load_splits, select_ids
 from fittune.strategy import Strategy
 
 USAGE = """usage: accelerate launch evaluate.py --checkpoint DIR [--config FILE] [--output_dir DIR] [--section.key VALUE ...]
@@ -177,8 +179,8 @@ def remote_code_notice(info: CheckpointInfo, cfg: Config) -> str | None:
 class EvalData:
     """The rows to evaluate, the training rows for the majority baseline, and where they come from."""
 
-    train: list[D.Example]
-    test: list[D.Example]
+    train: list[Example]
+    test: list[Example]
     source: str
 
 
@@ -211,7 +213,7 @@ SPLIT_KEYS = ("path", "test_path", "test_split", "test_size", "group_column")  #
 def _same_key(saved: dict, cfg: Config, key: str) -> bool:
     """Whether data key `key` is the run's (a relative path and the absolute one training saved are the same)."""
     ours, theirs = getattr(cfg.data, key), (saved.get("data") or {}).get(key)
-    return theirs == ours or (key in ("path", "test_path") and D.same_file(ours, theirs))
+    return theirs == ours or (key in ("path", "test_path") and same_file(ours, theirs))
 
 
 def runs_own_split(saved: dict | None, cfg: Config) -> bool:
@@ -228,7 +230,7 @@ def _moved_run_data(info: CheckpointInfo, saved: dict | None, cfg: Config) -> bo
     if not all(_same_key(saved, cfg, k) for k in SPLIT_KEYS if k != "path"):
         return False
     try:
-        record, digest = _heldout_record(info), D.source_digest(cfg.data)
+        record, digest = _heldout_record(info), source_digest(cfg.data)
     except FittuneError:  # a damaged record, an unreadable file: not shown to be the run's data
         return False
     return record is not None and digest is not None and record.get("source_sha256") == digest
@@ -242,8 +244,8 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
     same_source = runs_own_split(saved, cfg) or (data_path_given and _moved_run_data(info, saved, cfg))
     record = _heldout_record(info) if same_source else None
     if record is not None and not cfg.data.test_path:
-        examples = D.map_columns(_read_run_data(cfg, data_path_given), cfg.data, D.resolve_data_path(cfg.data.path))
-        test = D.select_ids(examples, record["ids"], cfg.data.path)
+        examples = map_columns(_read_run_data(cfg, data_path_given), cfg.data, resolve_data_path(cfg.data.path))
+        test = select_ids(examples, record["ids"], cfg.data.path)
         held = set(record["ids"])
         check_identity(record, test, cfg.data, data_path_given, say)
         if data_path_given:  # the split is the run's: its training rows would score what the model memorised
@@ -252,32 +254,32 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
                 f"a copy of the file as --data.test_path")
         return EvalData([e for e in examples if e.id not in held], test, "the run's held-out rows")
     if same_source or cfg.data.test_path:
-        train, test = D.load_splits(cfg.data, cfg.seed)
+        train, test = load_splits(cfg.data, cfg.seed)
         if record is not None:
             check_identity(record, test, cfg.data, data_path_given, say)
         split = f" (split {cfg.data.test_split})" if cfg.data.test_split else ""
         return EvalData(train, test, f"the test file {cfg.data.test_path}{split}" if cfg.data.test_path
                         else "the held-out split")
-    rows = D.read_rows(cfg.data.path, cfg.data)
+    rows = read_rows(cfg.data.path, cfg.data)
     cfg.data.group_column = None  # every row is scored, none split: other data need not have the run's groups
-    test = D.map_columns(rows, cfg.data, D.resolve_data_path(cfg.data.path))
+    test = map_columns(rows, cfg.data, resolve_data_path(cfg.data.path))
     if saved is None:
         return EvalData([], test, f"all rows of {cfg.data.path}")
     run_data = {k: (saved.get("data") or {}).get(k) for k in SPLIT_KEYS}
     say(f"fittune: NOTE: evaluating all {len(test)} rows of {cfg.data.path}, which is NOT the held-out split "
         f"of this run (the run used data {run_data}, seed {saved.get('seed')}): these numbers are not the run's "
         f"held-out evaluation")
-    scored_as = D.is_class_task(cfg.data) if cfg.data.label_column or cfg.data.choices_column else None
+    scored_as = is_class_task(cfg.data) if cfg.data.label_column or cfg.data.choices_column else None
     return EvalData(run_training_rows(info, scored_as, say) if scored_as is not None else [], test,
                     f"all rows of {cfg.data.path}")
 
 
-def run_training_rows(info: CheckpointInfo, class_task: bool, say) -> list[D.Example]:
+def run_training_rows(info: CheckpointInfo, class_task: bool, say) -> list[Example]:
     """The rows the run trained on (its recipe's split of its data, made again as training made it), whose most
     frequent class is the majority baseline for other data scored the same way (`class_task`: classes, not
     choice letters); [] with a note when they are not there as they were (the held-out rows' saved content
     hash, or ids, tell)."""
-    def none(why: str) -> list[D.Example]:
+    def none(why: str) -> list[Example]:
         say(f"fittune: no majority baseline for these rows: {why}")
         return []
 
@@ -290,12 +292,12 @@ def run_training_rows(info: CheckpointInfo, class_task: bool, say) -> list[D.Exa
         return none(f"the run's saved config cannot be read ({e})")
     if not (run_cfg.data.label_column or run_cfg.data.choices_column):
         return none("the run was trained on open answers, not classes or choices")
-    if D.is_class_task(run_cfg.data) != class_task:
+    if is_class_task(run_cfg.data) != class_task:
         return none("the run was trained to choose " + ("classes" if not class_task else "between choices") +
                     ", these rows are scored the other way")
     try:
-        train, test = D.load_splits(run_cfg.data, run_cfg.seed)
-        source = D.source_digest(run_cfg.data)  # the bytes of its training file, and of its test file if any
+        train, test = load_splits(run_cfg.data, run_cfg.seed)
+        source = source_digest(run_cfg.data)  # the bytes of its training file, and of its test file if any
     except FittuneError as e:  # its data moved, or cannot be read here
         return none(f"the run's training rows cannot be read ({e})")
     by_id = {x.id: x for x in train + test}
@@ -310,7 +312,7 @@ def run_training_rows(info: CheckpointInfo, class_task: bool, say) -> list[D.Exa
 def _read_run_data(cfg: Config, data_path_given: bool) -> list[dict]:
     """The rows of the run's data; where it is not there any more, how to point at its new place."""
     try:
-        return D.read_rows(cfg.data.path, cfg.data)
+        return read_rows(cfg.data.path, cfg.data)
     except DataNotFound as e:
         if data_path_given:
             raise
@@ -322,12 +324,12 @@ def _run_classes(cfg: Config, saved: dict | None) -> None:
     """A recipe given with --config that names no classes scores the run's own (saved at training): the classes
     found in a slice of the data would be fewer candidates, and easier ones."""
     run_data = (saved or {}).get("data") or {}
-    if (cfg.data.classes is None and D.is_class_task(cfg.data) and run_data.get("classes")
+    if (cfg.data.classes is None and is_class_task(cfg.data) and run_data.get("classes")
             and run_data.get("label_column") == cfg.data.label_column):
         cfg.data.classes = run_data["classes"]
 
 
-def check_identity(record: dict, test: list[D.Example], data_cfg, data_path_given: bool, say) -> None:
+def check_identity(record: dict, test: list[Example], data_cfg, data_path_given: bool, say) -> None:
     """Refuse held-out rows whose content changed since training (an explicit --data.path: say it loudly).
     The mapped rows are compared first; when they differ only because the column mapping or system prompt
     changed (the user's choice here), the source file's bytes decide."""
@@ -339,7 +341,7 @@ def check_identity(record: dict, test: list[D.Example], data_cfg, data_path_give
         return
     if examples_digest(test) == saved:
         return
-    if record.get("source_sha256") is not None and D.source_digest(data_cfg) == record["source_sha256"]:
+    if record.get("source_sha256") is not None and source_digest(data_cfg) == record["source_sha256"]:
         return  # the same bytes, mapped differently (e.g. --data.label_column null): the same rows
     if data_path_given:
         say(f"fittune: NOTE: the rows behind the run's held-out ids in {source} changed since training: evaluating "
@@ -394,7 +396,7 @@ def evaluate_checkpoint(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> 
         if notice:
             accelerator.print(notice)
         data = select_data(info, cfg, req.data_path_given, accelerator.print)
-        if note := D.leaked_rows_note(data.train, data.test, cfg.data):
+        if note := leaked_rows_note(data.train, data.test, cfg.data):
             accelerator.print(f"fittune: {note}")
         metrics = _score(accelerator, strategy, info, cfg, precision, data, out, reserved)
     accelerator.end_training()
@@ -417,10 +419,10 @@ def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Pat
     # other data, or the run's split another way: named after the file scored, and a hash of its full path, its
     # bytes and how its rows were chosen (two test.jsonl, two seeds or an edited file never share a folder)
     path = cfg.data.test_path or cfg.data.path
-    source = str(D.absolute_path(D.resolve_data_path(path)))
-    chosen = json.dumps([source, D.source_digest(cfg.data), cfg.seed, *(getattr(cfg.data, k) for k in SPLIT_KEYS[2:])]
+    source = str(absolute_path(resolve_data_path(path)))
+    chosen = json.dumps([source, source_digest(cfg.data), cfg.seed, *(getattr(cfg.data, k) for k in SPLIT_KEYS[2:])]
                         if cfg.data.test_path or own_split
-                        else [source, D.source_digest(cfg.data)])
+                        else [source, source_digest(cfg.data)])
     stem = re.sub(r"[^\w.-]+", "-", Path(source).stem).strip("-.") or "data"
     return run / f"{prefix}{stem}-{hashlib.sha256(chosen.encode()).hexdigest()[:8]}{suffix}"
 
@@ -444,31 +446,31 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, p
            out: Path, reserved: EvalDir | None) -> dict:
     """Score `data` and write the reports to `out` (the main process has it `reserved`)."""
     weights = info.weights_dir
-    class_task = D.is_class_task(cfg.data)
+    class_task = is_class_task(cfg.data)
     own_tokenizer = (weights / "tokenizer_config.json").is_file()
     if not own_tokenizer or (weights / "adapter_config.json").is_file():  # the base model is read
         prepare_builtin_model(cfg, accelerator)  # a built-in one: its cache checked, rebuilt if cleared
     tok_dir = weights if own_tokenizer else resolve_model_path(cfg)
     tokenizer = load_tokenizer(str(tok_dir), cfg.model.trust_remote_code)
-    test_set, stats = D.tokenize_examples(data.test, tokenizer, cfg.data)
+    test_set, stats = tokenize_examples(data.test, tokenizer, cfg.data)
     if stats.dropped:
-        accelerator.print(f"fittune: {D.count_rows(stats.dropped)} do not fit data.max_length and are not evaluated")
+        accelerator.print(f"fittune: {count_rows(stats.dropped)} do not fit data.max_length and are not evaluated")
     if stats.truncated:  # as training says it: the model sees these prompts without their start
-        accelerator.print(f"fittune: NOTE: {D.prompts_cut_note(stats.truncated)} (data.max_length is "
+        accelerator.print(f"fittune: NOTE: {prompts_cut_note(stats.truncated)} (data.max_length is "
                           f"{cfg.data.max_length})")
     if not test_set:
         raise FittuneError("no example to evaluate fits data.max_length")
     model = _load_model(accelerator, strategy, weights, cfg, precision)
     compare = {}
     if data.train and any(x.candidates for x in test_set):
-        train_set, _ = D.tokenize_examples(data.train, tokenizer, cfg.data)
+        train_set, _ = tokenize_examples(data.train, tokenizer, cfg.data)
         compare["majority"] = majority_baseline([class_name(x, x.gold, class_task) for x in train_set if x.candidates],
                                                 [class_name(x, x.gold, class_task) for x in test_set if x.candidates])
     if accelerator.is_main_process and (out / "metrics.json").is_file():
         print(f"fittune: replacing the previous evaluation in {out} (its evaluation.json said what it was)",
               flush=True)
     # what was scored, and how, in full: two evaluations can be told apart from their evaluation.json alone
-    about = {"model": str(weights.resolve()), "data": data.source, "data_sha256": D.source_digest(cfg.data),
+    about = {"model": str(weights.resolve()), "data": data.source, "data_sha256": source_digest(cfg.data),
              "data_config": cfg.data.model_dump(mode="json"), "mixed_precision": precision.mixed}
     # the column training's own report names it (comparison.json keys alike); any other model is "model"
     column = "fine-tuned" if info.config_file is not None else "model"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from fittune.data import TokExample
+from fittune.batches import TokExample
 from fittune.distributed import on_main_then_agree
 from fittune.evaldir import EvalDir
 from fittune.metrics import build_predictions, compute_metrics

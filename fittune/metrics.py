@@ -8,7 +8,7 @@ import re
 import string
 from collections import Counter
 
-from fittune.data import TokExample
+from fittune.batches import TokExample
 
 
 def class_name(example: TokExample, index: int, class_task: bool) -> str:

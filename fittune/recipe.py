@@ -20,8 +20,15 @@ from typing import TYPE_CHECKING
 import torch
 import yaml
 
-from fittune import data as D
 from fittune import runlog
+from fittune.batches import (
+    TokExample,
+    collate_train,
+    count_steps,
+    micro_batches_for_rank,
+    plan_global_batches,
+    tokenize_examples,
+)
 from fittune.checkpoints import (
     CheckpointTarget,
     check_compatible,
@@ -30,8 +37,15 @@ from fittune.checkpoints import (
     read_state,
     save_checkpoint,
 )
+from fittune.columns import (
+    Example,
+    count_rows,
+    describe_task,
+    prompts_cut_note,
+    similar_classes_note,
+    untrained_classes_note,
+)
 from fittune.config import BUILTIN_MODEL, Config, to_yaml
-from fittune.data import examples_digest
 from fittune.distributed import (
     configure_deepspeed,
     on_main_then_agree,
@@ -75,6 +89,8 @@ from fittune.rundir import (
 )
 from fittune.shards import local_shards
 from fittune.signals import StopRequest
+from fittune.sources import absolute_path, source_digest
+from fittune.splits import examples_digest, groups_note, leaked_rows_note, load_splits, other_splits_note
 from fittune.step import BatchSplit, OomAdaptive, StepPlan, StepResult, StepRunner
 from fittune.testing import install_oom_injection
 
@@ -149,14 +165,14 @@ class DataFit:
         notes = []
         if self.train_dropped:
             notes.append(f"dropped from training, their answer does not fit data.max_length: "
-                         f"{D.count_rows(len(self.train_dropped))} (e.g. row id {self.train_dropped[0]})")
+                         f"{count_rows(len(self.train_dropped))} (e.g. row id {self.train_dropped[0]})")
         if self.heldout_dropped:
             notes.append(f"NOTE: {len(self.heldout_dropped)} of the {self.heldout_total} held-out rows do not fit "
                          f"data.max_length (e.g. row id {self.heldout_dropped[0]}) and are left out of the held-out "
                          f"metrics, which cover the other {self.heldout_total - len(self.heldout_dropped)}; raise "
                          f"data.max_length to score them all")
         if self.truncated:
-            notes.append(D.prompts_cut_note(self.truncated))
+            notes.append(prompts_cut_note(self.truncated))
         return notes
 
 
@@ -177,8 +193,8 @@ class FineTuneRecipe:
     class_task: bool
     model_path: str
     tokenizer: PreTrainedTokenizerBase
-    train_set: list[D.TokExample]
-    test_set: list[D.TokExample]
+    train_set: list[TokExample]
+    test_set: list[TokExample]
     fit: DataFit
     digests: dict[str, str]  # the data's identity, part of the resume fingerprint
     heldout_ids_digest: str
@@ -302,51 +318,51 @@ class FineTuneRecipe:
 
     def _setup_data(self) -> None:
         cfg = self.cfg
-        task = D.describe_task(cfg.data)
+        task = describe_task(cfg.data)
         self._log(str(task))  # said first, so it is seen even when a data check then refuses
-        train_examples, test_examples = D.load_splits(cfg.data, cfg.seed)
-        if note := D.other_splits_note(cfg.data):
+        train_examples, test_examples = load_splits(cfg.data, cfg.seed)
+        if note := other_splits_note(cfg.data):
             self._log(note)
         if cfg.data.group_column:
-            self._log(D.groups_note(cfg.data.group_column, train_examples, test_examples))
-        if note := D.leaked_rows_note(train_examples, test_examples, cfg.data):
+            self._log(groups_note(cfg.data.group_column, train_examples, test_examples))
+        if note := leaked_rows_note(train_examples, test_examples, cfg.data):
             self._log(note)
         # saved in config.yaml: evaluate.py and --resume find the data from any working directory
-        cfg.data.path, cfg.data.test_path = D.absolute_path(cfg.data.path), D.absolute_path(cfg.data.test_path)
+        cfg.data.path, cfg.data.test_path = absolute_path(cfg.data.path), absolute_path(cfg.data.test_path)
         self.class_task = task.kind == "classification"
         if self.class_task:
             self._settle_classes(train_examples, test_examples)
         prepare_builtin_model(cfg, self.accelerator)
         self.model_path = resolve_model_path(cfg)
         self.tokenizer = load_tokenizer(self.model_path, cfg.model.trust_remote_code)
-        self.train_set, train_stats = D.tokenize_examples(train_examples, self.tokenizer, cfg.data)
-        self.test_set, test_stats = D.tokenize_examples(test_examples, self.tokenizer, cfg.data)
+        self.train_set, train_stats = tokenize_examples(train_examples, self.tokenizer, cfg.data)
+        self.test_set, test_stats = tokenize_examples(test_examples, self.tokenizer, cfg.data)
         if not self.test_set:
             raise FittuneError("no held-out example fits data.max_length: raise it or check the data")
         self.fit = DataFit(train_stats.dropped_ids, test_stats.dropped_ids, train_stats.truncated + test_stats.truncated,
                            len(test_examples))
-        self.digests = {"source_sha256": D.source_digest(cfg.data), "train_sha256": examples_digest(train_examples),
+        self.digests = {"source_sha256": source_digest(cfg.data), "train_sha256": examples_digest(train_examples),
                         "heldout_sha256": examples_digest(test_examples)}
         by_id = {e.id: e for e in test_examples}
         # what evaluate.py recomputes from the saved ids (rows that fit data.max_length, in this order)
         self.heldout_ids_digest = examples_digest([by_id[x.id] for x in self.test_set])
         self.lengths = [len(x) for x in self.train_set]
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * self.world
-        self.total_steps, self.steps_per_epoch = D.count_steps(len(self.train_set), self.global_batch,
+        self.total_steps, self.steps_per_epoch = count_steps(len(self.train_set), self.global_batch,
                                                                cfg.train.max_steps, cfg.train.epochs,
                                                                len(train_stats.dropped_ids), cfg.data.max_length)
         if self.strategy.deepspeed:
             configure_deepspeed(self.accelerator, self.strategy, cfg.train.micro_batch_size, cfg.train.grad_accum,
                                 cfg.train.max_grad_norm)
 
-    def _settle_classes(self, train: list[D.Example], test: list[D.Example]) -> None:
+    def _settle_classes(self, train: list[Example], test: list[Example]) -> None:
         """Record the candidates in the run's config (evaluate.py on other data scores the same ones), and say
         which of them training never saw."""
         self.cfg.data.classes = train[0].choices
-        note = D.untrained_classes_note(self.cfg.data.classes, train, test)
+        note = untrained_classes_note(self.cfg.data.classes, train, test)
         if note:
             self._log(f"NOTE: {note}")
-        if note := D.similar_classes_note(self.cfg.data.classes):
+        if note := similar_classes_note(self.cfg.data.classes):
             self._log(note)
 
     def _setup_model(self) -> None:
@@ -555,7 +571,7 @@ class FineTuneRecipe:
         the global batch size, so a resumed or re-launched run sees the same batches."""
         epoch = step // self.steps_per_epoch
         if self._plan_epoch != epoch:
-            self._plan = D.plan_global_batches(self.lengths, self.global_batch, self.cfg.seed, epoch,
+            self._plan = plan_global_batches(self.lengths, self.global_batch, self.cfg.seed, epoch,
                                                self.cfg.data.group_by_length)
             self._plan_epoch = epoch
         ids = self._plan[step % self.steps_per_epoch]
@@ -568,12 +584,12 @@ class FineTuneRecipe:
         return self.runner.run(self._step_plan(self.split, batch))
 
     def _step_plan(self, split: BatchSplit, batch: GlobalBatch) -> StepPlan:
-        micro = D.micro_batches_for_rank(batch.ids, self.lengths, split.micro_batch_size, split.grad_accum,
+        micro = micro_batches_for_rank(batch.ids, self.lengths, split.micro_batch_size, split.grad_accum,
                                          self.world, self.rank)
         return StepPlan(micro, self._make_batch, batch.n_targets)
 
     def _make_batch(self, rows: list[int]) -> dict:
-        batch = D.collate_train([self.train_set[j] for j in rows], self.tokenizer.pad_token_id)
+        batch = collate_train([self.train_set[j] for j in rows], self.tokenizer.pad_token_id)
         return {k: v.to(self.in_device) for k, v in batch.items()}
 
     def _account(self, batch: GlobalBatch, result: StepResult) -> StepTally:
@@ -699,7 +715,7 @@ class FineTuneRecipe:
         self._log(f"padding: {c.padding:.1%} of micro-batch slots were padding")
         left_out = f" of {self.fit.heldout_total}: {len(self.fit.heldout_dropped)} do not fit data.max_length" \
             if self.fit.heldout_dropped else ""
-        self._log(f"held-out metrics ({D.count_rows(len(self.test_set))}{left_out})\n"
+        self._log(f"held-out metrics ({count_rows(len(self.test_set))}{left_out})\n"
                   + metrics_table({**self.compare, "fine-tuned": metrics}))
         self._log(f"outputs in {self.out}/ (final/, eval/, config.yaml, train_log.jsonl, loss_curve.png)")
 
@@ -730,8 +746,8 @@ class FineTuneRecipe:
         from accelerate.utils import gather_object
 
         cfg = self.cfg
-        first_batch = D.plan_global_batches(self.lengths, self.global_batch, cfg.seed, 0, cfg.data.group_by_length)[0]
-        first = D.micro_batches_for_rank(first_batch, self.lengths, cfg.train.micro_batch_size, cfg.train.grad_accum,
+        first_batch = plan_global_batches(self.lengths, self.global_batch, cfg.seed, 0, cfg.data.group_by_length)[0]
+        first = micro_batches_for_rank(first_batch, self.lengths, cfg.train.micro_batch_size, cfg.train.grad_accum,
                                          self.world, self.rank)
         report = {"rank": self.rank, "world_size": self.world, "cpu_threads": torch.get_num_threads(),
                   "examples_seen": self.total_steps * cfg.train.micro_batch_size * cfg.train.grad_accum,

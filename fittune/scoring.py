@@ -29,7 +29,7 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from fittune.data import TokExample
+from fittune.batches import TokExample
 from fittune.placement import input_device
 from fittune.strategy import Strategy
 

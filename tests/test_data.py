@@ -5,9 +5,19 @@ from collections import Counter
 
 import pytest
 
-from fittune import data as D
+from fittune.batches import (
+    IGNORE_INDEX,
+    micro_batches_for_rank,
+    padding_fraction,
+    plan_global_batches,
+    render_prompt,
+    tokenize_examples,
+)
+from fittune.columns import map_columns
 from fittune.config import DataConfig
 from fittune.errors import FittuneError
+from fittune.sources import read_rows
+from fittune.splits import load_splits, split_heldout
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +37,7 @@ def write_jsonl(path, rows):
 
 
 def test_builtin_demo_set_shape():
-    rows = D.read_rows("builtin:ai-research-qa", DataConfig())
+    rows = read_rows("builtin:ai-research-qa", DataConfig())
     assert len(rows) >= 300
     for r in rows:
         assert r["answer"] in r["choices"] and len(r["choices"]) == 4 and r["topic"] and r["question"]
@@ -36,22 +46,22 @@ def test_builtin_demo_set_shape():
 
 def test_chat_template_and_answer_only_labels(tokenizer):
     cfg = DataConfig(system_prompt="Be brief.")
-    ex = D.map_columns([{"question": "What is dropout?", "answer": "randomly zeroing units"}], cfg, "mem")
+    ex = map_columns([{"question": "What is dropout?", "answer": "randomly zeroing units"}], cfg, "mem")
     assert ex[0].messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is dropout?"}]
-    prompt = D.render_prompt(tokenizer, ex[0].messages)
+    prompt = render_prompt(tokenizer, ex[0].messages)
     assert prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is dropout?<|im_end|>\n"
                       "<|im_start|>assistant\n")
-    (tok,), stats = D.tokenize_examples(ex, tokenizer, cfg)
+    (tok,), stats = tokenize_examples(ex, tokenizer, cfg)
     assert stats.truncated == stats.dropped == 0
     assert tok.question == "What is dropout?"  # what predictions.jsonl shows beside the answer
     labels = tok.labels
     n_prompt = len(tok.prompt_ids)
-    assert labels[:n_prompt] == [D.IGNORE_INDEX] * n_prompt  # no loss on the prompt
+    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt  # no loss on the prompt
     assert labels[n_prompt:] == tok.answer_ids
     assert tokenizer.decode(tok.answer_ids) == "randomly zeroing units<|im_end|>"
     assert tok.n_targets == len(tok.answer_ids)
     # train_on_prompt puts every token but the first under the loss
-    (tok2,), _ = D.tokenize_examples(ex, tokenizer, DataConfig(system_prompt="Be brief.", train_on_prompt=True))
+    (tok2,), _ = tokenize_examples(ex, tokenizer, DataConfig(system_prompt="Be brief.", train_on_prompt=True))
     assert tok2.labels == tok2.input_ids and tok2.n_targets == len(tok2) - 1
 
 
@@ -60,25 +70,25 @@ def test_chatml_fallback_without_template(tokenizer):
         chat_template = None
 
     msgs = [{"role": "user", "content": "hi"}]
-    assert D.render_prompt(NoTemplate(), msgs) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert D.render_prompt(tokenizer, msgs) == D.render_prompt(NoTemplate(), msgs)  # same ChatML as the template
+    assert render_prompt(NoTemplate(), msgs) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert render_prompt(tokenizer, msgs) == render_prompt(NoTemplate(), msgs)  # same ChatML as the template
 
 
 def test_messages_column(tokenizer):
     cfg = DataConfig(messages_column="messages", answer_column=None)
     rows = [{"messages": [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "b"},
                           {"role": "user", "content": "c?"}, {"role": "assistant", "content": "d"}]}]
-    (ex,) = D.map_columns(rows, cfg, "mem")
+    (ex,) = map_columns(rows, cfg, "mem")
     assert ex.answer == "d" and len(ex.messages) == 3
     with pytest.raises(FittuneError, match="row 1: the last message must be the assistant"):
-        D.map_columns([{"messages": [{"role": "user", "content": "a"}]}], cfg, "mem")
+        map_columns([{"messages": [{"role": "user", "content": "a"}]}], cfg, "mem")
 
 
 def test_truncation_keeps_answer_and_counts(tokenizer):
     cfg = DataConfig(max_length=24)
     long_q = "word " * 60
     rows = [{"question": long_q, "answer": "short"}, {"question": "q?", "answer": "x " * 80}, {"question": "q", "answer": "a"}]
-    toks, stats = D.tokenize_examples(D.map_columns(rows, cfg, "mem"), tokenizer, cfg)
+    toks, stats = tokenize_examples(map_columns(rows, cfg, "mem"), tokenizer, cfg)
     assert stats.truncated == 1 and stats.dropped == 1 and stats.dropped_ids == ["1"]
     assert len(toks) == 2 and all(len(t) <= 24 for t in toks)
     assert tokenizer.decode(toks[0].answer_ids) == "short<|im_end|>"
@@ -87,10 +97,10 @@ def test_truncation_keeps_answer_and_counts(tokenizer):
 
 def test_split_deterministic_and_stratified():
     cfg = DataConfig(label_column="topic", choices_column="choices")
-    examples = D.map_columns(D.read_rows("builtin:ai-research-qa", cfg), cfg, "demo")
-    tr1, te1 = D.split_heldout(examples, 0.1, seed=3)
-    tr2, te2 = D.split_heldout(examples, 0.1, seed=3)
-    _, te3 = D.split_heldout(examples, 0.1, seed=4)
+    examples = map_columns(read_rows("builtin:ai-research-qa", cfg), cfg, "demo")
+    tr1, te1 = split_heldout(examples, 0.1, seed=3)
+    tr2, te2 = split_heldout(examples, 0.1, seed=3)
+    _, te3 = split_heldout(examples, 0.1, seed=4)
     assert [e.id for e in te1] == [e.id for e in te2] and [e.id for e in te1] != [e.id for e in te3]
     assert len(te1) == 40 and not {e.id for e in tr1} & {e.id for e in te1}
     per_topic = Counter(e.label for e in te1)
@@ -102,22 +112,22 @@ def test_csv_without_header_and_letter_answers(tmp_path):
     path.write_text('What is 2+2?,3,4,5,6,B\n"Pick, the first",x,y,z,w,A\n')
     cfg = DataConfig(path=str(path), csv_header=False, column_names=["question", "A", "B", "C", "D", "answer"],
                      choices_column=["A", "B", "C", "D"], answer_format="letter")
-    ex = D.map_columns(D.read_rows(str(path), cfg), cfg, str(path))
+    ex = map_columns(read_rows(str(path), cfg), cfg, str(path))
     assert ex[0].choices == ["3", "4", "5", "6"] and ex[0].gold == 1 and ex[0].answer == "4"
     assert ex[1].messages[-1]["content"] == "Pick, the first"
     bad = tmp_path / "bad.csv"
     bad.write_text("q,1,2,3,4,E\n")
     with pytest.raises(FittuneError, match="row 1: answer 'E' is not a choice letter"):
-        D.map_columns(D.read_rows(str(bad), cfg), cfg, str(bad))
+        map_columns(read_rows(str(bad), cfg), cfg, str(bad))
     bad.write_text("q,1,2,3,4,3\n")  # MMLU-Redux's answers are indexes
     with pytest.raises(FittuneError, match="answer '3' is not a choice letter .* set data.answer_format index"):
-        D.map_columns(D.read_rows(str(bad), cfg), cfg, str(bad))
+        map_columns(read_rows(str(bad), cfg), cfg, str(bad))
 
 
 def test_class_label_task():
     cfg = DataConfig(question_column="text", answer_column=None, label_column="label")
     rows = [{"text": "t1", "label": "Uses"}, {"text": "t2", "label": "Background"}, {"text": "t3", "label": "Uses"}]
-    ex = D.map_columns(rows, cfg, "mem")
+    ex = map_columns(rows, cfg, "mem")
     assert ex[0].choices == ["Background", "Uses"] and ex[0].gold == 1 and ex[0].answer == "Uses"
 
 
@@ -135,15 +145,15 @@ def test_bad_input_errors(tmp_path, content, message):
     path.write_text(content)
     cfg = DataConfig(path=str(path), choices_column="choices" if "choices" in content else None)
     with pytest.raises(FittuneError, match=message):
-        D.load_splits(cfg, 0)
+        load_splits(cfg, 0)
 
 
 def test_missing_file_and_unknown_format(tmp_path):
     with pytest.raises(FittuneError, match="data file not found"):
-        D.read_rows(str(tmp_path / "nope.jsonl"), DataConfig())
+        read_rows(str(tmp_path / "nope.jsonl"), DataConfig())
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(FittuneError, match="cannot tell the format"):
-        D.read_rows(str(tmp_path / "x.txt"), DataConfig())
+        read_rows(str(tmp_path / "x.txt"), DataConfig())
 
 
 def test_parquet_and_disk_sources(tmp_path):
@@ -155,25 +165,25 @@ def test_parquet_and_disk_sources(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
     cfg = DataConfig(choices_column="choices")
     for src in (str(tmp_path / "d.parquet"), str(tmp_path / "ds")):
-        ex = D.map_columns(D.read_rows(src, cfg), cfg, src)
+        ex = map_columns(read_rows(src, cfg), cfg, src)
         assert [e.answer for e in ex] == [r["answer"] for r in rows] and ex[3].choices == ["a3", "z"]
 
 
 def test_global_batches_do_not_depend_on_the_split():
     lengths = [5 + (i * 7) % 23 for i in range(50)]
-    plan = D.plan_global_batches(lengths, 8, seed=1, epoch=0, group_by_length=True)
+    plan = plan_global_batches(lengths, 8, seed=1, epoch=0, group_by_length=True)
     assert len(plan) == 6 and all(len(b) == 8 for b in plan)
     assert len({i for b in plan for i in b}) == 48
-    assert plan != D.plan_global_batches(lengths, 8, seed=1, epoch=1, group_by_length=True)
+    assert plan != plan_global_batches(lengths, 8, seed=1, epoch=1, group_by_length=True)
     for micro, accum, world in [(8, 1, 1), (4, 2, 1), (1, 8, 1), (2, 2, 2), (4, 1, 2)]:
-        got = sorted(j for r in range(world) for m in D.micro_batches_for_rank(plan[0], lengths, micro, accum, world, r)
+        got = sorted(j for r in range(world) for m in micro_batches_for_rank(plan[0], lengths, micro, accum, world, r)
                      for j in m)
         assert got == sorted(plan[0])  # every split covers exactly the same global batch
     # length grouping wastes less padding than random batches
-    grouped = [[lengths[j] for j in m] for b in plan for m in D.micro_batches_for_rank(b, lengths, 2, 4, 1, 0)]
-    rand = D.plan_global_batches(lengths, 8, seed=1, epoch=0, group_by_length=False)
-    random_ = [[lengths[j] for j in m] for b in rand for m in D.micro_batches_for_rank(b, lengths, 2, 4, 1, 0)]
-    assert D.padding_fraction(grouped) <= D.padding_fraction(random_)
+    grouped = [[lengths[j] for j in m] for b in plan for m in micro_batches_for_rank(b, lengths, 2, 4, 1, 0)]
+    rand = plan_global_batches(lengths, 8, seed=1, epoch=0, group_by_length=False)
+    random_ = [[lengths[j] for j in m] for b in rand for m in micro_batches_for_rank(b, lengths, 2, 4, 1, 0)]
+    assert padding_fraction(grouped) <= padding_fraction(random_)
 
 
 def test_held_out_rows_that_do_not_fit_are_said_apart_from_training_rows():

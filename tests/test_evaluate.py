@@ -11,7 +11,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 
 from fittune.config import DEMO_DATA as DEMO_ROWS
 from fittune.config import DataConfig
-from fittune.data import read_rows
+from fittune.sources import read_rows
 
 
 def train_here(args: list, capsys) -> None:
@@ -254,7 +254,7 @@ def test_a_slice_of_the_data_is_scored_against_the_runs_classes(tmp_path, tiny_m
 def test_answers_longer_than_the_generation_limit_are_said():
     """Was: exact_match 0.0000 beside token_accuracy 1.0000 on 82-token answers, the generation silently cut at
     the default eval.max_new_tokens 64."""
-    from fittune.data import TokExample
+    from fittune.batches import TokExample
     from fittune.evaluator import generation_cut
 
     rows = [TokExample(str(i), [1, 2], list(range(n)) + [99]) for i, n in enumerate((82, 10, 70))]

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, launch
 
-from fittune import data as D
 from fittune.config import DEMO_DATA, build_config, to_yaml
-from fittune.data import examples_digest
 from fittune.rundir import MARKER, OWN_CONFIG, OWN_HELDOUT_IDS, DirLock, claim_dir
+from fittune.sources import source_digest
+from fittune.splits import examples_digest, load_splits
 
 
 def make_run(root: Path, model_dir: Path, hashed: bool = True, **overrides) -> Path:
@@ -34,10 +34,10 @@ def make_run(root: Path, model_dir: Path, hashed: bool = True, **overrides) -> P
                               "data.path": str(data), "data.choices_column": "choices", **split,
                               "data.max_length": 96, "eval.batch_size": 8, **overrides})
     (run / "config.yaml").write_text(to_yaml(cfg, {"world_size": 1}))
-    _, test = D.load_splits(cfg.data, cfg.seed)
+    _, test = load_splits(cfg.data, cfg.seed)
     record = {"ids": [e.id for e in test]}
     if hashed:  # as training writes it
-        record |= {"examples_sha256": examples_digest(test), "source_sha256": D.source_digest(cfg.data)}
+        record |= {"examples_sha256": examples_digest(test), "source_sha256": source_digest(cfg.data)}
     (run / "heldout_ids.json").write_text(json.dumps(record))
     return run
 
@@ -348,7 +348,7 @@ def test_default_output_is_beside_the_training_report_and_never_outside_a_run(tm
     assert code == 0 and (run / "eval-heldout/evaluation.json").read_text() == first
     about = json.loads((normalised / "evaluation.json").read_text())
     assert about["eval"]["length_normalize"] is True and about["data_config"]["max_length"] == 96
-    assert about["data_sha256"] == D.source_digest(build_config(str(run / "config.yaml"), {}).data)
+    assert about["data_sha256"] == source_digest(build_config(str(run / "config.yaml"), {}).data)
     code, out, _ = evaluate(["--checkpoint", run, "--eval.length_normalize", "true"], capsys)  # the same again
     assert code == 0 and f"replacing the previous evaluation in {normalised}" in out
     assert evaluate(["--checkpoint", run, "--data.max_length", "64"], capsys)[0] == 0

@@ -10,10 +10,13 @@ import yaml
 from conftest import ROOT
 from pydantic import BaseModel
 
-from fittune import data as D
+from fittune.batches import count_steps
 from fittune.cli import DEMO_RECIPE, parse_args
+from fittune.columns import describe_task, is_class_task, map_columns, similar_classes_note, untrained_classes_note
 from fittune.config import DATA_MAPPING_KEYS, DEMO_DATA, Config, DataConfig, build_config, help_text
 from fittune.errors import FittuneError
+from fittune.sources import absolute_path, read_rows, same_file, source_digest
+from fittune.splits import examples_digest, groups_note, leaked_rows_note, load_splits, other_splits_note, split_heldout
 
 
 def write_jsonl(path, rows):
@@ -58,7 +61,7 @@ CLASS = {"question_column": "text", "answer_column": None, "label_column": "labe
 def test_missing_values_and_columns(tmp_path, rows, cfg, message):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(FittuneError, match=message) as err:
-        D.load_splits(DataConfig(path=path, **cfg), 0)
+        load_splits(DataConfig(path=path, **cfg), 0)
     assert path in str(err.value)  # names the file too
 
 
@@ -68,14 +71,14 @@ def test_csv_missing_label_names_the_label_column(tmp_path):
     path.write_text("text,label\nq1,A\nq2,\nq3,B\n")
     with pytest.raises(FittuneError, match=r"d.csv row 2: empty label in column 'label' \(data.label_column\): "
                                            r"the cell is blank"):
-        D.load_splits(DataConfig(path=str(path), **CLASS), 0)
+        load_splits(DataConfig(path=str(path), **CLASS), 0)
     # a blank choice cell of an MMLU-style CSV is a row error too, not an empty candidate
     mc = tmp_path / "mc.csv"
     mc.write_text("q,x,,A\n")
     cfg = DataConfig(path=str(mc), csv_header=False, column_names=["question", "A", "B", "answer"],
                      choices_column=["A", "B"], answer_format="letter")
     with pytest.raises(FittuneError, match=r"row 1: empty choice in column 'B' \(data.choices_column\)"):
-        D.load_splits(cfg, 0)
+        load_splits(cfg, 0)
 
 
 def test_parquet_gaps_are_missing_values(tmp_path):
@@ -83,13 +86,13 @@ def test_parquet_gaps_are_missing_values(tmp_path):
 
     pd.DataFrame({"text": ["a", "b", "c"], "label": ["x", None, "y"]}).to_parquet(tmp_path / "d.parquet")
     with pytest.raises(FittuneError, match=r"row 2: empty label in column 'label'"):
-        D.load_splits(DataConfig(path=str(tmp_path / "d.parquet"), **CLASS), 0)
+        load_splits(DataConfig(path=str(tmp_path / "d.parquet"), **CLASS), 0)
 
 
 def test_valid_labels_still_make_the_classes(tmp_path):
     rows = [{"text": f"t{i}", "label": lb} for i, lb in enumerate([1, 2, 1, 2, 1, 2])]  # numbers are labels too
     cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", rows), **CLASS)
-    train, test = D.load_splits(cfg, 0)
+    train, test = load_splits(cfg, 0)
     assert {tuple(e.choices) for e in train + test} == {("1", "2")}
 
 
@@ -97,18 +100,18 @@ def test_one_class_and_list_labels_are_refused_and_data_classes_names_the_candid
     one = write_jsonl(tmp_path / "one.jsonl", [{"text": f"t{i}", "label": "Background"} for i in range(6)])
     with pytest.raises(FittuneError, match=r"the label column 'label' \(data.label_column\) has one class, "
                                            r"'Background': with one candidate every prediction is right"):
-        D.load_splits(DataConfig(path=one, **CLASS), 0)
-    train, test = D.load_splits(DataConfig(path=one, classes=["Uses", "Background"], **CLASS), 0)
+        load_splits(DataConfig(path=one, **CLASS), 0)
+    train, test = load_splits(DataConfig(path=one, classes=["Uses", "Background"], **CLASS), 0)
     assert all(e.choices == ["Uses", "Background"] and e.gold == 1 for e in train + test)  # the given order
     with pytest.raises(FittuneError, match=r"row 1: label 'Background' is not one of the classes \['Uses', 'Extends'\]"
                                            r" \(data.classes.*add the class to data.classes"):
-        D.load_splits(DataConfig(path=one, classes=["Uses", "Extends"], **CLASS), 0)
+        load_splits(DataConfig(path=one, classes=["Uses", "Extends"], **CLASS), 0)
     # csabstruct's shape: a list of labels (one per sentence) is not one class; was 57 classes like "['background', ..."
     lists = write_jsonl(tmp_path / "lists.jsonl", [{"text": "a. b.", "label": ["background", "method"]},
                                                    {"text": "c.", "label": ["result"]}])
     with pytest.raises(FittuneError, match=r"lists.jsonl row 1: the label in column 'label' \(data.label_column\) is "
                                            r"a list \(\['background', 'method'\]\), not one class: .*one row per item"):
-        D.load_splits(DataConfig(path=lists, **CLASS), 0)
+        load_splits(DataConfig(path=lists, **CLASS), 0)
     assert DataConfig(classes=[3, 1], **CLASS).classes == ["3", "1"]  # YAML numbers are the labels' text
     with pytest.raises(ValueError, match="data.classes names a class twice"):
         DataConfig(classes=["a", "a"], **CLASS)
@@ -116,7 +119,7 @@ def test_one_class_and_list_labels_are_refused_and_data_classes_names_the_candid
         DataConfig(classes=["a", "b"], choices_column="choices", label_column="label")  # multiple choice
     sentences = write_jsonl(tmp_path / "s.jsonl", [{"question": ["a.", "b."], "answer": "x"}] * 3)
     with pytest.raises(FittuneError, match=r"is a list \(\['a.', 'b.'\]\), not text; write one row per item"):
-        D.load_splits(DataConfig(path=sentences), 0)
+        load_splits(DataConfig(path=sentences), 0)
 
 
 def test_choices_in_prompt_lists_them_and_scores_the_letters(tmp_path):
@@ -124,7 +127,7 @@ def test_choices_in_prompt_lists_them_and_scores_the_letters(tmp_path):
                                                                           "answer": 0}]
     cfg = DataConfig(path=write_jsonl(tmp_path / "m.jsonl", rows), question_column="q", choices_column="choices",
                      answer_format="index", choices_in_prompt=True, system_prompt="Answer with the letter.")
-    first, second = D.map_columns(D.read_rows(cfg.path, cfg), cfg, cfg.path)
+    first, second = map_columns(read_rows(cfg.path, cfg), cfg, cfg.path)
     assert first.messages == [{"role": "system", "content": "Answer with the letter."},
                               {"role": "user", "content": "2 + 2?\n\nA. 3\nB. 4\nC. 5"}]
     assert (first.choices, first.gold, first.answer) == (["A", "B", "C"], 1, "B")
@@ -133,30 +136,30 @@ def test_choices_in_prompt_lists_them_and_scores_the_letters(tmp_path):
         DataConfig(choices_in_prompt=True)
     many = write_jsonl(tmp_path / "many.jsonl", [{"question": "?", "choices": [str(i) for i in range(27)], "answer": "0"}])
     with pytest.raises(FittuneError, match="27 choices, more than letters A-Z for data.choices_in_prompt"):
-        D.load_splits(DataConfig(path=many, choices_column="choices", choices_in_prompt=True), 0)
+        load_splits(DataConfig(path=many, choices_column="choices", choices_in_prompt=True), 0)
 
 
 def test_a_class_with_one_row_trains_and_the_rest_stay_stratified(tmp_path):
     """Was: one Future row among 40 + 40 turned stratification off: 7 Background and 1 Uses held out."""
     rows = [{"text": f"t{i}", "label": lb} for i, lb in enumerate(["Background"] * 40 + ["Uses"] * 40 + ["Future"])]
-    train, test = D.load_splits(DataConfig(path=write_jsonl(tmp_path / "d.jsonl", rows), **CLASS), 0)
+    train, test = load_splits(DataConfig(path=write_jsonl(tmp_path / "d.jsonl", rows), **CLASS), 0)
     held = [e.label for e in test]
     assert len(test) == 8 and held.count("Background") == held.count("Uses") == 4
     classes = train[0].choices
-    assert "Future" in {e.label for e in train} and D.untrained_classes_note(classes, train, test) is None
+    assert "Future" in {e.label for e in train} and untrained_classes_note(classes, train, test) is None
     # a class only held out (4 rows), and one named in data.classes that no row has: both said, with counts
-    note = D.untrained_classes_note(classes + ["Motivation"], [e for e in train if e.label != "Uses"], test)
+    note = untrained_classes_note(classes + ["Motivation"], [e for e in train if e.label != "Uses"], test)
     assert note == ("classes with no training row: 'Uses' (4 held-out rows), 'Motivation' (no row): they are "
                     "candidates the model was never trained to choose")
-    assert D.similar_classes_note(classes) is None  # and classes written two ways are said (was: silently two)
-    assert D.similar_classes_note(["no", "no ", "yes", "No", "maybe"]) == (
+    assert similar_classes_note(classes) is None  # and classes written two ways are said (was: silently two)
+    assert similar_classes_note(["no", "no ", "yes", "No", "maybe"]) == (
         "NOTE: classes that differ only in case or spaces: 'no' / 'no ' / 'No': they are scored as different "
         "classes; if each is one class, write it one way in the data (or name the classes in data.classes)")
     # too few rows a class to stratify (more classes than held-out rows): one-row classes still train
     rows = [{"text": f"p{i}", "label": f"pair{i // 2}"} for i in range(20)] + [
         {"text": f"s{i}", "label": f"solo{i}"} for i in range(5)]
     for seed in range(8):
-        train, test = D.load_splits(DataConfig(path=write_jsonl(tmp_path / "p.jsonl", rows), **CLASS), seed)
+        train, test = load_splits(DataConfig(path=write_jsonl(tmp_path / "p.jsonl", rows), **CLASS), seed)
         assert len(test) == 2 and not any(e.label.startswith("solo") for e in test)
 
 
@@ -164,20 +167,20 @@ def test_a_data_path_is_the_same_file_relative_absolute_or_linked(tmp_path, monk
     (tmp_path / "d.jsonl").write_text("{}\n")
     (tmp_path / "link.jsonl").symlink_to(tmp_path / "d.jsonl")
     monkeypatch.chdir(tmp_path)
-    assert D.same_file("d.jsonl", str(tmp_path / "d.jsonl")) and D.same_file("link.jsonl", "d.jsonl")
-    assert D.absolute_path("d.jsonl") == str(tmp_path / "d.jsonl")
-    assert D.absolute_path("allenai/sciq") == "allenai/sciq" and D.absolute_path("builtin:ai-research-qa") == \
+    assert same_file("d.jsonl", str(tmp_path / "d.jsonl")) and same_file("link.jsonl", "d.jsonl")
+    assert absolute_path("d.jsonl") == str(tmp_path / "d.jsonl")
+    assert absolute_path("allenai/sciq") == "allenai/sciq" and absolute_path("builtin:ai-research-qa") == \
         "builtin:ai-research-qa"
-    assert not D.same_file("d.jsonl", "missing.jsonl") and D.same_file(None, None)
+    assert not same_file("d.jsonl", "missing.jsonl") and same_file(None, None)
 
 
 def test_too_few_rows_after_the_length_limit_names_the_limit():
     with pytest.raises(FittuneError, match=r"only 8 training examples fit data.max_length 40 \(129 rows were dropped"
                                            r": their answer or longest choice does not fit\), fewer than one global batch \(16\); "
                                            r"raise data.max_length"):
-        D.count_steps(8, 16, 0, 1.0, dropped=129, max_length=40)
+        count_steps(8, 16, 0, 1.0, dropped=129, max_length=40)
     with pytest.raises(FittuneError, match="the training split has 8 examples, fewer than one global batch"):
-        D.count_steps(8, 16, 0, 1.0, dropped=2, max_length=40)
+        count_steps(8, 16, 0, 1.0, dropped=2, max_length=40)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,14 +198,14 @@ def test_invalid_utf8_names_file_line_and_byte(tmp_path, name, content, line, by
     assert content.index(b"\xff" if b"\xff" in content else b"\xe9") == byte  # the offset we expect is right
     with pytest.raises(FittuneError, match=rf"{name}:{line}: not valid UTF-8 \(byte {byte} of the file.*save the "
                                            rf"file as UTF-8"):
-        D.read_rows(str(path), DataConfig())
+        read_rows(str(path), DataConfig())
 
 
 def test_bom_and_unicode_line_separator_are_fine(tmp_path):
     path = tmp_path / "d.jsonl"
     # a byte-order mark (Excel, Notepad) and U+2028 inside a string (not a line end for JSON Lines)
     path.write_bytes(b"\xef\xbb\xbf" + '{"question": "a\u2028b", "answer": "c"}\r\n'.encode())
-    (row,) = D.read_rows(str(path), DataConfig())
+    (row,) = read_rows(str(path), DataConfig())
     assert row == {"question": "a\u2028b", "answer": "c"}
 
 
@@ -221,9 +224,9 @@ def test_bom_and_unicode_line_separator_are_fine(tmp_path):
     ({}, "open_generation", ["data.answer_column 'answer' is set, with no choices or label column"]),
 ])
 def test_describe_task(cfg, kind, words):
-    task = D.describe_task(DataConfig(**cfg))
+    task = describe_task(DataConfig(**cfg))
     assert task.kind == kind and all(w in task.reason for w in words), task
-    assert D.is_class_task(DataConfig(**cfg)) == (kind == "classification")
+    assert is_class_task(DataConfig(**cfg)) == (kind == "classification")
     assert str(task).startswith(f"task: {kind.replace('_', ' ')}: ")
 
 
@@ -231,14 +234,14 @@ def test_answer_and_label_both_set_is_classification(tmp_path):
     """Was scored as open generation (exact match) without a word; now classification, or one error."""
     rows = [{"question": f"q{i}", "answer": lb, "topic": lb} for i, lb in enumerate("ABAB")]
     cfg = DataConfig(label_column="topic")
-    ex = D.map_columns(rows, cfg, "mem")
+    ex = map_columns(rows, cfg, "mem")
     assert [e.choices for e in ex] == [["A", "B"]] * 4 and [e.gold for e in ex] == [0, 1, 0, 1]
     rows[2]["answer"] = "something else"
     with pytest.raises(FittuneError, match=r"mem row 3: the answer in column 'answer' \(data.answer_column\) is "
                                            r"'something else' but the label in column 'topic' .* is 'A'.*drop "
                                            r"data.answer_column \(--data.answer_column null\), or drop "
                                            r"data.label_column"):
-        D.map_columns(rows, cfg, "mem")
+        map_columns(rows, cfg, "mem")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,7 +254,7 @@ def test_own_data_without_config_starts_from_neutral_data_defaults(tmp_path, cap
     path.write_text("prompt,response\n" + "".join(f"q{i},a{i}\n" for i in range(10)))
     cfg = parse_args(["--data.path", str(path), "--data.question_column", "prompt",
                       "--data.answer_column", "response"], prog="train.py")
-    train, test = D.load_splits(cfg.data, cfg.seed)  # passes the column stage
+    train, test = load_splits(cfg.data, cfg.seed)  # passes the column stage
     out = capsys.readouterr().out
     assert "the column mapping starts from the defaults" in out and str(DEMO_RECIPE) in out
     mapping = {k: getattr(cfg.data, k) for k in DATA_MAPPING_KEYS}
@@ -259,7 +262,7 @@ def test_own_data_without_config_starts_from_neutral_data_defaults(tmp_path, cap
                        "answer_column": "response"}
     assert cfg.train.epochs == 20 and cfg.data.max_length == 128  # the rest of the demo recipe still applies
     assert len(train) == 9 and test[0].answer == f"a{test[0].id}"
-    assert D.describe_task(cfg.data).kind == "open_generation"
+    assert describe_task(cfg.data).kind == "open_generation"
 
 
 
@@ -272,7 +275,7 @@ def test_own_data_with_a_recipe_for_the_builtin_set_drops_only_its_column_mappin
     assert "maps the built-in set's columns: the column mapping starts from the defaults" in capsys.readouterr().out
     assert cfg.data.choices_column is None and cfg.data.label_column == "answer"  # the user's own key stays
     assert cfg.data.max_length == 1024 and cfg.lora.r == 16  # the recipe's other settings apply
-    train, test = D.load_splits(cfg.data, cfg.seed)
+    train, test = load_splits(cfg.data, cfg.seed)
     assert len(train) + len(test) == 10
     own = tmp_path / "own.yaml"
     own.write_text(f"data:\n  path: {data}\n  label_column: answer\n")
@@ -309,8 +312,8 @@ def test_demo_recipe_is_said_and_keeps_its_mapping(capsys):
     cfg = parse_args([], prog="train.py")
     assert f"running the offline demo recipe {DEMO_RECIPE}" in capsys.readouterr().out
     assert cfg.data.choices_column == "choices" and cfg.data.label_column == "topic"
-    assert D.describe_task(cfg.data).kind == "multiple_choice"
-    assert f"({'set in ' + str(DEMO_RECIPE)})" in D.describe_task(cfg.data).reason
+    assert describe_task(cfg.data).kind == "multiple_choice"
+    assert f"({'set in ' + str(DEMO_RECIPE)})" in describe_task(cfg.data).reason
 
 
 def test_column_error_says_where_the_key_came_from(tmp_path):
@@ -322,7 +325,7 @@ def test_column_error_says_where_the_key_came_from(tmp_path):
     with pytest.raises(FittuneError, match=rf"column 'choices' \(data.choices_column, set in {recipe}\) not found; "
                                            r"the columns are: question, answer, topic; set "
                                            r"--data.choices_column to one of the columns, or null"):
-        D.load_splits(cfg.data, 0)
+        load_splits(cfg.data, 0)
     assert build_config(str(recipe), {}) == build_config(None, {"data.choices_column": "choices",
                                                                 "data.label_column": "topic"})
 
@@ -429,28 +432,28 @@ def test_tiny_model_shape(shape, message):
 
 def test_examples_digest(tmp_path):
     cfg = DataConfig(label_column="topic", choices_column="choices")
-    rows = D.read_rows("builtin:ai-research-qa", cfg)
-    train, test = D.split_heldout(D.map_columns(rows, cfg, "demo"), 0.1, seed=0)
-    again_train, again_test = D.split_heldout(D.map_columns([dict(r) for r in rows], cfg, "demo"), 0.1, seed=0)
-    assert D.examples_digest(test) == D.examples_digest(again_test)
-    assert D.examples_digest(train) == D.examples_digest(again_train) != D.examples_digest(test)
+    rows = read_rows("builtin:ai-research-qa", cfg)
+    train, test = split_heldout(map_columns(rows, cfg, "demo"), 0.1, seed=0)
+    again_train, again_test = split_heldout(map_columns([dict(r) for r in rows], cfg, "demo"), 0.1, seed=0)
+    assert examples_digest(test) == examples_digest(again_test)
+    assert examples_digest(train) == examples_digest(again_train) != examples_digest(test)
     # one changed answer in one held-out row changes the held-out digest only
     k = int(test[3].id)  # no id column: the id is the row number
     changed = [dict(r) for r in rows]
     other = next(c for c in changed[k]["choices"] if c != changed[k]["answer"])
     changed[k]["answer"] = other
-    tr2, te2 = D.split_heldout(D.map_columns(changed, cfg, "demo"), 0.1, seed=0)
+    tr2, te2 = split_heldout(map_columns(changed, cfg, "demo"), 0.1, seed=0)
     assert [e.id for e in te2] == [e.id for e in test]
-    assert D.examples_digest(te2) != D.examples_digest(test) and D.examples_digest(tr2) == D.examples_digest(train)
+    assert examples_digest(te2) != examples_digest(test) and examples_digest(tr2) == examples_digest(train)
     # documented: the order counts
-    assert D.examples_digest(test[::-1]) != D.examples_digest(test)
+    assert examples_digest(test[::-1]) != examples_digest(test)
     # an independent computation of the documented canonical form
     h = hashlib.sha256()
     for e in test:  # keys written in sorted order by hand, nested ones too
         messages = [{"content": m["content"], "role": m["role"]} for m in e.messages]
         h.update(json.dumps({"answer": e.answer, "choices": e.choices, "gold": e.gold, "id": e.id, "label": e.label,
                              "messages": messages}, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
-    assert D.examples_digest(test) == h.hexdigest()
+    assert examples_digest(test) == h.hexdigest()
 
 
 def test_source_digest(tmp_path):
@@ -459,17 +462,17 @@ def test_source_digest(tmp_path):
     write_jsonl(a, [{"question": "q", "answer": "x"}])
     write_jsonl(b, [{"question": "q2", "answer": "y"}])
     sha = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (a, b)}
-    assert D.source_digest(DataConfig(path=str(a))) == sha[a]  # what sha256sum prints
-    both = D.source_digest(DataConfig(path=str(a), test_path=str(b)))
+    assert source_digest(DataConfig(path=str(a))) == sha[a]  # what sha256sum prints
+    both = source_digest(DataConfig(path=str(a), test_path=str(b)))
     assert both == hashlib.sha256(f"train:{sha[a]}\ntest:{sha[b]}\n".encode()).hexdigest()
     moved = tmp_path / "sub" / "moved.jsonl"
     moved.parent.mkdir()
     moved.write_bytes(a.read_bytes())
-    assert D.source_digest(DataConfig(path=str(moved))) == sha[a]  # the bytes count, not the path
+    assert source_digest(DataConfig(path=str(moved))) == sha[a]  # the bytes count, not the path
     write_jsonl(b, [{"question": "q2", "answer": "z"}])  # a changed held-out file
-    assert D.source_digest(DataConfig(path=str(a), test_path=str(b))) != both
-    assert D.source_digest(DataConfig()) == hashlib.sha256(DEMO_DATA.read_bytes()).hexdigest()
-    assert D.source_digest(DataConfig(path="someone/dataset")) is None  # a hub dataset has no local bytes
+    assert source_digest(DataConfig(path=str(a), test_path=str(b))) != both
+    assert source_digest(DataConfig()) == hashlib.sha256(DEMO_DATA.read_bytes()).hexdigest()
+    assert source_digest(DataConfig(path="someone/dataset")) is None  # a hub dataset has no local bytes
 
 
 def test_source_digest_of_a_saved_dataset(tmp_path):
@@ -477,11 +480,11 @@ def test_source_digest_of_a_saved_dataset(tmp_path):
 
     rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(4)]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
-    first = D.source_digest(DataConfig(path=str(tmp_path / "ds")))
-    assert first == D.source_digest(DataConfig(path=str(tmp_path / "ds")))
+    first = source_digest(DataConfig(path=str(tmp_path / "ds")))
+    assert first == source_digest(DataConfig(path=str(tmp_path / "ds")))
     rows[2]["answer"] = "changed"
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds2"))
-    assert D.source_digest(DataConfig(path=str(tmp_path / "ds2"))) != first
+    assert source_digest(DataConfig(path=str(tmp_path / "ds2"))) != first
 
 
 def test_a_dataset_dicts_test_split_is_used_when_named_and_never_its_training_split(tmp_path):
@@ -493,38 +496,38 @@ def test_a_dataset_dicts_test_split_is_used_when_named_and_never_its_training_sp
     datasets.DatasetDict({"train": datasets.Dataset.from_list([{"question": f"q{i}", "answer": f"a{i}"}
                                                                for i in range(8)]),
                           "test": datasets.Dataset.from_list([{"question": "t", "answer": "u"}])}).save_to_disk(ds)
-    train, test = D.load_splits(DataConfig(path=str(ds), test_path=str(ds), test_split="test"), 0)
+    train, test = load_splits(DataConfig(path=str(ds), test_path=str(ds), test_split="test"), 0)
     assert len(train) == 8 and [e.answer for e in test] == ["u"]
     with pytest.raises(FittuneError, match=r"data.test_path is data.path .*read at the same split 'train': every "
                                            r"held-out row would be a training row; set data.test_split"):
-        D.load_splits(DataConfig(path=str(ds), test_path=str(ds)), 0)
+        load_splits(DataConfig(path=str(ds), test_path=str(ds)), 0)
     with pytest.raises(FittuneError, match=r"has splits \['train', 'test'\], not 'dev': set data.test_split"):
-        D.load_splits(DataConfig(path=str(ds), test_path=str(ds), test_split="dev"), 0)
-    assert D.other_splits_note(DataConfig(path=str(ds))) == (
+        load_splits(DataConfig(path=str(ds), test_path=str(ds), test_split="dev"), 0)
+    assert other_splits_note(DataConfig(path=str(ds))) == (
         f"NOTE: {ds} also has the split(s) test, not used: the held-out rows are 0.1 of 'train'; to evaluate on "
         f"one, pass --data.test_path {ds} --data.test_split test")
-    assert D.other_splits_note(DataConfig(path=str(ds), test_path=str(ds), test_split="test")) is None
+    assert other_splits_note(DataConfig(path=str(ds), test_path=str(ds), test_split="test")) is None
     with pytest.raises(ValueError, match="data.test_split names a split of data.test_path: set data.test_path too"):
         DataConfig(path=str(ds), test_split="test")
     one = write_jsonl(tmp_path / "one.jsonl", [{"question": "q", "answer": "a"}] * 3)  # a file as its own test set
     with pytest.raises(FittuneError, match=r"data.test_path .*one.jsonl is a file, which has none: remove "
                                            r"data.test_split"):  # a split of a file would be ignored
-        D.load_splits(DataConfig(path=str(ds), test_path=one, test_split="test"), 0)
+        load_splits(DataConfig(path=str(ds), test_path=one, test_split="test"), 0)
     datasets.Dataset.from_list([{"question": "t", "answer": "u"}]).save_to_disk(tmp_path / "single")
     with pytest.raises(FittuneError, match="single is one dataset, not a DatasetDict with splits: remove data.test_split"):
-        D.load_splits(DataConfig(path=str(ds), test_path=str(tmp_path / "single"), test_split="test"), 0)
+        load_splits(DataConfig(path=str(ds), test_path=str(tmp_path / "single"), test_split="test"), 0)
     with pytest.raises(FittuneError, match=r"data.test_path is data.path \(.*one.jsonl\): every held-out row would "
                                            r"be a training row; point data.test_path at another file"):
-        D.load_splits(DataConfig(path=one, test_path=one), 0)
+        load_splits(DataConfig(path=one, test_path=one), 0)
     # data.hub_split chosen for data that has no splits (was: ignored, every row read)
     with pytest.raises(FittuneError, match=r"data.path .*one.jsonl is a file, which has none: set data.hub_split "
                                            r"back to train"):
-        D.load_splits(DataConfig(path=one, hub_split="validation"), 0)
+        load_splits(DataConfig(path=one, hub_split="validation"), 0)
     with pytest.raises(FittuneError, match=r"single is one dataset, not a DatasetDict with splits: data.hub_split "
                                            r"'validation' picks nothing there"):
-        D.load_splits(DataConfig(path=str(tmp_path / "single"), hub_split="validation"), 0)
-    assert len(D.read_rows(str(tmp_path / "single"), DataConfig(path=str(tmp_path / "single")))) == 1  # default: read
-    train, test = D.load_splits(DataConfig(path=str(ds), hub_split="test", test_path=one), 0)  # a dict's split: used
+        load_splits(DataConfig(path=str(tmp_path / "single"), hub_split="validation"), 0)
+    assert len(read_rows(str(tmp_path / "single"), DataConfig(path=str(tmp_path / "single")))) == 1  # default: read
+    train, test = load_splits(DataConfig(path=str(ds), hub_split="test", test_path=one), 0)  # a dict's split: used
     assert [e.answer for e in train] == ["u"] and len(test) == 3
 
 
@@ -571,21 +574,21 @@ def test_csv_and_classification_mistakes_get_the_fix_named(tmp_path):
     cfg = DataConfig(path=str(csv), choices_column=["A", "B", "C", "D"], answer_format="letter")
     with pytest.raises(FittuneError, match="no header row .* set data.csv_header false and name the fields with "
                                            "data.column_names"):
-        D.map_columns(D.read_rows(str(csv), cfg), cfg, str(csv))
+        map_columns(read_rows(str(csv), cfg), cfg, str(csv))
     plain = DataConfig(path=str(csv), question_column="What is 1+1?", csv_header=True)  # only 'answer' is missing
     with pytest.raises(FittuneError, match="no header row .* set data.csv_header false"):  # was: no hint for it
-        D.map_columns(D.read_rows(str(csv), plain), plain, str(csv))
+        map_columns(read_rows(str(csv), plain), plain, str(csv))
     five = DataConfig(path=str(csv), csv_header=False, column_names=["question", "A", "B", "C", "answer"])
     with pytest.raises(FittuneError, match=r"its rows have 6 fields but data.column_names names 5 .*name every field"):
-        D.read_rows(str(csv), five)
+        read_rows(str(csv), five)
     data = write_jsonl(tmp_path / "cites.jsonl", [{"text": "we use X", "label": "Uses"}])
     cls = DataConfig(path=data, question_column="text", label_column="label")
     with pytest.raises(FittuneError, match="column 'answer' .* set data.answer_column null"):
-        D.map_columns(D.read_rows(data, cls), cls, data)
+        map_columns(read_rows(data, cls), cls, data)
     unnamed = DataConfig(path=data, question_column="text")  # the label column not named yet
     with pytest.raises(FittuneError, match=r"columns are: text, label; for a classification set name its label "
                                            r"column \(data.label_column COLUMN, data.answer_column null\)"):
-        D.map_columns(D.read_rows(data, unnamed), unnamed, data)
+        map_columns(read_rows(data, unnamed), unnamed, data)
 
 
 def test_an_empty_config_file_is_refused(tmp_path):
@@ -632,17 +635,17 @@ def test_a_grouped_split_holds_out_whole_groups(tmp_path):
     stratified split put them there); round(test_size x groups) groups, by seed."""
     cfg = DataConfig(path=_sentences(tmp_path), question_column="sentence", answer_column=None, label_column="label",
                      group_column="abstract_id", test_size=0.25)
-    train, test = D.load_splits(cfg, 0)
+    train, test = load_splits(cfg, 0)
     held, trained = {e.group for e in test}, {e.group for e in train}
     assert len(held) == 3 and len(trained) == 9 and not held & trained
     assert len(train) + len(test) == 12 * 4 and sorted(e.id for e in train + test) == sorted(map(str, range(48)))
-    assert [e.id for e in D.load_splits(cfg, 0)[1]] == [e.id for e in test]  # by seed
-    assert {e.group for e in D.load_splits(cfg, 1)[1]} != held
-    assert D.groups_note("abstract_id", train, test).endswith("3 of the 12 groups of data.group_column "
+    assert [e.id for e in load_splits(cfg, 0)[1]] == [e.id for e in test]  # by seed
+    assert {e.group for e in load_splits(cfg, 1)[1]} != held
+    assert groups_note("abstract_id", train, test).endswith("3 of the 12 groups of data.group_column "
                                                                "'abstract_id', whole (0 on both sides)")
     # what it fixes: the stratified split of the same rows puts abstracts on both sides
     abstract = {str(i): json.loads(line)["abstract_id"] for i, line in enumerate(open(cfg.path))}
-    plain_train, plain_test = D.load_splits(DataConfig(**{**cfg.model_dump(), "group_column": None}), 0)
+    plain_train, plain_test = load_splits(DataConfig(**{**cfg.model_dump(), "group_column": None}), 0)
     assert {abstract[e.id] for e in plain_train} & {abstract[e.id] for e in plain_test}
 
 
@@ -659,7 +662,7 @@ def test_a_grouped_split_keeps_the_label_mix(tmp_path):
     groups = [r["abstract_id"] for r in rows]
     one_draw_missed = 0
     for seed in range(10):
-        train, test = D.load_splits(cfg, seed)
+        train, test = load_splits(cfg, seed)
         held = Counter(e.label for e in test)
         assert len({e.group for e in test}) == 10 and not {e.group for e in test} & {e.group for e in train}
         assert held["rare"] == 3 and abs(held["a"] - held["b"]) <= 3  # one rare abstract of 10, as in the data
@@ -674,17 +677,17 @@ def test_held_out_rows_that_are_also_training_rows_are_said(tmp_path):
     rows = [{"text": f"cite {i % 20}", "label": ["Uses", "Background"][i % 2]} for i in range(80)]  # 4 copies each
     data = write_jsonl(tmp_path / "dups.jsonl", rows)
     cfg = DataConfig(path=data, **CLASS)
-    train, test = D.load_splits(cfg, 0)
+    train, test = load_splits(cfg, 0)
     trained = {(rows[int(e.id)]["text"], rows[int(e.id)]["label"]) for e in train}  # counted from the file
     leaked = sum((rows[int(t.id)]["text"], rows[int(t.id)]["label"]) in trained for t in test)
-    note = D.leaked_rows_note(train, test, cfg)
+    note = leaked_rows_note(train, test, cfg)
     assert leaked == len(test) == 8 and note.startswith("NOTE: 8 of the 8 held-out rows are also training rows")
     assert note.endswith("hold out identical rows together with --data.group_column text")
     grouped = DataConfig(path=data, **CLASS, group_column="text")  # the fix it names: no row on both sides
-    assert D.leaked_rows_note(*D.load_splits(grouped, 0), grouped) is None
+    assert leaked_rows_note(*load_splits(grouped, 0), grouped) is None
     other = write_jsonl(tmp_path / "test.jsonl", rows[:3] + [{"text": "new", "label": "Uses"}])
     with_file = DataConfig(path=data, test_path=other, **CLASS)
-    note = D.leaked_rows_note(*D.load_splits(with_file, 0), with_file)
+    note = leaked_rows_note(*load_splits(with_file, 0), with_file)
     assert note.startswith("NOTE: 3 of the 4 held-out rows") and note.endswith("rows that are not in data.path")
 
 
@@ -693,14 +696,14 @@ def test_grouped_split_mistakes_are_named(tmp_path):
     base = {"path": path, "question_column": "sentence", "answer_column": None, "label_column": "label"}
     with pytest.raises(FittuneError, match=r"column 'paper' \(data.group_column\) not found; the columns are: "
                                            r"sentence, label, abstract_id"):
-        D.load_splits(DataConfig(**base, group_column="paper"), 0)
+        load_splits(DataConfig(**base, group_column="paper"), 0)
     with pytest.raises(FittuneError, match="data.group_column 'label' has one value in every row"):
         one = write_jsonl(tmp_path / "one.jsonl", [{"sentence": "s", "label": "x"}] * 4)
-        D.load_splits(DataConfig(**{**base, "path": one, "label_column": None, "answer_column": "label"},
+        load_splits(DataConfig(**{**base, "path": one, "label_column": None, "answer_column": "label"},
                                  group_column="label"), 0)
     lists = write_jsonl(tmp_path / "lists.jsonl", [{"sentence": "s", "label": "x", "abstract_id": ["a", "b"]}] * 3)
     with pytest.raises(FittuneError, match=r"row 1: the group in column 'abstract_id' \(data.group_column\) is a "
                                            r"list \(\['a', 'b'\]\): name one group per row"):
-        D.load_splits(DataConfig(**{**base, "path": lists}, group_column="abstract_id"), 0)
+        load_splits(DataConfig(**{**base, "path": lists}, group_column="abstract_id"), 0)
     with pytest.raises(ValueError, match="with data.test_path nothing is split: remove one of them"):
         DataConfig(**base, group_column="abstract_id", test_path=path)

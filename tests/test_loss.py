@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fittune.data import IGNORE_INDEX
+from fittune.batches import IGNORE_INDEX
 from fittune.loss import ChunkedLossHead, install_chunked_loss, nll_sum
 
 

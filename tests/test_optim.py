@@ -11,8 +11,8 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from fittune import data as D
 from fittune import estimate as E
+from fittune.batches import collate_train, tokenize_examples
 from fittune.config import DataConfig, build_config
 from fittune.errors import FittuneError
 from fittune.model import load_tokenizer
@@ -26,6 +26,7 @@ from fittune.optim import (
     unsupported,
 )
 from fittune.precision import Precision
+from fittune.splits import load_splits
 from fittune.step import StepPlan, StepRunner
 from fittune.strategy import Strategy
 
@@ -42,9 +43,9 @@ def eager():
 def batches(tiny_model_dir):
     """Four global batches of two training rows each, and the pad id."""
     cfg = DataConfig(path="builtin:ai-research-qa", max_length=96)
-    train, _ = D.load_splits(cfg, 0)
+    train, _ = load_splits(cfg, 0)
     tok = load_tokenizer(str(tiny_model_dir))
-    items, _ = D.tokenize_examples(train[:8], tok, cfg)
+    items, _ = tokenize_examples(train[:8], tok, cfg)
     return [items[k:k + 2] for k in range(0, 8, 2)], tok.pad_token_id
 
 
@@ -80,7 +81,7 @@ def _step(runner, rows, pad):
     n_targets = sum(x.n_targets for x in rows)
     dev = runner.accelerator.device
     return runner.run(StepPlan([list(range(len(rows)))], lambda r: {
-        k: v.to(dev) for k, v in D.collate_train([rows[j] for j in r], pad).items()}, n_targets))
+        k: v.to(dev) for k, v in collate_train([rows[j] for j in r], pad).items()}, n_targets))
 
 
 def _weights(runner):

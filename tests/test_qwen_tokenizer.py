@@ -148,15 +148,16 @@ def test_prompt_answer_boundaries(qwen25, tmp_path, case):
     """fittune tokenizes prompt and answer apart; on Qwen2.5's tokenizer the pieces must equal the tokens of
     the whole conversation (no token straddles the boundary), the answer ending with <|im_end|>, and every
     candidate likewise."""
-    from fittune import data as D
+    from fittune.batches import render_prompt, tokenize_examples
     from fittune.config import DataConfig
+    from fittune.splits import load_splits
 
     cfg = DataConfig(max_length=256, **_data_cases(tmp_path)[case])
-    train, test = D.load_splits(cfg, 0)
-    toks, stats = D.tokenize_examples(train + test, qwen25, cfg)
+    train, test = load_splits(cfg, 0)
+    toks, stats = tokenize_examples(train + test, qwen25, cfg)
     assert stats.dropped == 0 and len(toks) == len(train + test)
     for e, t in list(zip(train + test, toks))[::5]:  # every 5th row: each case has 40-400
-        prompt = D.render_prompt(qwen25, e.messages)
+        prompt = render_prompt(qwen25, e.messages)
         whole = qwen25(prompt + e.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
         assert t.prompt_ids + t.answer_ids == whole
         assert t.answer_ids[-1] == qwen25.eos_token_id == 151_645

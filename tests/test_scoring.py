@@ -8,9 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fittune import data as D
+from fittune.batches import TokExample, tokenize_examples
+from fittune.columns import map_columns
 from fittune.config import DataConfig
 from fittune.scoring import collate_packed, make_units, plan_batches, score_examples
+from fittune.sources import read_rows
 from fittune.strategy import Strategy
 
 TOL = 2e-4  # fp32: summed log-probabilities of a few tokens, packed pass vs separate passes
@@ -33,17 +35,17 @@ def accelerator():
     return Accelerator(cpu=True)
 
 
-def tokenized(tokenizer, classes: bool, max_length: int, n: int = 12, start: int = 0) -> list[D.TokExample]:
+def tokenized(tokenizer, classes: bool, max_length: int, n: int = 12, start: int = 0) -> list[TokExample]:
     cfg = DataConfig(choices_column=None if classes else "choices", label_column="topic" if classes else None,
                      answer_column=None if classes else "answer", max_length=max_length,
                      system_prompt="You are a helpful assistant.")
-    rows = D.read_rows(cfg.path, cfg)
-    examples = D.map_columns(rows, cfg, "demo")[start::17][:n]
-    out, _ = D.tokenize_examples(examples, tokenizer, cfg)
+    rows = read_rows(cfg.path, cfg)
+    examples = map_columns(rows, cfg, "demo")[start::17][:n]
+    out, _ = tokenize_examples(examples, tokenizer, cfg)
     return out
 
 
-def reference(model, e: D.TokExample) -> dict:
+def reference(model, e: TokExample) -> dict:
     """Each `prompt + continuation` as its own sequence from position 0 (right-padded in one batch: causal
     attention never looks at the pads after a sequence): the answer's NLL / correct tokens, each candidate's
     log-prob."""
@@ -65,7 +67,7 @@ def reference(model, e: D.TokExample) -> dict:
     return out
 
 
-def check(records: list[dict], refs: list[dict], examples: list[D.TokExample], length_normalize: bool = False):
+def check(records: list[dict], refs: list[dict], examples: list[TokExample], length_normalize: bool = False):
     for rec, ref, e in zip(records, refs, examples):
         assert rec["nll"] == pytest.approx(ref["nll"], abs=TOL) and rec["n_tokens"] == ref["n_tokens"]
         assert rec["n_correct"] == ref["n_correct"]
@@ -148,7 +150,7 @@ def test_one_pass_per_row_and_head_only_after_the_prompt(tiny, accelerator, monk
 
 
 def test_token_budget_batches():
-    e = [D.TokExample(str(i), [1] * (10 + i), [2, 3], candidates=[[2, 3], [4]], gold=0, cand_prompt_ids=[1] * (10 + i))
+    e = [TokExample(str(i), [1] * (10 + i), [2, 3], candidates=[[2, 3], [4]], gold=0, cand_prompt_ids=[1] * (10 + i))
          for i in range(6)]
     units = make_units(e, loss_only=False, packed=True)
     plan = plan_batches(units, batch_size=4, max_batch_tokens=40)
@@ -169,7 +171,7 @@ def test_a_row_listing_the_answer_twice_counts_the_chosen_text(tiny, accelerator
     model, tok = tiny
     cfg = DataConfig(choices_column=["A", "B", "C", "D"], answer_format="letter", max_length=96)
     rows = [{"question": "Which regularizer?", "A": "none", "B": "all", "C": "none", "D": "some", "answer": "C"}]
-    examples, _ = D.tokenize_examples(D.map_columns(rows, cfg, "mem"), tok, cfg)
+    examples, _ = tokenize_examples(map_columns(rows, cfg, "mem"), tok, cfg)
     (rec,) = score_examples(model, accelerator, Strategy(), examples, tok, 1, 0, False)
     scores = rec["scores"]
     assert scores[0] == pytest.approx(scores[2], abs=TOL)  # the tie: the same continuation after the same prompt

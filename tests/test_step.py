@@ -8,10 +8,11 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
-from fittune import data as D
+from fittune.batches import collate_train, tokenize_examples
 from fittune.config import DataConfig
 from fittune.model import load_tokenizer
 from fittune.precision import Precision
+from fittune.splits import load_splits
 from fittune.step import BatchSplit, OomAdaptive, StepPlan, StepRunner
 from fittune.strategy import Strategy
 from fittune.testing import install_oom_injection
@@ -21,9 +22,9 @@ from fittune.testing import install_oom_injection
 def rows(tiny_model_dir):
     """Four training rows of different lengths (so the token normalisation matters) and their collator."""
     cfg = DataConfig(path="builtin:ai-research-qa", max_length=96)
-    train, _ = D.load_splits(cfg, 0)
+    train, _ = load_splits(cfg, 0)
     tok = load_tokenizer(str(tiny_model_dir))
-    items, _ = D.tokenize_examples(train[:40], tok, cfg)
+    items, _ = tokenize_examples(train[:40], tok, cfg)
     by_len = sorted(range(len(items)), key=lambda i: len(items[i]))
     picked = [items[i] for i in (by_len[0], by_len[10], by_len[25], by_len[-1])]
     assert len({len(x) for x in picked}) > 1
@@ -47,7 +48,7 @@ def _plan(items, pad_id, micro: int):
     order = list(range(len(items)))
     n_targets = sum(x.n_targets for x in items)
     return StepPlan([order[k:k + micro] for k in range(0, len(order), micro)],
-                    lambda r: D.collate_train([items[j] for j in r], pad_id), n_targets)
+                    lambda r: collate_train([items[j] for j in r], pad_id), n_targets)
 
 
 def _weights(runner):
