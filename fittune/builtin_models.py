@@ -133,6 +133,10 @@ def materialise(target: Path, stamp: dict, write: Callable[[Path], None],
     with _locked(target.with_name(target.name + ".lock")):
         if verify_dir(target, stamp):
             return target
+        if target.is_symlink() or target.exists() and not (target / MANIFEST).is_file():
+            raise FittuneError(f"{target} is in fittune's model cache but is not a model fittune cached there (no "
+                               f"{MANIFEST}): move it away (fittune rebuilds only its own), or set FITTUNE_CACHE to "
+                               f"another directory")
         if target.exists() and say is not None:
             say(f"fittune: the cached model {target} is damaged or incomplete (a file differs from its recorded "
                 f"SHA-256): rebuilding it")
@@ -143,7 +147,7 @@ def materialise(target: Path, stamp: dict, write: Callable[[Path], None],
             write(tmp)
             files = _file_hashes(tmp)
             (tmp / MANIFEST).write_text(json.dumps({"stamp": stamp, "files": files}, indent=1))
-            shutil.rmtree(target, ignore_errors=True)  # a damaged or older build
+            shutil.rmtree(target, ignore_errors=True)  # a damaged or older build of fittune's (its manifest)
             tmp.rename(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

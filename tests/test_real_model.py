@@ -353,3 +353,24 @@ def _check_export(run: Path) -> None:
         with torch.no_grad():
             logp = model(input_ids=torch.tensor([pi + ai])).logits[0].float().log_softmax(-1)
         assert p["nll"] == pytest.approx(-sum(logp[len(pi) - 1 + k, t].item() for k, t in enumerate(ai)), rel=1e-4)
+
+
+def test_the_cache_rebuilds_only_what_it_built(tmp_path):
+    """A damaged cached model (its manifest says fittune built it) is rebuilt; a directory of someone else's
+    under that name (no manifest), or a link there, is refused and kept (was: deleted and rebuilt)."""
+    from fittune.errors import FittuneError
+
+    def write(d: Path) -> None:
+        (d / "weights.bin").write_bytes(b"x" * 10)
+
+    built = materialise(tmp_path / "m", {"v": 1}, write)
+    (built / "weights.bin").write_bytes(b"damaged")
+    assert materialise(built, {"v": 1}, write) == built and (built / "weights.bin").read_bytes() == b"x" * 10
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.md").write_text("mine")
+    (tmp_path / "link").symlink_to(theirs)  # a link to a verified build is read through, never rebuilt
+    for target in (theirs, tmp_path / "link"):
+        with pytest.raises(FittuneError, match="is not a model fittune cached there"):
+            materialise(target, {"v": 1}, write)
+    assert (theirs / "notes.md").read_text() == "mine" and (tmp_path / "link").is_symlink()
