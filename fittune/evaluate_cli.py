@@ -21,7 +21,7 @@ import hashlib
 import json
 import re
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fittune.batches import tokenize_examples
@@ -33,7 +33,7 @@ from fittune.distributed import configure_deepspeed, on_main_then_agree, start_a
 from fittune.errors import DataNotFound, FittuneError
 from fittune.evaldir import EvalDir, check_eval_dir, check_in_own_run, check_replaces_same_model, reserve_eval_dir
 from fittune.evaluator import evaluate_and_report
-from fittune.metrics import class_name, majority_baseline
+from fittune.metrics import class_name, majority_baseline, majority_note
 from fittune.model import (
     load_tokenizer,
     load_trained_model,
@@ -177,11 +177,12 @@ def remote_code_notice(info: CheckpointInfo, cfg: Config) -> str | None:
 
 @dataclass
 class EvalData:
-    """The rows to evaluate, the training rows for the majority baseline, and where they come from."""
+    """The rows to evaluate and where they come from, and the rows the run trained on (`run_training_rows`)."""
 
-    train: list[Example]
     test: list[Example]
     source: str
+    train: list[Example] = field(default_factory=list)
+    """As the run trained on them; [] where unknown or changed since (no majority baseline then)."""
 
 
 def _saved_config(info: CheckpointInfo) -> dict | None:
@@ -237,62 +238,74 @@ def _moved_run_data(info: CheckpointInfo, saved: dict | None, cfg: Config) -> bo
 
 
 def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -> EvalData:
-    """The run's own held-out rows while the source and split are the run's (column mappings may change),
-    checked against their saved content hash; an explicit test file; or every row of other data."""
+    """The rows to score (`_rows_to_score`), and the rows the run trained on as it trained on them (for the
+    majority baseline and the note on held-out rows that are also training rows; `run_training_rows`)."""
     saved = _saved_config(info)
     _run_classes(cfg, saved)
-    same_source = runs_own_split(saved, cfg) or (data_path_given and _moved_run_data(info, saved, cfg))
+    moved = data_path_given and _moved_run_data(info, saved, cfg)
+    data = _rows_to_score(info, cfg, saved, data_path_given, moved, say)
+    if saved is None:
+        return data
+    scored_as = is_class_task(cfg.data) if cfg.data.label_column or cfg.data.choices_column else None
+    return replace(data, train=run_training_rows(info, scored_as, say, cfg.data.path if moved else None))
+
+
+def _rows_to_score(info: CheckpointInfo, cfg: Config, saved: dict | None, data_path_given: bool, moved: bool,
+                   say) -> EvalData:
+    """The run's own held-out rows while the source and split are the run's (column mappings may change),
+    checked against their saved content hash; an explicit test file; or every row of other data."""
+    same_source = runs_own_split(saved, cfg) or moved
     record = _heldout_record(info) if same_source else None
     if record is not None and not cfg.data.test_path:
         examples = map_columns(_read_run_data(cfg, data_path_given), cfg.data, resolve_data_path(cfg.data.path))
         test = select_ids(examples, record["ids"], cfg.data.path)
-        held = set(record["ids"])
         check_identity(record, test, cfg.data, data_path_given, say)
         if data_path_given:  # the split is the run's: its training rows would score what the model memorised
             say(f"fittune: NOTE: --data.path is the run's own data (its content hash): scoring its {len(test)} "
                 f"held-out rows, not all {len(examples)} (the others trained the model); to score every row, pass "
                 f"a copy of the file as --data.test_path")
-        return EvalData([e for e in examples if e.id not in held], test, "the run's held-out rows")
+        return EvalData(test, "the run's held-out rows")
     if same_source or cfg.data.test_path:
-        train, test = load_splits(cfg.data, cfg.seed)
+        test = load_splits(cfg.data, cfg.seed).test
         if record is not None:
             check_identity(record, test, cfg.data, data_path_given, say)
         split = f" (split {cfg.data.test_split})" if cfg.data.test_split else ""
-        return EvalData(train, test, f"the test file {cfg.data.test_path}{split}" if cfg.data.test_path
+        return EvalData(test, f"the test file {cfg.data.test_path}{split}" if cfg.data.test_path
                         else "the held-out split")
     rows = read_rows(cfg.data.path, cfg.data)
     cfg.data.group_column = None  # every row is scored, none split: other data need not have the run's groups
     test = map_columns(rows, cfg.data, resolve_data_path(cfg.data.path))
-    if saved is None:
-        return EvalData([], test, f"all rows of {cfg.data.path}")
-    run_data = {k: (saved.get("data") or {}).get(k) for k in SPLIT_KEYS}
-    say(f"fittune: NOTE: evaluating all {len(test)} rows of {cfg.data.path}, which is NOT the held-out split "
-        f"of this run (the run used data {run_data}, seed {saved.get('seed')}): these numbers are not the run's "
-        f"held-out evaluation")
-    scored_as = is_class_task(cfg.data) if cfg.data.label_column or cfg.data.choices_column else None
-    return EvalData(run_training_rows(info, scored_as, say) if scored_as is not None else [], test,
-                    f"all rows of {cfg.data.path}")
+    if saved is not None:
+        run_data = {k: (saved.get("data") or {}).get(k) for k in SPLIT_KEYS}
+        say(f"fittune: NOTE: evaluating all {len(test)} rows of {cfg.data.path}, which is NOT the held-out split "
+            f"of this run (the run used data {run_data}, seed {saved.get('seed')}): these numbers are not the "
+            f"run's held-out evaluation")
+    return EvalData(test, f"all rows of {cfg.data.path}")
 
 
-def run_training_rows(info: CheckpointInfo, class_task: bool, say) -> list[Example]:
-    """The rows the run trained on (its recipe's split of its data, made again as training made it), whose most
-    frequent class is the majority baseline for other data scored the same way (`class_task`: classes, not
-    choice letters); [] with a note when they are not there as they were (the held-out rows' saved content
-    hash, or ids, tell)."""
+def run_training_rows(info: CheckpointInfo, class_task: bool | None, say, data_path: str | None = None) -> list[Example]:
+    """The rows the run trained on: its recipe's split of its data (at `data_path` when it moved), made again as
+    training made it and checked against the digest training saved of them (`run: train_sha256`; an older run:
+    its held-out rows' and data file's digests). Their most frequent class is the majority baseline for rows
+    scored the same way (`class_task`: classes, or choice letters; None: not a class or choice task, the rows
+    serve only the note on duplicates). [] with a note when they are not there as they were."""
     def none(why: str) -> list[Example]:
-        say(f"fittune: no majority baseline for these rows: {why}")
+        what = "no majority baseline for these rows" if class_task is not None else \
+            "these rows are not checked against the run's training rows"
+        say(f"fittune: {what}: {why}")
         return []
 
     record = _heldout_record(info)
     if record is None:
         return none("the run has no heldout_ids.json to tell its training rows from its held-out ones")
+    moved = {"data.path": data_path} if data_path else {}
     try:  # the run's own recipe, read, never run
-        run_cfg = build_config(str(info.config_file), {TRUST_KEY: False}, COMMAND_ONLY)
+        run_cfg = build_config(str(info.config_file), {TRUST_KEY: False, **moved}, COMMAND_ONLY)
     except FittuneError as e:
         return none(f"the run's saved config cannot be read ({e})")
-    if not (run_cfg.data.label_column or run_cfg.data.choices_column):
+    if class_task is not None and not (run_cfg.data.label_column or run_cfg.data.choices_column):
         return none("the run was trained on open answers, not classes or choices")
-    if is_class_task(run_cfg.data) != class_task:
+    if class_task is not None and is_class_task(run_cfg.data) != class_task:
         return none("the run was trained to choose " + ("classes" if not class_task else "between choices") +
                     ", these rows are scored the other way")
     try:
@@ -300,12 +313,16 @@ def run_training_rows(info: CheckpointInfo, class_task: bool, say) -> list[Examp
         source = source_digest(run_cfg.data)  # the bytes of its training file, and of its test file if any
     except FittuneError as e:  # its data moved, or cannot be read here
         return none(f"the run's training rows cannot be read ({e})")
+    changed = f"the run's data {run_cfg.data.path} changed since training"
+    trained = ((_saved_config(info) or {}).get("run") or {}).get("train_sha256")
+    if trained is not None:  # the rows themselves, as the run mapped them
+        return train if examples_digest(train) == trained else none(changed)
     by_id = {x.id: x for x in train + test}
     held = [by_id.get(i) for i in record["ids"]]
     saved_source = record.get("source_sha256")
     if (None in held or record.get("examples_sha256") not in (None, examples_digest(held))
             or None not in (source, saved_source) and source != saved_source):  # a hub dataset has no bytes
-        return none(f"the run's data {run_cfg.data.path} changed since training")
+        return none(changed)
     return train
 
 
@@ -466,6 +483,8 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, p
         train_set, _ = tokenize_examples(data.train, tokenizer, cfg.data)
         compare["majority"] = majority_baseline([class_name(x, x.gold, class_task) for x in train_set if x.candidates],
                                                 [class_name(x, x.gold, class_task) for x in test_set if x.candidates])
+        if note := majority_note(compare["majority"]):
+            accelerator.print(f"fittune: {note}")
     if accelerator.is_main_process and (out / "metrics.json").is_file():
         print(f"fittune: replacing the previous evaluation in {out} (its evaluation.json said what it was)",
               flush=True)

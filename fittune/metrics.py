@@ -93,13 +93,31 @@ def compute_metrics(predictions: list[dict]) -> dict:
 
 
 def majority_baseline(train_classes: list[str], test_gold: list[str]) -> dict:
-    """Accuracy and F1 of always predicting the training split's most frequent class."""
+    """Accuracy and F1 of always predicting the training split's most frequent class. Of classes tied for
+    most frequent, the first in sorted order (as scikit-learn's DummyClassifier picks), never the one met first
+    in the data; the tie is recorded (`majority_ties`) for `majority_note` to say."""
     from sklearn.metrics import accuracy_score, f1_score
 
     if not train_classes or not test_gold:
         return {}
-    top = Counter(train_classes).most_common(1)[0][0]
+    counts = Counter(train_classes)
+    most = max(counts.values())
+    top, *ties = sorted(c for c, n in counts.items() if n == most)
     pred = [top] * len(test_gold)
-    return {"majority_class": top, "accuracy": accuracy_score(test_gold, pred),
+    return {"majority_class": top, "majority_count": most, "majority_of": len(train_classes), "majority_ties": ties,
+            "accuracy": accuracy_score(test_gold, pred),
             "f1_weighted": f1_score(test_gold, pred, average="weighted", zero_division=0),
             "f1_macro": f1_score(test_gold, pred, average="macro", zero_division=0)}
+
+
+def majority_note(baseline: dict) -> str | None:
+    """Which class the majority baseline always predicts, and a tie if there was one (None: no baseline)."""
+    if not baseline:
+        return None
+    note = (f"the majority baseline always predicts {baseline['majority_class']!r} ({baseline['majority_count']} of "
+            f"the {baseline['majority_of']} training rows)")
+    if baseline["majority_ties"]:
+        others = ", ".join(repr(c) for c in baseline["majority_ties"])
+        note += (f"; tied with {others}: the first in sorted order is taken, so on rows of a tied class it "
+                 f"would score otherwise")
+    return note

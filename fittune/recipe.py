@@ -58,7 +58,7 @@ from fittune.evaluator import evaluate_and_report, validation_loss
 from fittune.final import save_final
 from fittune.hardware import peak_memory_gib, run_cpu_threads, set_cpu_threads
 from fittune.loss import install_chunked_loss
-from fittune.metrics import class_name, majority_baseline
+from fittune.metrics import class_name, majority_baseline, majority_note
 from fittune.model import (
     build_model,
     compile_layers,
@@ -531,6 +531,8 @@ class FineTuneRecipe:
             self.compare["majority"] = majority_baseline(
                 [class_name(x, x.gold, self.class_task) for x in self.train_set if x.candidates],
                 [class_name(x, x.gold, self.class_task) for x in self.test_set if x.candidates])
+            if note := majority_note(self.compare["majority"]):
+                self._log(note)
         cfg = self.cfg
         if not cfg.eval.before_training:
             return

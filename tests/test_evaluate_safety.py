@@ -33,8 +33,9 @@ def make_run(root: Path, model_dir: Path, hashed: bool = True, **overrides) -> P
     cfg = build_config(None, {"output_dir": str(run), "seed": 1, "model.name_or_path": str(model_dir),
                               "data.path": str(data), "data.choices_column": "choices", **split,
                               "data.max_length": 96, "eval.batch_size": 8, **overrides})
-    (run / "config.yaml").write_text(to_yaml(cfg, {"world_size": 1}))
-    _, test = load_splits(cfg.data, cfg.seed)
+    train, test = load_splits(cfg.data, cfg.seed)
+    facts = {"world_size": 1, **({"train_sha256": examples_digest(train)} if hashed else {})}
+    (run / "config.yaml").write_text(to_yaml(cfg, facts))
     record = {"ids": [e.id for e in test]}
     if hashed:  # as training writes it
         record |= {"examples_sha256": examples_digest(test), "source_sha256": source_digest(cfg.data)}
@@ -581,9 +582,10 @@ def test_other_data_is_compared_with_the_runs_training_majority(tmp_path, tiny_m
     always predicted on the other rows; when the run's data changed, no baseline, said."""
     run = make_run(tmp_path, tiny_model_dir)
     rows = [json.loads(line) for line in (tmp_path / "qa.jsonl").read_text().splitlines()]
-    held = set(json.loads((run / "heldout_ids.json").read_text())["ids"])
+    held = set(json.loads((run / "heldout_ids.json").read_text())["ids"])  # row numbers (no data.id_column)
     letter = {r["id"]: "ABCD"[r["choices"].index(r["answer"])] for r in rows}
-    [(top, _)] = Counter(letter[r["id"]] for r in rows if r["id"] not in held).most_common(1)
+    trained = Counter(letter[r["id"]] for i, r in enumerate(rows) if str(i) not in held)
+    top = min(c for c, n in trained.items() if n == max(trained.values()))
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({**r, "id": f"o{r['id']}"}) + "\n" for r in rows[-30:]))
     code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev", "--data.path", other], capsys)
@@ -603,6 +605,45 @@ def test_other_data_is_compared_with_the_runs_training_majority(tmp_path, tiny_m
     (tmp_path / "t/qa.jsonl").write_text((tmp_path / "t/qa.jsonl").read_text().replace("?", "? "))
     code, out, _ = evaluate(["--checkpoint", with_test, "--output_dir", tmp_path / "ev3", "--data.path", other], capsys)
     assert code == 0 and "no majority baseline for these rows: the run's data" in out
+
+
+def test_the_majority_baseline_is_the_runs_own_training_rows_as_they_were(tmp_path, tiny_model_dir, capsys):
+    """The baseline's training rows are the run's training split as it trained on them (their saved digest):
+    an edited training row leaves the run's held-out evaluation without a baseline, said (was: the edited
+    file's majority, which flipped the verdict); a test file's baseline counts the run's training split, not
+    the whole training file (was: its held-out rows too)."""
+    run = make_run(tmp_path, tiny_model_dir, **{"data.max_length": 512})  # every row fits: all are counted
+    rows = [json.loads(line) for line in (tmp_path / "qa.jsonl").read_text().splitlines()]
+    held = set(json.loads((run / "heldout_ids.json").read_text())["ids"])  # row numbers (no data.id_column)
+    trained = Counter("ABCD"[r["choices"].index(r["answer"])] for i, r in enumerate(rows) if str(i) not in held)
+    top = min(c for c, n in trained.items() if n == max(trained.values()))  # ties: the first in sorted order
+    test_file = tmp_path / "test.jsonl"  # rows of the run's own file: held out and trained alike
+    test_file.write_text("".join(json.dumps({**r, "id": f"t{r['id']}"}) + "\n" for r in rows[:40]))
+    code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev", "--data.test_path", test_file],
+                              capsys)
+    assert code == 0, err[-3000:]
+    majority = json.loads((tmp_path / "ev/comparison.json").read_text())["majority"]
+    assert majority["majority_class"] == top and majority["majority_of"] == sum(trained.values())
+    assert f"the majority baseline always predicts '{top}' ({trained[top]} of the" in out
+
+    edited = next(r for i, r in enumerate(rows) if str(i) not in held)  # a training row's answer: none held out
+    edited["answer"] = next(c for c in edited["choices"] if c != edited["answer"])
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev2"], capsys)
+    assert code == 0 and "no majority baseline for these rows: the run's data" in out and "changed" in out, err[-2000:]
+    assert "majority" not in json.loads((tmp_path / "ev2/metrics.json").read_text()) and \
+        not (tmp_path / "ev2/comparison.json").exists()
+
+
+def test_a_tie_for_the_majority_is_broken_by_name_and_said():
+    """Was: the class met first in the data (Counter order), unsaid; on these rows A or B gives 0.75 or 0.25."""
+    from fittune.metrics import majority_baseline, majority_note
+
+    for train in (["B", "A", "B", "A", "C"], ["A", "B", "A", "B", "C"]):
+        base = majority_baseline(train, ["A", "A", "A", "B"])
+        assert (base["majority_class"], base["majority_ties"], base["accuracy"]) == ("A", ["B"], 0.75)
+    assert "always predicts 'A' (2 of the 5 training rows); tied with 'B'" in majority_note(base)
+    assert "tied" not in majority_note(majority_baseline(["A", "A", "B"], ["B"]))
 
 
 def test_an_older_runs_saved_command_keys_do_not_stop_its_evaluation(tmp_path, tiny_model_dir, capsys):
