@@ -265,7 +265,9 @@ def _fitted(option: LaunchOption, cfg: Config, shapes: Callable[[Config, Precisi
     """`option` at the largest micro-batch that fits (or 1), with the accumulation that keeps the global
     batch (optimizer in backward: accumulation 1); a strategy fittune cannot launch (yet, or with this
     recipe's optimizer) is estimated for reference and marked not applicable."""
-    per_process = global_batch // processes(option.strategy, hw.gpus)
+    # at least one row each: a one-process recipe's global batch may be smaller than the GPU count (its
+    # multi-process rows are then estimated for reference only, not applicable)
+    per_process = max(1, global_batch // processes(option.strategy, hw.gpus))
     row_cfg, why_not = _row_config(cfg, option, per_process)
     if option.recipe_overrides and not hw.bf16:
         why_not = why_not or "needs a bf16 GPU"  # fp16 GPUs keep fp32 master weights
@@ -300,6 +302,12 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = 
     hw = detect_hardware(gpus, gpu_mem_gib, cpu_mem_gib)
     if hw.gpus < 1 or hw.gpu_mem_gib <= 0 or hw.cpu_mem_gib <= 0:
         raise FittuneError("GPU count, GPU memory and CPU memory must be positive")
+    # GiB, not MB: a value no machine has is a unit mistake, not a plan to print
+    for flag, value, most, what in (("--gpu-mem", hw.gpu_mem_gib, 1024, "a GPU"),
+                                    ("--cpu-mem", hw.cpu_mem_gib, 64 * 1024, "a machine's RAM")):
+        if value > most:
+            raise FittuneError(f"{flag} {value:g} is in GiB: more than {what} holds (over {most} GiB); if you meant "
+                               f"MB, pass {value / 1024:g}")
     # planned for a GPU even on a machine without one (hw.bf16 is then assumed)
     precision = resolve_precision(cfg.train.mixed_precision, LAUNCHER_PRECISION, gpu=True, bf16_supported=hw.bf16)
     cache: dict[torch.dtype, ModelShape] = {}
@@ -311,25 +319,46 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = 
         return cache[dtype]
 
     shape = shapes(cfg, precision)
-    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * hw.gpus
+    one_process = _runs_in_one_process(cfg, precision, shape.trainable_itemsize)
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * (1 if one_process else hw.gpus)
     rows = [_fitted(o, cfg, shapes, hw, precision, global_batch) for o in LAUNCH_OPTIONS]
     estimates = [r.estimate for r in rows]
     fitting = sorted((e for e in estimates if e.fits and e.applicable), key=lambda e: _preference(e.strategy, hw.gpus))
     recommended = fitting[0] if fitting else None
     return Plan(cfg, shape, hw, precision, global_batch, estimates, recommended,
                 recipe or "<recipe.yaml>", list(extra_args),
-                list(shape.notes) + _hardware_notes(cfg, hw) + _global_batch_notes(cfg, hw), rows)
+                list(shape.notes) + _hardware_notes(cfg, hw) + _global_batch_notes(cfg, hw, one_process), rows)
 
 
-def _global_batch_notes(cfg: Config, hw: Hardware) -> list[str]:
+def _runs_in_one_process(cfg: Config, precision: Precision, itemsize: int) -> bool:
+    """Whether the recipe's optimizer runs in one process only: fittune.optim.unsupported refuses it under every
+    multi-process strategy (steps in backward, torchao's low-bit states; bf16 weights' stochastic rounding
+    is refused under DDP only, as ZeRO and FSDP2 keep fp32 master weights)."""
+    t = cfg.train
+    dtype = {2: precision.half_dtype, 4: torch.float32}[itemsize]
+    strategies = (Strategy.named(name, 2) for name in ("ddp", "zero2", "fsdp2"))
+    return all(unsupported(choose(t.optimizer, t.optimizer_in_backward, dtype, s), s, precision, cfg.lora.enabled)
+               for s in strategies)
+
+
+def _global_batch_notes(cfg: Config, hw: Hardware, one_process: bool) -> list[str]:
     """With several GPUs the planned global batch is the recipe's micro-batch x accumulation on each: say that it
-    is larger than on one GPU, while the learning rate stays the recipe's."""
+    is larger than on one GPU, while the learning rate stays the recipe's. A recipe whose optimizer runs in one
+    process keeps its own global batch: say that the other GPUs stay idle, and what uses them all."""
     t = cfg.train
     one = t.micro_batch_size * t.grad_accum
     if hw.gpus == 1:
         return []
+    if one_process:
+        return [f"this recipe's optimizer runs in one process (train.optimizer {t.optimizer}"
+                f"{', optimizer_in_backward' if t.optimizer_in_backward else ''}, model.dtype {cfg.model.dtype}): it "
+                f"is planned at its own global batch of {one} rows on one GPU (or, with model.parallel: auto, its "
+                f"layers spread over the {hw.gpus}); to train on all {hw.gpus} GPUs at once, use torch's AdamW with "
+                f"fp32 master weights (train.optimizer adamw, model.dtype auto, no optimizer_in_backward), as "
+                f"configs/qwen2.5-3b-full.yaml does"]
     keep = (f"--train.grad_accum {t.grad_accum // hw.gpus} keeps {one} rows per step"
-            if t.grad_accum % hw.gpus == 0 else "a smaller --train.grad_accum makes it smaller")
+            if t.grad_accum % hw.gpus == 0 else "a smaller --train.grad_accum makes it smaller"
+            if t.grad_accum > 1 else "a smaller --train.micro_batch_size makes it smaller")
     return [f"the global batch is the recipe's micro-batch x accumulation on each of {hw.gpus} GPUs: "
             f"{one * hw.gpus} rows per optimizer step, {hw.gpus}x the {one} of one GPU, at the recipe's learning "
             f"rate ({t.lr:g}); {keep}"]
@@ -427,7 +456,8 @@ def _setup_lines(plan: Plan) -> list[str]:
     chunk = f"chunked loss ({t.loss_chunk_size} tokens)" if t.loss_chunk_size > 0 else "standard loss (no chunking)"
     lines.append(f"  workload    {plan.cfg.data.max_length} tokens per sequence (data.max_length, planned fully "
                  f"padded); recipe micro-batch {t.micro_batch_size} x accumulation {t.grad_accum} x "
-                 f"{gpus} = global batch {plan.global_batch}; gradient "
+                 f"{gpus if plan.global_batch != t.micro_batch_size * t.grad_accum else '1 process'} = global "
+                 f"batch {plan.global_batch}; gradient "
                  f"checkpointing {'on' if t.gradient_checkpointing else 'off'}; {chunk}")
     return lines + [f"  note        {note}" for note in plan.notes]
 

@@ -439,6 +439,8 @@ def test_help_prints_usage_and_returns(capsys):
     (["--config", "configs/missing.yaml"], "fittune: error: config file not found: configs/missing.yaml"),
     (["--config", "configs/qwen2.5-3b-lora.yaml", "--gpus", "0"],
      "fittune: error: --gpus must be a whole number >= 1 (got '0')"),
+    (["--config", "configs/qwen2.5-3b-lora.yaml", "--gpus", "1", "--gpu-mem", "16000"],  # MB for GiB
+     "fittune: error: --gpu-mem 16000 is in GiB: more than a GPU holds (over 1024 GiB); if you meant MB, pass 15.625"),
 ])
 def test_cli_bad_input_is_one_error_line_and_exit_2(args, message):
     proc = _plan_cli(*args)
@@ -503,9 +505,13 @@ def test_lowbit_rows_and_refusals_in_the_plan():
     assert by_key["ddp"].why_not == by_key["zero2"].why_not == "not with optimizer_in_backward"
     assert by_key["single+adamw8bit_in_backward"].why_not == "the recipe's own row"
     # one process only: on several GPUs one of them at GPU speed (was: the device map, no faster: the layers
-    # work one after another), carrying the whole global batch in one micro-batch (no accumulation in backward)
-    assert own.recommended is by_key["single"] and (own.recommended.micro_batch, own.recommended.grad_accum) == (8, 1)
-    assert "(1 process carries the global batch of 4 GPUs; the optimizer steps in backward" in P.render(own)
+    # work one after another), at the recipe's own global batch (was: 4 GPUs' worth, 8 rows at the same
+    # learning rate), and what would use every GPU is said
+    assert own.recommended is by_key["single"] and (own.recommended.micro_batch, own.recommended.grad_accum) == (2, 1)
+    assert own.global_batch == 2 and "carries the global batch" not in P.render(own)
+    assert ("this recipe's optimizer runs in one process (train.optimizer adamw8bit, optimizer_in_backward, "
+            "model.dtype bfloat16): it is planned at its own global batch of 2 rows on one GPU") in P.render(own)
+    assert "x 1 process = global batch 2" in P.render(own)
     row = next(ln for ln in P.render(own).splitlines() if ln.startswith("single GPU, bf16 + 8-bit"))
     assert "the recipe's own row" in row and "yes" not in row  # not offered (was: "yes (1 GPU)")
     # was "nothing fits" although a one-GPU row did, once a second GPU was given; and said to try gradient
