@@ -413,7 +413,7 @@ def evaluate_checkpoint(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> 
         if notice:
             accelerator.print(notice)
         data = select_data(info, cfg, req.data_path_given, accelerator.print)
-        if note := leaked_rows_note(data.train, data.test, cfg.data):
+        if note := leaked_rows_note(data.train, data.test, cfg.data, evaluation=True):
             accelerator.print(f"fittune: {note}")
         metrics = _score(accelerator, strategy, info, cfg, precision, data, out, reserved)
     accelerator.end_training()
@@ -444,8 +444,10 @@ def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Pat
     return run / f"{prefix}{stem}-{hashlib.sha256(chosen.encode()).hexdigest()[:8]}{suffix}"
 
 
-# flags that only choose the rows (in the default folder's name already) or what may run, not how rows are scored
-_ROW_FLAGS = {"seed", "model.trust_remote_code", *(f"data.{k}" for k in SPLIT_KEYS)}
+# flags that only choose the rows (in the default folder's name already), what may run, or how rows are batched
+# (the same scores, to float rounding), not how rows are scored
+_ROW_FLAGS = {"seed", "model.trust_remote_code", "eval.batch_size", "eval.max_batch_tokens",
+              *(f"data.{k}" for k in SPLIT_KEYS)}
 
 
 def _settings_suffix(req: EvalRequest) -> str:

@@ -83,10 +83,11 @@ def _mix_distance(a: dict, b: dict) -> float:
     return sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in a.keys() | b.keys()) / 2
 
 
-def leaked_rows_note(train: list[Example], test: list[Example], cfg: DataConfig) -> str | None:
+def leaked_rows_note(train: list[Example], test: list[Example], cfg: DataConfig, evaluation: bool = False) -> str | None:
     """Held-out rows that are also training rows (the same prompt, answer and choices: a duplicated row split to
     both sides, or a test file that repeats training rows). Their scores measure recall, not generalisation.
-    None when there are none."""
+    None when there are none. `evaluation`: said by evaluate.py, where the fix is in the rows scored, not in
+    how a run splits its data."""
     def key(e: Example) -> str:
         return json.dumps([e.messages, e.answer, e.choices], sort_keys=True, ensure_ascii=False)
 
@@ -94,11 +95,13 @@ def leaked_rows_note(train: list[Example], test: list[Example], cfg: DataConfig)
     leaked = [e for e in test if key(e) in trained]
     if not leaked:
         return None
-    fix = ("point data.test_path at rows that are not in data.path" if cfg.test_path else
+    fix = ("score rows the run did not train on for a measure of generalisation" if evaluation else
+           "point data.test_path at rows that are not in data.path" if cfg.test_path else
            f"remove the duplicates from the data, or hold out identical rows together with --data.group_column "
            f"{cfg.question_column}")
-    return (f"NOTE: {len(leaked)} of the {len(test)} held-out rows are also training rows (the same prompt and "
-            f"answer, e.g. row id {leaked[0].id}): their scores measure what the model memorised; {fix}")
+    rows = "rows scored are also rows the run trained on" if evaluation else "held-out rows are also training rows"
+    return (f"NOTE: {len(leaked)} of the {len(test)} {rows} (the same prompt and answer, e.g. row id "
+            f"{leaked[0].id}): their scores measure what the model memorised; {fix}")
 
 
 def groups_note(column: str, train: list[Example], test: list[Example]) -> str:

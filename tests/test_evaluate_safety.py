@@ -354,6 +354,10 @@ def test_default_output_is_beside_the_training_report_and_never_outside_a_run(tm
     assert code == 0 and f"replacing the previous evaluation in {normalised}" in out
     assert evaluate(["--checkpoint", run, "--data.max_length", "64"], capsys)[0] == 0
     assert len(list(run.glob("eval-heldout-*"))) == 2
+    # batched otherwise, scored alike: the same folder as the run's own settings (was: a new eval-heldout-HASH)
+    code, out, _ = evaluate(["--checkpoint", run, "--eval.batch_size", "4"], capsys)
+    assert code == 0 and f"replacing the previous evaluation in {run / 'eval-heldout'}" in out
+    assert len(list(run.glob("eval-heldout-*"))) == 2
     other = tmp_path / "other.jsonl"
     other.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:12]))
     code, _, err = evaluate(["--checkpoint", run, "--data.path", other], capsys)

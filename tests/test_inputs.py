@@ -689,6 +689,9 @@ def test_held_out_rows_that_are_also_training_rows_are_said(tmp_path):
     with_file = DataConfig(path=data, test_path=other, **CLASS)
     note = leaked_rows_note(*load_splits(with_file, 0), with_file)
     assert note.startswith("NOTE: 3 of the 4 held-out rows") and note.endswith("rows that are not in data.path")
+    said = leaked_rows_note(*load_splits(with_file, 0), with_file, evaluation=True)  # evaluate.py: no split to fix
+    assert said.startswith("NOTE: 3 of the 4 rows scored are also rows the run trained on")
+    assert said.endswith("score rows the run did not train on for a measure of generalisation")
 
 
 def test_grouped_split_mistakes_are_named(tmp_path):
