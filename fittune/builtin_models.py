@@ -133,7 +133,9 @@ def materialise(target: Path, stamp: dict, write: Callable[[Path], None],
     with _locked(target.with_name(target.name + ".lock")):
         if verify_dir(target, stamp):
             return target
-        if target.is_symlink() or target.exists() and not (target / MANIFEST).is_file():
+        # fittune's own build (its manifest), or one a cleaner emptied (no file left): rebuilt; else not ours
+        emptied = target.is_dir() and not any(p.is_file() or p.is_symlink() for p in target.rglob("*"))
+        if target.is_symlink() or target.exists() and not ((target / MANIFEST).is_file() or emptied):
             raise FittuneError(f"{target} is in fittune's model cache but is not a model fittune cached there (no "
                                f"{MANIFEST}): move it away (fittune rebuilds only its own), or set FITTUNE_CACHE to "
                                f"another directory")

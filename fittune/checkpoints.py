@@ -29,6 +29,7 @@ from fittune.rundir import (
     owning_run,
     publish_dir,
     remove_owned,
+    run_finished,
     seal_problem,
     sealed,
     write_guard,
@@ -174,7 +175,9 @@ def _refuse_replacing_later_work(output_dir: Path, path: Path) -> None:
                            f"from it there would mix with: {branch}")
     step = read_state(path).get("step", 0)
     later = [c.name for c in complete_checkpoints(output_dir) if read_state(c).get("step", 0) > step]
-    done = [f"{d.name}/" for d in (layout.final, layout.eval) if d.is_dir()]
+    # from the newest checkpoint of a run that has not finished: what --resume auto does (a final/ written
+    # after it by an end that was cut short is redone)
+    done = [f"{d.name}/" for d in (layout.final, layout.eval) if d.is_dir()] if run_finished(output_dir) else []
     if later or done:
         raise FittuneError(f"--resume {path}: {output_dir} holds what the run did after it ({', '.join(later + done)}), "
                            f"which continuing from it there would replace: {branch}; --resume auto continues "

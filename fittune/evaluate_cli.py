@@ -239,7 +239,8 @@ def _moved_run_data(info: CheckpointInfo, saved: dict | None, cfg: Config) -> bo
 
 def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -> EvalData:
     """The rows to score (`_rows_to_score`), and the rows the run trained on as it trained on them (for the
-    majority baseline and the note on held-out rows that are also training rows; `run_training_rows`)."""
+    majority baseline and the note on held-out rows that are also training rows; `run_training_rows`); a model
+    with no run (a recipe given with --config) keeps the recipe's own training split."""
     saved = _saved_config(info)
     _run_classes(cfg, saved)
     moved = data_path_given and _moved_run_data(info, saved, cfg)
@@ -266,12 +267,13 @@ def _rows_to_score(info: CheckpointInfo, cfg: Config, saved: dict | None, data_p
                 f"a copy of the file as --data.test_path")
         return EvalData(test, "the run's held-out rows")
     if same_source or cfg.data.test_path:
-        test = load_splits(cfg.data, cfg.seed).test
+        train, test = load_splits(cfg.data, cfg.seed)
         if record is not None:
             check_identity(record, test, cfg.data, data_path_given, say)
         split = f" (split {cfg.data.test_split})" if cfg.data.test_split else ""
+        # `train`: the recipe's own training rows, for a model with no run of its own (a run's replace them)
         return EvalData(test, f"the test file {cfg.data.test_path}{split}" if cfg.data.test_path
-                        else "the held-out split")
+                        else "the held-out split", train)
     rows = read_rows(cfg.data.path, cfg.data)
     cfg.data.group_column = None  # every row is scored, none split: other data need not have the run's groups
     test = map_columns(rows, cfg.data, resolve_data_path(cfg.data.path))
@@ -300,7 +302,9 @@ def run_training_rows(info: CheckpointInfo, class_task: bool | None, say, data_p
         return none("the run has no heldout_ids.json to tell its training rows from its held-out ones")
     moved = {"data.path": data_path} if data_path else {}
     try:  # the run's own recipe, read, never run
-        run_cfg = build_config(str(info.config_file), {TRUST_KEY: False, **moved}, COMMAND_ONLY)
+        # only its data is read: its attention kernel (a Hub one needs trust) is not this function's to refuse
+        run_cfg = build_config(str(info.config_file), {TRUST_KEY: False, "model.attn_implementation": "sdpa",
+                                                       **moved}, COMMAND_ONLY)
     except FittuneError as e:
         return none(f"the run's saved config cannot be read ({e})")
     if class_task is not None and not (run_cfg.data.label_column or run_cfg.data.choices_column):

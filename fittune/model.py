@@ -65,9 +65,17 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def hub_kernel_fallback(attn_implementation: str) -> str | None:
+def hub_kernel_fallback(attn_implementation: str, model_class: type | None = None) -> str | None:
     """The Hub kernel repository whose code transformers would download and run for `attn_implementation`
-    (`flash_attention_N` without its package, when the `kernels` package is installed); None: installed code."""
+    (`flash_attention_N`, `paged|` or not: the Hub kernel a model class names as its own flash attention, or
+    the package's Hub stand-in where the package is not installed and the `kernels` package is); None:
+    installed code only."""
+    impl = attn_implementation.removeprefix("paged|")  # transformers drops the prefix before choosing
+    if not impl.startswith("flash_attention_"):
+        return None
+    own = getattr(model_class, "_compatible_flash_implementations", None) or []
+    if own and impl not in own:  # transformers switches to the model's own choice, a Hub kernel
+        return own[0]
     try:
         from transformers.modeling_flash_attention_utils import (
             FLASH_ATTENTION_COMPATIBILITY_MATRIX,
@@ -76,11 +84,22 @@ def hub_kernel_fallback(attn_implementation: str) -> str | None:
         from transformers.utils import is_kernels_available
     except ImportError:  # another transformers: no such fallback known
         return None
-    version = attn_implementation.removeprefix("flash_attention_")
+    version = impl.removeprefix("flash_attention_")
     entry = FLASH_ATTENTION_COMPATIBILITY_MATRIX.get(int(version)) if version.isdigit() else None
     if entry is None or not is_kernels_available() or entry["general_availability_check"]():
         return None
-    return FLASH_ATTN_KERNEL_FALLBACK.get(attn_implementation)
+    return FLASH_ATTN_KERNEL_FALLBACK.get(impl)
+
+
+def _causal_lm_class(path: str, trust_remote_code: bool) -> type | None:
+    """The transformers class `from_pretrained` would build for `path` (None: not known without loading)."""
+    try:
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def load_model(path: str, cfg: Config, dtype: torch.dtype):
@@ -89,11 +108,13 @@ def load_model(path: str, cfg: Config, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     impl = cfg.model.attn_implementation
-    fallback = None if cfg.model.trust_remote_code else hub_kernel_fallback(impl)
+    flash = not cfg.model.trust_remote_code and "flash_attention_" in impl
+    fallback = hub_kernel_fallback(impl, _causal_lm_class(path, False)) if flash else None
     if fallback is not None:
-        raise FittuneError(f"model.attn_implementation {impl}: its package is not installed here, so transformers "
-                           f"would download and run the Hub kernel {fallback} instead: install it, use sdpa, or "
-                           f"pass --model.trust_remote_code true to allow that code")
+        raise FittuneError(f"model.attn_implementation {impl}: transformers would download and run the Hub kernel "
+                           f"{fallback} for it (the package is not installed here, or the model names that kernel "
+                           f"as its flash attention): use sdpa, install the package, or pass "
+                           f"--model.trust_remote_code true to allow that code")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,

@@ -319,6 +319,7 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = 
         return cache[dtype]
 
     shape = shapes(cfg, precision)
+    _refuse_what_no_launch_runs(cfg, precision, shape.trainable_itemsize)
     one_process = _runs_in_one_process(cfg, precision, shape.trainable_itemsize)
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * (1 if one_process else hw.gpus)
     rows = [_fitted(o, cfg, shapes, hw, precision, global_batch) for o in LAUNCH_OPTIONS]
@@ -330,15 +331,29 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = 
                 list(shape.notes) + _hardware_notes(cfg, hw) + _global_batch_notes(cfg, hw, one_process), rows)
 
 
+def _refuse_what_no_launch_runs(cfg: Config, precision: Precision, itemsize: int) -> None:
+    """A recipe whose optimizer no launch runs (e.g. LoRA with low-bit states) gets training's own refusal, not a
+    table of rows that cannot run."""
+    t, one = cfg.train, Strategy()
+    dtype = {2: precision.half_dtype, 4: torch.float32}[itemsize]
+    why = unsupported(choose(t.optimizer, t.optimizer_in_backward, dtype, one), one, precision, cfg.lora.enabled)
+    if why is not None:
+        raise FittuneError(why)
+
+
 def _runs_in_one_process(cfg: Config, precision: Precision, itemsize: int) -> bool:
     """Whether the recipe's optimizer runs in one process only: fittune.optim.unsupported refuses it under every
     multi-process strategy (steps in backward, torchao's low-bit states; bf16 weights' stochastic rounding
     is refused under DDP only, as ZeRO and FSDP2 keep fp32 master weights)."""
     t = cfg.train
     dtype = {2: precision.half_dtype, 4: torch.float32}[itemsize]
-    strategies = (Strategy.named(name, 2) for name in ("ddp", "zero2", "fsdp2"))
-    return all(unsupported(choose(t.optimizer, t.optimizer_in_backward, dtype, s), s, precision, cfg.lora.enabled)
-               for s in strategies)
+
+    def refused(s: Strategy) -> bool:
+        return unsupported(choose(t.optimizer, t.optimizer_in_backward, dtype, s), s, precision, cfg.lora.enabled) \
+            is not None
+
+    # runs on one process, and on no multi-process strategy (a recipe refused everywhere is not one-process)
+    return not refused(Strategy()) and all(refused(Strategy.named(name, 2)) for name in ("ddp", "zero2", "fsdp2"))
 
 
 def _global_batch_notes(cfg: Config, hw: Hardware, one_process: bool) -> list[str]:
@@ -494,7 +509,10 @@ def _table_lines(plan: Plan) -> list[str]:
 
 def _nothing_fits_lines(plan: Plan) -> list[str]:
     hw = plan.hardware
-    best = min((e for e in plan.estimates if e.applicable), key=lambda e: e.gpu_total)
+    runnable = [e for e in plan.estimates if e.applicable]
+    if not runnable:  # `_refuse_what_no_launch_runs` refuses such a recipe first; said plainly if one slips by
+        return [f"no launch option runs this recipe: {'; '.join(sorted({e.why_not for e in plan.estimates}))}"]
+    best = min(runnable, key=lambda e: e.gpu_total)
     return [f"nothing fits {hw.gpus} x {hw.gpu_mem_gib:.1f} GiB even at micro-batch 1: the smallest "
             f"need is {plan.row(best).option.title} at {_gib(best.gpu_total)} GiB per GPU and "
             f"{_gib(best.cpu_total)} GiB CPU RAM.",

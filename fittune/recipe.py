@@ -225,7 +225,7 @@ class FineTuneRecipe:
     def __init__(self, cfg: Config, program: str = "train.py"):
         self.cfg, self.program, self.out = cfg, program, Path(cfg.output_dir)
         self.layout = RunLayout(self.out)
-        self.counters, self.bad_in_a_row, self.run_dir = RunCounters(), 0, None
+        self.counters, self.bad_in_a_row, self.run_dir, self.resumed_at = RunCounters(), 0, None, None
         self.lock, self.progress, self.done = None, None, None
         self._plan, self._plan_epoch = [], -1  # the epoch's global batches, made when an epoch starts
 
@@ -444,7 +444,7 @@ class FineTuneRecipe:
             self.split.micro_batch_size = state.get("micro_batch_size", self.split.micro_batch_size)
             self.split.grad_accum = state.get("grad_accum", self.split.grad_accum)
         self.split.apply(self.accelerator, self.strategy, self.model, self.global_batch)
-        self.resume_how = how
+        self.resume_how, self.resumed_at = how, self.counters.step
 
     def _commit_output_dir(self) -> None:
         """The first writes: claim (create, mark, lock) output_dir, then the config, held-out ids and log."""
@@ -698,7 +698,9 @@ class FineTuneRecipe:
             self._log(f"{c.skipped_overflow} steps skipped for fp16 overflow (loss scale lowered)")
         if c.skipped_nonfinite:
             self._log(f"{c.skipped_nonfinite} steps skipped for a non-finite loss or gradient")
-        if self.cfg.train.save_steps and c.step == self.total_steps:
+        # the state after the last step, unless the run resumed from exactly that state (its checkpoint is
+        # there; saving it again would replace it, which an unsealed one, of a moved or copied run, refuses)
+        if self.cfg.train.save_steps and c.step == self.total_steps and self.resumed_at != c.step:
             self.checkpoint(self.total_steps)
         self._write_ranks()
         save_final(self.model, self.accelerator, self.tokenizer, self.out, self.config_yaml, self._log)

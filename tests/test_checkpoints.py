@@ -191,6 +191,15 @@ def test_partial_checkpoint_is_skipped(tmp_path, tiny_model_dir):
     assert la == pytest.approx(lb, abs=1e-6)
     for k, v in final_weights(ref).items():
         torch.testing.assert_close(final_weights(run)[k], v, atol=1e-6, rtol=1e-6)
+    # a copy killed after its last checkpoint, before final/: its copied (unsealed) step-8 is what it resumes
+    # from, and the end does not save that state again over it (was: refused, as not made here, at the end)
+    done = shutil.copytree(ref, tmp_path / "copy")
+    for d in ("final", "eval"):
+        shutil.rmtree(done / d)
+    copied = digest(done / "checkpoints" / "step-00000008")
+    proc = launch("train.py", ["--config", cfg, "--output_dir", done, "--resume", "auto"])
+    assert f"resumed from {done / 'checkpoints' / 'step-00000008'}" in proc.stdout and (done / "final").is_dir()
+    assert digest(done / "checkpoints" / "step-00000008") == copied
 
 
 def test_incompatible_checkpoint_refused(tmp_path, tiny_model_dir):
@@ -715,3 +724,9 @@ def test_an_explicit_resume_never_replaces_later_work_or_mixes_runs(tmp_path):
         find_resume_checkpoint(a, str(other))
     assert find_resume_checkpoint(a, str(ten)) == ten
     assert find_resume_checkpoint(tmp_path / "new", str(five)) == five
+    (a / "final").mkdir()  # an end cut short during its evaluation: redone from the newest, as --resume auto does
+    assert find_resume_checkpoint(a, str(ten)) == ten
+    (a / "eval").mkdir()
+    (a / "eval" / "metrics.json").write_text("{}")  # written after step-10: the run has finished
+    with pytest.raises(FittuneError, match=r"holds what the run did after it \(final/, eval/\)"):
+        find_resume_checkpoint(a, str(ten))

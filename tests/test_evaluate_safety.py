@@ -639,6 +639,35 @@ def test_the_majority_baseline_is_the_runs_own_training_rows_as_they_were(tmp_pa
         not (tmp_path / "ev2/comparison.json").exists()
 
 
+def test_a_run_with_a_hub_attention_kernel_keeps_its_majority_baseline(tmp_path, tiny_model_dir):
+    """The run's training rows are only read: its saved Hub kernel (which needs trust to load a model) does not
+    cost the baseline (the review found "saved config cannot be read ... pass --model.trust_remote_code")."""
+    from fittune.checkpoints import resolve_checkpoint
+    from fittune.evaluate_cli import run_training_rows
+
+    run = make_run(tmp_path, tiny_model_dir, **{"model.attn_implementation": "kernels-community/flash-attn2",
+                                               "model.trust_remote_code": True})
+    said = []
+    train = run_training_rows(resolve_checkpoint(str(run)), False, said.append)
+    assert said == [] and len(train) == 380  # the demo's 400 rows, 20 held out
+
+
+def test_a_model_without_a_run_is_compared_with_its_recipes_training_rows(tmp_path, tiny_model_dir, capsys):
+    """A model of no fittune run, scored on a recipe's test file: the baseline is the recipe's training file's
+    majority (the review found it dropped, unsaid, once baselines came from runs)."""
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:20]))
+    cfg = build_config(None, {"model.name_or_path": str(model), "data.path": str(DEMO_DATA), "data.test_path": str(test),
+                              "data.choices_column": "choices", "data.max_length": 96, "eval.batch_size": 8})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(to_yaml(cfg))
+    code, out, err = evaluate(["--checkpoint", model, "--config", recipe, "--output_dir", tmp_path / "ev"], capsys)
+    assert code == 0, err[-3000:]
+    assert "the majority baseline always predicts" in out
+    assert "majority" in json.loads((tmp_path / "ev/comparison.json").read_text())
+
+
 def test_a_tie_for_the_majority_is_broken_by_name_and_said():
     """Was: the class met first in the data (Counter order), unsaid; on these rows A or B gives 0.75 or 0.25."""
     from fittune.metrics import majority_baseline, majority_note

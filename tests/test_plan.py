@@ -439,6 +439,9 @@ def test_help_prints_usage_and_returns(capsys):
     (["--config", "configs/missing.yaml"], "fittune: error: config file not found: configs/missing.yaml"),
     (["--config", "configs/qwen2.5-3b-lora.yaml", "--gpus", "0"],
      "fittune: error: --gpus must be a whole number >= 1 (got '0')"),
+    (["--config", "configs/qwen2.5-3b-lora.yaml", "--train.optimizer", "adamw8bit", "--gpus", "2"],  # was: a crash
+     "fittune: error: train.optimizer adamw8bit is for full fine-tuning (LoRA's optimizer states are a few MB): use "
+     "train.optimizer adamw with LoRA"),
     (["--config", "configs/qwen2.5-3b-lora.yaml", "--gpus", "1", "--gpu-mem", "16000"],  # MB for GiB
      "fittune: error: --gpu-mem 16000 is in GiB: more than a GPU holds (over 1024 GiB); if you meant MB, pass 15.625"),
 ])

@@ -374,3 +374,6 @@ def test_the_cache_rebuilds_only_what_it_built(tmp_path):
         with pytest.raises(FittuneError, match="is not a model fittune cached there"):
             materialise(target, {"v": 1}, write)
     assert (theirs / "notes.md").read_text() == "mine" and (tmp_path / "link").is_symlink()
+    for f in built.rglob("*"):  # a cleaner emptied it, manifest too: rebuilt, as before
+        f.unlink() if f.is_file() else None
+    assert materialise(built, {"v": 1}, write) == built and (built / "weights.bin").read_bytes() == b"x" * 10

@@ -210,8 +210,15 @@ def test_flash_attention_without_its_package_never_fetches_a_hub_kernel(tmp_path
     assert hub_kernel_fallback("flash_attention_2") == "kernels-community/flash-attn2"
     assert hub_kernel_fallback("sdpa") is None and hub_kernel_fallback("eager") is None
     cfg = build_config(None, {"model.attn_implementation": "flash_attention_2"})
-    with pytest.raises(FittuneError, match="flash_attention_2: its package is not installed here, so transformers "
-                                           "would download and run the Hub kernel kernels-community/flash-attn2"):
+    with pytest.raises(FittuneError, match="flash_attention_2: transformers would download and run the Hub kernel "
+                                           "kernels-community/flash-attn2 for it"):
         load_model(str(tmp_path / "nowhere"), cfg, torch.float32)
+    assert hub_kernel_fallback("paged|flash_attention_2") == "kernels-community/flash-attn2"  # prefix dropped
     monkeypatch.setitem(FLASH_ATTENTION_COMPATIBILITY_MATRIX[2], "general_availability_check", lambda: True)
     assert hub_kernel_fallback("flash_attention_2") is None  # the installed package is what runs
+
+    class OwnKernel:  # a model class that names its own flash attention: transformers switches to it
+        _compatible_flash_implementations = ["kernels-community/vllm-flash-attn3"]
+
+    assert hub_kernel_fallback("flash_attention_2", OwnKernel) == "kernels-community/vllm-flash-attn3"
+    assert hub_kernel_fallback("sdpa", OwnKernel) is None
