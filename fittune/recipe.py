@@ -54,6 +54,7 @@ from fittune.distributed import (
     sum_across_ranks,
 )
 from fittune.errors import FittuneError
+from fittune.evaldir import check_eval_dir
 from fittune.evaluator import evaluate_and_report, validation_loss
 from fittune.final import save_final
 from fittune.hardware import peak_memory_gib, run_cpu_threads, set_cpu_threads
@@ -277,6 +278,8 @@ class FineTuneRecipe:
             self.lock = self._lock_run()
             self.dir_check = inspect_output_dir(self.out, cfg.resume, cfg.overwrite)
             complete = self.dir_check.complete
+            if cfg.resume and not complete and self.layout.eval.is_dir():  # its end replaces eval/: known now
+                check_eval_dir(self.layout.eval, "the run's eval/", run_writes=True)
 
         on_main_then_agree(self.accelerator, check)
         # every rank learns it (a sum): each then stops after the resume checks, before anything is written

@@ -197,6 +197,15 @@ def test_partial_checkpoint_is_skipped(tmp_path, tiny_model_dir):
     for d in ("final", "eval"):
         shutil.rmtree(done / d)
     copied = digest(done / "checkpoints" / "step-00000008")
+    from fittune.rundir import claim_dir
+
+    claim_dir(done / "eval", "eval")  # an earlier end's eval/, holding a note of the user's: refused before
+    (done / "eval" / "notes.md").write_text("mine")  # anything runs (was: found only at the end, after training)
+    log = (done / "train_log.jsonl").read_bytes()
+    refused = launch("train.py", ["--config", cfg, "--output_dir", done, "--resume", "auto"], check=False)
+    assert refused.returncode != 0 and "the run's eval/ " in refused.stderr and "also holds notes.md" in refused.stderr
+    assert (done / "train_log.jsonl").read_bytes() == log and (done / "eval" / "notes.md").read_text() == "mine"
+    shutil.rmtree(done / "eval")
     proc = launch("train.py", ["--config", cfg, "--output_dir", done, "--resume", "auto"])
     assert f"resumed from {done / 'checkpoints' / 'step-00000008'}" in proc.stdout and (done / "final").is_dir()
     assert digest(done / "checkpoints" / "step-00000008") == copied
