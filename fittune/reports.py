@@ -69,7 +69,9 @@ def write_eval_outputs(out_dir: str | os.PathLike | EvalDir, metrics: dict, pred
     whole (`rundir.publish_dir`). Only a directory fittune created is ever replaced; a user's non-empty
     directory is refused, never emptied."""
     reserved = out_dir if isinstance(out_dir, EvalDir) else None
-    out = check_eval_dir(reserved.out if reserved else out_dir, run_writes=reserved is None)
+    # unreserved: the training run's own eval/ (evaluate.py reserves its --output_dir, checked under that name)
+    out = check_eval_dir(reserved.out if reserved else out_dir, "the run's" if reserved is None else "--output_dir",
+                         run_writes=reserved is None)
     tmp = reserved.build if reserved else tmp_of(out)
     if reserved is None:
         claim_build_dir(tmp, "eval", f"{tmp} exists and was not created by fittune: move it away")  # refused above
