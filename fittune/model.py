@@ -74,8 +74,8 @@ def hub_kernel_fallback(attn_implementation: str, model_class: type | None = Non
     if not impl.startswith("flash_attention_"):
         return None
     own = getattr(model_class, "_compatible_flash_implementations", None) or []
-    if own and impl not in own:  # transformers switches to the model's own choice, a Hub kernel
-        return own[0]
+    if own and impl not in own:  # transformers switches to the model's own choice: a Hub kernel, or a package's
+        return own[0] if "/" in own[0] else hub_kernel_fallback(own[0])
     try:
         from transformers.modeling_flash_attention_utils import (
             FLASH_ATTENTION_COMPATIBILITY_MATRIX,

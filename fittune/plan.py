@@ -249,10 +249,16 @@ def _row_config(cfg: Config, option: LaunchOption, per_process: int) -> tuple[Co
     return row_cfg, "the recipe's own row" if same else ""
 
 
+def _trainable_dtype(cfg: Config, precision: Precision, itemsize: int) -> torch.dtype:
+    """The dtype of the trainable weights as training sees them: fp32 (4 bytes), else the weights' own 16-bit
+    dtype (model.dtype, or the mixed precision's for `auto`), which training reads off the parameters."""
+    return torch.float32 if itemsize == 4 else weights_dtype(cfg, precision)
+
+
 def _optimizer_reason(option: LaunchOption, cfg: Config, precision: Precision, itemsize: int) -> str:
     """Why the row's optimizer cannot run under its strategy (fittune.optim.unsupported), shortly; "" if it can."""
     t = cfg.train
-    dtype = {2: precision.half_dtype, 4: torch.float32}[itemsize]
+    dtype = _trainable_dtype(cfg, precision, itemsize)
     choice = choose(t.optimizer, t.optimizer_in_backward, dtype, option.strategy)
     if unsupported(choice, option.strategy, precision, cfg.lora.enabled) is None:
         return ""
@@ -304,10 +310,10 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = 
         raise FittuneError("GPU count, GPU memory and CPU memory must be positive")
     # GiB, not MB: a value no machine has is a unit mistake, not a plan to print
     for flag, value, most, what in (("--gpu-mem", hw.gpu_mem_gib, 1024, "a GPU"),
-                                    ("--cpu-mem", hw.cpu_mem_gib, 64 * 1024, "a machine's RAM")):
+                                    ("--cpu-mem", hw.cpu_mem_gib, 8 * 1024, "a machine's RAM")):
         if value > most:
             raise FittuneError(f"{flag} {value:g} is in GiB: more than {what} holds (over {most} GiB); if you meant "
-                               f"MB, pass {value / 1024:g}")
+                               f"MiB (as nvidia-smi and free -m print), pass {value / 1024:g}")
     # planned for a GPU even on a machine without one (hw.bf16 is then assumed)
     precision = resolve_precision(cfg.train.mixed_precision, LAUNCHER_PRECISION, gpu=True, bf16_supported=hw.bf16)
     cache: dict[torch.dtype, ModelShape] = {}
@@ -335,7 +341,7 @@ def _refuse_what_no_launch_runs(cfg: Config, precision: Precision, itemsize: int
     """A recipe whose optimizer no launch runs (e.g. LoRA with low-bit states) gets training's own refusal, not a
     table of rows that cannot run."""
     t, one = cfg.train, Strategy()
-    dtype = {2: precision.half_dtype, 4: torch.float32}[itemsize]
+    dtype = _trainable_dtype(cfg, precision, itemsize)
     why = unsupported(choose(t.optimizer, t.optimizer_in_backward, dtype, one), one, precision, cfg.lora.enabled)
     if why is not None:
         raise FittuneError(why)
@@ -346,7 +352,7 @@ def _runs_in_one_process(cfg: Config, precision: Precision, itemsize: int) -> bo
     multi-process strategy (steps in backward, torchao's low-bit states; bf16 weights' stochastic rounding
     is refused under DDP only, as ZeRO and FSDP2 keep fp32 master weights)."""
     t = cfg.train
-    dtype = {2: precision.half_dtype, 4: torch.float32}[itemsize]
+    dtype = _trainable_dtype(cfg, precision, itemsize)
 
     def refused(s: Strategy) -> bool:
         return unsupported(choose(t.optimizer, t.optimizer_in_backward, dtype, s), s, precision, cfg.lora.enabled) \
@@ -371,12 +377,13 @@ def _global_batch_notes(cfg: Config, hw: Hardware, one_process: bool) -> list[st
                 f"layers spread over the {hw.gpus}); to train on all {hw.gpus} GPUs at once, use torch's AdamW with "
                 f"fp32 master weights (train.optimizer adamw, model.dtype auto, no optimizer_in_backward), as "
                 f"configs/qwen2.5-3b-full.yaml does"]
-    keep = (f"--train.grad_accum {t.grad_accum // hw.gpus} keeps {one} rows per step"
-            if t.grad_accum % hw.gpus == 0 else "a smaller --train.grad_accum makes it smaller"
-            if t.grad_accum > 1 else "a smaller --train.micro_batch_size makes it smaller")
+    keep = (f"; --train.grad_accum {t.grad_accum // hw.gpus} keeps {one} rows per step"
+            if t.grad_accum % hw.gpus == 0 else "; a smaller --train.grad_accum makes it smaller"
+            if t.grad_accum > 1 else "; a smaller --train.micro_batch_size makes it smaller"
+            if t.micro_batch_size > 1 else "")
     return [f"the global batch is the recipe's micro-batch x accumulation on each of {hw.gpus} GPUs: "
             f"{one * hw.gpus} rows per optimizer step, {hw.gpus}x the {one} of one GPU, at the recipe's learning "
-            f"rate ({t.lr:g}); {keep}"]
+            f"rate ({t.lr:g}){keep}"]
 
 
 def _preference(strategy: Strategy, gpus: int) -> int:

@@ -278,7 +278,7 @@ class FineTuneRecipe:
             self.lock = self._lock_run()
             self.dir_check = inspect_output_dir(self.out, cfg.resume, cfg.overwrite)
             complete = self.dir_check.complete
-            if cfg.resume and not complete and self.layout.eval.is_dir():  # its end replaces eval/: known now
+            if cfg.resume and not complete:  # its end replaces eval/ (built beside it): refused now, not then
                 check_eval_dir(self.layout.eval, "the run's eval/", run_writes=True)
 
         on_main_then_agree(self.accelerator, check)
@@ -447,7 +447,9 @@ class FineTuneRecipe:
             self.split.micro_batch_size = state.get("micro_batch_size", self.split.micro_batch_size)
             self.split.grad_accum = state.get("grad_accum", self.split.grad_accum)
         self.split.apply(self.accelerator, self.strategy, self.model, self.global_batch)
-        self.resume_how, self.resumed_at = how, self.counters.step
+        self.resume_how = how
+        if self.resume_from.resolve().parent == self.layout.checkpoints.resolve():  # this run's own (not a branch's)
+            self.resumed_at = self.counters.step
 
     def _commit_output_dir(self) -> None:
         """The first writes: claim (create, mark, lock) output_dir, then the config, held-out ids and log."""

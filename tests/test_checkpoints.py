@@ -209,6 +209,10 @@ def test_partial_checkpoint_is_skipped(tmp_path, tiny_model_dir):
     proc = launch("train.py", ["--config", cfg, "--output_dir", done, "--resume", "auto"])
     assert f"resumed from {done / 'checkpoints' / 'step-00000008'}" in proc.stdout and (done / "final").is_dir()
     assert digest(done / "checkpoints" / "step-00000008") == copied
+    # a branch from another run's last checkpoint still saves its own (the skip is for the run's own only)
+    branch = tmp_path / "branch"
+    launch("train.py", ["--config", cfg, "--output_dir", branch, "--resume", ref / "checkpoints" / "step-00000008"])
+    assert (branch / "checkpoints" / "step-00000008" / "trainer_state.json").is_file()
 
 
 def test_incompatible_checkpoint_refused(tmp_path, tiny_model_dir):

@@ -442,8 +442,13 @@ def test_help_prints_usage_and_returns(capsys):
     (["--config", "configs/qwen2.5-3b-lora.yaml", "--train.optimizer", "adamw8bit", "--gpus", "2"],  # was: a crash
      "fittune: error: train.optimizer adamw8bit is for full fine-tuning (LoRA's optimizer states are a few MB): use "
      "train.optimizer adamw with LoRA"),
+    (["--config", "configs/qwen2.5-3b-full.yaml", "--model.dtype", "float16", "--train.optimizer", "adamw8bit",
+      "--train.mixed_precision", "bf16"],  # the weights' own dtype, as training reads it (was: taken as bf16)
+     "fittune: error: fp16 weights cannot be trained with low-bit states or stochastic rounding: keep fp32 master "
+     "weights (model.dtype auto) on an fp16 GPU, or bf16 weights (model.dtype bfloat16) where it has bf16"),
     (["--config", "configs/qwen2.5-3b-lora.yaml", "--gpus", "1", "--gpu-mem", "16000"],  # MB for GiB
-     "fittune: error: --gpu-mem 16000 is in GiB: more than a GPU holds (over 1024 GiB); if you meant MB, pass 15.625"),
+     "fittune: error: --gpu-mem 16000 is in GiB: more than a GPU holds (over 1024 GiB); if you meant MiB (as "
+     "nvidia-smi and free -m print), pass 15.625"),
 ])
 def test_cli_bad_input_is_one_error_line_and_exit_2(args, message):
     proc = _plan_cli(*args)
@@ -515,6 +520,11 @@ def test_lowbit_rows_and_refusals_in_the_plan():
     assert ("this recipe's optimizer runs in one process (train.optimizer adamw8bit, optimizer_in_backward, "
             "model.dtype bfloat16): it is planned at its own global batch of 2 rows on one GPU") in P.render(own)
     assert "x 1 process = global batch 2" in P.render(own)
+    # bf16 weights under fp16 mixed precision are bf16 to the optimizer (was: taken as fp16 and refused)
+    mixed = build_config(str(ROOT / "configs/qwen2.5-3b-full.yaml"), {"model.dtype": "bfloat16",
+                                                                     "train.mixed_precision": "fp16",
+                                                                     "train.optimizer": "adamw8bit"})
+    assert P.make_plan(mixed, 2, 80, 64).recommended is not None
     row = next(ln for ln in P.render(own).splitlines() if ln.startswith("single GPU, bf16 + 8-bit"))
     assert "the recipe's own row" in row and "yes" not in row  # not offered (was: "yes (1 GPU)")
     # was "nothing fits" although a one-GPU row did, once a second GPU was given; and said to try gradient
