@@ -555,9 +555,10 @@ _COMMAND_FLAGS = {"overwrite": "--overwrite", "resume": "--resume auto", "trust_
                   "model.trust_remote_code": "--model.trust_remote_code true"}
 
 
-def parse_overrides(argv: list[str]) -> dict[str, Any]:
-    """Turn `--a.b value` / `--a.b=value` pairs into {"a.b": parsed value} (values parsed as YAML scalars)."""
-    out: dict[str, Any] = {}
+def split_overrides(argv: list[str]) -> list[tuple[str, str | None]]:
+    """`--a.b value` / `--a.b=value` / a bare `--overwrite` -> [("a.b", "value"), ("overwrite", None)]: the
+    keys and their text as typed (None: a bare flag, which means true)."""
+    out: list[tuple[str, str | None]] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -565,7 +566,7 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
             raise FittuneError(f"unexpected argument '{arg}': overrides look like --train.lr 2e-4")
         key, eq, value = arg[2:].partition("=")
         if not eq and key in _BARE_FLAGS and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
-            out[key] = True  # `--overwrite` alone means true
+            out.append((key, None))  # `--overwrite` alone means true
             i += 1
             continue
         if not eq:
@@ -573,9 +574,14 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
                 raise FittuneError(f"option '--{key}' needs a value, e.g. --{key} VALUE")
             value = argv[i + 1]
             i += 1
-        out[key] = parse_value(key, value)
+        out.append((key, value))
         i += 1
     return out
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """Turn `--a.b value` / `--a.b=value` pairs into {"a.b": parsed value} (values parsed as YAML scalars)."""
+    return {key: True if text is None else parse_value(key, text) for key, text in split_overrides(argv)}
 
 
 _NULLS = ("null", "Null", "NULL", "~")

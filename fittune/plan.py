@@ -31,7 +31,7 @@ from fittune.activations import (
     layer_activation_terms,
 )
 from fittune.cli import DEMO_RECIPE, split_flag
-from fittune.config import RUN_CONTROL, Config, all_keys, build_config, parse_overrides
+from fittune.config import RUN_CONTROL, Config, all_keys, build_config, parse_overrides, split_overrides
 from fittune.entry import run_cli
 from fittune.errors import FittuneError
 from fittune.estimate import (
@@ -646,15 +646,8 @@ def _number(flag: str, value: str | None, kind: type) -> int | float | None:
 def _raw_overrides(argv: list[str]) -> list[str]:
     """The override arguments as given (`--key value` pairs), for the printed launch command, without the
     micro-batch / accumulation keys the plan sets itself."""
-    out, i = [], 0
-    while i < len(argv):
-        key, eq, value = argv[i][2:].partition("=")
-        if not eq:
-            value, i = argv[i + 1], i + 1
-        if key not in ("train.micro_batch_size", "train.grad_accum"):
-            out += [f"--{key}", value]
-        i += 1
-    return out
+    return [arg for key, text in split_overrides(argv) if key not in ("train.micro_batch_size", "train.grad_accum")
+            for arg in (f"--{key}", *(() if text is None else (text,)))]
 
 
 HARDWARE_FLAGS = ("gpus", "gpu-mem", "cpu-mem")

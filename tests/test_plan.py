@@ -569,3 +569,10 @@ def test_the_hardware_note_names_only_what_was_not_given():
     notes = " ".join(detect_hardware(2, None, 64).notes)
     assert "no --gpu-mem: planning for 2 GPUs x 16 GiB" in notes and "--gpus/" not in notes
     assert "no --gpus and --gpu-mem: planning for 1 GPU" in " ".join(detect_hardware(None, None, 64).notes)
+
+
+def test_the_printed_command_carries_the_flags_as_given():
+    """A bare flag is passed on as it was typed (was: IndexError, a traceback, for `--overwrite`); the keys the
+    plan sets itself are not repeated."""
+    assert P._raw_overrides(["--overwrite", "--train.lr=3e-4", "--train.micro_batch_size", "2", "--resume", "auto"]) \
+        == ["--overwrite", "--train.lr", "3e-4", "--resume", "auto"]
