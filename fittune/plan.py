@@ -249,21 +249,22 @@ def _row_config(cfg: Config, option: LaunchOption, per_process: int) -> tuple[Co
     return row_cfg, "the recipe's own row" if same else ""
 
 
-def _trainable_dtype(cfg: Config, precision: Precision, itemsize: int) -> torch.dtype:
-    """The dtype of the trainable weights as training sees them: fp32 (4 bytes), else the weights' own 16-bit
-    dtype (model.dtype, or the mixed precision's for `auto`), which training reads off the parameters."""
-    return torch.float32 if itemsize == 4 else weights_dtype(cfg, precision)
+def _optimizer_refusal(cfg: Config, precision: Precision, itemsize: int, strategy: Strategy) -> str | None:
+    """fittune.optim.unsupported for the recipe's optimizer under `strategy`, with the trainable weights' dtype
+    as training reads it off the parameters: fp32 (4 bytes), else the weights' own 16-bit dtype."""
+    t = cfg.train
+    dtype = torch.float32 if itemsize == 4 else weights_dtype(cfg, precision)
+    choice = choose(t.optimizer, t.optimizer_in_backward, dtype, strategy)
+    return unsupported(choice, strategy, precision, cfg.lora.enabled)
 
 
 def _optimizer_reason(option: LaunchOption, cfg: Config, precision: Precision, itemsize: int) -> str:
-    """Why the row's optimizer cannot run under its strategy (fittune.optim.unsupported), shortly; "" if it can."""
+    """Why the row's optimizer cannot run under its strategy, shortly; "" if it can."""
     t = cfg.train
-    dtype = _trainable_dtype(cfg, precision, itemsize)
-    choice = choose(t.optimizer, t.optimizer_in_backward, dtype, option.strategy)
-    if unsupported(choice, option.strategy, precision, cfg.lora.enabled) is None:
+    if _optimizer_refusal(cfg, precision, itemsize, option.strategy) is None:
         return ""
-    return "not with optimizer_in_backward" if choice.in_backward else f"not with train.optimizer {t.optimizer}" \
-        if choice.name != "adamw" else "not with bf16 weights"
+    return "not with optimizer_in_backward" if t.optimizer_in_backward else f"not with train.optimizer {t.optimizer}" \
+        if t.optimizer != "adamw" else "not with bf16 weights"
 
 
 def _fitted(option: LaunchOption, cfg: Config, shapes: Callable[[Config, Precision], ModelShape], hw: Hardware,
@@ -340,26 +341,17 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = 
 def _refuse_what_no_launch_runs(cfg: Config, precision: Precision, itemsize: int) -> None:
     """A recipe whose optimizer no launch runs (e.g. LoRA with low-bit states) gets training's own refusal, not a
     table of rows that cannot run."""
-    t, one = cfg.train, Strategy()
-    dtype = _trainable_dtype(cfg, precision, itemsize)
-    why = unsupported(choose(t.optimizer, t.optimizer_in_backward, dtype, one), one, precision, cfg.lora.enabled)
+    why = _optimizer_refusal(cfg, precision, itemsize, Strategy())
     if why is not None:
         raise FittuneError(why)
 
 
 def _runs_in_one_process(cfg: Config, precision: Precision, itemsize: int) -> bool:
-    """Whether the recipe's optimizer runs in one process only: fittune.optim.unsupported refuses it under every
-    multi-process strategy (steps in backward, torchao's low-bit states; bf16 weights' stochastic rounding
-    is refused under DDP only, as ZeRO and FSDP2 keep fp32 master weights)."""
-    t = cfg.train
-    dtype = _trainable_dtype(cfg, precision, itemsize)
-
-    def refused(s: Strategy) -> bool:
-        return unsupported(choose(t.optimizer, t.optimizer_in_backward, dtype, s), s, precision, cfg.lora.enabled) \
-            is not None
-
-    # runs on one process, and on no multi-process strategy (a recipe refused everywhere is not one-process)
-    return not refused(Strategy()) and all(refused(Strategy.named(name, 2)) for name in ("ddp", "zero2", "fsdp2"))
+    """Whether the recipe's optimizer runs in one process only (after `_refuse_what_no_launch_runs`: it runs in
+    one): refused under every multi-process strategy (steps in backward, torchao's low-bit states; bf16
+    weights' stochastic rounding is refused under DDP only, as ZeRO and FSDP2 keep fp32 master weights)."""
+    return all(_optimizer_refusal(cfg, precision, itemsize, Strategy.named(name, 2)) is not None
+               for name in ("ddp", "zero2", "fsdp2"))
 
 
 def _global_batch_notes(cfg: Config, hw: Hardware, one_process: bool) -> list[str]:
