@@ -314,18 +314,19 @@ def run_training_rows(info: CheckpointInfo, class_task: bool | None, say, data_p
                     ", these rows are scored the other way")
     try:
         train, test = load_splits(run_cfg.data, run_cfg.seed)
-        source = source_digest(run_cfg.data)  # the bytes of its training file, and of its test file if any
     except FittuneError as e:  # its data moved, or cannot be read here
         return none(f"the run's training rows cannot be read ({e})")
     changed = f"the run's data {run_cfg.data.path} changed since training"
     trained = ((_saved_config(info) or {}).get("run") or {}).get("train_sha256")
     if trained is not None:  # the rows themselves, as the run mapped them
         return train if examples_digest(train) == trained else none(changed)
+    # an older run: its held-out rows' digest, and its data files' bytes (a hub dataset has none)
     by_id = {x.id: x for x in train + test}
     held = [by_id.get(i) for i in record["ids"]]
     saved_source = record.get("source_sha256")
-    if (None in held or record.get("examples_sha256") not in (None, examples_digest(held))
-            or None not in (source, saved_source) and source != saved_source):  # a hub dataset has no bytes
+    if None in held or record.get("examples_sha256") not in (None, examples_digest(held)):
+        return none(changed)
+    if saved_source is not None and source_digest(run_cfg.data) not in (None, saved_source):
         return none(changed)
     return train
 
