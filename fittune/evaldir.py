@@ -21,6 +21,7 @@ from fittune.rundir import (
     check_not_inside_fittune_dir,
     check_writable_dir,
     claim_dir,
+    foreign_names,
     interrupted_claim,
     marker_kind,
     missing_parents,
@@ -50,7 +51,7 @@ def check_eval_dir(out_dir: str | os.PathLike, flag: str = "--output_dir", run_w
     if not run_writes and real.name in RUN_NAMES and owned(real.parent, "train"):
         raise FittuneError(f"{flag} {out} is the run's own {real.name}/, what its training wrote: name it "
                            f"eval-SOMETHING there, or choose a directory outside the run")
-    foreign = _foreign_in_eval(out) if _ours(out) else []
+    foreign = foreign_names(out, EVAL_FILES) if _ours(out) else []  # not an evaluation's own files
     if foreign:  # e.g. notes.md, or a copy of the very model being scored: replacing the results deletes them
         raise FittuneError(f"{flag} {out} also holds {', '.join(foreign)}, which fittune did not write and "
                            f"replacing the evaluation there would delete: move them out first, or choose another "
@@ -67,12 +68,6 @@ def check_eval_dir(out_dir: str | os.PathLike, flag: str = "--output_dir", run_w
         raise FittuneError(f"{tmp} exists and was not created by fittune: move it away (fittune builds "
                            f"{out.name}/ next to it before replacing the old one)")
     return out
-
-
-def _foreign_in_eval(out: Path) -> list[str]:
-    """What in fittune's evaluation directory `out` is not an evaluation's own file (links never are)."""
-    return [e.name + ("@" if e.is_symlink() else "/" if e.is_dir() else "") for e in sorted(out.iterdir())
-            if e.is_symlink() or e.name not in EVAL_FILES and not (e.name.startswith(".") and ".tmp-" in e.name)]
 
 
 def _ours(path: Path) -> bool:

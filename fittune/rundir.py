@@ -24,6 +24,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -642,18 +643,27 @@ def _holder_of(fd: int) -> str:
 # ---- the training output directory ----------------------------------------------------------------------------
 
 
+def foreign_names(path: Path, ours: frozenset[str] | set[str],
+                  also_ours: Callable[[Path], bool] = lambda entry: False) -> list[str]:
+    """What in the directory `path` fittune did not write: names not in `ours` (nor the temporary names of its
+    atomic writes and publish_dir, nor what `also_ours` accepts), and every symbolic link (never fittune's);
+    a directory's name ends in `/`, a link's in `@`."""
+    foreign = []
+    for entry in sorted(path.iterdir()):
+        name = entry.name
+        temporary = name.startswith(".") and (".tmp-" in name or ".old-" in name)  # atomic writes, publish_dir
+        if entry.is_symlink() or not (name in ours or temporary or also_ours(entry)):
+            foreign.append(name + ("@" if entry.is_symlink() else "/" if entry.is_dir() else ""))
+    return foreign
+
+
 def foreign_entries(run: Path) -> list[str]:
     """What in the run directory `run` fittune did not write: names it never uses, and symbolic links (never
     fittune's), which --overwrite would delete with the run, or through which fittune would write."""
-    ours = RUN_NAMES | {MARKER, LOCK_INFO, REPLACED}
-    foreign = []
-    for entry in sorted(run.iterdir()):
-        name = entry.name
-        temporary = name.startswith(".") and (".tmp-" in name or ".old-" in name)  # atomic writes, publish_dir
-        # evaluate.py's RUN/eval-NAME (or its build directory, also one killed before it was marked)
-        evaluation = name.startswith("eval") and (owned(entry, "eval") or interrupted_claim(entry))
-        if entry.is_symlink() or not (name in ours or temporary or evaluation):
-            foreign.append(name + ("@" if entry.is_symlink() else "/" if entry.is_dir() else ""))
+    def evaluation(entry: Path) -> bool:  # evaluate.py's RUN/eval-NAME (or its build, also one killed unmarked)
+        return entry.name.startswith("eval") and (owned(entry, "eval") or interrupted_claim(entry))
+
+    foreign = foreign_names(run, RUN_NAMES | {MARKER, LOCK_INFO, REPLACED}, evaluation)
     saves = RunLayout(run).checkpoints
     if saves.is_dir() and not saves.is_symlink():  # e.g. a step-best/ copied aside there is the user's
         foreign += [f"checkpoints/{c.name}" for c in sorted(saves.iterdir()) if not (
