@@ -91,13 +91,14 @@ def hub_kernel_fallback(attn_implementation: str, model_class: type | None = Non
     return FLASH_ATTN_KERNEL_FALLBACK.get(impl)
 
 
-def _causal_lm_class(path: str, trust_remote_code: bool) -> type | None:
-    """The transformers class `from_pretrained` would build for `path` (None: not known without loading)."""
+def _causal_lm_class(path: str) -> type | None:
+    """The transformers class `from_pretrained` would build for `path`, from its config alone, running none of
+    its own code (None: not known that way)."""
     try:
         from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-        return MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))]
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(path, trust_remote_code=False))]
     except (OSError, ValueError, KeyError):
         return None
 
@@ -109,7 +110,7 @@ def load_model(path: str, cfg: Config, dtype: torch.dtype):
 
     impl = cfg.model.attn_implementation
     flash = not cfg.model.trust_remote_code and "flash_attention_" in impl
-    fallback = hub_kernel_fallback(impl, _causal_lm_class(path, False)) if flash else None
+    fallback = hub_kernel_fallback(impl, _causal_lm_class(path)) if flash else None
     if fallback is not None:
         raise FittuneError(f"model.attn_implementation {impl}: transformers would download and run the Hub kernel "
                            f"{fallback} for it (the package is not installed here, or the model names that kernel "
