@@ -146,8 +146,7 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
     model, optimizer = accelerator.prepare(model, setup.optimizer)
     model.train()
     runner = StepRunner(accelerator, strategy, model, optimizer, scheduler, params, head, cfg.train.max_grad_norm,
-                        Precision("bf16"))
-    runner.in_backward = setup.in_backward
+                        Precision("bf16"), setup.in_backward)
     accelerator.gradient_accumulation_steps = case["accum"]
     ids = torch.randint(0, config.vocab_size, (case["micro"], case["seq"]), device=dev)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}

@@ -416,7 +416,8 @@ class TrainConfig(_Section):
 
 
 def _check_in_backward(t: TrainConfig) -> None:
-    """What train.optimizer_in_backward cannot do, each refused with the reason and the fix."""
+    """What train.optimizer_in_backward cannot do under any launch, each refused with the reason and the fix
+    (what it cannot do under a launch's strategy or precision, e.g. fp16 loss scaling: fittune.supported)."""
     why = "train.optimizer_in_backward steps each parameter as soon as its gradient is ready"
     if t.grad_accum > 1:
         raise ValueError(f"{why}, so gradients cannot be accumulated: set train.grad_accum 1 (a larger "
@@ -427,9 +428,6 @@ def _check_in_backward(t: TrainConfig) -> None:
     if t.oom_adaptive:
         raise ValueError(f"{why}, so a step that runs out of memory cannot be redone: turn train.oom_adaptive "
                          f"off (python -m fittune.plan picks a micro-batch that fits)")
-    if t.mixed_precision == "fp16":
-        raise ValueError(f"{why}, but fp16 loss scaling must check every gradient before any update: use bf16 "
-                         f"(train.mixed_precision bf16) or turn optimizer_in_backward off")
 
 
 class EvalConfig(_Section):

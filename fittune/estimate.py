@@ -152,15 +152,9 @@ class Estimate:
         return sum(self.cpu.values())
 
 
-def one_process_per_gpu(strategy: Strategy) -> bool:
-    """DDP and the sharding engines launch one process per GPU; a single GPU and the device map (one process
-    whose layers span the GPUs) one process in all."""
-    return not strategy.plain
-
-
 def processes(strategy: Strategy, gpus: int) -> int:
     """Processes `strategy` launches on `gpus` GPUs."""
-    return gpus if one_process_per_gpu(strategy) else 1
+    return gpus if strategy.one_process_per_gpu else 1
 
 
 def min_gpus(strategy: Strategy) -> int:

@@ -104,3 +104,9 @@ def place_model(model: torch.nn.Module, max_memory_cfg: dict[str, str] | None, d
 def input_device(model: torch.nn.Module) -> torch.device:
     """Where the model's inputs go: the device of its input embeddings."""
     return model.get_input_embeddings().weight.device
+
+
+def batch_device(model: torch.nn.Module, accelerator, strategy) -> torch.device:
+    """Where this process puts a batch for `model`: a device-mapped model's input embeddings (its first block),
+    else the process's own device."""
+    return input_device(accelerator.unwrap_model(model)) if strategy.device_map else accelerator.device

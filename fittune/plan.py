@@ -38,14 +38,13 @@ from fittune.estimate import (
     Estimate,
     Workload,
     estimate,
-    one_process_per_gpu,
     processes,
 )
 from fittune.hardware import GIB, Hardware, detect_hardware
 from fittune.model_shapes import ModelShape, model_shape
-from fittune.optim import choose, unsupported
 from fittune.precision import Precision, resolve_precision, weights_dtype
 from fittune.strategy import Strategy
+from fittune.supported import check_supported, refusal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The planner plans launches with this repository's accelerate configs, which set mixed_precision 'no' or leave
@@ -130,11 +129,6 @@ OPTION_BY_NAME = {o.name: o for o in LAUNCH_OPTIONS if not o.recipe_overrides}
 """The recipe's own row of each strategy."""
 
 
-def _single_gpu(strategy: Strategy) -> bool:
-    """One process on one GPU: no DDP, no sharding engine, no device map."""
-    return not (one_process_per_gpu(strategy) or strategy.device_map)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The plan
 
@@ -186,7 +180,7 @@ class Plan:
         if config is None:
             return f"python {train} {tail}"
         cmd = f"accelerate launch --config_file {_from_here(_config_path(config))}"
-        if one_process_per_gpu(est.strategy):
+        if est.strategy.one_process_per_gpu:
             cmd += f" --num_processes {est.processes}"
         return f"{cmd} {train} {tail}"
 
@@ -249,24 +243,6 @@ def _row_config(cfg: Config, option: LaunchOption, per_process: int) -> tuple[Co
     return row_cfg, "the recipe's own row" if same else ""
 
 
-def _optimizer_refusal(cfg: Config, precision: Precision, itemsize: int, strategy: Strategy) -> str | None:
-    """fittune.optim.unsupported for the recipe's optimizer under `strategy`, with the trainable weights' dtype
-    as training reads it off the parameters: fp32 (4 bytes), else the weights' own 16-bit dtype."""
-    t = cfg.train
-    dtype = torch.float32 if itemsize == 4 else weights_dtype(cfg, precision)
-    choice = choose(t.optimizer, t.optimizer_in_backward, dtype, strategy)
-    return unsupported(choice, strategy, precision, cfg.lora.enabled)
-
-
-def _optimizer_reason(option: LaunchOption, cfg: Config, precision: Precision, itemsize: int) -> str:
-    """Why the row's optimizer cannot run under its strategy, shortly; "" if it can."""
-    t = cfg.train
-    if _optimizer_refusal(cfg, precision, itemsize, option.strategy) is None:
-        return ""
-    return "not with optimizer_in_backward" if t.optimizer_in_backward else f"not with train.optimizer {t.optimizer}" \
-        if t.optimizer != "adamw" else "not with bf16 weights"
-
-
 def _fitted(option: LaunchOption, cfg: Config, shapes: Callable[[Config, Precision], ModelShape], hw: Hardware,
             precision: Precision, global_batch: int) -> Row:
     """`option` at the largest micro-batch that fits (or 1), with the accumulation that keeps the global
@@ -280,7 +256,8 @@ def _fitted(option: LaunchOption, cfg: Config, shapes: Callable[[Config, Precisi
         why_not = why_not or "needs a bf16 GPU"  # fp16 GPUs keep fp32 master weights
     row_precision = Precision("bf16", "the row's recipe keys") if option.recipe_overrides else precision
     shape, t = shapes(row_cfg, row_precision), row_cfg.train
-    why_not = why_not or _optimizer_reason(option, row_cfg, row_precision, shape.trainable_itemsize)
+    refused = refusal(row_cfg, option.strategy, row_precision)  # training's own check, before it loads anything
+    why_not = why_not or (f"not with {refused.setting}" if refused else "")
     sizes = [per_process] if t.optimizer_in_backward else _micro_candidates(t.micro_batch_size, per_process)
     for m in sizes:  # always ends with 1, unless in backward
         work = Workload(m, row_cfg.data.max_length, t.gradient_checkpointing, t.loss_chunk_size, row_precision,
@@ -326,8 +303,8 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = 
         return cache[dtype]
 
     shape = shapes(cfg, precision)
-    _refuse_what_no_launch_runs(cfg, precision, shape.trainable_itemsize)
-    one_process = _runs_in_one_process(cfg, precision, shape.trainable_itemsize)
+    _refuse_what_no_launch_runs(cfg, precision)
+    one_process = _runs_in_one_process(cfg, precision)
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * (1 if one_process else hw.gpus)
     rows = [_fitted(o, cfg, shapes, hw, precision, global_batch) for o in LAUNCH_OPTIONS]
     estimates = [r.estimate for r in rows]
@@ -338,19 +315,17 @@ def make_plan(cfg: Config, gpus: int | None = None, gpu_mem_gib: float | None = 
                 list(shape.notes) + _hardware_notes(cfg, hw) + _global_batch_notes(cfg, hw, one_process), rows)
 
 
-def _refuse_what_no_launch_runs(cfg: Config, precision: Precision, itemsize: int) -> None:
-    """A recipe whose optimizer no launch runs (e.g. LoRA with low-bit states) gets training's own refusal, not a
-    table of rows that cannot run."""
-    why = _optimizer_refusal(cfg, precision, itemsize, Strategy())
-    if why is not None:
-        raise FittuneError(why)
+def _refuse_what_no_launch_runs(cfg: Config, precision: Precision) -> None:
+    """A recipe no launch runs (e.g. LoRA with low-bit states: not even one process runs it) gets training's own
+    refusal, not a table of rows that cannot run."""
+    check_supported(cfg, Strategy(), precision)
 
 
-def _runs_in_one_process(cfg: Config, precision: Precision, itemsize: int) -> bool:
+def _runs_in_one_process(cfg: Config, precision: Precision) -> bool:
     """Whether the recipe's optimizer runs in one process only (after `_refuse_what_no_launch_runs`: it runs in
     one): refused under every multi-process strategy (steps in backward, torchao's low-bit states; bf16
     weights' stochastic rounding is refused under DDP only, as ZeRO and FSDP2 keep fp32 master weights)."""
-    return all(_optimizer_refusal(cfg, precision, itemsize, Strategy.named(name, 2)) is not None
+    return all(refusal(cfg, Strategy.named(name, 2), precision) is not None
                for name in ("ddp", "zero2", "fsdp2"))
 
 
@@ -385,9 +360,9 @@ def _preference(strategy: Strategy, gpus: int) -> int:
     offload strategies (bound by the CPU's optimizer step)."""
     if gpus == 1:
         return 0
-    if one_process_per_gpu(strategy) and not strategy.offload:
+    if strategy.one_process_per_gpu and not strategy.offload:
         return 0
-    return 1 if _single_gpu(strategy) else 2
+    return 1 if strategy.single_gpu else 2
 
 
 def _hardware_notes(cfg: Config, hw: Hardware) -> list[str]:
@@ -484,7 +459,7 @@ def _table_lines(plan: Plan) -> list[str]:
     for row in plan.rows:
         if row.option.recipe_overrides and plan.shape.lora:
             continue  # the low-bit in-backward rows are full fine-tuning recipes: nothing to say for LoRA
-        est, single = row.estimate, _single_gpu(row.estimate.strategy)
+        est, single = row.estimate, row.estimate.strategy.single_gpu
         label = row.option.title + (
             f" ({'LoRA' if plan.shape.lora else 'full'})" if single and not row.option.recipe_overrides else "")
         if not est.applicable:

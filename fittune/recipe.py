@@ -71,7 +71,7 @@ from fittune.model import (
 )
 from fittune.notices import quiet_scheduler_order_notice
 from fittune.optim import build_optimizer
-from fittune.placement import input_device, place_model
+from fittune.placement import batch_device, place_model
 from fittune.precision import weights_dtype
 from fittune.progress import TrainingProgress
 from fittune.reports import metrics_table, plot_loss_curve
@@ -93,6 +93,7 @@ from fittune.signals import StopRequest
 from fittune.sources import absolute_path, source_digest
 from fittune.splits import examples_digest, groups_note, leaked_rows_note, load_splits, other_splits_note
 from fittune.step import BatchSplit, OomAdaptive, StepPlan, StepResult, StepRunner
+from fittune.supported import check_supported
 from fittune.testing import install_oom_injection
 
 if TYPE_CHECKING:
@@ -255,11 +256,10 @@ class FineTuneRecipe:
                                      None if cfg.log_with == "none" else cfg.log_with, str(self.out))
         self.accelerator, self.precision, self.strategy = launched.accelerator, launched.precision, launched.strategy
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
-        if cfg.train.oom_adaptive:
-            OomAdaptive.check_supported(self.strategy)
-        if cfg.train.compile and self.strategy.sharded:
-            raise FittuneError("train.compile works with one process, DDP and model.parallel: auto, not under "
-                               "DeepSpeed or FSDP2 (their hooks run inside each layer call): turn it off there")
+        check_supported(cfg, self.strategy, self.precision)  # what the planner asks too, before anything loads
+        if self.strategy.deepspeed:  # the recipe's batch and clipping into its config, before ZeRO-3 builds the model
+            t = cfg.train
+            configure_deepspeed(self.accelerator, self.strategy, t.micro_batch_size, t.grad_accum, t.max_grad_norm)
         threads = run_cpu_threads(cfg.train.cpu_threads, self.strategy, self.accelerator.device)
         if threads.why:
             set_cpu_threads(threads)
@@ -354,9 +354,6 @@ class FineTuneRecipe:
         self.total_steps, self.steps_per_epoch = count_steps(len(self.train_set), self.global_batch,
                                                                cfg.train.max_steps, cfg.train.epochs,
                                                                len(train_stats.dropped_ids), cfg.data.max_length)
-        if self.strategy.deepspeed:
-            configure_deepspeed(self.accelerator, self.strategy, cfg.train.micro_batch_size, cfg.train.grad_accum,
-                                cfg.train.max_grad_norm)
 
     def _settle_classes(self, train: list[Example], test: list[Example]) -> None:
         """Record the candidates in the run's config (evaluate.py on other data scores the same ones), and say
@@ -411,12 +408,11 @@ class FineTuneRecipe:
         # (DeepSpeed refuses any device_placement argument; a device map never runs under it)
         placement = {"device_placement": [False, True]} if self.strategy.device_map else {}
         self.model, self.optimizer = accel.prepare(self.model, optimizer, **placement)
-        self.in_device = input_device(self.model) if self.strategy.device_map else accel.device
+        self.in_device = batch_device(self.model, accel, self.strategy)
         # FSDP2 replaces every parameter with a sharded DTensor one: clip and check the live ones
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.runner = StepRunner(accel, self.strategy, self.model, self.optimizer, self.scheduler, params,
-                                 self.head, cfg.train.max_grad_norm, self.precision)
-        self.runner.in_backward = setup.in_backward
+                                 self.head, cfg.train.max_grad_norm, self.precision, setup.in_backward)
         self.target = CheckpointTarget(accel, self.strategy, self.model, self.optimizer, self.scheduler,
                                        cfg.lora.enabled)
         self.split = BatchSplit(cfg.train.micro_batch_size, cfg.train.grad_accum)
@@ -656,7 +652,7 @@ class FineTuneRecipe:
         self.progress.close()
         # skipped steps left the weights at the last good ones, unless the step was applied inside backward
         # (DeepSpeed's engine, or train.optimizer_in_backward, may have updated part of the weights)
-        in_backward = self.strategy.deepspeed or self.runner.in_backward is not None
+        in_backward = self.strategy.engine_steps or self.runner.in_backward is not None
         saved = self.checkpoint(step + 1) if self.cfg.train.save_steps and not in_backward else None
         last = saved or (complete_checkpoints(self.out)[-1] if complete_checkpoints(self.out) else None)
         raise FittuneError(f"training diverged: {self.bad_in_a_row} consecutive steps with a non-finite loss or "

@@ -30,7 +30,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from fittune.batches import TokExample
-from fittune.placement import input_device
+from fittune.placement import batch_device
 from fittune.strategy import Strategy
 
 MASKED_KERNELS = ("sdpa", "eager")  # attention implementations that take a custom 4-D mask
@@ -294,7 +294,7 @@ def score_examples(model, accelerator, strategy: Strategy, examples: list[TokExa
     no token budget); `loss_only` skips choice scoring and generation (the periodic validation loss)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     unwrapped = accelerator.unwrap_model(model)
-    device = input_device(unwrapped) if strategy.device_map else accelerator.device
+    device = batch_device(model, accelerator, strategy)
     kind = mask_kind(unwrapped)
     batches = plan_batches(make_units(examples, loss_only, kind != "2d"), batch_size, max_batch_tokens)
     mine, n_calls = _my_share(batches, world, rank)
@@ -302,7 +302,7 @@ def score_examples(model, accelerator, strategy: Strategy, examples: list[TokExa
     my_gen, n_gen = _my_share(gen, world, rank)
     # generate() stops early on rows that finished; with weights gathered by collectives every rank must
     # keep stepping until all are done
-    synced = strategy.gathers_weights and strategy.distributed
+    synced = strategy.forwards_in_lockstep
     # a bar only on a terminal: in a log file its redraws pile up into one line (fittune/progress.py)
     quiet = loss_only or not accelerator.is_main_process or not sys.stderr.isatty()
     bar = tqdm(total=n_calls + n_gen, unit="pass", leave=False, disable=quiet,

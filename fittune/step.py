@@ -18,6 +18,7 @@ import torch
 from fittune.distributed import sum_across_ranks
 from fittune.errors import FittuneError
 from fittune.loss import nll_sum
+from fittune.optim import InBackwardOptimizer
 from fittune.precision import Precision
 from fittune.strategy import Strategy
 
@@ -46,7 +47,7 @@ class BatchSplit:
     def apply(self, accelerator, strategy: Strategy, model, global_batch: int) -> None:
         """Tell accelerate (and the DeepSpeed engine, which scales its loss by 1 / accumulation) this split."""
         accelerator.gradient_accumulation_steps = self.grad_accum
-        if strategy.deepspeed:
+        if strategy.engine_steps:
             model.set_train_micro_batch_size(self.micro_batch_size)
             model.set_train_batch_size(global_batch)
 
@@ -69,15 +70,15 @@ class StepRunner:
     """Runs optimizer steps for a prepared model; knows nothing of OOM or the loop around it."""
 
     def __init__(self, accelerator, strategy: Strategy, model, optimizer, scheduler, params, head,
-                 max_grad_norm: float, precision: Precision):
+                 max_grad_norm: float, precision: Precision, in_backward: InBackwardOptimizer | None = None):
         self.accelerator, self.strategy, self.model = accelerator, strategy, model
         self.optimizer, self.scheduler, self.params, self.head = optimizer, scheduler, params, head
         self.max_grad_norm, self.scales_loss = max_grad_norm, precision.scales_loss
         # the hook between forward and backward of each micro-batch, and whether DDP waits for the step's end
         self.before_backward: Callable[[bool], None] | None = None
         self.defer_sync = False
-        # set when the optimizer steps each parameter inside backward (fittune.optim.InBackwardOptimizer)
-        self.in_backward = None
+        # the optimizer when it steps each parameter inside backward: the step only finishes what it did
+        self.in_backward = in_backward
 
     def run(self, plan: StepPlan) -> StepResult:
         """forward + backward of every micro-batch, then the optimizer step."""
@@ -101,7 +102,7 @@ class StepRunner:
         with contextlib.nullcontext() if accel.sync_gradients else accel.no_sync(self.model):
             loss_sum = self._forward(plan, rows)
             # x world x accumulation undoes DDP's mean over ranks and the engine's / accelerate's / accum
-            accel.backward(loss_sum * (accel.num_processes * self._accumulation() / plan.n_targets))
+            accel.backward(loss_sum * (self.strategy.world_size * self._accumulation() / plan.n_targets))
         return loss_sum.detach()
 
     def _forward(self, plan: StepPlan, rows: list[int]) -> torch.Tensor:
@@ -116,7 +117,7 @@ class StepRunner:
         return loss_sum
 
     def _accumulation(self) -> int:
-        if self.strategy.deepspeed:
+        if self.strategy.engine_steps:
             return self.model.gradient_accumulation_steps()  # follows set_train_micro_batch_size
         return self.accelerator.gradient_accumulation_steps
 
@@ -129,11 +130,11 @@ class StepRunner:
                 self.scheduler.step()
             return StepResult(float(nll), done.grad_norm, done.stepped, False)
         accel = self.accelerator
-        if self.defer_sync and accel.num_processes > 1:
-            _all_reduce_mean([p.grad for p in self.params if p.grad is not None], accel.num_processes)
+        if self.defer_sync and self.strategy.distributed:
+            _all_reduce_mean([p.grad for p in self.params if p.grad is not None], self.strategy.world_size)
         accel.sync_gradients = True
         # DeepSpeed clipped inside its own step: max norm 0 only reads the norm
-        grad_norm = accel.clip_grad_norm_(self.params, 0.0 if self.strategy.deepspeed else
+        grad_norm = accel.clip_grad_norm_(self.params, 0.0 if self.strategy.engine_steps else
                                           (self.max_grad_norm or float("inf")))
         norm = None if grad_norm is None else float(grad_norm)
         stepped = overflow = False
@@ -166,22 +167,13 @@ class OomAdaptive:
     rank fails), the ranks agree after each forward pass, and a failed step is redone from scratch.
     DeepSpeed ZeRO-1/2 reduces inside backward, so the ranks agree after each forward pass, before its
     backward; the gradients already accumulated are kept and the rest of the step is finished at the smaller
-    size. ZeRO-3 and FSDP2 gather weights inside the forward pass: refused (`check_supported`).
+    size. ZeRO-3 and FSDP2 gather weights inside the forward pass: refused (`fittune.supported`).
     """
 
     def __init__(self, runner: StepRunner, split: BatchSplit, global_batch: int, log: Callable[[str], None]):
         self.runner, self.split, self.global_batch, self.log = runner, split, global_batch, log
         runner.before_backward = self._agree
-        runner.defer_sync = not runner.strategy.deepspeed
-
-    @staticmethod
-    def check_supported(strategy: Strategy) -> None:
-        """Refuse a strategy under which one rank's OOM would leave the others waiting in a collective."""
-        if strategy.gathers_weights:
-            raise FittuneError(f"train.oom_adaptive does not work under {strategy.name} (its forward pass gathers "
-                               f"weights with collectives, so a rank that fails mid-forward leaves the others "
-                               f"waiting): use DDP or ZeRO-2 (+offload) with it, or turn it off and pick the "
-                               f"micro-batch with python -m fittune.plan")
+        runner.defer_sync = not runner.strategy.reduces_in_backward
 
     def _agree(self, failed: bool) -> None:
         if sum_across_ranks(self.runner.accelerator, [float(failed)])[0]:
@@ -192,7 +184,7 @@ class OomAdaptive:
         plan = plan_for(self.split)
         while True:
             try:
-                if self.runner.strategy.deepspeed:
+                if self.runner.strategy.reduces_in_backward:  # the reduced gradients cannot be taken back
                     return self.runner.optimizer_step(self._finish_in_place(step, plan))
                 return self.runner.run(plan)
             except _AgreedOom:

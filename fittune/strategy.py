@@ -70,6 +70,36 @@ class Strategy:
         return self.zero_stage == 3 or self.fsdp
 
     @property
+    def forwards_in_lockstep(self) -> bool:
+        """Every process must make the same forward calls, even one with no rows left (weights gathered by
+        collectives over several processes): generation keeps stepping until every process is done."""
+        return self.gathers_weights and self.distributed
+
+    @property
+    def engine_steps(self) -> bool:
+        """An engine (DeepSpeed) clips the gradients and steps the optimizer inside the backward pass of a
+        step's last micro-batch, and divides the loss by its own accumulation count: the loop only reads the
+        norm and whether it stepped."""
+        return self.deepspeed
+
+    @property
+    def reduces_in_backward(self) -> bool:
+        """The engine reduces gradients inside its backward pass (DeepSpeed ZeRO, FSDP2): the reduction cannot be
+        deferred to the step's end, as it is for DDP."""
+        return self.sharded
+
+    @property
+    def one_process_per_gpu(self) -> bool:
+        """DDP and the sharding engines launch one process per GPU; a single GPU and the device map (one process
+        whose layers span the GPUs) one process in all."""
+        return not self.plain
+
+    @property
+    def single_gpu(self) -> bool:
+        """One process on one GPU: no replicas, no sharding engine, no device map."""
+        return self.plain and not self.device_map
+
+    @property
     def offload(self) -> bool:
         """Any training state lives in CPU RAM."""
         return self.offload_optimizer or self.offload_params

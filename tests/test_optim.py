@@ -72,9 +72,8 @@ def _runner(model_dir, cfg, dtype=torch.float32, cpu=True, recompute=False):
     sched = get_scheduler("linear", setup.optimizer, num_training_steps=8, num_warmup_steps=1)
     model, opt = accel.prepare(model, setup.optimizer)
     model.train()
-    runner = StepRunner(accel, Strategy(), model, opt, sched, params, head, cfg.train.max_grad_norm, Precision("no"))
-    runner.in_backward = setup.in_backward
-    return runner
+    return StepRunner(accel, Strategy(), model, opt, sched, params, head, cfg.train.max_grad_norm, Precision("no"),
+                      setup.in_backward)
 
 
 def _step(runner, rows, pad):
@@ -128,12 +127,26 @@ def test_in_backward_skips_a_step_whose_first_gradient_is_not_finite(tiny_model_
     ({"grad_accum": 2}, "set train.grad_accum 1"),
     ({"max_grad_norm": 1.0}, "set train.max_grad_norm 0"),
     ({"oom_adaptive": True}, "turn train.oom_adaptive off"),
-    ({"mixed_precision": "fp16"}, "use bf16"),
 ])
 def test_in_backward_refuses_what_it_cannot_do(overrides, needle):
     cfg = {"max_grad_norm": 0.0, **overrides, "optimizer_in_backward": True}
     with pytest.raises(FittuneError, match=needle):
         _cfg(**cfg)
+
+
+@pytest.mark.parametrize("mixed_precision", ["fp16", "auto", "best"])
+def test_in_backward_refuses_fp16_loss_scaling_however_it_was_asked_for(mixed_precision, monkeypatch):
+    """By the precision the launch resolves to (was: the config's string, so `auto` under an fp16 launcher or
+    `best` on an fp16-only GPU got past the config's check)."""
+    from fittune.precision import resolve_precision
+    from fittune.supported import check_supported
+
+    cfg = _cfg(max_grad_norm=0.0, optimizer_in_backward=True, mixed_precision=mixed_precision)
+    precision = resolve_precision(mixed_precision, "fp16", gpu=True, bf16_supported=False)
+    assert precision.scales_loss
+    with pytest.raises(FittuneError, match="cannot use fp16 loss scaling.*use bf16"):
+        check_supported(cfg, Strategy(), precision)
+    check_supported(cfg, Strategy(), Precision("bf16"))  # the same recipe on a bf16 launch runs
 
 
 @pytest.mark.parametrize("name", ["ddp", "zero2", "zero3_offload", "fsdp2"])

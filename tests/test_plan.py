@@ -495,6 +495,19 @@ def test_qwen25_3b_lowbit_states_follow_the_formula(optimizer, code_bytes, block
     assert est.gpu_step["optimizer step"] == 2 * 4 * 151936 * 2048  # its two moments in fp32
 
 
+@pytest.mark.parametrize("setting, refused_under", [("train.compile", {"zero2", "fsdp2", "zero3"}),
+                                                    ("train.oom_adaptive", {"fsdp2", "zero3"})])
+def test_the_plan_never_recommends_a_launch_training_refuses(setting, refused_under):
+    """The planner asks training's own check (fittune.supported): with train.compile on it recommended ZeRO-2 on
+    4 x 24 GiB, which train.py then refused."""
+    plan = P.make_plan(build_config(str(ROOT / "configs/qwen2.5-3b-full.yaml"), {setting: True}), 4, 24, 256)
+    by_name = {r.option.key: r.estimate for r in plan.rows}
+    for name in refused_under:
+        assert not by_name[name].applicable and by_name[name].why_not == f"not with {setting}"
+    assert by_name["ddp"].why_not != f"not with {setting}"
+    assert plan.recommended is not None and plan.recommended.strategy.name not in refused_under
+
+
 def test_lowbit_rows_and_refusals_in_the_plan():
     cfg = build_config(str(ROOT / "configs/qwen2.5-3b-full.yaml"), {})  # fp32 AdamW, 2 x 8
     plan = P.make_plan(cfg, gpus=1, gpu_mem_gib=16, cpu_mem_gib=16, recipe="configs/qwen2.5-3b-full.yaml")
@@ -510,7 +523,7 @@ def test_lowbit_rows_and_refusals_in_the_plan():
     assert "in backward" not in P.render(lora) and "in backward" in P.render(plan)  # not shown with LoRA numbers
     own = P.make_plan(build_config(str(ROOT / "configs/qwen2.5-3b-full-16gb.yaml"), {}), 4, 24, 256)
     by_key = {r.option.key: r.estimate for r in own.rows}
-    assert by_key["ddp"].why_not == by_key["zero2"].why_not == "not with optimizer_in_backward"
+    assert by_key["ddp"].why_not == by_key["zero2"].why_not == "not with train.optimizer_in_backward"
     assert by_key["single+adamw8bit_in_backward"].why_not == "the recipe's own row"
     # one process only: on several GPUs one of them at GPU speed (was: the device map, no faster: the layers
     # work one after another), at the recipe's own global batch (was: 4 GPUs' worth, 8 rows at the same

@@ -147,13 +147,15 @@ def test_oom_at_micro_batch_one_is_a_clear_error(tiny_model_dir, rows, monkeypat
 
 
 def test_oom_adaptive_is_refused_where_the_forward_gathers_weights():
-    from fittune.errors import FittuneError
+    from fittune.config import build_config
+    from fittune.precision import Precision
+    from fittune.supported import refusal
 
+    cfg = build_config(None, {"train.oom_adaptive": True})
     for name in ("zero3", "zero3_offload", "fsdp2"):
-        with pytest.raises(FittuneError, match=f"does not work under {name}"):
-            OomAdaptive.check_supported(Strategy.named(name, 2))
+        assert "does not work under " + name in refusal(cfg, Strategy.named(name, 2), Precision("no")).why
     for name in ("single", "ddp", "zero2", "zero2_offload"):
-        OomAdaptive.check_supported(Strategy.named(name, 2))
+        assert refusal(cfg, Strategy.named(name, 2), Precision("no")) is None
 
 
 def test_strategy_names_round_trip():
