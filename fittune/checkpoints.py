@@ -35,7 +35,7 @@ from fittune.rundir import (
     write_guard,
 )
 from fittune.shards import gathered_copy, local_part, tensor_bytes
-from fittune.strategy import Strategy
+from fittune.strategy import NAMES, Strategy
 
 
 @dataclass
@@ -196,6 +196,15 @@ def read_state(path: Path) -> dict:
     return state
 
 
+def saved_under(path: Path) -> Strategy | None:
+    """The strategy a fittune checkpoint was saved under, as its trainer state says (None: it has no trainer
+    state, or one that names no strategy fittune knows: e.g. final/, or weights made elsewhere)."""
+    if not (path / STATE_FILE).is_file():
+        return None
+    name = read_state(path).get("strategy")
+    return Strategy.named(name) if name in NAMES else None
+
+
 _DATA_DIGESTS = {"source_sha256": "the data file's bytes", "train_sha256": "the training rows",
                  "heldout_sha256": "the held-out rows"}
 
@@ -305,12 +314,16 @@ def check_files(path: Path, export: bool = False) -> None:
                 raise _corrupt(path, f, reason, export)
 
 
-def check_dcp_files(path: Path, export: bool = False) -> None:
+def check_dcp_files(path: Path, export: bool = False, needs: tuple[str, ...] = ()) -> None:
     """Refuse torch.distributed.checkpoint shards (FSDP2's) under `path` with a file missing or shorter than
     the checkpoint's metadata records, naming it (torch would raise a zip error from inside its reader on
-    every rank). Reads `.metadata`, a pickle: call it only for a checkpoint already trusted."""
+    every rank); `needs`: the folders that must hold such shards. Reads `.metadata`, a pickle: call it only
+    for a checkpoint already trusted."""
     import torch.distributed.checkpoint as dcp
 
+    for folder in needs:
+        if not (path / folder / ".metadata").is_file():
+            raise _corrupt(path, path / folder / ".metadata", "missing", export)
     for meta in sorted(path.rglob(".metadata")):
         try:
             storage = dcp.FileSystemReader(str(meta.parent)).read_metadata().storage_data

@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from fittune.builtin_models import builtin_spec, ensure_builtin, is_builtin
-from fittune.checkpoints import check_dcp_files, check_files, require_trusted
+from fittune.checkpoints import check_dcp_files, check_files, require_trusted, saved_under
 from fittune.config import TinyModelConfig
 from fittune.entry import run_cli
 from fittune.errors import FittuneError, first_line
@@ -281,8 +281,9 @@ def _build_and_publish(src: Path, out: Path, merge: bool, trust: ExportTrust, em
 
 def _consolidated_state_dict(src: Path, trusted: bool) -> dict[str, torch.Tensor]:
     """One state dict from a training checkpoint: ZeRO shards (any stage), FSDP2 shards or accelerate's model
-    file."""
-    if (src / "pytorch_model").is_dir():
+    file, as the checkpoint's trainer state says it was saved (by its files only where it has none)."""
+    saved = saved_under(src)
+    if saved.deepspeed if saved else (src / "pytorch_model").is_dir():
         require_trusted(src, trusted, "DeepSpeed ZeRO shards (DeepSpeed's zero_to_fp32 reads them with "
                                       "torch.load(weights_only=False))")
         check_files(src, export=True)  # a cut shard is named here, not as a zip error from inside DeepSpeed
@@ -296,9 +297,9 @@ def _consolidated_state_dict(src: Path, trusted: bool) -> dict[str, torch.Tensor
             reason = first_line(e)
             raise FittuneError(f"checkpoint {src} is damaged: its ZeRO shards cannot be read ({reason}); export "
                                f"an older checkpoint ({src.parent}/step-N)") from None
-    if (src / FSDP_MODEL_DIR).is_dir():
+    if saved.fsdp if saved else (src / FSDP_MODEL_DIR).is_dir():
         require_trusted(src, trusted, "FSDP2's torch.distributed.checkpoint metadata (.metadata is a pickle)")
-        check_dcp_files(src, export=True)  # a missing or cut shard is named here
+        check_dcp_files(src, export=True, needs=(FSDP_MODEL_DIR,))  # a missing or cut shard is named here
         return _fsdp2_state_dict(src / FSDP_MODEL_DIR)
     files = sorted(src.glob("model*.safetensors"))
     if not files:

@@ -110,6 +110,12 @@ def test_sharded_checkpoint_consolidates_to_one_model(tmp_path, strategy_run, ac
     with pytest.raises(FittuneError, match=f"checkpoint {received} is damaged.*export an older"):
         export_in_process(str(received), str(tmp_path / "model3"), trust_checkpoint=True)
     assert not (tmp_path / "model3").exists()
+    # all shards gone: the trainer state says what the checkpoint was saved under, so it is damaged (was: read
+    # by its files alone, "holds no model weights (no ZeRO or FSDP2 shards, no model.safetensors)")
+    __import__("shutil").rmtree(received / SHARDS[accel])
+    with pytest.raises(FittuneError, match=f"{received}.*(damaged|missing).*export an older"):
+        export_in_process(str(received), str(tmp_path / "model3"), trust_checkpoint=True)
+    assert not (tmp_path / "model3").exists()
 
 
 def accelerate_checkpoint(root, model_dir):
