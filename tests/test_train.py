@@ -51,6 +51,16 @@ def test_end_to_end_learns_and_final_reloads_without_fittune(tmp_path, method):
         from peft import AutoPeftModelForCausalLM
 
         assert (run / "final/adapter_model.safetensors").is_file()
+        # the recipe's adapter reached the model: r, alpha, dropout as given, an r x (in + out) pair on every
+        # linear layer but the output head, counted here on the base model (PEFT's "all-linear")
+        adapter = json.loads((run / "final/adapter_config.json").read_text())
+        assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (16, 32, 0.0)
+        base = AutoModelForCausalLM.from_pretrained(saved["run"]["model_path"])
+        linear = {n: m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+        assert len(linear) == 7 * TINY_SHAPE["num_layers"]  # q k v o, gate up down
+        expected_count = sum(16 * (m.in_features + m.out_features) for m in linear.values())
+        assert f"{expected_count:,} trainable" in proc.stdout
+        assert sum(t.numel() for t in load_file(run / "final/adapter_model.safetensors").values()) == expected_count
         model = AutoPeftModelForCausalLM.from_pretrained(run / "final")
     else:
         assert (run / "final/model.safetensors").is_file()
@@ -211,3 +221,78 @@ def test_compiled_layers_train_like_eager(tiny_config, tmp_path):
     assert "torch.compile: 2 decoder layers" in proc.stdout
     a, b = [r["loss"] for r in read_log(tmp_path / "eager")], [r["loss"] for r in read_log(tmp_path / "comp")]
     assert len(a) == 3 and a == pytest.approx(b, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("micro, accum, steps", [(4, 3, 5), (2, 2, 6)], ids=["whole-file", "two-epochs"])
+def test_full_finetuning_matches_an_independent_adamw_loop(tmp_path, tiny_model_dir, micro, accum, steps):
+    """The whole update path (token-normalised loss over micro-batches, clipping, AdamW's betas and weight decay,
+    warmup then cosine schedule) against a plain transformers + torch.optim.AdamW loop written here on the same
+    rows: a global batch of the whole training file (4 x 3 = 12 rows: the order plays no part), or of 4 rows over
+    two epochs, each epoch in its own order (a permutation of the file seeded by seed x 1000003 + epoch, the order
+    fittune documents in fittune.batches.plan_global_batches, drawn here)."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = [json.loads(x) for x in (Path(__file__).parents[1] / "fittune/demo/ai_research_qa.jsonl")
+            .read_text().splitlines()[:16]]
+    for name, part in (("train.jsonl", rows[:12]), ("test.jsonl", rows[12:])):
+        (tmp_path / name).write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n"
+                                             for r in part))
+    lr, betas, wd, clip, warmup, seed = 3e-3, (0.8, 0.95), 0.1, 0.5, 1, 3
+    launch("train.py", ["--output_dir", tmp_path / "run", "--log_with", "none", "--model.name_or_path", tiny_model_dir,
+                        "--data.path", tmp_path / "train.jsonl", "--data.test_path", tmp_path / "test.jsonl",
+                        "--data.max_length", "256", "--data.system_prompt", "Answer briefly.",
+                        "--seed", str(seed), "--data.group_by_length", "false",
+                        "--train.micro_batch_size", str(micro), "--train.grad_accum", str(accum),
+                        "--train.max_steps", str(steps), "--train.lr", str(lr), "--train.betas", json.dumps(betas),
+                        "--train.weight_decay", str(wd), "--train.max_grad_norm", str(clip),
+                        "--train.lr_scheduler", "cosine", "--train.warmup_ratio", str(warmup / steps),
+                        "--train.log_every", "1", "--train.eval_every", str(steps), "--eval.max_new_tokens", "0"])
+    log = read_log(tmp_path / "run")
+
+    def schedule(step: int) -> float:  # transformers' cosine with linear warmup, written out
+        if step < warmup:
+            return step / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+    def batch(part: list[dict]) -> dict:  # the chat prompt, then the answer and <|im_end|> as the only targets
+        seqs = []
+        for r in part:
+            chat = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": r["question"]}]
+            prompt = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            p = tok(prompt, add_special_tokens=False)["input_ids"]
+            a = tok(r["answer"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            seqs.append((p + a, [-100] * len(p) + a))
+        width = max(len(s) for s, _ in seqs)
+        return {"input_ids": torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s, _ in seqs]),
+                "labels": torch.tensor([la + [-100] * (width - len(la)) for _, la in seqs]),
+                "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in seqs])}
+
+    size, heldout = micro * accum, batch(rows[12:])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=wd)
+    losses, norms = [], []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * schedule(step)
+        epoch, k = divmod(step, 12 // size)
+        order = torch.randperm(12, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+        loss = model(**batch([rows[j] for j in order[k * size:(k + 1) * size]])).loss  # the rows' answer tokens' mean
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert [r["loss"] for r in log] == pytest.approx(losses, rel=1e-4)
+    assert [r["grad_norm"] for r in log] == pytest.approx(norms, rel=1e-3)
+    assert min(norms) > clip  # every step was clipped
+    assert [r["lr"] for r in log] == pytest.approx([lr * schedule(s + 1) for s in range(steps)], abs=1e-12)
+    with torch.no_grad():  # the periodic validation loss: the held-out rows' token-mean NLL after the last step
+        assert log[-1]["val_loss"] == pytest.approx(model(**heldout).loss.item(), rel=1e-4)
+    trained = load_file(tmp_path / "run/final/model.safetensors")
+    for name, p in model.state_dict().items():
+        if name in trained:
+            torch.testing.assert_close(trained[name], p, rtol=1e-4, atol=1e-5, msg=name)

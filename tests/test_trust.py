@@ -144,7 +144,20 @@ def _load_calls(tree: ast.AST):
             # dcp.load (torch.distributed.checkpoint) reads its tensors weights_only itself; its .metadata is a
             # pickle, read only after require_trusted (test_export: a received FSDP2 checkpoint is refused)
             if name == "load" and not (isinstance(node.func, ast.Attribute) and node.func.value is not None
-                                       and getattr(node.func.value, "id", "") in ("json", "yaml", "pickle", "dcp")):
+                                       and getattr(node.func.value, "id", "") in ("json", "yaml", "dcp", "pickle")):
+                yield node
+
+
+def _pickle_calls(tree: ast.AST):
+    """Calls into pickle (`pickle.load`, `pickle.loads`, `pickle.Unpickler`, `from pickle import load`): fittune
+    never unpickles a file itself (the libraries that do are called only after require_trusted)."""
+    local = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "pickle"
+             for a in n.names}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            if (isinstance(f, ast.Attribute) and getattr(f.value, "id", "") == "pickle"
+                    or isinstance(f, ast.Name) and f.id in local):
                 yield node
 
 
@@ -157,7 +170,11 @@ def test_fittunes_own_torch_loads_are_weights_only():
             found.append(f.name)
             ok = "weights_only" in kw and isinstance(kw["weights_only"], ast.Constant) and kw["weights_only"].value
             assert ok, f"{f}:{call.lineno}: a load without weights_only=True"
+        for call in _pickle_calls(ast.parse(f.read_text())):
+            raise AssertionError(f"{f}:{call.lineno}: fittune unpickles a file itself")
     assert found  # the scan sees fittune's own loads (checkpoints.py)
+    bad = "import pickle\nfrom pickle import loads as L\npickle.load(f)\nL(b)\npickle.Unpickler(f).load()\n"
+    assert len(list(_pickle_calls(ast.parse(bad)))) == 3  # the scan sees each way of calling it
 
 
 def test_trust_needs_fittunes_own_sealed_save_and_an_owner_only_key(tmp_path, monkeypatch):
