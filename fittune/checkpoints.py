@@ -254,7 +254,7 @@ def trust_problem(path: Path) -> str | None:
     real = Path(path).resolve()  # a symlink planted in a run's checkpoints/ is judged by where it points
     if real.parent.name != "checkpoints" or STEP_NAME.fullmatch(real.name) is None:
         return f"{real} is not a checkpoint of a fittune run (RUN/checkpoints/step-N)"
-    run = real.parent.parent
+    run = RunLayout.of_checkpoint(real).root
     if not owned(run, "train") or not owned(real, "checkpoint"):
         return f"{real} or its run {run} has no {MARKER} marker of the right kind: fittune did not save it there"
     return seal_problem(run) or seal_problem(real)

@@ -33,7 +33,7 @@ from fittune.distributed import configure_deepspeed, on_main_then_agree, start_a
 from fittune.errors import DataNotFound, FittuneError
 from fittune.evaldir import EvalDir, check_eval_dir, check_in_own_run, check_replaces_same_model, reserve_eval_dir
 from fittune.evaluator import evaluate_and_report
-from fittune.metrics import class_name, majority_baseline, majority_note
+from fittune.metrics import majority_note, majority_of
 from fittune.model import (
     load_tokenizer,
     load_trained_model,
@@ -43,7 +43,7 @@ from fittune.model import (
 from fittune.placement import place_model
 from fittune.precision import Precision, weights_dtype
 from fittune.reports import metrics_table
-from fittune.rundir import HELDOUT_IDS, OWN_HELDOUT_IDS, hold_for_reading, owned, owning_run
+from fittune.rundir import HELDOUT_IDS, OWN_HELDOUT_IDS, RunLayout, hold_for_reading, owned, owning_run
 from fittune.sources import absolute_path, read_rows, resolve_data_path, same_file, source_digest
 from fittune.splits import examples_digest, leaked_rows_note, load_splits, select_ids
 from fittune.strategy import Strategy
@@ -430,8 +430,8 @@ def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Pat
     (never replaced by default), named after what is scored; nowhere else (a directory fittune did not create
     gets nothing written into it)."""
     run, prefix = info.run_dir, "eval-"
-    if run is not None and owned(run, "checkpoint") and owned(run.parent.parent, "train"):
-        run, prefix = run.parent.parent, f"eval-{run.name}-"  # a checkpoint's adapter: RUN/eval-step-N-...
+    if run is not None and owned(run, "checkpoint") and owned(RunLayout.of_checkpoint(run).root, "train"):
+        run, prefix = RunLayout.of_checkpoint(run).root, f"eval-{run.name}-"  # a checkpoint's: RUN/eval-step-N-...
     if run is None or not owned(run, "train"):
         raise FittuneError(f"pass --output_dir DIR: {info.weights_dir} is not in a fittune training run's "
                            f"directory, and fittune writes only into directories it creates")
@@ -488,10 +488,9 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, p
     compare = {}
     if data.train and any(x.candidates for x in test_set):
         train_set, _ = tokenize_examples(data.train, tokenizer, cfg.data)
-        compare["majority"] = majority_baseline([class_name(x, x.gold, class_task) for x in train_set if x.candidates],
-                                                [class_name(x, x.gold, class_task) for x in test_set if x.candidates])
-        if note := majority_note(compare["majority"]):
-            accelerator.print(f"fittune: {note}")
+        if baseline := majority_of(train_set, test_set, class_task):
+            compare["majority"] = baseline
+            accelerator.print(f"fittune: {majority_note(baseline)}")
     if accelerator.is_main_process and (out / "metrics.json").is_file():
         print(f"fittune: replacing the previous evaluation in {out} (its evaluation.json said what it was)",
               flush=True)

@@ -110,6 +110,13 @@ def majority_baseline(train_classes: list[str], test_gold: list[str]) -> dict:
             "f1_macro": f1_score(test_gold, pred, average="macro", zero_division=0)}
 
 
+def majority_of(train: list[TokExample], test: list[TokExample], class_task: bool) -> dict:
+    """`majority_baseline` over the rows that have candidates (classes, or choices): the training rows' gold
+    classes against the held-out rows' ({}: no such rows)."""
+    return majority_baseline([class_name(x, x.gold, class_task) for x in train if x.candidates],
+                             [class_name(x, x.gold, class_task) for x in test if x.candidates])
+
+
 def majority_note(baseline: dict) -> str | None:
     """Which class the majority baseline always predicts, and a tie if there was one (None: no baseline)."""
     if not baseline:

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -224,12 +225,19 @@ def _check_fit(est: Estimate, hw: Hardware) -> None:
     est.fits, est.limit = not over, " + ".join(over)
 
 
-def _row_config(cfg: Config, option: LaunchOption, per_process: int) -> tuple[Config, str]:
-    """The recipe `option` runs ((cfg, "") for the recipe's own rows) and why the row does not apply ("")."""
+class RowRecipe(NamedTuple):
+    """The recipe a launch option's row runs, and why the row does not apply ("": it does)."""
+
+    cfg: Config
+    why_not: str
+
+
+def _row_config(cfg: Config, option: LaunchOption, per_process: int) -> RowRecipe:
+    """The recipe `option` runs (the recipe itself for the recipe's own rows)."""
     if not option.recipe_overrides:
-        return cfg, ""
+        return RowRecipe(cfg, "")
     if cfg.lora.enabled:
-        return cfg, "full fine-tuning only"
+        return RowRecipe(cfg, "full fine-tuning only")
     tree = cfg.model_dump()
     for key, value in option.recipe_overrides:
         section, leaf = key.split(".")
@@ -238,9 +246,9 @@ def _row_config(cfg: Config, option: LaunchOption, per_process: int) -> tuple[Co
     try:
         row_cfg = Config.model_validate(tree)
     except ValueError as e:  # e.g. the recipe turns train.oom_adaptive on
-        return cfg, str(e).splitlines()[-1][:60]
+        return RowRecipe(cfg, str(e).splitlines()[-1][:60])
     same = all(getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) == v for k, v in option.recipe_overrides)
-    return row_cfg, "the recipe's own row" if same else ""
+    return RowRecipe(row_cfg, "the recipe's own row" if same else "")
 
 
 def _fitted(option: LaunchOption, cfg: Config, shapes: Callable[[Config, Precision], ModelShape], hw: Hardware,

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,7 +59,7 @@ from fittune.evaluator import evaluate_and_report, validation_loss
 from fittune.final import save_final
 from fittune.hardware import peak_memory_gib, run_cpu_threads, set_cpu_threads
 from fittune.loss import install_chunked_loss
-from fittune.metrics import class_name, majority_baseline, majority_note
+from fittune.metrics import majority_note, majority_of
 from fittune.model import (
     build_model,
     compile_layers,
@@ -132,6 +132,17 @@ class GlobalBatch:
     """Indices into the training set."""
     n_targets: int
     """Target tokens of all of them: the loss normaliser, the same on every rank."""
+
+
+@dataclass
+class Throughput:
+    """Tokens (all ranks) since `start` (time.perf_counter), for the logged tokens/s."""
+
+    start: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+
+    def rate(self, now: float) -> float:
+        return self.tokens / max(now - self.start, 1e-9)
 
 
 @dataclass
@@ -222,7 +233,8 @@ class FineTuneRecipe:
     compare: dict[str, dict]  # the baselines the held-out metrics are reported beside, by name
     # train
     stop: StopRequest
-    _clock: tuple[float, int]  # (start of the logging window, tokens in it)
+    window: Throughput  # tokens since the last logged step, for its tokens/s
+    _log_failure: Exception | None  # a failed train_log write on the main process, not yet agreed
 
     def __init__(self, cfg: Config, program: str = "train.py"):
         self.cfg, self.program, self.out = cfg, program, Path(cfg.output_dir)
@@ -528,12 +540,9 @@ class FineTuneRecipe:
 
     def _setup_baselines(self) -> None:
         self.compare = {}
-        if self.class_task or any(x.candidates for x in self.test_set):
-            self.compare["majority"] = majority_baseline(
-                [class_name(x, x.gold, self.class_task) for x in self.train_set if x.candidates],
-                [class_name(x, x.gold, self.class_task) for x in self.test_set if x.candidates])
-            if note := majority_note(self.compare["majority"]):
-                self._log(note)
+        if baseline := majority_of(self.train_set, self.test_set, self.class_task):
+            self.compare["majority"] = baseline
+            self._log(majority_note(baseline))
         cfg = self.cfg
         if not cfg.eval.before_training:
             return
@@ -543,7 +552,7 @@ class FineTuneRecipe:
             self.compare[title] = self._evaluate(self.layout.eval_untrained, title)
             return
         # resumed: the evaluation before training is the run's own (or, --resume PATH, the run it came from)
-        for run in (self.layout, RunLayout(self.resume_from.parent.parent)):
+        for run in (self.layout, RunLayout.of_checkpoint(self.resume_from)):
             if owned(run.eval_untrained, "eval") and (run.eval_untrained / "metrics.json").is_file():
                 self.compare[title] = json.loads((run.eval_untrained / "metrics.json").read_text())
                 return
@@ -553,10 +562,10 @@ class FineTuneRecipe:
     def train(self) -> RunResult:
         """One global batch per step; after each: account, log, check divergence and signals, checkpoint."""
         self.stop = StopRequest(announce=self.accelerator.is_main_process)
-        self._log_failure: Exception | None = None  # a failed train_log write on the main process, not yet agreed
+        self._log_failure = None
         self.progress = TrainingProgress(self.total_steps, self.counters.step, self.accelerator.is_main_process)
         self.model.train()
-        self._clock = (time.perf_counter(), 0)
+        self.window = Throughput()
         for step in range(self.counters.step, self.total_steps):
             batch = self._global_batch(step)
             result = self.train_step(batch)
@@ -565,9 +574,14 @@ class FineTuneRecipe:
             self._check_divergence(step, tally.loss, result)
             if tally.stop:
                 return self._stop_for_signal(step)
-            if self.cfg.train.save_steps and (step + 1) % self.cfg.train.save_steps == 0 and step + 1 < self.total_steps:
+            if self._checkpoint_due(step + 1):
                 self.checkpoint(step + 1)
         return self.finish()
+
+    def _checkpoint_due(self, steps_done: int) -> bool:
+        """Every train.save_steps steps, but not after the last (`finish` saves that one)."""
+        every = self.cfg.train.save_steps
+        return bool(every) and steps_done % every == 0 and steps_done < self.total_steps
 
     def _global_batch(self, step: int) -> GlobalBatch:
         """The rows of global batch `step` (all ranks): the data order depends only on the seed, the epoch and
@@ -614,7 +628,7 @@ class FineTuneRecipe:
             c.skipped_nonfinite += 1  # skipped, weights untouched (the data moves on)
             self.bad_in_a_row += 1
         c.step = batch.step + 1
-        self._clock = (self._clock[0], self._clock[1] + total_tokens)
+        self.window.tokens += total_tokens
         self.progress.step_done()
         return StepTally(loss, bool(stop))
 
@@ -627,11 +641,11 @@ class FineTuneRecipe:
         now = time.perf_counter()
         row = {"step": step + 1, "epoch": round((step + 1) / self.steps_per_epoch, 4), "loss": loss,
                "lr": self.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
-               "tokens_per_s": self._clock[1] / max(now - self._clock[0], 1e-9),
+               "tokens_per_s": self.window.rate(now),
                "peak_mem_gib": peak_memory_gib(self.accelerator.device),
                "padding_frac": c.padding,
                "overflow_skipped": c.skipped_overflow, "nonfinite_skipped": c.skipped_nonfinite}
-        self._clock = (now, 0)
+        self.window = Throughput(now)
         if validate:
             row["val_loss"] = validation_loss(self.model, self.accelerator, self.strategy,
                                               self.test_set[:cfg.train.val_examples], self.tokenizer,

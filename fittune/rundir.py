@@ -56,6 +56,11 @@ class RunLayout:
 
     root: Path
 
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Path) -> RunLayout:
+        """The run whose `checkpoints/step-N` is `checkpoint`, by its place (whether it is a run: `owned`)."""
+        return cls(Path(checkpoint).parent.parent)
+
     @property
     def config(self) -> Path:
         """The resolved recipe with the run's facts (`run:`), as train.py and evaluate.py read it back."""

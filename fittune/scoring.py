@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from accelerate.utils import gather_object
@@ -232,9 +233,17 @@ def mask_kind(model) -> str:
     return "bool" if impl == "sdpa" else "float"
 
 
-def _my_share(batches: list, world: int, rank: int) -> tuple[list, int]:
-    """This rank's batches (every world-th) and the number of calls every rank makes."""
-    return batches[rank::world], math.ceil(len(batches) / world)
+class Share(NamedTuple):
+    """This rank's part of a list of batches."""
+
+    mine: list
+    """Every world-th batch, from this rank's index."""
+    calls: int
+    """How many calls every rank makes (a rank out of batches repeats a dummy one, in step with the others)."""
+
+
+def _my_share(batches: list, world: int, rank: int) -> Share:
+    return Share(batches[rank::world], math.ceil(len(batches) / world))
 
 
 def _generation_batches(examples: list[TokExample], batch_size: int) -> list[list[int]]:
