@@ -100,19 +100,23 @@ def own_data_mapping(recipe: str, overrides: dict[str, Any]) -> RecipeChoice:
 
 def resumed_recipe(overrides: dict[str, Any]) -> RecipeChoice | None:
     """`--output_dir RUN --resume ...` without --config: the run's own saved recipe (RUN/config.yaml), not the
-    demo's; never its model.trust_remote_code (a run directory may come from elsewhere: only this command line
-    grants that). None when output_dir holds no fittune run."""
-    out = overrides.get("output_dir")
-    if not overrides.get("resume") or out is None:
+    demo's; or, going on from a checkpoint (`--resume PATH`) into a new output_dir, the recipe that checkpoint
+    saved (PATH/config.yaml). Never their model.trust_remote_code (a run directory may come from elsewhere: only
+    this command line grants that). None when neither is fittune's."""
+    out, resume = overrides.get("output_dir"), overrides.get("resume")
+    if not resume or out is None:
         return None
-    saved = RunLayout(Path(expand_home(str(out)))).config
-    if not (saved.is_file() and owned(saved.parent, "train")):
+    saved, kind, what = RunLayout(Path(expand_home(str(out)))).config, "train", "continuing with the run's own recipe"
+    if not (saved.is_file() and owned(saved.parent, kind)) and resume != "auto":
+        saved, kind = Path(expand_home(str(resume))) / "config.yaml", "checkpoint"
+        what = "going on with the checkpoint's own recipe"
+    if not (saved.is_file() and owned(saved.parent, kind)):
         return None
     # what each command grants for itself (trust, replacing a run) is never taken from the saved file
     per_command = COMMAND_ONLY
     return RecipeChoice(str(saved), per_command,
-                        f"--resume without --config: continuing with the run's own recipe {saved} (every setting "
-                        f"not given on the command line comes from it, except {', '.join(per_command)})")
+                        f"--resume without --config: {what} {saved} (every setting not given on the command line "
+                        f"comes from it, except {', '.join(per_command)})")
 
 
 def parse_args(argv: list[str], prog: str) -> Config | None:

@@ -28,7 +28,16 @@ from fittune.batches import tokenize_examples
 from fittune.checkpoints import CheckpointInfo, resolve_checkpoint
 from fittune.cli import own_data_mapping, split_flag
 from fittune.columns import Example, count_rows, is_class_task, map_columns, prompts_cut_note
-from fittune.config import COMMAND_ONLY, RUN_CONTROL, Config, all_keys, build_config, parse_overrides
+from fittune.config import (
+    BUILTIN_MODEL,
+    COMMAND_ONLY,
+    RUN_CONTROL,
+    Config,
+    TinyModelConfig,
+    all_keys,
+    build_config,
+    parse_overrides,
+)
 from fittune.distributed import configure_deepspeed, on_main_then_agree, start_accelerator
 from fittune.errors import DataNotFound, FittuneError
 from fittune.evaldir import EvalDir, check_eval_dir, check_in_own_run, check_replaces_same_model, reserve_eval_dir
@@ -138,8 +147,16 @@ def eval_config(info: CheckpointInfo, req: EvalRequest) -> Config:
     overrides = dict(req.overrides)
     if req.data_path_given and "data.test_path" not in overrides:
         overrides["data.test_path"] = None  # --data.path names the data to score: not a recipe's test file
+    if overrides.get("data.test_path") and "data.group_column" not in overrides:
+        overrides["data.group_column"] = None  # a test file is scored whole: the run's groups split nothing there
     if req.config_file is None and info.config_file is None:
         raise FittuneError(f"{req.checkpoint} has no saved fittune config: pass --config FILE describing the data")
+    if req.config_file is None and _builtin_base(_saved_config(info)):
+        for key in overrides:
+            if key.startswith("model.tiny."):  # the adapter fits the base it was trained on, and no other
+                raise FittuneError(f"--{key}: the run's base model is the built-in {BUILTIN_MODEL} of the shape "
+                                   f"and seed it was trained on (its config.yaml), which evaluate.py rebuilds as it "
+                                   f"was: drop --{key}")
     recipe = own_data_mapping(req.config_file or str(info.config_file), overrides)
     recipe.announce()
     # an evaluation never replaces, continues or unpickles a run: a recipe's or an older run's saved
@@ -149,6 +166,21 @@ def eval_config(info: CheckpointInfo, req: EvalRequest) -> Config:
         return build_config(recipe.path, overrides, skip)
     # the saved config is part of the (possibly received) run directory: it cannot grant itself trust
     return build_config(recipe.path, {**overrides, TRUST_KEY: overrides.get(TRUST_KEY, False)}, skip)
+
+
+def _builtin_base(saved: dict | None) -> bool:
+    """The run was trained on the built-in tiny model (random weights from its model.tiny shape and seed)."""
+    return saved is not None and (saved.get("model") or {}).get("name_or_path") == BUILTIN_MODEL
+
+
+def base_model_config(cfg: Config, saved: dict | None) -> Config:
+    """The config the base model is built or found from: a run's built-in tiny base is rebuilt from the run's own
+    shape and seed, whatever --seed says (on evaluate.py's command line the seed chooses rows only)."""
+    if not _builtin_base(saved) or cfg.model.name_or_path != BUILTIN_MODEL:
+        return cfg
+    tiny = TinyModelConfig(**((saved.get("model") or {}).get("tiny") or {}))
+    return cfg.model_copy(update={"seed": saved.get("seed", cfg.seed),
+                                  "model": cfg.model.model_copy(update={"tiny": tiny})})
 
 
 def remote_code_notice(info: CheckpointInfo, cfg: Config) -> str | None:
@@ -242,7 +274,7 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
     majority baseline and the note on held-out rows that are also training rows; `run_training_rows`); a model
     with no run (a recipe given with --config) keeps the recipe's own training split."""
     saved = _saved_config(info)
-    _run_classes(cfg, saved)
+    _run_classes(cfg, saved, say)
     moved = data_path_given and _moved_run_data(info, saved, cfg)
     data = _rows_to_score(info, cfg, saved, data_path_given, moved, say)
     if saved is None:
@@ -342,13 +374,17 @@ def _read_run_data(cfg: Config, data_path_given: bool) -> list[dict]:
                            f"found in it by their saved content hash") from None
 
 
-def _run_classes(cfg: Config, saved: dict | None) -> None:
+def _run_classes(cfg: Config, saved: dict | None, say) -> None:
     """A recipe given with --config that names no classes scores the run's own (saved at training): the classes
-    found in a slice of the data would be fewer candidates, and easier ones."""
+    found in a slice of the data would be fewer candidates, and easier ones. Other classes given are said."""
     run_data = (saved or {}).get("data") or {}
-    if (cfg.data.classes is None and is_class_task(cfg.data) and run_data.get("classes")
-            and run_data.get("label_column") == cfg.data.label_column):
+    if not (is_class_task(cfg.data) and run_data.get("classes") and run_data.get("label_column") == cfg.data.label_column):
+        return
+    if cfg.data.classes is None:
         cfg.data.classes = run_data["classes"]
+    elif sorted(cfg.data.classes) != sorted(run_data["classes"]):
+        say(f"fittune: NOTE: scoring against the classes {cfg.data.classes} given, not the run's own "
+            f"{run_data['classes']}: with other candidates these numbers do not compare with the run's evaluation")
 
 
 def check_identity(record: dict, test: list[Example], data_cfg, data_path_given: bool, say) -> None:
@@ -435,16 +471,20 @@ def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Pat
     if run is None or not owned(run, "train"):
         raise FittuneError(f"pass --output_dir DIR: {info.weights_dir} is not in a fittune training run's "
                            f"directory, and fittune writes only into directories it creates")
-    suffix, own_split = _settings_suffix(req), runs_own_split(_saved_config(info), cfg)
+    saved = _saved_config(info)
+    suffix, own_split = _settings_suffix(req), runs_own_split(saved, cfg)
     if not req.data_path_given and own_split:
         return run / f"{prefix}heldout{suffix}"  # the run's held-out rows (-HASH: scored with other settings)
     # other data, or the run's split another way: named after the file scored, and a hash of its full path, its
-    # bytes and how its rows were chosen (two test.jsonl, two seeds or an edited file never share a folder)
+    # bytes and how its rows were chosen (two test.jsonl, two seeds, the run's data moved (its held-out rows)
+    # and the same file scored whole, or an edited file never share a folder)
     path = cfg.data.test_path or cfg.data.path
     source = str(absolute_path(resolve_data_path(path)))
-    chosen = json.dumps([source, source_digest(cfg.data), cfg.seed, *(getattr(cfg.data, k) for k in SPLIT_KEYS[2:])]
-                        if cfg.data.test_path or own_split
-                        else [source, source_digest(cfg.data)])
+    if cfg.data.test_path or own_split:
+        how = [cfg.seed, *(getattr(cfg.data, k) for k in SPLIT_KEYS[2:])]
+    else:  # every row, or (the run's data moved) the run's held-out rows of it
+        how = ["the run's held-out rows"] if _moved_run_data(info, saved, cfg) else []
+    chosen = json.dumps([source, source_digest(cfg.data), *how])
     stem = re.sub(r"[^\w.-]+", "-", Path(source).stem).strip("-.") or "data"
     return run / f"{prefix}{stem}-{hashlib.sha256(chosen.encode()).hexdigest()[:8]}{suffix}"
 
@@ -469,12 +509,12 @@ def _settings_suffix(req: EvalRequest) -> str:
 def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, precision: Precision, data: EvalData,
            out: Path, reserved: EvalDir | None) -> dict:
     """Score `data` and write the reports to `out` (the main process has it `reserved`)."""
-    weights = info.weights_dir
+    weights, base = info.weights_dir, base_model_config(cfg, _saved_config(info))
     class_task = is_class_task(cfg.data)
     own_tokenizer = (weights / "tokenizer_config.json").is_file()
     if not own_tokenizer or (weights / "adapter_config.json").is_file():  # the base model is read
-        prepare_builtin_model(cfg, accelerator)  # a built-in one: its cache checked, rebuilt if cleared
-    tok_dir = weights if own_tokenizer else resolve_model_path(cfg)
+        prepare_builtin_model(base, accelerator)  # a built-in one: its cache checked, rebuilt if cleared
+    tok_dir = weights if own_tokenizer else resolve_model_path(base)
     tokenizer = load_tokenizer(str(tok_dir), cfg.model.trust_remote_code)
     test_set, stats = tokenize_examples(data.test, tokenizer, cfg.data)
     if stats.dropped:
@@ -484,7 +524,7 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, p
                           f"{cfg.data.max_length})")
     if not test_set:
         raise FittuneError("no example to evaluate fits data.max_length")
-    model = _load_model(accelerator, strategy, weights, cfg, precision)
+    model = _load_model(accelerator, strategy, weights, base, precision)
     compare = {}
     if data.train and any(x.candidates for x in test_set):
         train_set, _ = tokenize_examples(data.train, tokenizer, cfg.data)

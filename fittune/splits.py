@@ -97,6 +97,9 @@ def leaked_rows_note(train: list[Example], test: list[Example], cfg: DataConfig,
         return None
     fix = ("score rows the run did not train on for a measure of generalisation" if evaluation else
            "point data.test_path at rows that are not in data.path" if cfg.test_path else
+           # grouping by the question instead would split the groups the run keeps whole (one group column)
+           f"remove the duplicates from the data (the same text in two {cfg.group_column} groups)"
+           if cfg.group_column else
            f"remove the duplicates from the data, or hold out identical rows together with --data.group_column "
            f"{cfg.question_column}")
     rows = "rows scored are also rows the run trained on" if evaluation else "held-out rows are also training rows"
@@ -133,18 +136,22 @@ def _check_test_split(cfg: DataConfig) -> None:
 
 
 def other_splits_note(cfg: DataConfig) -> str | None:
-    """A `save_to_disk` DatasetDict trained on one split, with no test_path: say which splits it also has
-    (its own test split goes unused otherwise, without a word)."""
+    """A `save_to_disk` DatasetDict trained on one split: say which splits it also has, unused (its own test split,
+    with no test_path, or its dev split beside the test split test_path names, would go unused without a word)."""
     path = resolve_data_path(cfg.path)
-    if cfg.test_path or detect_format(path, cfg.format) != "disk":
+    if detect_format(path, cfg.format) != "disk" or cfg.test_path and not same_file(cfg.test_path, cfg.path):
         return None
     try:
         splits = json.loads((Path(path) / "dataset_dict.json").read_text())["splits"]
     except (OSError, ValueError, KeyError, TypeError):  # a single Dataset: no other split
         return None
-    others = sorted((s for s in splits if s != cfg.hub_split), key=lambda s: s != "test")  # test named first
+    used = {cfg.hub_split, cfg.test_split} if cfg.test_path else {cfg.hub_split}
+    others = sorted((s for s in splits if s not in used), key=lambda s: s != "test")  # test named first
     if not others:
         return None
+    if cfg.test_path:
+        return (f"NOTE: {path} also has the split(s) {', '.join(others)}, not used: training on '{cfg.hub_split}', "
+                f"the held-out rows are '{cfg.test_split}'")
     return (f"NOTE: {path} also has the split(s) {', '.join(others)}, not used: the held-out rows are "
             f"{cfg.test_size:g} of '{cfg.hub_split}'; to evaluate on one, pass --data.test_path {path} "
             f"--data.test_split {others[0]}")

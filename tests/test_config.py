@@ -145,6 +145,18 @@ def test_a_leading_tilde_is_the_home_directory_in_recipes_and_flags(tmp_path, mo
     run = claim_dir(tmp_path / "run1", "train")
     (run / "config.yaml").write_text("output_dir: ~/run1\n")
     assert choose_recipe(None, {"output_dir": "~/run1", "resume": "auto"}).path == str(run / "config.yaml")
+    # going on from a checkpoint into a new output_dir: the recipe that checkpoint saved (was: refused, "pass
+    # --config RECIPE"); a folder fittune did not save is not taken for one
+    step = claim_dir(run / "checkpoints" / "step-00000002", "checkpoint")
+    (step / "config.yaml").write_text("output_dir: ~/run1\n")
+    branch = choose_recipe(None, {"output_dir": "~/run2", "resume": "~/run1/checkpoints/step-00000002"})
+    assert branch.path == str(step / "config.yaml") and "the checkpoint's own recipe" in branch.note
+    assert "model.trust_remote_code" in branch.skip
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "config.yaml").write_text("output_dir: ~/run1\n")
+    with pytest.raises(FittuneError, match="--resume without --config continues the run in"):
+        choose_recipe(None, {"output_dir": "~/run2", "resume": str(copy)})
 
 
 def test_a_key_given_twice_is_refused_and_a_short_tuple_says_so(tmp_path):

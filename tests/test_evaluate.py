@@ -303,3 +303,16 @@ def test_a_grouped_run_holds_out_whole_abstracts_and_scores_other_files(tmp_path
     code, _, err = evaluate(["--checkpoint", run, "--data.path", other, "--output_dir", tmp_path / "other"], capsys)
     assert code == 0, err[-3000:]
     assert len(load_preds(tmp_path / "other")) == 5
+    # a test file is scored whole too (was: refused, "data.group_column ... with data.test_path nothing is split",
+    # for a group column the command never named: it came from the run's config.yaml)
+    code, _, err = evaluate(["--checkpoint", run, "--data.test_path", other, "--output_dir", tmp_path / "file"], capsys)
+    assert code == 0, err[-3000:]
+    assert len(load_preds(tmp_path / "file")) == 5
+    # fewer candidates than the run's classes: easier, and said (was: a higher accuracy without a word)
+    two = tmp_path / "two.jsonl"
+    two.write_text("".join(json.dumps({"sentence": f"two {k}.", "label": labels[k % 2]}) + "\n" for k in range(4)))
+    code, out, err = evaluate(["--checkpoint", run, "--data.path", two, "--data.classes", "[background, method]",
+                               "--output_dir", tmp_path / "two"], capsys)
+    assert code == 0, err[-3000:]
+    assert ("NOTE: scoring against the classes ['background', 'method'] given, not the run's own ['background', "
+            "'method', 'result']") in out

@@ -507,6 +507,13 @@ def test_a_dataset_dicts_test_split_is_used_when_named_and_never_its_training_sp
         f"NOTE: {ds} also has the split(s) test, not used: the held-out rows are 0.1 of 'train'; to evaluate on "
         f"one, pass --data.test_path {ds} --data.test_split test")
     assert other_splits_note(DataConfig(path=str(ds), test_path=str(ds), test_split="test")) is None
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"question": "q", "answer": "a"}]),
+                          "dev": datasets.Dataset.from_list([{"question": "d", "answer": "e"}]),
+                          "test": datasets.Dataset.from_list([{"question": "t", "answer": "u"}])}).save_to_disk(
+        tmp_path / "three")
+    three = str(tmp_path / "three")  # its dev split, unused beside the test split named: said (was: nothing)
+    assert other_splits_note(DataConfig(path=three, test_path=three, test_split="test")) == (
+        f"NOTE: {three} also has the split(s) dev, not used: training on 'train', the held-out rows are 'test'")
     with pytest.raises(ValueError, match="data.test_split names a split of data.test_path: set data.test_path too"):
         DataConfig(path=str(ds), test_split="test")
     one = write_jsonl(tmp_path / "one.jsonl", [{"question": "q", "answer": "a"}] * 3)  # a file as its own test set
@@ -685,6 +692,12 @@ def test_held_out_rows_that_are_also_training_rows_are_said(tmp_path):
     assert note.endswith("hold out identical rows together with --data.group_column text")
     grouped = DataConfig(path=data, **CLASS, group_column="text")  # the fix it names: no row on both sides
     assert leaked_rows_note(*load_splits(grouped, 0), grouped) is None
+    # grouped by another column already (abstracts): the same text in two groups; regrouping by the text would
+    # split the abstracts again, so the note does not advise it
+    rows2 = [{**r, "doc": f"d{i}"} for i, r in enumerate(rows)]
+    by_doc = DataConfig(path=write_jsonl(tmp_path / "docs.jsonl", rows2), **CLASS, group_column="doc")
+    note = leaked_rows_note(*load_splits(by_doc, 0), by_doc)
+    assert note.endswith("remove the duplicates from the data (the same text in two doc groups)")
     other = write_jsonl(tmp_path / "test.jsonl", rows[:3] + [{"text": "new", "label": "Uses"}])
     with_file = DataConfig(path=data, test_path=other, **CLASS)
     note = leaked_rows_note(*load_splits(with_file, 0), with_file)

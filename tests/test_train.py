@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_end_to_end_learns_and_final_reloads_without_fittune(tmp_path, method):
+def test_end_to_end_learns_and_final_reloads_without_fittune(tmp_path, method, capsys):
     run = tmp_path / "run"
     shape = [f"--model.tiny.{k}={v}" for k, v in TINY_SHAPE.items()]
     args = ["--output_dir", run, "--log_with", "none", "--seed", "1", "--data.max_length", "128",
@@ -71,6 +71,16 @@ def test_end_to_end_learns_and_final_reloads_without_fittune(tmp_path, method):
     assert set(preds) == set(expected)
     for ex_id, nll in expected.items():
         assert preds[ex_id]["nll"] == pytest.approx(nll, rel=1e-4, abs=1e-4)
+    if method == "lora":  # the adapter is scored on the built-in base it was trained on, whatever --seed says
+        from test_evaluate_safety import evaluate
+
+        code, _, err = evaluate(["--checkpoint", run, "--seed", "7", "--output_dir", tmp_path / "ev7"], capsys)
+        assert code == 0, err[-2000:]  # seed 7 is not the run's split: every row scored (was: on a base of seed 7)
+        again = {p["id"]: p["nll"] for p in map(json.loads, (tmp_path / "ev7/predictions.jsonl").read_text().splitlines())}
+        assert [again[i] for i in expected] == pytest.approx([preds[i]["nll"] for i in expected], rel=1e-4, abs=1e-4)
+        code, _, err = evaluate(["--checkpoint", run, "--model.tiny.num_layers", "3", "--output_dir", tmp_path / "ev3"],
+                                capsys)
+        assert code == 2 and "--model.tiny.num_layers: the run's base model is the built-in" in err
 
 
 @pytest.fixture(scope="module")
