@@ -197,11 +197,12 @@ def read_state(path: Path) -> dict:
 
 
 def saved_under(path: Path) -> Strategy | None:
-    """The strategy a fittune checkpoint was saved under, as its trainer state says (None: it has no trainer
-    state, or one that names no strategy fittune knows: e.g. final/, or weights made elsewhere)."""
-    if not (path / STATE_FILE).is_file():
+    """The strategy a fittune checkpoint was saved under, as its trainer state says (None: it has no readable
+    trainer state, or one that names no strategy fittune knows: e.g. final/, or weights made elsewhere)."""
+    try:
+        name = read_state(path).get("strategy") if (path / STATE_FILE).is_file() else None
+    except FittuneError:  # a damaged state: the weights may still be whole (the caller reads the files)
         return None
-    name = read_state(path).get("strategy")
     return Strategy.named(name) if name in NAMES else None
 
 

@@ -74,9 +74,11 @@ def choose_recipe(config_file: str | None, overrides: dict[str, Any]) -> RecipeC
         return saved
     if config_file is None and overrides.get("resume") and overrides.get("output_dir") is not None:
         # a requeue script's typo must not start the demo there: --resume without --config continues a run
+        resume = overrides["resume"]
+        source = "" if resume == "auto" else f", nor a config.yaml fittune saved in the checkpoint {resume}"
         raise FittuneError(f"--resume without --config continues the run in {overrides['output_dir']}, and there is "
-                           f"none there (no fittune config.yaml): check the directory, or pass --config RECIPE to "
-                           f"start a run there (with --resume auto it continues it when requeued)")
+                           f"none there (no fittune config.yaml){source}: check the directories, or pass --config "
+                           f"RECIPE to start a run there (with --resume auto it continues it when requeued)")
     recipe = config_file or str(DEMO_RECIPE)
     notes = [] if config_file else [f"no --config given: running the offline demo recipe {recipe} (every setting "
                                     f"not given on the command line comes from it)"]

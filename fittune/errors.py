@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class FittuneError(Exception):
     """A problem with the user's input (config, data, checkpoint) that says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a setting cannot run where it was asked to (a launch's strategy, its precision)."""
+
+    setting: str
+    """The setting refused there, as the user wrote it (`train.compile`, `model.dtype`): the planner's short
+    reason, `not with SETTING`."""
+    why: str
+    """The whole error: the reason and the fix."""
 
 
 class DataNotFound(FittuneError):

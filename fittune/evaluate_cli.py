@@ -151,7 +151,7 @@ def eval_config(info: CheckpointInfo, req: EvalRequest) -> Config:
         overrides["data.group_column"] = None  # a test file is scored whole: the run's groups split nothing there
     if req.config_file is None and info.config_file is None:
         raise FittuneError(f"{req.checkpoint} has no saved fittune config: pass --config FILE describing the data")
-    if req.config_file is None and _builtin_base(_saved_config(info)):
+    if _builtin_base(_saved_config(info)):  # with --config too: base_model_config rebuilds the run's own base
         for key in overrides:
             if key.startswith("model.tiny."):  # the adapter fits the base it was trained on, and no other
                 raise FittuneError(f"--{key}: the run's base model is the built-in {BUILTIN_MODEL} of the shape "
@@ -466,8 +466,9 @@ def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Pat
     (never replaced by default), named after what is scored; nowhere else (a directory fittune did not create
     gets nothing written into it)."""
     run, prefix = info.run_dir, "eval-"
-    if run is not None and owned(run, "checkpoint") and owned(RunLayout.of_checkpoint(run).root, "train"):
-        run, prefix = RunLayout.of_checkpoint(run).root, f"eval-{run.name}-"  # a checkpoint's: RUN/eval-step-N-...
+    holder = RunLayout.of_checkpoint(run).root if run is not None and owned(run, "checkpoint") else None
+    if holder is not None and owned(holder, "train"):
+        run, prefix = holder, f"eval-{run.name}-"  # a checkpoint's adapter: RUN/eval-step-N-...
     if run is None or not owned(run, "train"):
         raise FittuneError(f"pass --output_dir DIR: {info.weights_dir} is not in a fittune training run's "
                            f"directory, and fittune writes only into directories it creates")
@@ -483,7 +484,7 @@ def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Pat
     if cfg.data.test_path or own_split:
         how = [cfg.seed, *(getattr(cfg.data, k) for k in SPLIT_KEYS[2:])]
     else:  # every row, or (the run's data moved) the run's held-out rows of it
-        how = ["the run's held-out rows"] if _moved_run_data(info, saved, cfg) else []
+        how = ["the run's held-out rows"] if req.data_path_given and _moved_run_data(info, saved, cfg) else []
     chosen = json.dumps([source, source_digest(cfg.data), *how])
     stem = re.sub(r"[^\w.-]+", "-", Path(source).stem).strip("-.") or "data"
     return run / f"{prefix}{stem}-{hashlib.sha256(chosen.encode()).hexdigest()[:8]}{suffix}"

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fittune.errors import FittuneError
+from fittune.errors import FittuneError, Refusal
 from fittune.precision import Precision
 from fittune.shards import tensor_bytes
 from fittune.strategy import Strategy
@@ -99,29 +99,31 @@ def choose(optimizer: str, in_backward: bool, trainable_dtype: torch.dtype, stra
                            cpu_adam=strategy.deepspeed and strategy.offload_optimizer and gpu)
 
 
-def unsupported(choice: OptimizerChoice, strategy: Strategy, precision: Precision, lora: bool) -> str | None:
-    """Why `choice` cannot run under `strategy` (None: it can). Shared by the run and the planner."""
+def unsupported(choice: OptimizerChoice, strategy: Strategy, precision: Precision, lora: bool) -> Refusal | None:
+    """Why `choice` cannot run under `strategy` (None: it can), and the setting refused (fittune.supported asks
+    it for the run and the planner; build_optimizer again with the parameters' own dtype)."""
     if choice.torchao and choice.fp16_weights:
-        return ("fp16 weights cannot be trained with low-bit states or stochastic rounding: keep fp32 master "
+        return Refusal("model.dtype", "fp16 weights cannot be trained with low-bit states or stochastic rounding: keep fp32 master "
                 "weights (model.dtype auto) on an fp16 GPU, or bf16 weights (model.dtype bfloat16) where it has bf16")
     if choice.name in LOWBIT and lora:
-        return (f"train.optimizer {choice.name} is for full fine-tuning (LoRA's optimizer states are a few MB): "
+        return Refusal(f"train.optimizer {choice.name}", f"train.optimizer {choice.name} is for full fine-tuning (LoRA's optimizer states are a few MB): "
                 f"use train.optimizer adamw with LoRA")
     if choice.torchao and not strategy.plain:
         why = ("DeepSpeed and FSDP2 shard the optimizer step themselves" if strategy.sharded else
                "DDP replicas would each draw their own stochastic rounding" if choice.stochastic_rounding else
                "low-bit states under DDP are not supported yet")
-        return (f"torchao's optimizers (train.optimizer {choice.name}"
+        setting = f"train.optimizer {choice.name}" if choice.name in LOWBIT else "model.dtype bfloat16"
+        return Refusal(setting, f"torchao's optimizers (train.optimizer {choice.name}"
                 f"{', bf16 weights with stochastic rounding' if choice.stochastic_rounding else ''}) run in one "
                 f"process in fittune, not under {strategy.name} ({why}): launch one process "
                 f"(accelerate_configs/single_gpu.yaml), or use train.optimizer adamw with fp32 weights "
                 f"(model.dtype auto)")
     if choice.in_backward and not strategy.plain:
-        return (f"train.optimizer_in_backward runs in one process, not under {strategy.name} (DDP reduces "
+        return Refusal("train.optimizer_in_backward", f"train.optimizer_in_backward runs in one process, not under {strategy.name} (DDP reduces "
                 f"gradients in buckets after the hooks have run; DeepSpeed and FSDP2 own the optimizer step): "
                 f"launch one process or turn optimizer_in_backward off")
     if choice.in_backward and precision.scales_loss:
-        return ("train.optimizer_in_backward cannot use fp16 loss scaling (every gradient must be checked before "
+        return Refusal("train.optimizer_in_backward", "train.optimizer_in_backward cannot use fp16 loss scaling (every gradient must be checked before "
                 "any update): use bf16, or turn optimizer_in_backward off")
     return None
 
@@ -286,9 +288,9 @@ def build_optimizer(cfg, params: list, strategy: Strategy, precision: Precision,
     choice = choose(t.optimizer, t.optimizer_in_backward,
                     torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16 if torch.float16 in dtypes
                     else torch.float32, strategy, gpu)
-    reason = unsupported(choice, strategy, precision, cfg.lora.enabled)
-    if reason:
-        raise FittuneError(reason)
+    refused = unsupported(choice, strategy, precision, cfg.lora.enabled)
+    if refused:
+        raise FittuneError(refused.why)
     make = _factory(choice, t.lr, tuple(t.betas), t.weight_decay, fused)
     defaults = {"lr": t.lr, "betas": tuple(t.betas), "weight_decay": t.weight_decay, "fused": fused}
     if choice.in_backward:

@@ -251,6 +251,7 @@ class FineTuneRecipe:
         self._check_output_dir()
         if self.done is not None:  # --resume auto of a finished run saved without checkpoints: nothing to check
             return
+        self._check_launch()
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
@@ -268,15 +269,19 @@ class FineTuneRecipe:
                                      None if cfg.log_with == "none" else cfg.log_with, str(self.out))
         self.accelerator, self.precision, self.strategy = launched.accelerator, launched.precision, launched.strategy
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
-        check_supported(cfg, self.strategy, self.precision)  # what the planner asks too, before anything loads
-        if self.strategy.deepspeed:  # the recipe's batch and clipping into its config, before ZeRO-3 builds the model
-            t = cfg.train
-            configure_deepspeed(self.accelerator, self.strategy, t.micro_batch_size, t.grad_accum, t.max_grad_norm)
         threads = run_cpu_threads(cfg.train.cpu_threads, self.strategy, self.accelerator.device)
         if threads.why:
             set_cpu_threads(threads)
             self._log(f"CPU threads per process: {threads.count} ({threads.why})")
         set_seed(cfg.seed)
+
+    def _check_launch(self) -> None:
+        """What this recipe cannot run under the launch is refused (the planner asks the same), before anything
+        loads; DeepSpeed's config gets the recipe's batch and clipping, before ZeRO-3 builds the model."""
+        t = self.cfg.train
+        check_supported(self.cfg, self.strategy, self.precision)
+        if self.strategy.deepspeed:
+            configure_deepspeed(self.accelerator, self.strategy, t.micro_batch_size, t.grad_accum, t.max_grad_norm)
 
     def _check_output_dir(self) -> None:
         """Refuse a directory this run must not touch, and lock an existing one (main process; all agree); note

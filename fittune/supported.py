@@ -5,25 +5,13 @@ optimizer_in_backward with gradient accumulation) are the config's own validator
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from fittune.config import Config
-from fittune.errors import FittuneError
+from fittune.errors import FittuneError, Refusal
 from fittune.optim import choose, unsupported
 from fittune.precision import Precision, weights_dtype
 from fittune.strategy import Strategy
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Why a recipe cannot run under a strategy."""
-
-    setting: str
-    """The recipe setting that is refused there (the planner's short reason: `not with SETTING`)."""
-    why: str
-    """The whole error: the reason and the fix."""
 
 
 def trainable_dtype(cfg: Config, precision: Precision) -> torch.dtype:
@@ -47,12 +35,7 @@ def refusal(cfg: Config, strategy: Strategy, precision: Precision, dtype: torch.
                                              f"with it, or turn it off and pick the micro-batch with python -m "
                                              f"fittune.plan")
     choice = choose(t.optimizer, t.optimizer_in_backward, dtype or trainable_dtype(cfg, precision), strategy)
-    why = unsupported(choice, strategy, precision, cfg.lora.enabled)
-    if why is None:
-        return None
-    setting = ("train.optimizer_in_backward" if choice.in_backward else f"train.optimizer {t.optimizer}"
-               if t.optimizer != "adamw" else f"model.dtype {cfg.model.dtype}")
-    return Refusal(setting, why)
+    return unsupported(choice, strategy, precision, cfg.lora.enabled)
 
 
 def check_supported(cfg: Config, strategy: Strategy, precision: Precision, dtype: torch.dtype | None = None) -> None:

@@ -305,6 +305,14 @@ def test_the_runs_moved_data_is_found_by_its_content_hash(tmp_path, tiny_model_d
     assert code == code2 == 0 and len(folders) == 2 and "replacing the previous evaluation" not in out2
     counts = sorted(json.loads((f / "metrics.json").read_text())["num_examples"] for f in folders)
     assert counts[0] == len(ids) < counts[1]
+    # a recipe naming the moved file scores every row of it; with --data.path naming it too, the held-out rows:
+    # two folders again (the recipe's own -HASH is the same for both)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((run / "config.yaml").read_text().replace(str(tmp_path / "qa.jsonl"), str(moved)))
+    for extra in ([], ["--data.path", moved]):
+        code, _, err = evaluate(["--checkpoint", run, "--config", recipe, *extra], capsys)
+        assert code == 0, err[-2000:]
+    assert len(sorted(run.glob("eval-renamed-*"))) == 4
     changed = tmp_path / "changed.jsonl"  # other bytes: other data, every row scored
     changed.write_text(moved.read_text().replace("?", "? "))
     code, out, _ = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev2", "--data.path", changed], capsys)

@@ -153,6 +153,7 @@ def test_export_is_atomic_and_never_touches_other_paths(tmp_path, tiny_model_dir
     assert set(exported) == set(original) - {"lm_head.weight"}
     for k, v in exported.items():
         assert torch.equal(v, original[k])
+    (ckpt / "trainer_state.json").write_text("{cut")  # a damaged trainer state, whole weights: read by their files
     (tmp_path / "made").mkdir()  # an empty directory made for the export: filled (replaced while empty)
     export(str(ckpt), str(tmp_path / "made"))
     assert load_file(tmp_path / "made" / "model.safetensors").keys() == exported.keys()

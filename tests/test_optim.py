@@ -152,19 +152,23 @@ def test_in_backward_refuses_fp16_loss_scaling_however_it_was_asked_for(mixed_pr
 @pytest.mark.parametrize("name", ["ddp", "zero2", "zero3_offload", "fsdp2"])
 def test_one_process_only_for_torchao_and_in_backward(name):
     strategy, one = Strategy.named(name, 2), Strategy()
-    assert "in one process" in unsupported(choose("adamw", True, torch.float32, strategy), strategy, Precision("bf16"), False)
-    assert "one process" in unsupported(choose("adamw8bit", False, torch.float32, strategy), strategy, Precision("bf16"), False)
+    assert "in one process" in unsupported(choose("adamw", True, torch.float32, strategy), strategy, Precision("bf16"), False).why
+    assert "one process" in unsupported(choose("adamw8bit", False, torch.float32, strategy), strategy, Precision("bf16"), False).why
     assert unsupported(choose("adamw", False, torch.float32, strategy), strategy, Precision("bf16"), False) is None  # as before
     bf16 = choose("adamw", False, torch.bfloat16, strategy)
     if strategy.sharded:  # the engine keeps fp32 master weights of a bf16 module: nothing to round
         assert not bf16.stochastic_rounding and unsupported(bf16, strategy, Precision("bf16"), False) is None
     else:  # DDP replicas would each draw their own rounding
-        assert "one process" in unsupported(bf16, strategy, Precision("bf16"), False)
+        assert "one process" in unsupported(bf16, strategy, Precision("bf16"), False).why
     for single in (one, Strategy.named("device_map")):
         assert unsupported(choose("adamw8bit", True, torch.bfloat16, single), single, Precision("bf16"), False) is None
-    assert "LoRA" in unsupported(choose("adamw8bit", False, torch.float32, one), one, Precision("bf16"), True)
-    assert "fp16 weights" in unsupported(choose("adamw8bit", False, torch.float16, one), one, Precision("fp16"), False)
-    assert "fp16 loss scaling" in unsupported(choose("adamw", True, torch.float32, one), one, Precision("fp16"), False)
+    assert "LoRA" in unsupported(choose("adamw8bit", False, torch.float32, one), one, Precision("bf16"), True).why
+    assert "fp16 weights" in unsupported(choose("adamw8bit", False, torch.float16, one), one, Precision("fp16"), False).why
+    assert "fp16 loss scaling" in unsupported(choose("adamw", True, torch.float32, one), one, Precision("fp16"), False).why
+    # the setting named is the one its reason is about (the planner's `not with SETTING`), also where two are set
+    lora_lowbit = unsupported(choose("adamw8bit", True, torch.float32, strategy), strategy, Precision("bf16"), True)
+    assert lora_lowbit.setting == "train.optimizer adamw8bit" and "LoRA" in lora_lowbit.why
+    assert unsupported(choose("adamw8bit", False, torch.float16, one), one, Precision("fp16"), False).setting == "model.dtype"
 
 
 @pytest.mark.parametrize("name, library", [("single", "(torch)"), ("zero2", "(torch)"),

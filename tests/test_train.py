@@ -78,9 +78,10 @@ def test_end_to_end_learns_and_final_reloads_without_fittune(tmp_path, method, c
         assert code == 0, err[-2000:]  # seed 7 is not the run's split: every row scored (was: on a base of seed 7)
         again = {p["id"]: p["nll"] for p in map(json.loads, (tmp_path / "ev7/predictions.jsonl").read_text().splitlines())}
         assert [again[i] for i in expected] == pytest.approx([preds[i]["nll"] for i in expected], rel=1e-4, abs=1e-4)
-        code, _, err = evaluate(["--checkpoint", run, "--model.tiny.num_layers", "3", "--output_dir", tmp_path / "ev3"],
-                                capsys)
-        assert code == 2 and "--model.tiny.num_layers: the run's base model is the built-in" in err
+        for recipe in ([], ["--config", run / "config.yaml"]):  # its own recipe, or given again
+            code, _, err = evaluate(["--checkpoint", run, *recipe, "--model.tiny.num_layers", "3", "--output_dir",
+                                     tmp_path / "ev3"], capsys)
+            assert code == 2 and "--model.tiny.num_layers: the run's base model is the built-in" in err
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +304,6 @@ def test_full_finetuning_matches_an_independent_adamw_loop(tmp_path, tiny_model_
     with torch.no_grad():  # the periodic validation loss: the held-out rows' token-mean NLL after the last step
         assert log[-1]["val_loss"] == pytest.approx(model(**heldout).loss.item(), rel=1e-4)
     trained = load_file(tmp_path / "run/final/model.safetensors")
-    for name, p in model.state_dict().items():
-        if name in trained:
-            torch.testing.assert_close(trained[name], p, rtol=1e-4, atol=1e-5, msg=name)
+    assert set(model.state_dict()) - {"lm_head.weight"} <= set(trained)  # the tied head is saved once
+    for name in trained:
+        torch.testing.assert_close(trained[name], model.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
