@@ -75,8 +75,8 @@ def detect_hardware(gpus: int | None, gpu_mem_gib: float | None, cpu_mem_gib: fl
             notes.append(f"no CUDA GPU on this machine and no {missing}: planning for "
                          f"{gpus or 1} GPU{'s' if (gpus or 1) > 1 else ''} x {gpu_mem_gib or DEFAULT_GPU_MEM_GIB:g} "
                          f"GiB; pass --gpus N --gpu-mem GiB for your hardware")
-        gpus = gpus or 1
-        gpu_mem_gib = gpu_mem_gib or DEFAULT_GPU_MEM_GIB
+        gpus = 1 if gpus is None else gpus  # a 0 given stays 0 (refused by the planner), not one GPU
+        gpu_mem_gib = DEFAULT_GPU_MEM_GIB if gpu_mem_gib is None else gpu_mem_gib
     if cpu_mem_gib is None:
         cpu_mem_gib = psutil.virtual_memory().total / GIB
         parts.append("CPU RAM detected")

@@ -723,3 +723,44 @@ def test_grouped_split_mistakes_are_named(tmp_path):
         load_splits(DataConfig(**{**base, "path": lists}, group_column="abstract_id"), 0)
     with pytest.raises(ValueError, match="with data.test_path nothing is split: remove one of them"):
         DataConfig(**base, group_column="abstract_id", test_path=path)
+
+
+Q = {"question_column": "question", "answer_column": "answer"}
+
+
+@pytest.mark.parametrize("rows, data, message", [
+    ([{"id": "a", "question": "q", "answer": "x"}, {"id": "a", "question": "r", "answer": "y"}],
+     {**Q, "id_column": "id"}, "mem row 2: duplicate id 'a' in column 'id'; ids must be unique"),
+    ([{"question": "q", "answer": "x", "choices": ["x"]}], {**Q, "choices_column": "choices"},
+     "mem row 1: needs at least 2 choices, got 1"),
+    ([{"question": "q", "answer": 5, "choices": ["x", "y"]}], {**Q, "choices_column": "choices", "answer_format": "index"},
+     "mem row 1: answer index 5 is out of range for 2 choices"),
+])
+def test_a_bad_row_is_one_error_naming_the_row(rows, data, message):
+    with pytest.raises(FittuneError) as e:
+        map_columns(rows, DataConfig(**data), "mem")
+    assert str(e.value) == message
+
+
+def test_other_bad_settings_are_one_error_naming_the_fix(tmp_path, monkeypatch):
+    """Refusals no other test reached: each names what is wrong and how to fix it."""
+    import torch
+
+    from fittune.checkpoints import FORMAT_VERSION, check_compatible
+    from fittune.plan import make_plan
+    from fittune.precision import Precision, check_device_precision
+
+    one = write_jsonl(tmp_path / "one.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(FittuneError, match=r"only 1 row: too few to hold out 0.5 of them and train on the rest; add "
+                                           r"data or lower data.test_size"):
+        load_splits(DataConfig(path=one, test_size=0.5), 0)
+    with pytest.raises(FittuneError, match="invalid config: train.max_steps is 0 and train.epochs is 0: set one of them"):
+        build_config(None, {"train.max_steps": 0, "train.epochs": 0})
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a T4, say
+    with pytest.raises(FittuneError, match="this GPU has no bf16: use --train.mixed_precision fp16"):
+        check_device_precision(Precision("bf16"), torch.device("cuda", 0))
+    check_device_precision(Precision("fp16"), torch.device("cuda", 0))
+    with pytest.raises(FittuneError, match=rf"written by a newer fittune .*format {FORMAT_VERSION + 1}"):
+        check_compatible({"format_version": FORMAT_VERSION + 1}, {}, tmp_path)
+    with pytest.raises(FittuneError, match="GPU count, GPU memory and CPU memory must be positive"):
+        make_plan(build_config(None, {}), gpus=0, gpu_mem_gib=16, cpu_mem_gib=16)
