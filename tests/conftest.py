@@ -29,11 +29,11 @@ TINY_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_
 # seconds each slow file took in `make test` on 2 CPU cores (its tests' times in pytest's --junitxml, a shared
 # run counted where it is first built): pytest-xdist hands the files out longest first, so the two workers finish
 # together; a file not listed comes after these
-FILE_SECONDS = {"test_checkpoints.py": 583, "test_deepspeed.py": 272, "test_train.py": 252, "test_evaluate.py": 242,
-                "test_real_model.py": 208, "test_oom.py": 167, "test_run_safety.py": 118, "test_export.py": 112,
-                "test_multinode.py": 80, "test_signals.py": 77, "test_optim.py": 74, "test_plan.py": 39,
-                "test_placement.py": 37, "test_qwen_tokenizer.py": 24, "test_fsdp.py": 21,
-                "test_evaluate_safety.py": 20, "test_layout.py": 18}
+FILE_SECONDS = {"test_checkpoints.py": 473, "test_train.py": 298, "test_evaluate.py": 235, "test_real_model.py": 231,
+                "test_deepspeed.py": 193, "test_oom.py": 140, "test_run_safety.py": 104, "test_export.py": 100,
+                "test_signals.py": 58, "test_multinode.py": 57, "test_optim.py": 56, "test_plan.py": 39,
+                "test_evaluate_safety.py": 27, "test_placement.py": 26, "test_qwen_tokenizer.py": 21,
+                "test_fsdp.py": 17, "test_layout.py": 15}
 
 
 def pytest_collection_modifyitems(config, items):
