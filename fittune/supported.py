@@ -20,9 +20,10 @@ def trainable_dtype(cfg: Config, precision: Precision) -> torch.dtype:
     return torch.float32 if cfg.lora.enabled else weights_dtype(cfg, precision)
 
 
-def refusal(cfg: Config, strategy: Strategy, precision: Precision, dtype: torch.dtype | None = None) -> Refusal | None:
-    """Why `cfg` cannot run under `strategy` with `precision` (None: it can). `dtype`: the trainable weights'
-    dtype (default: `trainable_dtype`; training passes the one it finds on the parameters)."""
+def refusal(cfg: Config, strategy: Strategy, precision: Precision) -> Refusal | None:
+    """Why `cfg` cannot run under `strategy` with `precision` (None: it can). The optimizer's rules are judged
+    on the trainable weights' dtype as `trainable_dtype` predicts it (build_optimizer asks them again on the
+    parameters themselves)."""
     t = cfg.train
     if t.compile and strategy.sharded:
         return Refusal("train.compile", f"train.compile works with one process, DDP and model.parallel: auto, not "
@@ -34,12 +35,12 @@ def refusal(cfg: Config, strategy: Strategy, precision: Precision, dtype: torch.
                                              f"mid-forward leaves the others waiting): use DDP or ZeRO-2 (+offload) "
                                              f"with it, or turn it off and pick the micro-batch with python -m "
                                              f"fittune.plan")
-    choice = choose(t.optimizer, t.optimizer_in_backward, dtype or trainable_dtype(cfg, precision), strategy)
+    choice = choose(t.optimizer, t.optimizer_in_backward, trainable_dtype(cfg, precision), strategy)
     return unsupported(choice, strategy, precision, cfg.lora.enabled)
 
 
-def check_supported(cfg: Config, strategy: Strategy, precision: Precision, dtype: torch.dtype | None = None) -> None:
+def check_supported(cfg: Config, strategy: Strategy, precision: Precision) -> None:
     """Raise `refusal`'s error, if there is one."""
-    found = refusal(cfg, strategy, precision, dtype)
+    found = refusal(cfg, strategy, precision)
     if found is not None:
         raise FittuneError(found.why)

@@ -523,7 +523,7 @@ def test_lowbit_rows_and_refusals_in_the_plan():
     assert "in backward" not in P.render(lora) and "in backward" in P.render(plan)  # not shown with LoRA numbers
     own = P.make_plan(build_config(str(ROOT / "configs/qwen2.5-3b-full-16gb.yaml"), {}), 4, 24, 256)
     by_key = {r.option.key: r.estimate for r in own.rows}
-    assert by_key["ddp"].why_not == by_key["zero2"].why_not == "not with train.optimizer_in_backward"
+    assert by_key["ddp"].why_not == by_key["zero2"].why_not == "not with train.optimizer adamw8bit"  # its reason
     assert by_key["single+adamw8bit_in_backward"].why_not == "the recipe's own row"
     # one process only: on several GPUs one of them at GPU speed (was: the device map, no faster: the layers
     # work one after another), at the recipe's own global batch (was: 4 GPUs' worth, 8 rows at the same
