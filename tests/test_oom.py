@@ -62,3 +62,16 @@ def test_what_a_strategy_cannot_run_is_refused_before_anything_is_written(tmp_pa
                   config_file=f"accelerate_configs/{accel}.yaml", check=False)
     assert proc.returncode != 0 and says in proc.stderr, proc.stderr[-2000:]  # torchrun exits 1 for its ranks
     assert not (tmp_path / "run").exists()
+
+
+def test_a_finished_runs_requeue_is_not_refused_by_the_launch(tmp_path, tiny_config):
+    """--resume auto of a finished run (saved without checkpoints: no recipe to check against) exits 0 with
+    nothing trained or written, also under a launch whose checks would refuse its recipe (a requeue loop
+    that calls it again with other launch settings)."""
+    recipe = tiny_config(train={"max_steps": 2, "save_steps": 0})
+    launch("train.py", ["--config", recipe, "--output_dir", tmp_path / "run"])
+    before = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*"))
+    proc = launch("train.py", ["--output_dir", tmp_path / "run", "--resume", "auto", "--train.oom_adaptive", "true"],
+                  nproc=2, config_file="accelerate_configs/deepspeed_zero3.yaml", check=False)
+    assert proc.returncode == 0 and "has finished" in proc.stdout, proc.stderr[-2000:]
+    assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*")) == before
