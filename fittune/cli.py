@@ -75,7 +75,8 @@ def choose_recipe(config_file: str | None, overrides: dict[str, Any]) -> RecipeC
     if config_file is None and overrides.get("resume") and overrides.get("output_dir") is not None:
         # a requeue script's typo must not start the demo there: --resume without --config continues a run
         resume = overrides["resume"]
-        source = "" if resume == "auto" else f", nor a config.yaml fittune saved in the checkpoint {resume}"
+        source = "" if resume == "auto" else f"; {resume} does not exist" if not Path(expand_home(resume)).exists() \
+            else f", nor a config.yaml fittune saved in the checkpoint {resume}"
         raise FittuneError(f"--resume without --config continues the run in {overrides['output_dir']}, and there is "
                            f"none there (no fittune config.yaml){source}: check the directories, or pass --config "
                            f"RECIPE to start a run there (with --resume auto it continues it when requeued)")
@@ -101,24 +102,28 @@ def own_data_mapping(recipe: str, overrides: dict[str, Any]) -> RecipeChoice:
 
 
 def resumed_recipe(overrides: dict[str, Any]) -> RecipeChoice | None:
-    """`--output_dir RUN --resume ...` without --config: the run's own saved recipe (RUN/config.yaml), not the
-    demo's; or, going on from a checkpoint (`--resume PATH`) into a new output_dir, the recipe that checkpoint
-    saved (PATH/config.yaml). Never their model.trust_remote_code (a run directory may come from elsewhere: only
-    this command line grants that). None when neither is fittune's."""
+    """`--resume ...` without --config: the saved recipe of the run in output_dir (RUN/config.yaml), not the
+    demo's; else, going on from a checkpoint (`--resume PATH`), the recipe that checkpoint saved
+    (PATH/config.yaml), into a new output_dir or, with none given, in its own run. Never their
+    model.trust_remote_code (a run directory may come from elsewhere: only this command line grants that).
+    None when neither is fittune's."""
     out, resume = overrides.get("output_dir"), overrides.get("resume")
-    if not resume or out is None:
+    if not resume:
         return None
-    saved, kind, what = RunLayout(Path(expand_home(str(out)))).config, "train", "continuing with the run's own recipe"
-    if not (saved.is_file() and owned(saved.parent, kind)) and resume != "auto":
-        saved, kind = Path(expand_home(str(resume))) / "config.yaml", "checkpoint"
-        what = "going on with the checkpoint's own recipe"
-    if not (saved.is_file() and owned(saved.parent, kind)):
-        return None
+    run = RunLayout(Path(expand_home(str(out)))).config if out is not None else None
+    if run is not None and run.is_file() and owned(run.parent, "train"):
+        return _saved_recipe(run, "continuing with the run's own recipe")
+    checkpoint = Path(expand_home(str(resume))) / "config.yaml"
+    if resume != "auto" and checkpoint.is_file() and owned(checkpoint.parent, "checkpoint"):
+        return _saved_recipe(checkpoint, "going on with the checkpoint's own recipe")
+    return None
+
+
+def _saved_recipe(saved: Path, what: str) -> RecipeChoice:
     # what each command grants for itself (trust, replacing a run) is never taken from the saved file
-    per_command = COMMAND_ONLY
-    return RecipeChoice(str(saved), per_command,
-                        f"--resume without --config: {what} {saved} (every setting not given on the command line "
-                        f"comes from it, except {', '.join(per_command)})")
+    return RecipeChoice(str(saved), COMMAND_ONLY, f"--resume without --config: {what} {saved} (every setting not "
+                                                  f"given on the command line comes from it, except "
+                                                  f"{', '.join(COMMAND_ONLY)})")
 
 
 def parse_args(argv: list[str], prog: str) -> Config | None:

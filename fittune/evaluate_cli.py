@@ -53,8 +53,8 @@ from fittune.placement import place_model
 from fittune.precision import Precision, weights_dtype
 from fittune.reports import metrics_table
 from fittune.rundir import HELDOUT_IDS, OWN_HELDOUT_IDS, RunLayout, hold_for_reading, owned, owning_run
-from fittune.sources import absolute_path, read_rows, resolve_data_path, same_file, source_digest
-from fittune.splits import examples_digest, leaked_rows_note, load_splits, select_ids
+from fittune.sources import absolute_path, read_rows, resolve_data_path, same_file, scored_digest, source_digest
+from fittune.splits import examples_digest, leaked_rows_note, load_splits, load_test_file, select_ids
 from fittune.strategy import Strategy
 
 USAGE = """usage: accelerate launch evaluate.py --checkpoint DIR [--config FILE] [--output_dir DIR] [--section.key VALUE ...]
@@ -299,7 +299,9 @@ def _rows_to_score(info: CheckpointInfo, cfg: Config, saved: dict | None, data_p
                 f"a copy of the file as --data.test_path")
         return EvalData(test, "the run's held-out rows")
     if same_source or cfg.data.test_path:
-        train, test = load_splits(cfg.data, cfg.seed)
+        # a run's training rows are the run's own (select_data): of a test file only the file is read then
+        train, test = ([], load_test_file(cfg.data)) if cfg.data.test_path and saved is not None \
+            else load_splits(cfg.data, cfg.seed)
         if record is not None:
             check_identity(record, test, cfg.data, data_path_given, say)
         split = f" (split {cfg.data.test_split})" if cfg.data.test_split else ""
@@ -474,18 +476,15 @@ def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Pat
                            f"directory, and fittune writes only into directories it creates")
     saved = _saved_config(info)
     suffix, own_split = _settings_suffix(req), runs_own_split(saved, cfg)
-    if not req.data_path_given and own_split:
-        return run / f"{prefix}heldout{suffix}"  # the run's held-out rows (-HASH: scored with other settings)
+    # the run's held-out rows (-HASH: scored with other settings), also of its data given by --data.path (moved)
+    if own_split and not req.data_path_given or req.data_path_given and _moved_run_data(info, saved, cfg):
+        return run / f"{prefix}heldout{suffix}"
     # other data, or the run's split another way: named after the file scored, and a hash of its full path, its
-    # bytes and how its rows were chosen (two test.jsonl, two seeds, the run's data moved (its held-out rows)
-    # and the same file scored whole, or an edited file never share a folder)
+    # bytes and how its rows were chosen (two test.jsonl, two seeds, or an edited file never share a folder)
     path = cfg.data.test_path or cfg.data.path
     source = str(absolute_path(resolve_data_path(path)))
-    if cfg.data.test_path or own_split:
-        how = [cfg.seed, *(getattr(cfg.data, k) for k in SPLIT_KEYS[2:])]
-    else:  # every row, or (the run's data moved) the run's held-out rows of it
-        how = ["the run's held-out rows"] if req.data_path_given and _moved_run_data(info, saved, cfg) else []
-    chosen = json.dumps([source, source_digest(cfg.data), *how])
+    how = [cfg.seed, *(getattr(cfg.data, k) for k in SPLIT_KEYS[2:])] if cfg.data.test_path or own_split else []
+    chosen = json.dumps([source, scored_digest(cfg.data), *how])
     stem = re.sub(r"[^\w.-]+", "-", Path(source).stem).strip("-.") or "data"
     return run / f"{prefix}{stem}-{hashlib.sha256(chosen.encode()).hexdigest()[:8]}{suffix}"
 
@@ -536,7 +535,7 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, p
         print(f"fittune: replacing the previous evaluation in {out} (its evaluation.json said what it was)",
               flush=True)
     # what was scored, and how, in full: two evaluations can be told apart from their evaluation.json alone
-    about = {"model": str(weights.resolve()), "data": data.source, "data_sha256": source_digest(cfg.data),
+    about = {"model": str(weights.resolve()), "data": data.source, "data_sha256": scored_digest(cfg.data),
              "data_config": cfg.data.model_dump(mode="json"), "mixed_precision": precision.mixed}
     # the column training's own report names it (comparison.json keys alike); any other model is "model"
     column = "fine-tuned" if info.config_file is not None else "model"

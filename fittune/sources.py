@@ -219,6 +219,12 @@ def _path_digest(path: str, cfg: DataConfig) -> str | None:
     return h.hexdigest()
 
 
+def scored_digest(cfg: DataConfig) -> str | None:
+    """sha256 (hex) of the bytes an evaluation scores rows of: data.test_path when given (data.path, the run's
+    training data, may be gone), else data.path; None for a hub dataset."""
+    return _path_digest(cfg.test_path, cfg) if cfg.test_path else _path_digest(cfg.path, cfg)
+
+
 def source_digest(cfg: DataConfig) -> str | None:
     """sha256 (hex) of the data source's bytes, or None when a source is a hub dataset.
 

@@ -171,6 +171,16 @@ def load_splits(cfg: DataConfig, seed: int) -> Split:
     return split_heldout(examples, cfg.test_size, seed)
 
 
+def load_test_file(cfg: DataConfig) -> list[Example]:
+    """The rows of data.test_path alone, mapped as `load_splits` maps them, with data.classes (or, with none,
+    the file's own labels) as the candidates: for evaluate.py on a run, whose training rows are the run's own
+    (data.path is then neither read nor checked against classes given for the test file)."""
+    _check_test_split(cfg)
+    test_rows = read_rows(cfg.test_path, cfg, cfg.test_split)
+    classes = task_classes(cfg, [], test_rows) if is_class_task(cfg) else None
+    return map_columns(test_rows, cfg, cfg.test_path, classes)
+
+
 def examples_digest(examples: list[Example]) -> str:
     """sha256 (hex) of the examples' content, in the given order.
 

@@ -152,6 +152,11 @@ def test_a_leading_tilde_is_the_home_directory_in_recipes_and_flags(tmp_path, mo
     branch = choose_recipe(None, {"output_dir": "~/run2", "resume": "~/run1/checkpoints/step-00000002"})
     assert branch.path == str(step / "config.yaml") and "the checkpoint's own recipe" in branch.note
     assert "model.trust_remote_code" in branch.skip
+    # with no --output_dir, the checkpoint's recipe names its own run (continued there only from its newest);
+    # a checkpoint that is not there is said to be missing (was: "no fittune config.yaml" of the output_dir)
+    assert choose_recipe(None, {"resume": "~/run1/checkpoints/step-00000002"}).path == str(step / "config.yaml")
+    with pytest.raises(FittuneError, match="step-00000009 does not exist"):
+        choose_recipe(None, {"output_dir": "~/run2", "resume": "~/run1/checkpoints/step-00000009"})
     copy = tmp_path / "copy"
     copy.mkdir()
     (copy / "config.yaml").write_text("output_dir: ~/run1\n")

@@ -316,3 +316,13 @@ def test_a_grouped_run_holds_out_whole_abstracts_and_scores_other_files(tmp_path
     assert code == 0, err[-3000:]
     assert ("NOTE: scoring against the classes ['background', 'method'] given, not the run's own ['background', "
             "'method', 'result']") in out
+    # as a test file too (was: refused, naming a row of the run's TRAINING file whose label is not among them),
+    # and with the run's training file gone (was: refused, "data file not found"; the majority column goes)
+    code, out, err = evaluate(["--checkpoint", run, "--data.test_path", two, "--data.classes", "[background, method]",
+                               "--output_dir", tmp_path / "two-file"], capsys)
+    assert code == 0 and len(load_preds(tmp_path / "two-file")) == 4, err[-3000:]
+    data.rename(tmp_path / "elsewhere.jsonl")
+    code, out, err = evaluate(["--checkpoint", run, "--data.test_path", other, "--output_dir", tmp_path / "gone"],
+                              capsys)
+    assert code == 0 and len(load_preds(tmp_path / "gone")) == 5, err[-3000:]
+    assert "no majority baseline for these rows" in out

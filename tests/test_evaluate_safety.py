@@ -299,11 +299,12 @@ def test_the_runs_moved_data_is_found_by_its_content_hash(tmp_path, tiny_model_d
     assert sorted(ids) == sorted(json.loads((run / "heldout_ids.json").read_text())["ids"])
     # without --output_dir, its held-out rows and the same file scored whole (another --seed: not the run's split)
     # get a folder each (was: one folder, the whole file's evaluation replacing the held-out rows')
+    # (the held-out rows in eval-heldout, as of the data where it was)
     code, _, _ = evaluate(["--checkpoint", run, "--data.path", moved], capsys)
     code2, out2, _ = evaluate(["--checkpoint", run, "--data.path", moved, "--seed", "2"], capsys)
-    folders = sorted(run.glob("eval-renamed-*"))
+    folders = [run / "eval-heldout", *run.glob("eval-renamed-*")]
     assert code == code2 == 0 and len(folders) == 2 and "replacing the previous evaluation" not in out2
-    counts = sorted(json.loads((f / "metrics.json").read_text())["num_examples"] for f in folders)
+    counts = [json.loads((f / "metrics.json").read_text())["num_examples"] for f in folders]
     assert counts[0] == len(ids) < counts[1]
     # a recipe naming the moved file scores every row of it; with --data.path naming it too, the held-out rows:
     # two folders again (the recipe's own -HASH is the same for both)
@@ -312,7 +313,7 @@ def test_the_runs_moved_data_is_found_by_its_content_hash(tmp_path, tiny_model_d
     for extra in ([], ["--data.path", moved]):
         code, _, err = evaluate(["--checkpoint", run, "--config", recipe, *extra], capsys)
         assert code == 0, err[-2000:]
-    assert len(sorted(run.glob("eval-renamed-*"))) == 4
+    assert len(list(run.glob("eval-renamed-*"))) == 2 and len(list(run.glob("eval-heldout-*"))) == 1
     changed = tmp_path / "changed.jsonl"  # other bytes: other data, every row scored
     changed.write_text(moved.read_text().replace("?", "? "))
     code, out, _ = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev2", "--data.path", changed], capsys)
