@@ -260,7 +260,13 @@ def _moved_run_data(info: CheckpointInfo, saved: dict | None, cfg: Config) -> bo
     held-out record), split the same way by the same seed, so its held-out rows are the run's."""
     if saved is None or saved.get("seed") != cfg.seed or cfg.data.test_path:
         return False
-    if not all(_same_key(saved, cfg, k) for k in SPLIT_KEYS if k != "path"):
+    return all(_same_key(saved, cfg, k) for k in SPLIT_KEYS if k != "path") and _holds_run_data(info, cfg)
+
+
+def _holds_run_data(info: CheckpointInfo, cfg: Config) -> bool:
+    """data.path holds the bytes of the run's data file (the content hash in its held-out record), wherever it
+    is now: the run's training rows can be made again from it."""
+    if cfg.data.test_path:
         return False
     try:
         record, digest = _heldout_record(info), source_digest(cfg.data)
@@ -280,7 +286,9 @@ def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -
     if saved is None:
         return data
     scored_as = is_class_task(cfg.data) if cfg.data.label_column or cfg.data.choices_column else None
-    return replace(data, train=run_training_rows(info, scored_as, say, cfg.data.path if moved else None))
+    # the run's data at its new place (moved), also where another seed scores all of it: its training rows
+    moved_to = cfg.data.path if data_path_given and (moved or _holds_run_data(info, cfg)) else None
+    return replace(data, train=run_training_rows(info, scored_as, say, moved_to))
 
 
 def _rows_to_score(info: CheckpointInfo, cfg: Config, saved: dict | None, data_path_given: bool, moved: bool,

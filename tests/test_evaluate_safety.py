@@ -306,6 +306,9 @@ def test_the_runs_moved_data_is_found_by_its_content_hash(tmp_path, tiny_model_d
     assert code == code2 == 0 and len(folders) == 2 and "replacing the previous evaluation" not in out2
     counts = [json.loads((f / "metrics.json").read_text())["num_examples"] for f in folders]
     assert counts[0] == len(ids) < counts[1]
+    # the whole moved file is compared with the run's majority baseline too: its training rows are made again
+    # from the moved bytes (was: looked for at the old path, "no majority baseline for these rows")
+    assert "no majority baseline" not in out2 and "majority" in json.loads((folders[1] / "comparison.json").read_text())
     # a recipe naming the moved file scores every row of it; with --data.path naming it too, the held-out rows:
     # two folders again (the recipe's own -HASH is the same for both)
     recipe = tmp_path / "recipe.yaml"
