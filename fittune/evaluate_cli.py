@@ -22,6 +22,7 @@ import json
 import re
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from fittune.batches import tokenize_examples
@@ -38,7 +39,7 @@ from fittune.config import (
     build_config,
     parse_overrides,
 )
-from fittune.distributed import configure_deepspeed, on_main_then_agree, start_accelerator
+from fittune.distributed import Launched, configure_deepspeed, on_main_then_agree, start_accelerator
 from fittune.errors import DataNotFound, FittuneError
 from fittune.evaldir import EvalDir, check_eval_dir, check_in_own_run, check_replaces_same_model, reserve_eval_dir
 from fittune.evaluator import evaluate_and_report
@@ -50,12 +51,11 @@ from fittune.model import (
     resolve_model_path,
 )
 from fittune.placement import place_model
-from fittune.precision import Precision, weights_dtype
+from fittune.precision import weights_dtype
 from fittune.reports import metrics_table
 from fittune.rundir import HELDOUT_IDS, OWN_HELDOUT_IDS, RunLayout, hold_for_reading, owned, owning_run
 from fittune.sources import absolute_path, read_rows, resolve_data_path, same_file, scored_digest, source_digest
 from fittune.splits import examples_digest, leaked_rows_note, load_splits, load_test_file, select_ids
-from fittune.strategy import Strategy
 
 USAGE = """usage: accelerate launch evaluate.py --checkpoint DIR [--config FILE] [--output_dir DIR] [--section.key VALUE ...]
   DIR: a training output dir, its final/, or a model/adapter dir.
@@ -136,12 +136,53 @@ def evaluate_main(argv: list[str]) -> dict | None:
         print(USAGE)
         return None
     req = parse_request(argv)
-    info = resolve_checkpoint(req.checkpoint)
-    cfg = eval_config(info, req)
-    return evaluate_checkpoint(info, cfg, req)
+    run = SavedRun.read(resolve_checkpoint(req.checkpoint))
+    cfg = eval_config(run, req)
+    return evaluate_checkpoint(run, cfg, req)
 
 
-def eval_config(info: CheckpointInfo, req: EvalRequest) -> Config:
+@dataclass
+class SavedRun:
+    """The checkpoint and what its fittune run saved, each file read at most once: its config.yaml (`config`;
+    None: the weights have no fittune recipe) and its held-out record (`heldout`)."""
+
+    info: CheckpointInfo
+    config: dict | None
+
+    @classmethod
+    def read(cls, info: CheckpointInfo) -> SavedRun:
+        import yaml
+
+        return cls(info, None if info.config_file is None else yaml.safe_load(info.config_file.read_text()) or {})
+
+    def section(self, name: str) -> dict:
+        """One section of the saved config ({} where there is none)."""
+        return (self.config or {}).get(name) or {}
+
+    @property
+    def builtin_base(self) -> bool:
+        """The run was trained on the built-in tiny model (random weights from its model.tiny shape and seed)."""
+        return self.section("model").get("name_or_path") == BUILTIN_MODEL
+
+    @cached_property
+    def heldout(self) -> dict | None:
+        """The run's held-out ids: in its directory, or carried by a model directory outside it (final/ copied,
+        an export: `rundir.OWN_HELDOUT_IDS`). A damaged record is refused where it is needed."""
+        info = self.info
+        path = info.run / HELDOUT_IDS if info.run else info.weights_dir / OWN_HELDOUT_IDS
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+            if not isinstance(record.get("ids"), list):
+                raise ValueError("no list of ids")
+        except (ValueError, AttributeError) as e:
+            raise FittuneError(f"{path} is damaged ({e}): restore it, or pass --data.path to evaluate other "
+                               f"data") from None
+        return record
+
+
+def eval_config(run: SavedRun, req: EvalRequest) -> Config:
     """The config to evaluate with: the explicit --config, else the run's saved one with its
     `model.trust_remote_code` replaced by this command line's (default off)."""
     overrides = dict(req.overrides)
@@ -149,15 +190,15 @@ def eval_config(info: CheckpointInfo, req: EvalRequest) -> Config:
         overrides["data.test_path"] = None  # --data.path names the data to score: not a recipe's test file
     if overrides.get("data.test_path") and "data.group_column" not in overrides:
         overrides["data.group_column"] = None  # a test file is scored whole: the run's groups split nothing there
-    if req.config_file is None and info.config_file is None:
+    if req.config_file is None and run.config is None:
         raise FittuneError(f"{req.checkpoint} has no saved fittune config: pass --config FILE describing the data")
-    if _builtin_base(_saved_config(info)):  # with --config too: base_model_config rebuilds the run's own base
+    if run.builtin_base:  # with --config too: base_model_config rebuilds the run's own base
         for key in overrides:
             if key.startswith("model.tiny."):  # the adapter fits the base it was trained on, and no other
                 raise FittuneError(f"--{key}: the run's base model is the built-in {BUILTIN_MODEL} of the shape "
                                    f"and seed it was trained on (its config.yaml), which evaluate.py rebuilds as it "
                                    f"was: drop --{key}")
-    recipe = own_data_mapping(req.config_file or str(info.config_file), overrides)
+    recipe = own_data_mapping(req.config_file or str(run.info.config_file), overrides)
     recipe.announce()
     # an evaluation never replaces, continues or unpickles a run: a recipe's or an older run's saved
     # `overwrite: true` / `resume: auto` (saved before they became command-only) are not its to refuse
@@ -168,23 +209,19 @@ def eval_config(info: CheckpointInfo, req: EvalRequest) -> Config:
     return build_config(recipe.path, {**overrides, TRUST_KEY: overrides.get(TRUST_KEY, False)}, skip)
 
 
-def _builtin_base(saved: dict | None) -> bool:
-    """The run was trained on the built-in tiny model (random weights from its model.tiny shape and seed)."""
-    return saved is not None and (saved.get("model") or {}).get("name_or_path") == BUILTIN_MODEL
-
-
-def base_model_config(cfg: Config, saved: dict | None) -> Config:
+def base_model_config(cfg: Config, run: SavedRun) -> Config:
     """The config the base model is built or found from: a run's built-in tiny base is rebuilt from the run's own
     shape and seed, whatever --seed says (on evaluate.py's command line the seed chooses rows only)."""
-    if not _builtin_base(saved) or cfg.model.name_or_path != BUILTIN_MODEL:
+    if not run.builtin_base or cfg.model.name_or_path != BUILTIN_MODEL:
         return cfg
-    tiny = TinyModelConfig(**((saved.get("model") or {}).get("tiny") or {}))
-    return cfg.model_copy(update={"seed": saved.get("seed", cfg.seed),
+    tiny = TinyModelConfig(**(run.section("model").get("tiny") or {}))
+    return cfg.model_copy(update={"seed": run.config.get("seed", cfg.seed),
                                   "model": cfg.model.model_copy(update={"tiny": tiny})})
 
 
-def remote_code_notice(info: CheckpointInfo, cfg: Config) -> str | None:
+def remote_code_notice(run: SavedRun, cfg: Config) -> str | None:
     """A line saying which code a checkpoint asked to run and that it is not run (None: nothing to say)."""
+    info = run.info
     if cfg.model.trust_remote_code:
         return None
     asked = []
@@ -194,7 +231,7 @@ def remote_code_notice(info: CheckpointInfo, cfg: Config) -> str | None:
                 asked.append(path.name)
         except (OSError, ValueError):
             continue
-    saved = ((_saved_config(info) or {}).get("model") or {}).get("trust_remote_code") is True
+    saved = run.section("model").get("trust_remote_code") is True
     if not asked and not saved:
         return None
     what = f"{info.weights_dir} names its own code (auto_map in {', '.join(asked)})" if asked else \
@@ -217,29 +254,6 @@ class EvalData:
     """As the run trained on them; [] where unknown or changed since (no majority baseline then)."""
 
 
-def _saved_config(info: CheckpointInfo) -> dict | None:
-    import yaml
-
-    if info.config_file is None:
-        return None
-    return yaml.safe_load(info.config_file.read_text()) or {}
-
-
-def _heldout_record(info: CheckpointInfo) -> dict | None:
-    """The run's held-out ids: in its directory, or carried by a model directory outside it (final/ copied, an
-    export: `rundir.OWN_HELDOUT_IDS`)."""
-    path = info.run / HELDOUT_IDS if info.run else info.weights_dir / OWN_HELDOUT_IDS
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-        if not isinstance(record.get("ids"), list):
-            raise ValueError("no list of ids")
-    except (ValueError, AttributeError) as e:
-        raise FittuneError(f"{path} is damaged ({e}): restore it, or pass --data.path to evaluate other data") from None
-    return record
-
-
 SPLIT_KEYS = ("path", "test_path", "test_split", "test_size", "group_column")  # with the seed: the held-out rows
 
 
@@ -255,63 +269,89 @@ def runs_own_split(saved: dict | None, cfg: Config) -> bool:
     return saved is not None and saved.get("seed") == cfg.seed and all(_same_key(saved, cfg, k) for k in SPLIT_KEYS)
 
 
-def _moved_run_data(info: CheckpointInfo, saved: dict | None, cfg: Config) -> bool:
-    """`--data.path` names the run's data at another place: the same bytes as the run's (the content hash in its
-    held-out record), split the same way by the same seed, so its held-out rows are the run's."""
-    if saved is None or saved.get("seed") != cfg.seed or cfg.data.test_path:
-        return False
-    return all(_same_key(saved, cfg, k) for k in SPLIT_KEYS if k != "path") and _holds_run_data(info, cfg)
+@dataclass
+class DataChoice:
+    """Which data an evaluation scores, each part decided once and only when asked (a data file is hashed at most
+    once): the default folder's name and the choice of rows ask it."""
+
+    run: SavedRun
+    cfg: Config
+    given: bool
+    """--data.path was given: other data is meant, unless it holds the run's own bytes (`moved`)."""
+
+    @cached_property
+    def own_split(self) -> bool:
+        """The recipe names the run's data, split the run's way by the run's seed: its held-out rows."""
+        return runs_own_split(self.run.config, self.cfg)
+
+    @cached_property
+    def digest(self) -> str | None:
+        """sha256 of the bytes scored (`sources.scored_digest`; None for a hub dataset)."""
+        return scored_digest(self.cfg.data)
+
+    @cached_property
+    def holds_run_data(self) -> bool:
+        """--data.path holds the bytes of the run's data file (the content hash in its held-out record), wherever
+        it is now: the run's training rows can be made again from it."""
+        if not self.given or self.cfg.data.test_path:
+            return False
+        try:  # with no test file, the bytes scored are the source's (`sources.source_digest`)
+            record, digest = self.run.heldout, self.digest
+        except FittuneError:  # a damaged record, an unreadable file: not shown to be the run's data
+            return False
+        return record is not None and digest is not None and record.get("source_sha256") == digest
+
+    @cached_property
+    def moved(self) -> bool:
+        """--data.path names the run's data at another place, split the same way by the same seed: its held-out
+        rows are the run's."""
+        saved = self.run.config
+        if saved is None or saved.get("seed") != self.cfg.seed or not self.holds_run_data:
+            return False
+        return all(_same_key(saved, self.cfg, k) for k in SPLIT_KEYS if k != "path")
+
+    @property
+    def run_heldout(self) -> bool:
+        """The rows scored are the run's held-out rows (at the run's data, or at its new place)."""
+        return self.own_split and not self.given or self.moved
 
 
-def _holds_run_data(info: CheckpointInfo, cfg: Config) -> bool:
-    """data.path holds the bytes of the run's data file (the content hash in its held-out record), wherever it
-    is now: the run's training rows can be made again from it."""
-    if cfg.data.test_path:
-        return False
-    try:
-        record, digest = _heldout_record(info), source_digest(cfg.data)
-    except FittuneError:  # a damaged record, an unreadable file: not shown to be the run's data
-        return False
-    return record is not None and digest is not None and record.get("source_sha256") == digest
-
-
-def select_data(info: CheckpointInfo, cfg: Config, data_path_given: bool, say) -> EvalData:
+def select_data(choice: DataChoice, say) -> EvalData:
     """The rows to score (`_rows_to_score`), and the rows the run trained on as it trained on them (for the
     majority baseline and the note on held-out rows that are also training rows; `run_training_rows`); a model
     with no run (a recipe given with --config) keeps the recipe's own training split."""
-    saved = _saved_config(info)
-    _run_classes(cfg, saved, say)
-    moved = data_path_given and _moved_run_data(info, saved, cfg)
-    data = _rows_to_score(info, cfg, saved, data_path_given, moved, say)
-    if saved is None:
+    run, cfg = choice.run, choice.cfg
+    _run_classes(cfg, run.config, say)
+    data = _rows_to_score(choice, say)
+    if run.config is None:
         return data
     scored_as = is_class_task(cfg.data) if cfg.data.label_column or cfg.data.choices_column else None
     # the run's data at its new place (moved), also where another seed scores all of it: its training rows
-    moved_to = cfg.data.path if data_path_given and (moved or _holds_run_data(info, cfg)) else None
-    return replace(data, train=run_training_rows(info, scored_as, say, moved_to))
+    moved_to = cfg.data.path if choice.holds_run_data else None
+    return replace(data, train=run_training_rows(run, scored_as, say, moved_to))
 
 
-def _rows_to_score(info: CheckpointInfo, cfg: Config, saved: dict | None, data_path_given: bool, moved: bool,
-                   say) -> EvalData:
+def _rows_to_score(choice: DataChoice, say) -> EvalData:
     """The run's own held-out rows while the source and split are the run's (column mappings may change),
     checked against their saved content hash; an explicit test file; or every row of other data."""
-    same_source = runs_own_split(saved, cfg) or moved
-    record = _heldout_record(info) if same_source else None
+    run, cfg, given = choice.run, choice.cfg, choice.given
+    same_source = choice.own_split or choice.moved
+    record = run.heldout if same_source else None
     if record is not None and not cfg.data.test_path:
-        examples = map_columns(_read_run_data(cfg, data_path_given), cfg.data, resolve_data_path(cfg.data.path))
+        examples = map_columns(_read_run_data(cfg, given), cfg.data, resolve_data_path(cfg.data.path))
         test = select_ids(examples, record["ids"], cfg.data.path)
-        check_identity(record, test, cfg.data, data_path_given, say)
-        if data_path_given:  # the split is the run's: its training rows would score what the model memorised
+        check_identity(record, test, cfg.data, given, say)
+        if given:  # the split is the run's: its training rows would score what the model memorised
             say(f"fittune: NOTE: --data.path is the run's own data (its content hash): scoring its {len(test)} "
                 f"held-out rows, not all {len(examples)} (the others trained the model); to score every row, pass "
                 f"a copy of the file as --data.test_path")
         return EvalData(test, "the run's held-out rows")
     if same_source or cfg.data.test_path:
         # a run's training rows are the run's own (select_data): of a test file only the file is read then
-        train, test = ([], load_test_file(cfg.data)) if cfg.data.test_path and saved is not None \
+        train, test = ([], load_test_file(cfg.data)) if cfg.data.test_path and run.config is not None \
             else load_splits(cfg.data, cfg.seed)
         if record is not None:
-            check_identity(record, test, cfg.data, data_path_given, say)
+            check_identity(record, test, cfg.data, given, say)
         split = f" (split {cfg.data.test_split})" if cfg.data.test_split else ""
         # `train`: the recipe's own training rows, for a model with no run of its own (a run's replace them)
         return EvalData(test, f"the test file {cfg.data.test_path}{split}" if cfg.data.test_path
@@ -319,15 +359,15 @@ def _rows_to_score(info: CheckpointInfo, cfg: Config, saved: dict | None, data_p
     rows = read_rows(cfg.data.path, cfg.data)
     cfg.data.group_column = None  # every row is scored, none split: other data need not have the run's groups
     test = map_columns(rows, cfg.data, resolve_data_path(cfg.data.path))
-    if saved is not None:
-        run_data = {k: (saved.get("data") or {}).get(k) for k in SPLIT_KEYS}
+    if run.config is not None:
+        run_data = ", ".join(f"{k} {v}" for k in SPLIT_KEYS if (v := run.section("data").get(k)) is not None)
         say(f"fittune: NOTE: evaluating all {len(test)} rows of {cfg.data.path}, which is NOT the held-out split "
-            f"of this run (the run used data {run_data}, seed {saved.get('seed')}): these numbers are not the "
-            f"run's held-out evaluation")
+            f"of this run (the run used data {run_data}, seed {run.config.get('seed')}): these numbers are not "
+            f"the run's held-out evaluation")
     return EvalData(test, f"all rows of {cfg.data.path}")
 
 
-def run_training_rows(info: CheckpointInfo, class_task: bool | None, say, data_path: str | None = None) -> list[Example]:
+def run_training_rows(run: SavedRun, class_task: bool | None, say, data_path: str | None = None) -> list[Example]:
     """The rows the run trained on: its recipe's split of its data (at `data_path` when it moved), made again as
     training made it and checked against the digest training saved of them (`run: train_sha256`; an older run:
     its held-out rows' and data file's digests). Their most frequent class is the majority baseline for rows
@@ -339,13 +379,13 @@ def run_training_rows(info: CheckpointInfo, class_task: bool | None, say, data_p
         say(f"fittune: {what}: {why}")
         return []
 
-    record = _heldout_record(info)
+    record = run.heldout
     if record is None:
         return none("the run has no heldout_ids.json to tell its training rows from its held-out ones")
     moved = {"data.path": data_path} if data_path else {}
     try:  # the run's own recipe, read, never run
         # only its data is read: its attention kernel (a Hub one needs trust) is not this function's to refuse
-        run_cfg = build_config(str(info.config_file), {TRUST_KEY: False, "model.attn_implementation": "sdpa",
+        run_cfg = build_config(str(run.info.config_file), {TRUST_KEY: False, "model.attn_implementation": "sdpa",
                                                        **moved}, COMMAND_ONLY)
     except FittuneError as e:
         return none(f"the run's saved config cannot be read ({e})")
@@ -359,7 +399,7 @@ def run_training_rows(info: CheckpointInfo, class_task: bool | None, say, data_p
     except FittuneError as e:  # its data moved, or cannot be read here
         return none(f"the run's training rows cannot be read ({e})")
     changed = f"the run's data {run_cfg.data.path} changed since training"
-    trained = ((_saved_config(info) or {}).get("run") or {}).get("train_sha256")
+    trained = run.section("run").get("train_sha256")
     if trained is not None:  # the rows themselves, as the run mapped them
         return train if examples_digest(train) == trained else none(changed)
     # an older run: its held-out rows' digest, and its data files' bytes (a hub dataset has none)
@@ -450,49 +490,48 @@ def hold_on_main(accelerator, held: ExitStack, info: CheckpointInfo, out: Path, 
 # Evaluate
 
 
-def evaluate_checkpoint(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> dict:
+def evaluate_checkpoint(run: SavedRun, cfg: Config, req: EvalRequest) -> dict:
     """Evaluate a saved model/adapter (see the module docstring for the rules); write the reports on the main
     process; return the metrics."""
     launched = start_accelerator(cfg.train.mixed_precision, cfg.model.parallel, project_dir=cfg.output_dir)
-    accelerator, precision, strategy = launched.accelerator, launched.precision, launched.strategy
+    accelerator, info, choice = launched.accelerator, run.info, DataChoice(run, cfg, req.data_path_given)
     flag = "--output_dir" if req.out_dir else "the default output directory (--output_dir chooses another)"
-    out = check_eval_dir(Path(req.out_dir) if req.out_dir else default_eval_dir(info, cfg, req), flag)
+    out = check_eval_dir(Path(req.out_dir) if req.out_dir else default_eval_dir(choice, req), flag)
     check_in_own_run(out, info.weights_dir, info.run, flag)
     with ExitStack() as held:
         reserved = hold_on_main(accelerator, held, info, out, req.overwrite, flag)
-        notice = remote_code_notice(info, cfg)
+        notice = remote_code_notice(run, cfg)
         if notice:
             accelerator.print(notice)
-        data = select_data(info, cfg, req.data_path_given, accelerator.print)
+        data = select_data(choice, accelerator.print)
         if note := leaked_rows_note(data.train, data.test, cfg.data, evaluation=True):
             accelerator.print(f"fittune: {note}")
-        metrics = _score(accelerator, strategy, info, cfg, precision, data, out, reserved)
+        metrics = _score(launched, choice, data, out, reserved)
     accelerator.end_training()
     return metrics
 
 
-def default_eval_dir(info: CheckpointInfo, cfg: Config, req: EvalRequest) -> Path:
+def default_eval_dir(choice: DataChoice, req: EvalRequest) -> Path:
     """Where evaluate.py writes without --output_dir: in the training run, beside the eval/ that training wrote
     (never replaced by default), named after what is scored; nowhere else (a directory fittune did not create
     gets nothing written into it)."""
-    run, prefix = info.run_dir, "eval-"
+    run, prefix = choice.run.info.run_dir, "eval-"
     holder = RunLayout.of_checkpoint(run).root if run is not None and owned(run, "checkpoint") else None
     if holder is not None and owned(holder, "train"):
         run, prefix = holder, f"eval-{run.name}-"  # a checkpoint's adapter: RUN/eval-step-N-...
     if run is None or not owned(run, "train"):
-        raise FittuneError(f"pass --output_dir DIR: {info.weights_dir} is not in a fittune training run's "
-                           f"directory, and fittune writes only into directories it creates")
-    saved = _saved_config(info)
-    suffix, own_split = _settings_suffix(req), runs_own_split(saved, cfg)
-    # the run's held-out rows (-HASH: scored with other settings), also of its data given by --data.path (moved)
-    if own_split and not req.data_path_given or req.data_path_given and _moved_run_data(info, saved, cfg):
+        raise FittuneError(f"pass --output_dir DIR: {choice.run.info.weights_dir} is not in a fittune training "
+                           f"run's directory, and fittune writes only into directories it creates")
+    cfg, suffix = choice.cfg, _settings_suffix(req)
+    if choice.run_heldout:  # (-HASH: scored with other settings), also of its data given by --data.path (moved)
         return run / f"{prefix}heldout{suffix}"
     # other data, or the run's split another way: named after the file scored, and a hash of its full path, its
     # bytes and how its rows were chosen (two test.jsonl, two seeds, or an edited file never share a folder)
     path = cfg.data.test_path or cfg.data.path
     source = str(absolute_path(resolve_data_path(path)))
-    how = [cfg.seed, *(getattr(cfg.data, k) for k in SPLIT_KEYS[2:])] if cfg.data.test_path or own_split else []
-    chosen = json.dumps([source, scored_digest(cfg.data), *how])
+    how = [cfg.seed, *(getattr(cfg.data, k) for k in SPLIT_KEYS[2:])] if cfg.data.test_path or choice.own_split \
+        else []
+    chosen = json.dumps([source, choice.digest, *how])
     stem = re.sub(r"[^\w.-]+", "-", Path(source).stem).strip("-.") or "data"
     return run / f"{prefix}{stem}-{hashlib.sha256(chosen.encode()).hexdigest()[:8]}{suffix}"
 
@@ -514,10 +553,10 @@ def _settings_suffix(req: EvalRequest) -> str:
     return "-" + hashlib.sha256(json.dumps([flags, recipe], default=str).encode()).hexdigest()[:8]
 
 
-def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, precision: Precision, data: EvalData,
-           out: Path, reserved: EvalDir | None) -> dict:
+def _score(launched: Launched, choice: DataChoice, data: EvalData, out: Path, reserved: EvalDir | None) -> dict:
     """Score `data` and write the reports to `out` (the main process has it `reserved`)."""
-    weights, base = info.weights_dir, base_model_config(cfg, _saved_config(info))
+    accelerator, cfg, info = launched.accelerator, choice.cfg, choice.run.info
+    weights, base = info.weights_dir, base_model_config(cfg, choice.run)
     class_task = is_class_task(cfg.data)
     own_tokenizer = (weights / "tokenizer_config.json").is_file()
     if not own_tokenizer or (weights / "adapter_config.json").is_file():  # the base model is read
@@ -532,7 +571,7 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, p
                           f"{cfg.data.max_length})")
     if not test_set:
         raise FittuneError("no example to evaluate fits data.max_length")
-    model = _load_model(accelerator, strategy, weights, base, precision)
+    model = _load_model(launched, weights, base)
     compare = {}
     if data.train and any(x.candidates for x in test_set):
         train_set, _ = tokenize_examples(data.train, tokenizer, cfg.data)
@@ -543,11 +582,11 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, p
         print(f"fittune: replacing the previous evaluation in {out} (its evaluation.json said what it was)",
               flush=True)
     # what was scored, and how, in full: two evaluations can be told apart from their evaluation.json alone
-    about = {"model": str(weights.resolve()), "data": data.source, "data_sha256": scored_digest(cfg.data),
-             "data_config": cfg.data.model_dump(mode="json"), "mixed_precision": precision.mixed}
+    about = {"model": str(weights.resolve()), "data": data.source, "data_sha256": choice.digest,
+             "data_config": cfg.data.model_dump(mode="json"), "mixed_precision": launched.precision.mixed}
     # the column training's own report names it (comparison.json keys alike); any other model is "model"
     column = "fine-tuned" if info.config_file is not None else "model"
-    metrics = evaluate_and_report(model, accelerator, strategy, cfg, tokenizer, test_set, class_task,
+    metrics = evaluate_and_report(model, accelerator, launched.strategy, cfg, tokenizer, test_set, class_task,
                                   reserved or out, column, compare, about)
     accelerator.print(f"fittune: evaluated {weights} on {len(test_set)} examples ({data.source}) "
                       f"with {accelerator.num_processes} process(es)\n" + metrics_table({**compare, column: metrics}))
@@ -557,10 +596,12 @@ def _score(accelerator, strategy: Strategy, info: CheckpointInfo, cfg: Config, p
     return metrics
 
 
-def _load_model(accelerator, strategy: Strategy, weights: Path, cfg: Config, precision: Precision):
-    model = load_trained_model(weights, cfg, weights_dtype(cfg, precision))
+def _load_model(launched: Launched, weights: Path, cfg: Config):
+    """The saved weights, loaded and placed as the launch's strategy says, ready for forward passes."""
+    accelerator, strategy, dtype = launched.accelerator, launched.strategy, weights_dtype(cfg, launched.precision)
+    model = load_trained_model(weights, cfg, dtype)
     if strategy.device_map:  # strategy_of refused a device map under a distributed launch
-        place_model(model, cfg.model.max_memory, weights_dtype(cfg, precision), training=False)
+        place_model(model, cfg.model.max_memory, dtype, training=False)
     if strategy.deepspeed:
         # ZeRO-3 loaded the weights partitioned: only the engine's hooks gather them for a forward pass
         configure_deepspeed(accelerator, strategy, cfg.eval.batch_size, 1, 0.0)

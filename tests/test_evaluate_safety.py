@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT, launch
 
 from fittune.config import DEMO_DATA, build_config, to_yaml
@@ -176,7 +177,7 @@ def test_a_run_without_final_says_why_and_what_to_evaluate(tmp_path, tiny_model_
     assert code == 2 and f"is a fittune training checkpoint (resumable state, not a model): evaluate its " \
                          f"adapter: --checkpoint {adapter}" in one_error(err)
     from fittune.checkpoints import resolve_checkpoint
-    from fittune.evaluate_cli import EvalRequest, default_eval_dir
+    from fittune.evaluate_cli import DataChoice, EvalRequest, SavedRun, default_eval_dir
 
     shutil.copy(run / "config.yaml", adapter.parent / "config.yaml")  # as a checkpoint holds its recipe
     lock = DirLock(run).acquire("train.py")  # a checkpoint's adapter is read under its run's lock (was: the
@@ -186,9 +187,9 @@ def test_a_run_without_final_says_why_and_what_to_evaluate(tmp_path, tiny_model_
         lock.release()
     assert code == 2 and f"cannot evaluate now: {run} is in use by train.py (pid" in one_error(err)
     assert not (adapter.parent / ".fittune.lock").exists()
-    info = resolve_checkpoint(str(adapter))
-    cfg = build_config(str(run / "config.yaml"), {})
-    assert default_eval_dir(info, cfg, EvalRequest(str(adapter), None, None)) == run / "eval-step-00000004-heldout"
+    saved = SavedRun.read(resolve_checkpoint(str(adapter)))
+    choice = DataChoice(saved, build_config(str(run / "config.yaml"), {}), given=False)
+    assert default_eval_dir(choice, EvalRequest(str(adapter), None, None)) == run / "eval-step-00000004-heldout"
 
 def test_a_config_yaml_beside_a_copied_model_is_not_its_recipe(tmp_path, tiny_model_dir, capsys):
     """Was: a model copied out of its run (with its own fittune_config.yaml) into a folder that also held a
@@ -271,6 +272,10 @@ def test_other_data_is_said_loudly_and_old_runs_warn_once(tmp_path, tiny_model_d
     code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev2", "--data.path", other], capsys)
     assert code == 0, err[-3000:]
     assert sum("NOT the held-out split" in line for line in out.splitlines()) == 1
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    # what the run used, in words (was: a raw dict with its None values)
+    assert f"the run used data path {saved['data']['path']}, test_size {saved['data']['test_size']}, " \
+           f"seed {saved['seed']})" in out and "None" not in out
     assert json.loads((tmp_path / "ev2/metrics.json").read_text())["num_examples"] == 12
     # the run's own file given as --data.path: its held-out rows, said (was: silently, in a folder named after
     # the file as if all of it had been scored)
@@ -666,12 +671,12 @@ def test_a_run_with_a_hub_attention_kernel_keeps_its_majority_baseline(tmp_path,
     """The run's training rows are only read: its saved Hub kernel (which needs trust to load a model) does not
     cost the baseline (the review found "saved config cannot be read ... pass --model.trust_remote_code")."""
     from fittune.checkpoints import resolve_checkpoint
-    from fittune.evaluate_cli import run_training_rows
+    from fittune.evaluate_cli import SavedRun, run_training_rows
 
     run = make_run(tmp_path, tiny_model_dir, **{"model.attn_implementation": "kernels-community/flash-attn2",
                                                "model.trust_remote_code": True})
     said = []
-    train = run_training_rows(resolve_checkpoint(str(run)), False, said.append)
+    train = run_training_rows(SavedRun.read(resolve_checkpoint(str(run))), False, said.append)
     assert said == [] and len(train) == 380  # the demo's 400 rows, 20 held out
 
 
