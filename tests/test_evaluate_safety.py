@@ -286,7 +286,7 @@ def test_other_data_is_said_loudly_and_old_runs_warn_once(tmp_path, tiny_model_d
                          f"not all 400" in out
 
 
-def test_the_runs_moved_data_is_found_by_its_content_hash(tmp_path, tiny_model_dir, capsys):
+def test_the_runs_moved_data_is_found_by_its_content_hash(tmp_path, tiny_model_dir, capsys, monkeypatch):
     """Was: after the data file moved, "data file not found" with no way on, and --data.path NEW scored every row
     (training rows too) as other data. Now the error says how, and NEW (the same bytes) gives the held-out rows."""
     run = make_run(tmp_path, tiny_model_dir)
@@ -306,7 +306,13 @@ def test_the_runs_moved_data_is_found_by_its_content_hash(tmp_path, tiny_model_d
     # get a folder each (was: one folder, the whole file's evaluation replacing the held-out rows')
     # (the held-out rows in eval-heldout, as of the data where it was)
     code, _, _ = evaluate(["--checkpoint", run, "--data.path", moved], capsys)
+    from fittune import sources
+
+    real_digest, hashed = sources._file_digest, []  # the files whose bytes are hashed: each once (was: the moved file three times)
+    monkeypatch.setattr(sources, "_file_digest", lambda path, h: hashed.append(path) or real_digest(path, h))
     code2, out2, _ = evaluate(["--checkpoint", run, "--data.path", moved, "--seed", "2"], capsys)
+    assert hashed == [moved]
+    monkeypatch.undo()
     folders = [run / "eval-heldout", *run.glob("eval-renamed-*")]
     assert code == code2 == 0 and len(folders) == 2 and "replacing the previous evaluation" not in out2
     counts = [json.loads((f / "metrics.json").read_text())["num_examples"] for f in folders]
