@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fittune.config import build_config  # noqa: E402
-from fittune.distributed import configure_deepspeed, make_accelerator  # noqa: E402
+from fittune.distributed import Launched, configure_deepspeed, make_accelerator  # noqa: E402
 from fittune.hardware import run_cpu_threads, set_cpu_threads  # noqa: E402
 from fittune.loss import install_chunked_loss  # noqa: E402
 from fittune.model import apply_liger, apply_lora, compile_layers, enable_gradient_checkpointing, use_liger  # noqa: E402
@@ -145,8 +145,8 @@ def run_case(case: dict, steps: int, warm: int, accelerator=None) -> dict:
     scheduler = get_scheduler("constant", setup.optimizer)
     model, optimizer = accelerator.prepare(model, setup.optimizer)
     model.train()
-    runner = StepRunner(accelerator, strategy, model, optimizer, scheduler, params, head, cfg.train.max_grad_norm,
-                        Precision("bf16"), setup.in_backward)
+    runner = StepRunner(Launched(accelerator, Precision("bf16"), strategy), model, optimizer, scheduler, params, head,
+                        cfg.train.max_grad_norm, setup.in_backward)
     accelerator.gradient_accumulation_steps = case["accum"]
     ids = torch.randint(0, config.vocab_size, (case["micro"], case["seq"]), device=dev)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}

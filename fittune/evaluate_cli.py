@@ -67,7 +67,7 @@ USAGE = """usage: accelerate launch evaluate.py --checkpoint DIR [--config FILE]
   --overwrite replaces an --output_dir that holds another model's evaluation (the same model's is replaced
   without it: the same command again).
   The config keys evaluation reads can be given (--eval.batch_size 16, --eval.max_batch_tokens 8192,
-  --data.KEY, --model.KEY, --seed, --train.mixed_precision): python train.py --help lists them all; a
+  --data.KEY, --model.KEY, --seed, --train.mixed_precision, --lora.enabled): python train.py --help lists them all; a
   training-only key (--train.lr, --lora.r, --resume ...) is refused, not ignored."""
 
 TRUST_KEY = "model.trust_remote_code"
@@ -586,7 +586,7 @@ def _score(launched: Launched, choice: DataChoice, data: EvalData, out: Path, re
              "data_config": cfg.data.model_dump(mode="json"), "mixed_precision": launched.precision.mixed}
     # the column training's own report names it (comparison.json keys alike); any other model is "model"
     column = "fine-tuned" if info.config_file is not None else "model"
-    metrics = evaluate_and_report(model, accelerator, launched.strategy, cfg, tokenizer, test_set, class_task,
+    metrics = evaluate_and_report(model, launched, cfg, tokenizer, test_set, class_task,
                                   reserved or out, column, compare, about)
     accelerator.print(f"fittune: evaluated {weights} on {len(test_set)} examples ({data.source}) "
                       f"with {accelerator.num_processes} process(es)\n" + metrics_table({**compare, column: metrics}))

@@ -6,15 +6,14 @@ import os
 import time
 
 from fittune.batches import TokExample
-from fittune.distributed import on_main_then_agree
+from fittune.distributed import Launched, on_main_then_agree
 from fittune.evaldir import EvalDir
 from fittune.metrics import build_predictions, compute_metrics
 from fittune.reports import write_eval_outputs
 from fittune.scoring import score_examples
-from fittune.strategy import Strategy
 
 
-def evaluate_and_report(model, accelerator, strategy: Strategy, cfg, tokenizer, examples: list[TokExample],
+def evaluate_and_report(model, launched: Launched, cfg, tokenizer, examples: list[TokExample],
                         class_task: bool, out_dir: str | os.PathLike | EvalDir, title: str,
                         compare: dict[str, dict] | None = None, about: dict | None = None) -> dict:
     """Evaluate on `examples` (every rank its share), write `out_dir` on the main process (metrics.json,
@@ -25,6 +24,7 @@ def evaluate_and_report(model, accelerator, strategy: Strategy, cfg, tokenizer, 
     holds at most `eval.batch_size` rows and `eval.max_batch_tokens` padded tokens (None: no token budget).
     `about`: what was evaluated (the model, the data), kept in evaluation.json with the settings that change
     the numbers, so two evaluations can be told apart."""
+    accelerator, strategy = launched.accelerator, launched.strategy
     cut = generation_cut(examples, cfg.eval.max_new_tokens)
     if cut:
         accelerator.print(f"fittune: NOTE: {cut}", flush=True)
@@ -56,10 +56,10 @@ def generation_cut(examples: list[TokExample], max_new_tokens: int) -> str | Non
             f"at least {max(longer)}")
 
 
-def validation_loss(model, accelerator, strategy: Strategy, examples: list[TokExample], tokenizer,
-                    batch_size: int, max_batch_tokens: int | None = None) -> float:
+def validation_loss(model, launched: Launched, examples: list[TokExample], tokenizer, batch_size: int,
+                    max_batch_tokens: int | None = None) -> float:
     """Mean answer-token NLL of `examples` over all ranks (the periodic validation loss; no choice scoring,
     no generation, no progress bar). The same on every rank."""
-    records = score_examples(model, accelerator, strategy, examples, tokenizer, batch_size, 0, False,
+    records = score_examples(model, launched.accelerator, launched.strategy, examples, tokenizer, batch_size, 0, False,
                              loss_only=True, max_batch_tokens=max_batch_tokens)
     return sum(r["nll"] for r in records) / max(1, sum(r["n_tokens"] for r in records))

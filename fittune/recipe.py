@@ -47,6 +47,7 @@ from fittune.columns import (
 )
 from fittune.config import BUILTIN_MODEL, Config, to_yaml
 from fittune.distributed import (
+    Launched,
     configure_deepspeed,
     on_main_then_agree,
     raise_if_any_failed,
@@ -192,10 +193,8 @@ class DataFit:
 class FineTuneRecipe:
     """One fine-tuning run: built by `setup`, run by `train`. Its state, by the step that sets it:"""
 
-    # _setup_accelerator: where and how this process computes (decided once; the loop only asks these)
-    accelerator: Accelerator
-    precision: Precision
-    strategy: Strategy
+    # _setup_accelerator: where and how this process computes (decided once; the loop only asks it)
+    launched: Launched
     world: int
     rank: int
     # _check_output_dir: what output_dir holds and what this run may do with it
@@ -243,6 +242,18 @@ class FineTuneRecipe:
         self.lock, self.progress, self.done = None, None, None
         self._plan, self._plan_epoch = [], -1  # the epoch's global batches, made when an epoch starts
 
+    @property
+    def accelerator(self) -> Accelerator:
+        return self.launched.accelerator
+
+    @property
+    def precision(self) -> Precision:
+        return self.launched.precision
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.launched.strategy
+
     # ---- setup: checks first, writes last ---------------------------------------------------------------
 
     def setup(self) -> None:
@@ -265,9 +276,8 @@ class FineTuneRecipe:
         from accelerate.utils import set_seed
 
         cfg = self.cfg
-        launched = start_accelerator(cfg.train.mixed_precision, cfg.model.parallel, cfg.train.grad_accum,
-                                     None if cfg.log_with == "none" else cfg.log_with, str(self.out))
-        self.accelerator, self.precision, self.strategy = launched.accelerator, launched.precision, launched.strategy
+        self.launched = start_accelerator(cfg.train.mixed_precision, cfg.model.parallel, cfg.train.grad_accum,
+                                          None if cfg.log_with == "none" else cfg.log_with, str(self.out))
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         threads = run_cpu_threads(cfg.train.cpu_threads, self.strategy, self.accelerator.device)
         if threads.why:
@@ -428,8 +438,8 @@ class FineTuneRecipe:
         self.in_device = batch_device(self.model, accel, self.strategy)
         # FSDP2 replaces every parameter with a sharded DTensor one: clip and check the live ones
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.runner = StepRunner(accel, self.strategy, self.model, self.optimizer, self.scheduler, params,
-                                 self.head, cfg.train.max_grad_norm, self.precision, setup.in_backward)
+        self.runner = StepRunner(self.launched, self.model, self.optimizer, self.scheduler, params, self.head,
+                                 cfg.train.max_grad_norm, setup.in_backward)
         self.target = CheckpointTarget(accel, self.strategy, self.model, self.optimizer, self.scheduler,
                                        cfg.lora.enabled)
         self.split = BatchSplit(cfg.train.micro_batch_size, cfg.train.grad_accum)
@@ -652,9 +662,8 @@ class FineTuneRecipe:
                "overflow_skipped": c.skipped_overflow, "nonfinite_skipped": c.skipped_nonfinite}
         self.window = Throughput(now)
         if validate:
-            row["val_loss"] = validation_loss(self.model, self.accelerator, self.strategy,
-                                              self.test_set[:cfg.train.val_examples], self.tokenizer,
-                                              cfg.eval.batch_size, cfg.eval.max_batch_tokens)
+            row["val_loss"] = validation_loss(self.model, self.launched, self.test_set[:cfg.train.val_examples],
+                                              self.tokenizer, cfg.eval.batch_size, cfg.eval.max_batch_tokens)
         if self.accelerator.is_main_process and self._log_failure is None:
             try:
                 self._write(runlog.append, self.layout.log, row)
@@ -762,7 +771,7 @@ class FineTuneRecipe:
     def _evaluate(self, out_dir: Path, title: str) -> dict:
         about = {"model": f"{self.cfg.model.name_or_path} ({title}, step {self.counters.step} of this run)",
                  "data": "the run's held-out rows (heldout_ids.json)"}
-        return evaluate_and_report(self.model, self.accelerator, self.strategy, self.cfg, self.tokenizer,
+        return evaluate_and_report(self.model, self.launched, self.cfg, self.tokenizer,
                                    self.test_set, self.class_task, out_dir, title, self.compare, about)
 
     def _write_ranks(self) -> None:

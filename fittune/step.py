@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fittune.distributed import sum_across_ranks
+from fittune.distributed import Launched, sum_across_ranks
 from fittune.errors import FittuneError
 from fittune.loss import nll_sum
 from fittune.optim import InBackwardOptimizer
-from fittune.precision import Precision
 from fittune.strategy import Strategy
 
 
@@ -69,11 +68,11 @@ class _AgreedOom(Exception):
 class StepRunner:
     """Runs optimizer steps for a prepared model; knows nothing of OOM or the loop around it."""
 
-    def __init__(self, accelerator, strategy: Strategy, model, optimizer, scheduler, params, head,
-                 max_grad_norm: float, precision: Precision, in_backward: InBackwardOptimizer | None = None):
-        self.accelerator, self.strategy, self.model = accelerator, strategy, model
+    def __init__(self, launched: Launched, model, optimizer, scheduler, params, head, max_grad_norm: float,
+                 in_backward: InBackwardOptimizer | None = None):
+        self.accelerator, self.strategy, self.model = launched.accelerator, launched.strategy, model
         self.optimizer, self.scheduler, self.params, self.head = optimizer, scheduler, params, head
-        self.max_grad_norm, self.scales_loss = max_grad_norm, precision.scales_loss
+        self.max_grad_norm, self.scales_loss = max_grad_norm, launched.precision.scales_loss
         # the hook between forward and backward of each micro-batch, and whether DDP waits for the step's end
         self.before_backward: Callable[[bool], None] | None = None
         self.defer_sync = False
@@ -218,7 +217,7 @@ class OomAdaptive:
         if old == 1:
             raise FittuneError(f"out of memory at step {step + 1} even with micro-batch 1: shorten "
                                f"data.max_length, turn on train.gradient_checkpointing or LoRA, or pick a "
-                               f"ZeRO offload config (python -m fittune.plan shows what fits)")
+                               f"ZeRO offload config (fittune-plan shows what fits)")
         new = old // 2 if old % 2 == 0 else 1  # same global batch: old // new times more accumulation
         self.split.micro_batch_size, self.split.grad_accum = new, self.split.grad_accum * (old // new)
         self.split.apply(self.runner.accelerator, self.runner.strategy, self.runner.model, self.global_batch)

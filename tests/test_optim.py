@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from fittune import estimate as E
 from fittune.batches import collate_train, tokenize_examples
 from fittune.config import DataConfig, build_config
+from fittune.distributed import Launched
 from fittune.errors import FittuneError
 from fittune.model import load_tokenizer
 from fittune.model_shapes import shape_from_hf_config
@@ -72,8 +73,8 @@ def _runner(model_dir, cfg, dtype=torch.float32, cpu=True, recompute=False):
     sched = get_scheduler("linear", setup.optimizer, num_training_steps=8, num_warmup_steps=1)
     model, opt = accel.prepare(model, setup.optimizer)
     model.train()
-    return StepRunner(accel, Strategy(), model, opt, sched, params, head, cfg.train.max_grad_norm, Precision("no"),
-                      setup.in_backward)
+    return StepRunner(Launched(accel, Precision("no"), Strategy()), model, opt, sched, params, head,
+                      cfg.train.max_grad_norm, setup.in_backward)
 
 
 def _step(runner, rows, pad):

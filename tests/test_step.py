@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from fittune.batches import collate_train, tokenize_examples
 from fittune.config import DataConfig
+from fittune.distributed import Launched
 from fittune.model import load_tokenizer
 from fittune.precision import Precision
 from fittune.splits import load_splits
@@ -41,7 +42,7 @@ def _runner(tiny_model_dir, lr=0.1, max_grad_norm=0.0):
     model, opt = accel.prepare(model, opt)
     model.train()  # as in the loop (the OOM test hook only fires in training mode)
     params = [p for p in model.parameters() if p.requires_grad]
-    return StepRunner(accel, Strategy(), model, opt, sched, params, None, max_grad_norm, Precision("no"))
+    return StepRunner(Launched(accel, Precision("no"), Strategy()), model, opt, sched, params, None, max_grad_norm)
 
 
 def _plan(items, pad_id, micro: int):
