@@ -1,5 +1,5 @@
 """fittune: fine-tune a large language model on the hardware you have, and evaluate it honestly.
 
-The entry points are train.py, evaluate.py, `python -m fittune.plan` and `python -m fittune.export`; README.md
+The entry points are train.py, evaluate.py, `fittune-plan` and `fittune-export`; README.md
 says how they fit together.
 """

@@ -124,6 +124,20 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _not_cached_there(target: Path) -> list[str]:
+    """The files in a cached build that its manifest does not list (links too): someone else's. A damaged
+    manifest tells none of them apart: refused (it is written whole, before the build is renamed into place)."""
+    if not (target / MANIFEST).is_file():
+        return []  # an emptied build (nothing in it), or none
+    try:
+        listed = set(json.loads((target / MANIFEST).read_text()).get("files", {}))
+    except (OSError, ValueError, AttributeError):
+        raise FittuneError(f"{target}'s {MANIFEST} is damaged, so fittune cannot tell the files it cached there "
+                           f"from others: move the directory away (fittune then rebuilds it)") from None
+    found = (p for p in target.rglob("*") if (p.is_file() or p.is_symlink()) and p.name != MANIFEST)
+    return sorted(name for p in found if (name := p.relative_to(target).as_posix()) not in listed)
+
+
 def materialise(target: Path, stamp: dict, write: Callable[[Path], None],
                 say: Callable[[str], None] | None = None) -> Path:
     """Make `target` a verified build of `stamp` (written by `write(tmp_dir)`), building it if missing or
@@ -139,6 +153,9 @@ def materialise(target: Path, stamp: dict, write: Callable[[Path], None],
             raise FittuneError(f"{target} is in fittune's model cache but is not a model fittune cached there (no "
                                f"{MANIFEST}): move it away (fittune rebuilds only its own), or set FITTUNE_CACHE to "
                                f"another directory")
+        if added := _not_cached_there(target):  # a file of someone's in fittune's build: never deleted with it
+            raise FittuneError(f"{target} (fittune's cached model) also holds {', '.join(added[:5])}, which fittune "
+                               f"did not write there: move them out, and fittune rebuilds the model")
         if target.exists() and say is not None:
             say(f"fittune: the cached model {target} is damaged or incomplete (a file differs from its recorded "
                 f"SHA-256): rebuilding it")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,14 +25,15 @@ from fittune.rundir import (
     checkpoint_root,
     claim_build_dir,
     complete_checkpoints,
+    fittunes_own,
     hold_for_reading,
+    own_checkpoints,
     owned,
     owning_run,
     publish_dir,
     remove_owned,
     run_finished,
     seal_problem,
-    sealed,
     write_guard,
 )
 from fittune.shards import gathered_copy, local_part, tensor_bytes
@@ -73,7 +75,7 @@ def resolve_checkpoint(path: str) -> CheckpointInfo:
     if owned(p, "checkpoint") and not _has_weights(p):
         adapter = p / "adapter"
         what = (f"evaluate its adapter: --checkpoint {adapter}" if (adapter / "adapter_config.json").is_file()
-                else f"export it first: python -m fittune.export --checkpoint {p} --output DIR")
+                else f"export it first: fittune-export --checkpoint {p} --output DIR")
         raise FittuneError(f"{path} is a fittune training checkpoint (resumable state, not a model): {what}")
     if not _has_weights(p):
         raise FittuneError(f"{path} holds no model or adapter (no config.json / adapter_config.json); "
@@ -150,7 +152,7 @@ def find_resume_checkpoint(output_dir: str | Path, resume: str | None) -> Path |
                                f"run: pass --resume auto to continue it, or choose another output_dir")
         return None
     if resume == "auto":
-        existing = complete_checkpoints(output_dir)
+        existing = own_checkpoints(output_dir)
         return existing[-1] if existing else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
@@ -300,6 +302,20 @@ def _load_fully(f: Path) -> None:
         load(f, map_location="cpu", weights_only=True)  # torch.load + numpy's RNG state types, no code
 
 
+def _why_unreadable(e: BaseException) -> str:
+    """What a failed read says, in one line; never torch's advice to retry with weights_only=False (which would
+    run whatever code the file holds)."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        # what it holds ("Unsupported global: GLOBAL numpy.x ...", "unsupported GLOBAL posix.mkdir whose module
+        # posix is blocked"), without the advice
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", text)
+        what = f" ({found[1]})" if found else ""
+        return (f"it holds a pickled object other than tensors{what}, which fittune never unpickles: the file was "
+                f"replaced, or saved by other library versions than these")
+    return first_line(e)
+
+
 def _corrupt(path: Path, f: Path, reason: str, export: bool = False) -> FittuneError:
     fix = (f"export an older checkpoint ({path.parent}/step-N)" if export else
            f"resume from an older checkpoint (--resume {path.parent}/step-N) or start a new output_dir")
@@ -350,10 +366,10 @@ def _name_the_bad_file(path: Path, rank: int, error: BaseException) -> FittuneEr
         try:
             _load_fully(f)
         except Exception as e:  # UnpicklingError, RuntimeError (zip), SafetensorError: what a bad file raises
-            return _corrupt(path, f, first_line(e))
+            return _corrupt(path, f, _why_unreadable(e))
     if hasattr(error, "failures"):  # torch.distributed.checkpoint's CheckpointException: the first rank's error
         error = next(iter(error.failures.values()))[0]
-    reason = first_line(error)
+    reason = _why_unreadable(error)
     return FittuneError(f"could not load checkpoint {path} ({type(error).__name__}: {reason}); resume from an "
                         f"older checkpoint or start a new output_dir")
 
@@ -427,7 +443,7 @@ def _prepare_tmp(target: CheckpointTarget, output_dir: Path, tmp: Path, intact: 
         checkpoint_root(output_dir).mkdir(parents=True, exist_ok=True)
         final = tmp.with_name(tmp.name[:-4])
         # it would be replaced: only fittune's own, made here (a copied one is the user's, like rotation's rule)
-        if final.is_symlink() or (final.exists() and not (owned(final, "checkpoint") and sealed(final))):
+        if final.is_symlink() or (final.exists() and not (owned(final, "checkpoint") and fittunes_own(final))):
             raise FittuneError(f"could not write checkpoint {final}: it already exists and is not a checkpoint "
                                f"fittune made here; move it out of {final.parent}; {intact}")
         claim_build_dir(tmp, "checkpoint", f"could not write checkpoint {tmp}: it already exists and is not a "
@@ -480,14 +496,10 @@ def _publish(target: CheckpointTarget, output_dir: Path, tmp: Path, final: Path,
     if not target.accelerator.is_main_process:
         return
     publish_dir(tmp, final)
-    for old in complete_checkpoints(output_dir)[:-keep]:
-        # fittune's own checkpoint, made here (its seal verifies): anything else in checkpoints/ is left alone,
-        # a user's copy of a checkpoint under a step-N name too (it carries the marker, not a valid seal)
-        if owned(old, "checkpoint") and sealed(old):
-            remove_owned(old, "checkpoint")
-        elif owned(old, "checkpoint"):
-            target.accelerator.print(f"fittune: kept {old} (not rotated away): {seal_problem(old)}; fittune "
-                                     f"deletes only the checkpoints it made here")
+    # only fittune's own count and go: a user's copy under a step-N name (the marker, not the directory, is
+    # fittune's) is neither kept in place of one nor removed
+    for old in own_checkpoints(output_dir)[:-keep]:
+        remove_owned(old, "checkpoint")
 
 
 def save_checkpoint(target: CheckpointTarget, output_dir: str | Path, step: int, state: dict, config_yaml: str,

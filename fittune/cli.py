@@ -12,15 +12,18 @@ from fittune.config import (
     DATA_MAPPING_KEYS,
     DEMO_DATA,
     Config,
+    DataConfig,
     build_config,
     expand_home,
     help_text,
     parse_overrides,
+    recipe_columns,
     recipe_data_path,
 )
 from fittune.errors import FittuneError
 from fittune.launcher_env import is_launch_main
 from fittune.rundir import RunLayout, owned
+from fittune.sources import peek_columns
 
 DEMO_RECIPE = DEMO_DATA.parent / "demo.yaml"
 
@@ -88,17 +91,31 @@ def choose_recipe(config_file: str | None, overrides: dict[str, Any]) -> RecipeC
 
 
 def own_data_mapping(recipe: str, overrides: dict[str, Any]) -> RecipeChoice:
-    """Your own `data.path` with a recipe (or a run's saved config) whose data is the built-in set: that
-    mapping was written for the built-in set's columns, so its keys you did not give are skipped and the
-    mapping starts from the defaults (said in the returned note). train.py and evaluate.py both ask here."""
-    own = overrides.get("data.path") not in (None, BUILTIN_DATA)
-    if not own or recipe_data_path(recipe) != BUILTIN_DATA:
+    """Your own `data.path` with a recipe (or a run's saved config) whose data is the built-in set: that mapping
+    was written for the built-in set's columns. A file that has every column it names (the set moved, or data
+    in its format) keeps it; otherwise its keys you did not give are skipped and the mapping starts from the
+    defaults. Either is said in the returned note. train.py and evaluate.py both ask here."""
+    path = overrides.get("data.path")
+    if path in (None, BUILTIN_DATA) or recipe_data_path(recipe) != BUILTIN_DATA:
         return RecipeChoice(recipe, (), None)
+    named = recipe_columns(recipe)
+    if named <= (_file_columns(str(path), overrides) or set()):
+        return RecipeChoice(recipe, (), f"data.path is your own and has the columns {recipe} maps for the built-in "
+                                        f"set ({', '.join(sorted(named))}): that column mapping is kept")
     skip = tuple(f"data.{k}" for k in DATA_MAPPING_KEYS if f"data.{k}" not in overrides)
-    return RecipeChoice(recipe, skip, f"data.path is your own and {recipe} maps the built-in set's columns: the "
-                                      f"column mapping starts from the defaults (question_column 'question', "
-                                      f"answer_column 'answer', no choices or label column; set yours with "
-                                      f"--data.KEY)")
+    return RecipeChoice(recipe, skip, f"data.path is your own and {recipe} maps the built-in set's columns "
+                                      f"({', '.join(sorted(named))}), which it does not all have: the column "
+                                      f"mapping starts from the defaults (question_column 'question', answer_column "
+                                      f"'answer', no choices or label column; set yours with --data.KEY)")
+
+
+def _file_columns(path: str, overrides: dict[str, Any]) -> set[str] | None:
+    """The columns of a local data file, from its start (`sources.peek_columns`; None: not known cheaply)."""
+    how = {k[5:]: v for k, v in overrides.items() if k in ("data.format", "data.csv_header", "data.column_names")}
+    try:
+        return peek_columns(DataConfig(path=path, **how))  # validated as training reads it: `~` expanded too
+    except ValueError:  # pydantic's: the flags themselves are refused when the config is built
+        return None
 
 
 def resumed_recipe(overrides: dict[str, Any]) -> RecipeChoice | None:
@@ -131,7 +148,7 @@ def parse_args(argv: list[str], prog: str) -> Config | None:
     None after printing the help for `-h` / `--help`."""
     if "-h" in argv or "--help" in argv:
         plan = (f"\n`python {prog} --plan [--config FILE] [--gpus N --gpu-mem GIB --cpu-mem GIB]` predicts the "
-                f"memory of every launch strategy instead of training (python -m fittune.plan)." if prog == "train.py"
+                f"memory of every launch strategy instead of training (fittune-plan)." if prog == "train.py"
                 else "")
         print(f"usage: accelerate launch {prog} [--config FILE] [--section.key VALUE ...]\n\nWithout --config, "
               f"{prog} runs the offline demo recipe {DEMO_RECIPE}: its values replace the defaults below.{plan}\n\n"

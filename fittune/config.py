@@ -427,7 +427,7 @@ def _check_in_backward(t: TrainConfig) -> None:
                          f"train.max_grad_norm 0 (the norm is still logged) or turn optimizer_in_backward off")
     if t.oom_adaptive:
         raise ValueError(f"{why}, so a step that runs out of memory cannot be redone: turn train.oom_adaptive "
-                         f"off (python -m fittune.plan picks a micro-batch that fits)")
+                         f"off (fittune-plan picks a micro-batch that fits)")
 
 
 class EvalConfig(_Section):
@@ -694,6 +694,18 @@ def recipe_data_path(config_file: str) -> str:
     """The data.path a recipe file names (the built-in set when it names none)."""
     data = _read_config_file(config_file).get("data")
     return str(data.get("path", BUILTIN_DATA)) if isinstance(data, dict) else BUILTIN_DATA
+
+
+_COLUMN_KEYS = ("id_column", "question_column", "answer_column", "choices_column", "label_column",
+                "messages_column", "group_column")
+
+
+def recipe_columns(config_file: str) -> set[str]:
+    """The data columns a recipe file's mapping names (with the defaults for the keys it leaves out)."""
+    data = _read_config_file(config_file).get("data")
+    data = data if isinstance(data, dict) else {}
+    named = [data.get(k, DataConfig.model_fields[k].default) for k in _COLUMN_KEYS]
+    return {c for v in named for c in (v if isinstance(v, list) else [v]) if isinstance(c, str)}
 
 
 def build_config(config_file: str | None, overrides: dict[str, Any], skip: tuple[str, ...] = ()) -> Config:

@@ -1,4 +1,4 @@
-"""How every command-line entry point runs (train.py, evaluate.py, python -m fittune.export / fittune.plan):
+"""How every command-line entry point runs (train.py, evaluate.py, fittune-export, fittune-plan):
 one line and exit code 2 for a user's error, the code the command returns otherwise, and a clean exit of
 every rank. The only place in the library that exits the process."""
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
-from glob import escape as glob_escape
 from pathlib import Path
 
 from fittune.errors import FittuneError
@@ -16,11 +16,14 @@ from fittune.rundir import (
     LOCK_INFO,
     MARKER,
     RUN_NAMES,
-    DirInUse,
     DirLock,
+    builds_beside,
+    check_name_room,
+    check_not_cwd,
     check_not_inside_fittune_dir,
     check_writable_dir,
-    claim_dir,
+    claim_locked_build,
+    clear_killed_builds,
     foreign_names,
     interrupted_claim,
     marker_kind,
@@ -47,6 +50,8 @@ def check_eval_dir(out_dir: str | os.PathLike, flag: str = "--output_dir", run_w
     if out.is_symlink():  # results are published by swapping directories: never through a link
         raise FittuneError(f"{flag} {out} is a symbolic link: give the directory's own path, or a new one")
     check_not_inside_fittune_dir(out, flag, evaluation=True)  # RUN/eval-* beside a run's own eval/ is fine
+    check_not_cwd(out, flag)
+    check_name_room(out, flag)
     real = resolved(out)  # a link above it (latest -> RUN) or a `..` names the same place
     if not run_writes and real.name in RUN_NAMES and owned(real.parent, "train"):
         raise FittuneError(f"{flag} {out} is the run's own {real.name}/, what its training wrote: name it "
@@ -107,30 +112,11 @@ class EvalDir:
             self.lock.release()
 
 
-def _builds_of(out: Path) -> list[Path]:
-    """The build directories of evaluations into `out` (live ones, or a killed one's leftovers)."""
-    if not out.parent.is_dir():
-        return []
-    return [d for d in out.parent.glob(f".{glob_escape(out.name)}.tmp-*") if owned(d, "eval")]
-
-
 def _clear_builds(out: Path, program: str, mine: Path | None = None) -> None:
     """Refuse if another evaluation is writing `out` (its build directory is locked); remove a killed one's
-    build (its lock is free). A build with no lock file yet is one starting now: left alone, since it looks
-    again once locked and then sees ours."""
-    for other in _builds_of(out):
-        if other == mine:
-            continue
-        try:
-            left = DirLock(other).acquire(program, record=False, create=False)
-        except DirInUse as e:
-            raise FittuneError(f"{out} is being written by {e.holder}: wait for it to finish, or pass another "
-                               f"--output_dir") from None
-        if left is not None:
-            try:
-                remove_owned(other, "eval")
-            finally:
-                left.release()
+    build (its lock is free)."""
+    clear_killed_builds(builds_beside(out, ".tmp-", "eval"), "eval", program, mine=mine, busy=lambda holder: (
+        f"{out} is being written by {holder}: wait for it to finish, or pass another --output_dir"))
 
 
 def reserve_eval_dir(out_dir: str | os.PathLike, program: str) -> EvalDir:
@@ -139,13 +125,16 @@ def reserve_eval_dir(out_dir: str | os.PathLike, program: str) -> EvalDir:
     out = check_eval_dir(out_dir)
     _clear_builds(out, program)  # refused here, before anything is created, in the common case
     made = missing_parents(out)
+    build = out.with_name(f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     try:
         with write_guard(f"the evaluation's build directory beside {out}", "nothing was written"):
-            build = claim_dir(out.with_name(f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"), "eval")
+            lock = claim_locked_build(build, "eval", program)
     except BaseException:
+        if build.is_dir():
+            shutil.rmtree(build, ignore_errors=True)  # ours (the unique name above), marked or not yet
         remove_if_empty(made)
         raise
-    reserved = EvalDir(out, build, DirLock(build).acquire(program), made)
+    reserved = EvalDir(out, build, lock, made)
     try:
         # a second look once ours is locked: of two evaluations started at the same instant, the later to
         # lock sees the other's locked build, so they never both write (both may be refused, nothing lost)

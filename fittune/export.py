@@ -1,6 +1,6 @@
 """Export trained weights as a standalone Hugging Face model directory.
 
-    python -m fittune.export --checkpoint DIR --output OUT [--merge] [--trust_checkpoint] [--trust_remote_code]
+    fittune-export --checkpoint DIR --output OUT [--merge] [--trust_checkpoint] [--trust_remote_code]
 
 DIR may be:
   * a run's `final/` (or the run dir): an adapter is copied, or with `--merge` folded into its base model;
@@ -44,21 +44,30 @@ from fittune.config import TinyModelConfig
 from fittune.entry import run_cli
 from fittune.errors import FittuneError, first_line
 from fittune.rundir import (
+    LOCK_INFO,
+    MARKER,
     OWN_CONFIG,
     OWN_HELDOUT_IDS,
     DirLock,
     RunLayout,
+    builds_beside,
+    check_name_room,
+    check_not_cwd,
     check_not_inside_fittune_dir,
+    claim_locked_build,
+    clear_killed_builds,
     complete_checkpoints,
     fsync_dir,
     fsync_tree,
     hold_for_reading,
+    keep_access,
     missing_parents,
     owned,
     owning_run,
     readable_like_umask,
     remove_if_empty,
     rename_noreplace,
+    resolved,
     write_guard,
 )
 
@@ -94,6 +103,49 @@ def _base_model_path(adapter_dir: Path, cfg: dict) -> str:
     import json
 
     return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def _link_root(src: Path) -> Path:
+    """Where the links of a model directory may point: inside it, or inside the Hugging Face cache repository
+    it is a snapshot of (`models--ORG--NAME/snapshots/REV/FILE` links to `models--ORG--NAME/blobs/HASH`)."""
+    real = src.resolve()
+    return next((p for p in real.parents if p.name.startswith("models--") and (p / "blobs").is_dir()), real)
+
+
+def _refuse_links(src: Path) -> None:
+    """Refuse a source directory holding a symbolic link to anything but a regular file of the model (inside
+    it, or its Hugging Face cache blobs), or anything but directories and regular files: a link in a received
+    directory could name any file of this account (~/.ssh/id_rsa), which the export would carry, readable by
+    all; a FIFO would block the copy for ever."""
+    def unreadable(e: OSError) -> None:  # os.walk would skip the directory, and the export lack its files
+        raise FittuneError(f"cannot read {e.filename} ({e.strerror}): fix its permissions") from None
+
+    root = _link_root(src)
+    for top, dirs, files in os.walk(src, onerror=unreadable):  # a link to a directory is listed, not followed
+        for name in sorted(dirs + files):
+            entry = Path(top) / name
+            if entry.is_symlink():
+                target = entry.resolve()
+                if target.is_file() and target.is_relative_to(root) and name not in dirs:
+                    continue
+                raise FittuneError(f"{entry} is a symbolic link to {target}, outside the model: an export copies "
+                                   f"only the model's own files (a link could carry any file it points to into the "
+                                   f"export); replace it with the file itself (cp -L) if it is the model's, or "
+                                   f"remove it")
+            if not (entry.is_dir() or entry.is_file()):
+                raise FittuneError(f"{entry} is not a regular file: an export copies only the model's own files; "
+                                   f"remove it")
+
+
+def _copy_model_files(src: Path, dst: Path) -> None:
+    """The files of a model or adapter directory (checked by `_refuse_links`), sub-directories too, into `dst`;
+    never fittune's own marker and lock, which describe the directory, not the model."""
+    for top, _, files in os.walk(src):
+        into = dst / Path(top).relative_to(src)
+        into.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            if name not in (MARKER, LOCK_INFO):
+                shutil.copyfile(Path(top) / name, into / name)
 
 
 def _tokenizer_source(d: Path, base: str) -> str:
@@ -158,7 +210,7 @@ def _export_adapter(src: Path, adapter_dir: Path, tmp: Path, cfg: dict, merge: b
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         model.save_pretrained(tmp, safe_serialization=True)
     else:
-        shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
+        _copy_model_files(adapter_dir, tmp)
     tokenizer.save_pretrained(tmp)
 
 
@@ -189,12 +241,16 @@ def _describe(src: Path, tmp: Path) -> None:
     sources = ((RunLayout(run).config, RunLayout(run).heldout_ids) if run is not None else
                (src / OWN_CONFIG, src / OWN_HELDOUT_IDS))
     for source, name in zip(sources, (OWN_CONFIG, OWN_HELDOUT_IDS)):
+        if source.is_symlink():  # fittune writes these itself, never as links (`_refuse_links`)
+            raise FittuneError(f"{source} is a symbolic link, which fittune never writes: replace it with the "
+                               f"file itself, or remove it")
         if source.is_file() and not (tmp / name).exists():
             shutil.copyfile(source, tmp / name)
 
 
 def _write_export(src: Path, tmp: Path, merge: bool, trust: ExportTrust) -> None:
     """Everything the export holds, into the empty directory `tmp`."""
+    _refuse_links(src)
     cfg = _run_config(src)
     adapter_dir = src if (src / "adapter_config.json").is_file() else src / "adapter"
     if (adapter_dir / "adapter_config.json").is_file():
@@ -202,7 +258,7 @@ def _write_export(src: Path, tmp: Path, merge: bool, trust: ExportTrust) -> None
     elif (src / "config.json").is_file():
         if merge:
             raise FittuneError(f"{src} is a full model, not an adapter: nothing to merge (drop --merge)")
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        _copy_model_files(src, tmp)
     elif merge:
         raise FittuneError(f"{src} is a full fine-tuning checkpoint, not an adapter: nothing to merge (drop --merge)")
     else:
@@ -220,16 +276,20 @@ def export(checkpoint: str, output: str, merge: bool = False, trust_checkpoint: 
     if not src.is_dir():
         raise FittuneError(f"checkpoint not found: {checkpoint}")
     out = Path(output).absolute()  # `.` has no name to build a sibling of
-    if out.is_dir() and out.resolve() == Path.cwd().resolve():
-        raise FittuneError(f"--output {output} is the current directory: name a new directory for the export")
+    check_not_cwd(Path(output), "--output")
     empty_dir = out.is_dir() and not out.is_symlink() and not any(out.iterdir())  # e.g. made with mkdir for it
     if (out.exists() or out.is_symlink()) and not empty_dir:
         raise FittuneError(f"{output} already exists and is not an empty directory: choose a new --output "
                            f"directory (fittune writes only where nothing would be replaced)")
     check_not_inside_fittune_dir(out, "--output")  # a run's final/, eval/ ... are replaced with what is inside
+    check_name_room(out, "--output")
+    weights = _weights_of(src)
+    if resolved(out).is_relative_to(resolved(weights)):  # its build would be copied into itself
+        raise FittuneError(f"--output {output} is inside the checkpoint being exported ({weights}): choose a "
+                           f"directory outside it")
     lock = _lock_source_run(src)  # first: a run being trained is said to be
     try:
-        _build_and_publish(_weights_of(src), out, merge, trust, empty_dir)
+        _build_and_publish(weights, out, merge, trust, empty_dir)
     finally:
         if lock is not None:
             lock.release()
@@ -259,24 +319,41 @@ def _lock_source_run(src: Path) -> DirLock | None:
 
 
 def _build_and_publish(src: Path, out: Path, merge: bool, trust: ExportTrust, empty_dir: bool) -> None:
-    """Build the export in a hidden directory of its own next to `out`, then rename it into place (in place
-    of `out` when that is an empty directory, `empty_dir`)."""
-    made = missing_parents(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # a name of our own next to OUT (same filesystem, so the final rename is atomic); never a user's path
-    tmp = out.with_name(f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    """Build the export in a hidden directory of its own next to `out` (marked and locked: a killed export's is
+    removed by the next export to `out`, a live one's refuses it), then rename it into place (in place of `out`
+    when that is an empty directory, `empty_dir`). A failure leaves no trace, the directories made for it too."""
+    made, tmp, lock = missing_parents(out), None, None
     try:
         with write_guard(f"the export {out}", f"nothing was written to {out}"):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            clear_killed_builds(builds_beside(out, ".export-", "export"), "export", "export", busy=lambda holder: (
+                f"{out} is being exported to by {holder}: wait for it to finish, or choose another --output"))
+            # a name of our own next to OUT (same filesystem, so the final rename is atomic); never a user's path
+            tmp = out.with_name(f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            lock = claim_locked_build(tmp, "export", "export")
+            # a second look once ours is locked: of two exports to OUT started at once, never both write
+            clear_killed_builds(builds_beside(out, ".export-", "export"), "export", "export", mine=tmp,
+                                busy=lambda holder: f"{out} is being exported to by {holder}: wait for it to finish, "
+                                                    f"or choose another --output")
             _write_export(src, tmp, merge, trust)
             readable_like_umask(tmp)
+            if empty_dir:  # the user's empty directory is replaced: its permissions and group are kept
+                keep_access(out.stat(), tmp)
             fsync_tree(tmp)
             _rename_new(tmp, out, empty_dir)
+            tmp = None  # published: a failure from here on leaves the export whole
+            for name in (MARKER, LOCK_INFO):  # the export is the model's files alone (the lock's fd stays held)
+                (out / name).unlink()
+            fsync_dir(out)
             fsync_dir(out.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # ours (the unique name above), half-written
+        if tmp is not None and tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)  # ours (the unique name above), half-written
         remove_if_empty(made)  # and the directories made for it: a refused export leaves no trace
         raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _consolidated_state_dict(src: Path, trusted: bool) -> dict[str, torch.Tensor]:
@@ -345,7 +422,7 @@ def _fsdp2_state_dict(shards: Path) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str]) -> None:
-    """`python -m fittune.export --checkpoint DIR --output OUT [--merge] [--trust_checkpoint] [--trust_remote_code]`."""
+    """`fittune-export --checkpoint DIR --output OUT [--merge] [--trust_checkpoint] [--trust_remote_code]`."""
     from fittune.cli import split_flag
 
     if "-h" in argv or "--help" in argv:
@@ -366,5 +443,10 @@ def main(argv: list[str]) -> None:
     export(checkpoint, output, merge, trust, remote)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `fittune-export` command (pyproject's [project.scripts])."""
     run_cli(lambda: main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    cli()

@@ -64,7 +64,7 @@ def plan_device_map(model: torch.nn.Module, max_memory: dict, dtype: torch.dtype
         total = sum(v for k, v in max_memory.items())
         raise FittuneError(f"the model does not fit the memory given to model.parallel: auto ({total / 2**30:.1f} "
                            f"GiB in all): add GPUs, raise model.max_memory, use LoRA, or use a ZeRO-3 offload "
-                           f"config (python -m fittune.plan shows what fits)")
+                           f"config (fittune-plan shows what fits)")
     return device_map
 
 

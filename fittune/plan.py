@@ -1,6 +1,6 @@
 """Memory planner: will this recipe fit this hardware, with which strategy, and how do I launch it?
 
-    python -m fittune.plan --config configs/qwen2.5-3b-lora.yaml [--gpus N --gpu-mem GiB --cpu-mem GiB] [--a.b v ...]
+    fittune-plan --config configs/qwen2.5-3b-lora.yaml [--gpus N --gpu-mem GiB --cpu-mem GiB] [--a.b v ...]
 
 (also `train.py --plan ...`). The model is counted on the meta device (fittune/model_shapes.py: exact
 parameter counts, no download), the machine read or taken from the flags (fittune/hardware.py), and every
@@ -600,7 +600,7 @@ def _details(plan: Plan, est: Estimate) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 
-USAGE = ("usage: python -m fittune.plan [--config FILE] [--gpus N] [--gpu-mem GiB] [--cpu-mem GiB] "
+USAGE = ("usage: fittune-plan [--config FILE] [--gpus N] [--gpu-mem GiB] [--cpu-mem GiB] "
          "[--section.key VALUE ...]")
 
 
@@ -641,7 +641,7 @@ def _check_hardware_flags(args: list[str]) -> None:
 
 
 def plan_main(argv: list[str]) -> Plan | None:
-    """`python -m fittune.plan` without the error handling: parse argv, plan, print (None after --help).
+    """`fittune-plan` without the error handling: parse argv, plan, print (None after --help).
     Raises FittuneError on bad input."""
     if "-h" in argv or "--help" in argv:
         print(USAGE)
@@ -670,7 +670,7 @@ def exit_code(plan: Plan | None) -> int:
 
 
 def main() -> None:
-    """Entry point of `python -m fittune.plan`: exit 0 with a recommendation, 1 when nothing fits, 2 (one
+    """Entry point of `fittune-plan`: exit 0 with a recommendation, 1 when nothing fits, 2 (one
     `fittune: error:` line) on bad input."""
     run_cli(lambda: exit_code(plan_main(sys.argv[1:])))
 

@@ -22,19 +22,21 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Literal
 
 from fittune.errors import FittuneError, first_line
 
-DirKind = Literal["train", "eval", "checkpoint", "final"]
+DirKind = Literal["train", "eval", "checkpoint", "final", "export"]
 """What fittune made a directory for (its marker says it): a run, an evaluation, a training checkpoint, a run's
-final/ while it is built."""
+final/ while it is built, an export while it is built."""
 MARKER = ".fittune"
 LOCK_INFO = ".fittune.lock"
 REPLACED = ".fittune.replaced"  # the runs --overwrite moved aside, removed when the run replacing them finishes
@@ -216,6 +218,18 @@ def rename_noreplace(src: Path, dst: Path) -> bool:
     return _renameat2(src, dst, _RENAME_NOREPLACE)
 
 
+def keep_access(old: os.stat_result, new: Path) -> None:
+    """Give the directory `new`, which replaces one whose stat was `old`, the old one's permissions and group: a
+    user's `chmod 750` (or a setgid group) on a directory is kept when fittune replaces it with its results.
+    The owner keeps rwx: fittune writes into it, and replaces or removes it later."""
+    os.chmod(new, stat.S_IMODE(old.st_mode) | stat.S_IRWXU)
+    if new.stat().st_gid != old.st_gid:
+        try:
+            os.chown(new, -1, old.st_gid)
+        except OSError:  # a group this account is not in, or a filesystem without groups: the mode alone is kept
+            pass
+
+
 def publish_dir(tmp: Path, final: Path) -> None:
     """Put a finished directory `tmp` in place of `final` (created by fittune) with no moment where neither
     exists: an atomic exchange, then the old one is removed. Where exchange is not supported, the old one is
@@ -224,6 +238,8 @@ def publish_dir(tmp: Path, final: Path) -> None:
         raise FittuneError(f"{final} is a symbolic link, which fittune never creates: remove the link (what it "
                            f"points to is not fittune's to replace)")
     readable_like_umask(tmp)
+    if final.is_dir():
+        keep_access(final.stat(), tmp)
     fsync_tree(tmp)
     if final.exists():
         kind = marker_kind(tmp)
@@ -264,6 +280,8 @@ def write_guard(what: str, intact: str):
         if not _is_write_failure(e):
             raise
         reason = first_line(e)
+        if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:  # not a disk or permission problem
+            raise FittuneError(f"could not write {what} ({reason}): choose a shorter name; {intact}") from None
         raise FittuneError(f"could not write {what} ({reason}): free disk space or fix permissions; "
                            f"{intact}") from None
 
@@ -346,6 +364,35 @@ def check_writable_dir(path: Path, flag: str) -> None:
                            f"did not create")
 
 
+# the most fittune adds to a directory's name for the directories it builds or sets aside beside it (a replaced
+# run's `<name>.replaced-YYYYmmdd-HHMMSS-<pid>-<hex>`, an evaluation's `.<name>.tmp-<pid>-<hex>` ...)
+NAME_ROOM = 48
+
+
+def check_not_cwd(path: Path, flag: str) -> None:
+    """Refuse the current directory as an output directory: fittune builds and replaces an output directory
+    beside itself (and the shell's directory would be the one replaced)."""
+    if resolved(Path(path)) == resolved(Path.cwd()):
+        raise FittuneError(f"{flag} {path} is the current directory, which this would replace (fittune builds "
+                           f"and replaces an output directory beside itself): run from the directory above and "
+                           f"name it, or name a new directory inside this one (e.g. {flag} ./run)")
+
+
+def check_name_room(path: Path, flag: str) -> None:
+    """Refuse a directory name too long to build or replace beside itself (NAME_ROOM more bytes), at the start,
+    not when the run, evaluation or export is written or replaced."""
+    above = next((p for p in Path(path).absolute().parents if p.is_dir()), Path("/"))
+    try:
+        limit = os.pathconf(above, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(Path(path).name))
+    if size + NAME_ROOM > limit:
+        raise FittuneError(f"{flag} {path}: its name is {size} bytes long; fittune builds and replaces it beside "
+                           f"itself under names up to {NAME_ROOM} bytes longer, and this filesystem allows {limit}: "
+                           f"choose a name of at most {limit - NAME_ROOM} bytes")
+
+
 def missing_parents(path: Path) -> list[Path]:
     """The directories above `path` that do not exist yet (nearest first): what creating it would make, for
     `remove_if_empty` to take back if the command then fails."""
@@ -368,8 +415,9 @@ def claim_dir(path: Path, kind: DirKind) -> Path:
     if not (path / MARKER).is_file():
         for stale in path.glob(f".{MARKER}.tmp-*"):  # a marker write killed part-way (`interrupted_claim`)
             stale.unlink()
+        # its identity: a copy of the directory (cp -r, an unpacked archive) carries the marker, not the identity
         marker = {"created_by": "fittune", "kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "nonce": os.urandom(16).hex()}
+                  "nonce": os.urandom(16).hex(), "identity": _identity(path)}
         key = _trust_key(create=True)
         if key is not None:  # no key (an unwritable config directory): unsealed, so never trusted to unpickle
             marker["seal"] = _seal(key, marker, path)
@@ -430,9 +478,13 @@ def _seal(key: bytes, marker: dict, path: Path) -> str:
     """HMAC of the marker's fields and the directory's identity (inode and, where the filesystem records it,
     birth time): a marker copied into another directory, a directory copied or unpacked from elsewhere (a new
     inode, another account's key), or a new directory that reuses a deleted one's inode does not verify."""
-    fields = {k: marker.get(k) for k in ("kind", "created", "nonce")}
-    fields |= {"inode": path.stat().st_ino, "born": _birth_time(path)}
+    fields = {k: marker.get(k) for k in ("kind", "created", "nonce")} | _identity(path)
     return hmac.new(key, json.dumps(fields, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+def _identity(path: Path) -> dict:
+    """The directory's own identity: its inode and birth time, which a rename keeps and a copy does not have."""
+    return {"inode": path.stat().st_ino, "born": _birth_time(path)}
 
 
 _STATX_BTIME = 0x800  # linux/stat.h
@@ -461,6 +513,48 @@ def sealed(path: Path) -> bool:
     return seal_problem(path) is None
 
 
+def _marker(path: Path) -> dict | None:
+    """`path`'s marker (None: none, a damaged one, or a symbolic link, which fittune never creates)."""
+    if path.is_symlink():
+        return None
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def made_here(path: Path) -> bool:
+    """Whether `path` is the very directory fittune marked (renamed since, perhaps), not a copy of one: `cp -r`
+    or an unpacked archive carries the marker, not the directory's identity. It needs no key: it decides only
+    what fittune may delete as its own (what it may unpickle asks `sealed`)."""
+    marker = _marker(path)
+    if marker is None:
+        return False
+    if isinstance(marker.get("identity"), dict):
+        saved, now = marker["identity"], _identity(path)
+        # birth times only where both have one: NFSv3 reports none, NFSv4.2 does, for the same directory
+        return saved.get("inode") == now["inode"] and None in (saved.get("born"), now["born"]) or saved == now
+    if "seal" in marker:  # an earlier fittune's marker: its seal covers the identity
+        return sealed(path)
+    return True  # an earlier fittune's unsealed marker: nothing tells a copy from the original
+
+
+def fittunes_own(entry: Path) -> bool:
+    """Whether `entry`, a directory fittune marked inside a run (a checkpoint, an evaluation, a build), is
+    fittune's own to replace or remove: the very directory it marked; or, in a run copied or moved whole (the
+    run has a new identity, and so has every directory in it), one whose marker no other directory of the run
+    shares (a `cp -r` of one inside the run duplicates its marker). Outside a run: the directory it marked."""
+    if made_here(entry):
+        return True
+    run = owning_run(entry.parent)
+    nonce = (_marker(entry) or {}).get("nonce")
+    if run is None or made_here(run) or nonce is None:
+        return False
+    inside = [*run.iterdir(), *(run / "checkpoints").iterdir()] if (run / "checkpoints").is_dir() else run.iterdir()
+    return sum((_marker(d) or {}).get("nonce") == nonce for d in inside if d.is_dir()) == 1
+
+
 def seal_problem(path: Path) -> str | None:
     """Why `path`'s seal does not verify, in words for an error message (None: it verifies)."""
     try:
@@ -483,11 +577,13 @@ def seal_problem(path: Path) -> str | None:
 
 def remove_tree(path: Path) -> None:
     """Remove a directory of fittune's with its marker last, so a kill part-way leaves a directory still
-    marked as fittune's (which the next run removes) rather than an unmarked one it must refuse to touch.
+    marked as fittune's (which the next run removes) rather than an unmarked one it must refuse to touch, and
+    a checkpoint's state file first, so a checkpoint half removed is not complete (`complete_checkpoints`).
     A symbolic link is refused: removing through it would empty a directory somewhere else."""
     if path.is_symlink():
         raise _link_refused(path)
-    for child in path.iterdir():
+    # a checkpoint's state file first: one whose removal is cut short is incomplete, never resumed from
+    for child in sorted(path.iterdir(), key=lambda c: c.name != STATE_FILE):
         if child.name == MARKER:
             continue
         if child.is_dir() and not child.is_symlink():
@@ -516,11 +612,53 @@ def claim_build_dir(tmp: Path, kind: DirKind, refusal: str) -> Path:
     """An empty, marked `tmp` to build a directory in before it is published: fittune's leftover of a crashed
     attempt (the same kind) is removed, a claim cut short is adopted, anything else there is refused with
     `refusal`."""
-    if tmp.is_dir() and not tmp.is_symlink() and owned(tmp, kind):
+    if tmp.is_dir() and not tmp.is_symlink() and owned(tmp, kind) and fittunes_own(tmp):  # not a user's copy
         remove_tree(tmp)
     elif (tmp.exists() or tmp.is_symlink()) and not interrupted_claim(tmp):
         raise FittuneError(refusal)
     return claim_dir(tmp, kind)
+
+
+def builds_beside(out: Path, infix: str, kind: DirKind) -> list[Path]:
+    """The build directories fittune made here for `out` (`.<name><infix><pid>-<hex>`, marked `kind`): live ones,
+    or a killed command's leftovers."""
+    if not out.parent.is_dir():
+        return []
+    found = out.parent.glob(f".{glob_escape(out.name)}{infix}*")
+    return [d for d in found if d.is_dir() and owned(d, kind) and fittunes_own(d)]
+
+
+def claim_locked_build(path: Path, kind: DirKind, program: str) -> DirLock:
+    """A new build directory at `path` (a name of its own), locked before it is marked: a marked build is
+    always locked by the process writing it, or was by one that was killed (whose free lock lets the next
+    command remove it: `clear_killed_builds`), never free while it is being written."""
+    path.mkdir(parents=True)
+    lock = DirLock(path).acquire(program)
+    try:
+        claim_dir(path, kind)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def clear_killed_builds(builds: list[Path], kind: DirKind, program: str, busy: Callable[[str], str],
+                        mine: Path | None = None) -> None:
+    """Remove the build directories in `builds` whose lock is free (a killed command's); one locked is another
+    command's, writing now: refused with `busy(holder)`. One with no lock file yet is starting now: left alone
+    (it looks again once locked, and then sees ours)."""
+    for other in builds:
+        if other == mine:
+            continue
+        try:
+            left = DirLock(other).acquire(program, record=False, create=False)
+        except DirInUse as e:
+            raise FittuneError(busy(e.holder)) from None
+        if left is not None:
+            try:
+                remove_owned(other, kind)
+            finally:
+                left.release()
 
 
 def remove_owned(path: Path, kind: DirKind) -> None:
@@ -648,16 +786,29 @@ def _holder_of(fd: int) -> str:
 # ---- the training output directory ----------------------------------------------------------------------------
 
 
+# fittune's temporary names: an atomic write's `.NAME.tmp-PID`, a build's `.NAME.tmp-PID-HEX`, publish_dir's
+# `.NAME.old-PID-HEX`
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(tmp|old)-\d+(-[0-9a-f]{8})?")
+
+
+def _temporary(entry: Path, ours: frozenset[str] | set[str]) -> bool:
+    """`entry` is one of fittune's temporary files or directories: an atomic write of one of `ours` (a file),
+    or a directory fittune made here (marked, or a claim cut short); never a user's `.notes.tmp-old/`."""
+    found = _TEMPORARY.fullmatch(entry.name)
+    if found is None or entry.is_symlink():
+        return False
+    return fittunes_own(entry) or interrupted_claim(entry) if entry.is_dir() else found["name"] in ours
+
+
 def foreign_names(path: Path, ours: frozenset[str] | set[str],
                   also_ours: Callable[[Path], bool] = lambda entry: False) -> list[str]:
     """What in the directory `path` fittune did not write: names not in `ours` (nor the temporary names of its
-    atomic writes and publish_dir, nor what `also_ours` accepts), and every symbolic link (never fittune's);
-    a directory's name ends in `/`, a link's in `@`."""
+    atomic writes and builds, `_temporary`, nor what `also_ours` accepts), and every symbolic link (never
+    fittune's); a directory's name ends in `/`, a link's in `@`."""
     foreign = []
     for entry in sorted(path.iterdir()):
         name = entry.name
-        temporary = name.startswith(".") and (".tmp-" in name or ".old-" in name)  # atomic writes, publish_dir
-        if entry.is_symlink() or not (name in ours or temporary or also_ours(entry)):
+        if entry.is_symlink() or not (name in ours or _temporary(entry, ours) or also_ours(entry)):
             foreign.append(name + ("@" if entry.is_symlink() else "/" if entry.is_dir() else ""))
     return foreign
 
@@ -665,15 +816,16 @@ def foreign_names(path: Path, ours: frozenset[str] | set[str],
 def foreign_entries(run: Path) -> list[str]:
     """What in the run directory `run` fittune did not write: names it never uses, and symbolic links (never
     fittune's), which --overwrite would delete with the run, or through which fittune would write."""
-    def evaluation(entry: Path) -> bool:  # evaluate.py's RUN/eval-NAME (or its build, also one killed unmarked)
-        return entry.name.startswith("eval") and (owned(entry, "eval") or interrupted_claim(entry))
+    def evaluation(entry: Path) -> bool:  # evaluate.py's RUN/eval-NAME (or its build, also one killed unmarked),
+        # not a user's copy of one (cp -r eval-heldout eval-mine: the marker, not the directory, is fittune's)
+        return entry.name.startswith("eval") and (owned(entry, "eval") and fittunes_own(entry) or interrupted_claim(entry))
 
     foreign = foreign_names(run, RUN_NAMES | {MARKER, LOCK_INFO, REPLACED}, evaluation)
     saves = RunLayout(run).checkpoints
     if saves.is_dir() and not saves.is_symlink():  # e.g. a step-best/ copied aside there is the user's
         foreign += [f"checkpoints/{c.name}" for c in sorted(saves.iterdir()) if not (
             (STEP_NAME.fullmatch(c.name.removesuffix(".tmp")) or c.name.startswith(".step-"))  # publish_dir's too
-            and (owned(c, "checkpoint") or interrupted_claim(c)))]
+            and (owned(c, "checkpoint") and fittunes_own(c) or interrupted_claim(c)))]  # a copy is the user's
     return foreign
 
 
@@ -698,16 +850,26 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda d: int(d.name.split("-")[1]))
 
 
+def own_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints fittune saved in this run (`fittunes_own`), oldest first: what --resume auto
+    continues from and what rotation keeps and removes; a user's copy under a step-N name is neither."""
+    return [c for c in complete_checkpoints(output_dir) if owned(c, "checkpoint") and fittunes_own(c)]
+
+
 def partial_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Directories left by a save that never finished (a crash mid-save)."""
+    """Directories left by a save that never finished (a crash mid-save: step-N.tmp), or by a removal that
+    never finished (a step-N without its state file, which a removal takes first: `remove_tree`)."""
     root = checkpoint_root(output_dir)
-    return sorted(d for d in root.glob("step-*.tmp") if d.is_dir()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    cut = [d for d in root.iterdir() if STEP_NAME.fullmatch(d.name) and not (d / STATE_FILE).exists()]
+    return sorted(d for d in [*root.glob("step-*.tmp"), *cut] if d.is_dir() and not d.is_symlink())
 
 
 def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
     """Remove the partial checkpoints fittune wrote (its marker inside); returns them. Anything else that
     merely looks like one is left alone."""
-    removed = [d for d in partial_checkpoints(output_dir) if owned(d, "checkpoint") and sealed(d)]
+    removed = [d for d in partial_checkpoints(output_dir) if owned(d, "checkpoint") and fittunes_own(d)]
     for d in removed:
         remove_owned(d, "checkpoint")
     return removed
@@ -723,7 +885,7 @@ def run_finished(output_dir: str | Path) -> bool:
     metrics = RunLayout(out).eval / "metrics.json"
     if not (RunLayout(out).final.is_dir() and metrics.is_file()):
         return False
-    saves = complete_checkpoints(out)
+    saves = own_checkpoints(out)
     return not saves or metrics.stat().st_mtime_ns >= (saves[-1] / STATE_FILE).stat().st_mtime_ns
 
 
@@ -745,6 +907,10 @@ def inspect_output_dir(path: Path, resume: str | None, overwrite: bool) -> Outpu
     """What a run finds in its output_dir (the state of the run there, from its files), refusing an output_dir
     it must not touch and a --resume that cannot go on; read-only (the refused run changes nothing)."""
     check_not_inside_fittune_dir(path, "output_dir")
+    if overwrite:  # the run there is moved aside and a new directory made in its place (`RunDir.claim`)
+        check_not_cwd(path, "output_dir")
+    if overwrite or not (path / MARKER).is_file():  # a run resumed in place is never built beside itself
+        check_name_room(path, "output_dir")
     check_writable_dir(path, "output_dir")
     if path.is_dir() and owned(path) and not owned(path, "train"):
         raise FittuneError(f"output_dir {path} is a fittune {marker_kind(path)} directory, not a training run: "
@@ -752,7 +918,7 @@ def inspect_output_dir(path: Path, resume: str | None, overwrite: bool) -> Outpu
     exists = path.is_dir()
     holds_run = exists and any((path / f).exists() for f in RUN_FILES)
     finished = exists and RunLayout(path).final.is_dir()
-    complete, resumable = exists and run_finished(path), exists and bool(complete_checkpoints(path))
+    complete, resumable = exists and run_finished(path), exists and bool(own_checkpoints(path))
     if overwrite and resume:
         raise FittuneError("--overwrite and --resume contradict each other: --resume continues the run in "
                            "output_dir, --overwrite replaces it; pass one")
@@ -813,13 +979,22 @@ class RunDir:
             aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-"
                                    f"{os.urandom(2).hex()}")
             path.rename(aside)  # still locked: the lock file moves with the directory
-            path.mkdir()
+            try:
+                path.mkdir()
+                keep_access(aside.stat(), path)
+                claim_dir(path, "train")
+                # kept on disk: a later --resume auto of this run finishes and removes them
+                atomic_write_text(path / REPLACED, json.dumps([aside.name] + [p.name for p in _replaced(aside, path.name)]))
+            except BaseException:  # the old run goes back where it was (still locked): never aside unrecorded
+                if path.is_dir():
+                    remove_tree(path)  # only what was just made here
+                aside.rename(path)
+                raise
             if lock is not None:
                 lock.release()
             lock = None
-        claim_dir(path, "train")
-        if aside is not None:  # kept on disk: a later --resume auto of this run finishes and removes them
-            atomic_write_text(path / REPLACED, json.dumps([aside.name] + [p.name for p in _replaced(aside, path.name)]))
+        else:
+            claim_dir(path, "train")
         if lock is None:
             lock = DirLock(path).acquire(program)
             if not check.holds_run and aside is None and any((path / f).exists() for f in RUN_FILES):

@@ -78,6 +78,32 @@ def read_rows(path: str, cfg: DataConfig, split: str | None = None) -> list[dict
     return rows
 
 
+def peek_columns(cfg: DataConfig) -> set[str] | None:
+    """The columns of data.path's local file, read from its start only (a JSON Lines file's first row, a CSV
+    header or data.column_names, a Parquet schema); None for a hub dataset, a saved dataset or a JSON file
+    (those are read whole when training reads them), and for a file that cannot be read (training says why)."""
+    try:
+        path = resolve_data_path(cfg.path)
+        fmt = detect_format(path, cfg.format)
+        if fmt == "jsonl":
+            with open(path, encoding="utf-8-sig") as f:
+                first = next((line for line in f if line.strip()), None)
+            row = json.loads(first) if first is not None else None
+            return set(row) if isinstance(row, dict) else None
+        if fmt == "csv":
+            import csv
+
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                return set(cfg.column_names) if cfg.column_names else set(next(csv.reader(f), []))
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return set(pq.read_schema(path).names)
+    except (FittuneError, OSError, ValueError, ImportError):
+        return None
+    return None
+
+
 def _read_csv(path: str, cfg: DataConfig, split: str) -> list[dict[str, Any]]:
     import pandas as pd
 

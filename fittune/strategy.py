@@ -5,7 +5,7 @@ A `Strategy` is a plain value with boolean properties (the idea of torchtitan's 
 `distributed_type` or the DeepSpeed / FSDP plugin settings to decide; `fittune.distributed`, which creates the
 accelerator, is the only one that writes them (real CPU ranks, DeepSpeed's batch keys) and reads the launch's
 request before the accelerator exists. The same names are used by the planner
-(`python -m fittune.plan`), the run facts in `config.yaml`, checkpoints, logs and errors:
+(`fittune-plan`), the run facts in `config.yaml`, checkpoints, logs and errors:
 
     single, ddp, zero1, zero2, zero2_offload, zero3, zero3_offload, fsdp2, fsdp2_offload, device_map
 """

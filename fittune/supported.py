@@ -33,8 +33,8 @@ def refusal(cfg: Config, strategy: Strategy, precision: Precision) -> Refusal | 
         return Refusal("train.oom_adaptive", f"train.oom_adaptive does not work under {strategy.name} (its forward "
                                              f"pass gathers weights with collectives, so a rank that fails "
                                              f"mid-forward leaves the others waiting): use DDP or ZeRO-2 (+offload) "
-                                             f"with it, or turn it off and pick the micro-batch with python -m "
-                                             f"fittune.plan")
+                                             f"with it, or turn it off and pick the micro-batch with "
+                                             f"fittune-plan")
     choice = choose(t.optimizer, t.optimizer_in_backward, trainable_dtype(cfg, precision), strategy)
     return unsupported(choice, strategy, precision, cfg.lora.enabled)
 

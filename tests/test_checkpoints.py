@@ -684,17 +684,25 @@ def test_a_save_never_replaces_or_rotates_away_what_is_not_a_fittune_checkpoint(
     with pytest.raises(FittuneError, match=r"step-00000001: it already exists and is not a checkpoint fittune made"):
         save(t, out, 1, keep=1)
     assert digest(out / "checkpoints/step-00000001") == copied
+    # a copy under a later step's name neither takes the place of the newest checkpoint in the rotation (was:
+    # the step just saved was rotated away) nor is what --resume auto continues from
+    from fittune.checkpoints import find_resume_checkpoint
+
+    shutil.copytree(out / "checkpoints/step-00000004", out / "checkpoints/step-00000009")
+    save(t, out, 5, keep=1)
+    assert sorted(d.name for d in (out / "checkpoints").iterdir()) == [
+        "step-00000000", "step-00000001", "step-00000002", "step-00000005", "step-00000009"]
+    assert find_resume_checkpoint(out, "auto") == out / "checkpoints/step-00000005"
 
 
 def test_a_run_is_finished_when_its_evaluation_is_newer_than_its_newest_checkpoint(tmp_path):
     """final/ and eval/ written after the newest checkpoint: finished (a --resume auto trains nothing). A run
     resumed from an earlier checkpoint into its own directory and stopped again has newer checkpoints than its
     old final/ and eval/: not finished (a --resume auto continues it)."""
-    from fittune.rundir import run_finished
+    from fittune.rundir import claim_dir, run_finished
 
-    run = tmp_path / "run"
-    step = run / "checkpoints" / "step-00000004"
-    step.mkdir(parents=True)
+    run = claim_dir(tmp_path / "run", "train")
+    step = claim_dir(run / "checkpoints" / "step-00000004", "checkpoint")  # as a save makes it
     (step / "trainer_state.json").write_text("{}")
     assert not run_finished(run)
     (run / "final").mkdir()
@@ -702,6 +710,10 @@ def test_a_run_is_finished_when_its_evaluation_is_newer_than_its_newest_checkpoi
     (run / "eval" / "metrics.json").write_text("{}")
     os.utime(step / "trainer_state.json", ns=(1, 1))
     assert run_finished(run)
+    copy = shutil.copytree(step, run / "checkpoints" / "step-00000009")  # a user's copy, newer: not the run's
+    os.utime(copy / "trainer_state.json", ns=(2 * 10**18, 2 * 10**18))
+    assert run_finished(run)
+    shutil.rmtree(copy)
     os.utime(run / "eval" / "metrics.json", ns=(0, 0))  # older than the checkpoint: a later attempt saved it
     assert not run_finished(run)
     shutil.rmtree(run / "checkpoints")

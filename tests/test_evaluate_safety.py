@@ -451,13 +451,22 @@ def test_own_data_for_a_run_on_the_builtin_set_starts_from_the_default_mapping(t
     code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev", "--data.path", mine,
                                "--eval.max_new_tokens", "3"], capsys)
     assert code == 0, err[-3000:]
-    assert sum("maps the built-in set's columns: the column mapping starts from the defaults" in line
+    assert sum("which it does not all have: the column mapping starts from the defaults" in line
                for line in out.splitlines()) == 1
     metrics = json.loads((tmp_path / "ev/metrics.json").read_text())
     assert metrics["num_examples"] == 5 and metrics["num_open"] == 5  # open answers: no choices column applied
     code, out, err = evaluate(["--checkpoint", run, "--output_dir", tmp_path / "ev2", "--data.path", mine,
                                "--data.choices_column", "nope"], capsys)  # a key the user gives is kept
     assert code == 2 and "column 'nope' (data.choices_column) not found" in one_error(err)
+    # the built-in set itself at another place keeps the run's mapping: its held-out rows, as multiple choice,
+    # in eval-heldout (found by a walkthrough: scored as open answers, replacing the run's own evaluation there)
+    copy = shutil.copy(DEMO_DATA, tmp_path / "same.jsonl")
+    code, out, err = evaluate(["--checkpoint", run, "--data.path", copy], capsys)
+    assert code == 0 and "that column mapping is kept" in out and "the run's own data (its content hash)" in out, \
+        err[-3000:]
+    metrics = json.loads((run / "eval-heldout/metrics.json").read_text())
+    assert metrics["num_examples"] == len(json.loads((run / "heldout_ids.json").read_text())["ids"])
+    assert "accuracy" in metrics and "majority" in json.loads((run / "eval-heldout/comparison.json").read_text())
 
 
 def test_two_evaluations_started_at_one_instant_never_both_write(tmp_path, monkeypatch):
@@ -467,28 +476,27 @@ def test_two_evaluations_started_at_one_instant_never_both_write(tmp_path, monke
     from fittune import evaldir
     from fittune.errors import FittuneError
 
-    out, real_claim, other = tmp_path / "ev", evaldir.claim_dir, {}
+    out, real_claim, other = tmp_path / "ev", evaldir.claim_locked_build, {}
 
-    def claim_then_other_starts(path, kind, lock_it):
-        mine = real_claim(path, kind)
-        other["build"] = real_claim(out.with_name(".ev.tmp-99-other"), kind)  # it passed its first look too
-        if lock_it:
-            other["lock"] = DirLock(other["build"]).acquire("evaluate.py")
+    def claim_then_other_starts(path, kind, program):
+        mine = real_claim(path, kind, program)
+        other["build"] = out.with_name(".ev.tmp-99-other")  # it passed its first look too, and locked its build
+        other["lock"] = real_claim(other["build"], kind, program)
         return mine
 
     # the other locks first: this one is refused at its second look and leaves nothing
-    monkeypatch.setattr(evaldir, "claim_dir", lambda p, k: claim_then_other_starts(p, k, True))
+    monkeypatch.setattr(evaldir, "claim_locked_build", claim_then_other_starts)
     with pytest.raises(FittuneError, match=r"ev is being written by evaluate.py \(pid"):
         evaldir.reserve_eval_dir(out, "evaluate.py")
     assert [p.name for p in tmp_path.iterdir()] == [".ev.tmp-99-other"]
     other["lock"].release()
     shutil.rmtree(other["build"])
+    monkeypatch.undo()
     # this one locks first: it goes on, and the other's second look refuses it
-    monkeypatch.setattr(evaldir, "claim_dir", lambda p, k: claim_then_other_starts(p, k, False))
     mine = evaldir.reserve_eval_dir(out, "evaluate.py")
-    lock = DirLock(other["build"]).acquire("evaluate.py")
+    lock = evaldir.claim_locked_build(out.with_name(".ev.tmp-99-other"), "eval", "evaluate.py")
     with pytest.raises(FittuneError, match="ev is being written by evaluate.py"):
-        evaldir._clear_builds(out, "evaluate.py", mine=other["build"])
+        evaldir._clear_builds(out, "evaluate.py", mine=out.with_name(".ev.tmp-99-other"))
     lock.release()
     mine.release()
     assert [p.name for p in tmp_path.iterdir()] == [".ev.tmp-99-other"]

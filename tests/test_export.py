@@ -1,4 +1,4 @@
-"""python -m fittune.export: a merged LoRA model gives the adapter model's logits; a sharded ZeRO or FSDP2
+"""fittune-export (python -m fittune.export): a merged LoRA model gives the adapter model's logits; a sharded ZeRO or FSDP2
 checkpoint becomes one safetensors model equal to the trained weights."""
 
 import json
@@ -343,3 +343,56 @@ def test_a_cleared_or_damaged_model_cache_is_rebuilt_for_evaluation_and_export(t
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.hidden_size == TINY_SHAPE["hidden_size"]
+
+
+def test_an_export_copies_the_models_own_files_and_leaves_no_trace(tmp_path, tiny_model_dir):
+    """Found by a review: a symbolic link in a received model (vocab.txt -> ~/.ssh/id_rsa) was followed and the
+    key exported readable by all; an export into the model itself copied its own build into itself; a killed
+    export's build stayed for good; an empty directory of the user's came back with other permissions."""
+    import stat
+
+    from fittune.errors import FittuneError
+    from fittune.export import export
+    from fittune.rundir import DirLock, claim_dir
+
+    received = shutil.copytree(tiny_model_dir, tmp_path / "received")
+    secret = tmp_path / "id_rsa"
+    secret.write_text("KEY")
+    (received / "vocab.txt").symlink_to(secret)
+    with pytest.raises(FittuneError, match=r"vocab.txt is a symbolic link to .*id_rsa, outside the model: an export"):
+        export(str(received), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.export-*"))
+    (received / "vocab.txt").unlink()
+    # a Hugging Face cache snapshot links each file to its blob: those are the model's own, and copied
+    repo = tmp_path / "hub" / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / "rev").mkdir(parents=True)
+    for f in received.iterdir():
+        shutil.copyfile(f, repo / "blobs" / f"hash-{f.name}")
+        (repo / "snapshots" / "rev" / f.name).symlink_to(f"../../blobs/hash-{f.name}")
+    export(str(repo / "snapshots" / "rev"), str(tmp_path / "from-hub"))
+    assert all((tmp_path / "from-hub" / f.name).read_bytes() == f.read_bytes() for f in received.iterdir())
+    assert not any(p.is_symlink() for p in (tmp_path / "from-hub").iterdir())
+    with pytest.raises(FittuneError, match=r"is inside the checkpoint being exported"):
+        export(str(received), str(received / "copy"))
+    assert not (received / "copy").exists()
+    killed = claim_dir(tmp_path / ".out.export-999-0123abcd", "export")  # marked, its lock free: a killed one's
+    DirLock(killed).acquire("export").release()
+    (killed / "model.safetensors").write_bytes(b"half")
+    mine = tmp_path / ".out.export-mine"  # the same look, not fittune's: left alone
+    mine.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o750)
+    export(str(received), str(out))
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750  # was: 0o755, its files readable by all
+    assert not killed.exists() and mine.is_dir()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in received.iterdir())  # no marker, lock
+    live = claim_dir(tmp_path / ".out2.export-1-0123abcd", "export")  # another export writing there now
+    lock = DirLock(live).acquire("export")
+    try:
+        with pytest.raises(FittuneError, match=r"out2 is being exported to by export \(pid"):
+            export(str(received), str(tmp_path / "out2"))
+    finally:
+        lock.release()
+    assert live.is_dir() and not (tmp_path / "out2").exists()

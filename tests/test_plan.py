@@ -430,7 +430,7 @@ def test_nothing_fits_exits_1_so_a_script_can_tell():
 
 def test_help_prints_usage_and_returns(capsys):
     assert P.plan_main(["--help"]) is None  # returns to the caller (train.py --plan, run_cli): no sys.exit
-    assert capsys.readouterr().out.startswith("usage: python -m fittune.plan [--config FILE]")
+    assert capsys.readouterr().out.startswith("usage: fittune-plan [--config FILE]")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -367,6 +367,16 @@ def test_the_cache_rebuilds_only_what_it_built(tmp_path):
     built = materialise(tmp_path / "m", {"v": 1}, write)
     (built / "weights.bin").write_bytes(b"damaged")
     assert materialise(built, {"v": 1}, write) == built and (built / "weights.bin").read_bytes() == b"x" * 10
+    (built / "notes.md").write_text("mine")  # a file put into fittune's build: kept, named (was: deleted with it)
+    with pytest.raises(FittuneError, match=r"also holds notes.md, which fittune did not write there: move them out"):
+        materialise(built, {"v": 1}, write)
+    assert (built / "notes.md").read_text() == "mine"
+    (built / "notes.md").unlink()
+    manifest = (built / MANIFEST).read_text()
+    (built / MANIFEST).write_text("{damaged")  # nothing tells its files from others': refused, nothing deleted
+    with pytest.raises(FittuneError, match=r"is damaged, so fittune cannot tell the files it cached there"):
+        materialise(built, {"v": 1}, write)
+    (built / MANIFEST).write_text(manifest)
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "notes.md").write_text("mine")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -324,6 +325,21 @@ def test_overwrite_never_deletes_what_fittune_did_not_write_inside_a_run(tmp_pat
     (out / "checkpoints" / "step-best").mkdir()  # a checkpoint copied aside by the user
     assert foreign_entries(out) == ["checkpoints/step-best"]
     (out / "checkpoints" / "step-best").rmdir()
+    # copies under fittune's own names carry its marker, not the directory's identity: the user's (was: deleted
+    # by --overwrite with the run), as are names that only look like fittune's temporary ones
+    for copy in ("checkpoints/step-00000001", "checkpoints/.step-best", "eval-mine", ".eval-x.tmp-1-0123abcd"):
+        shutil.copytree(out / ("checkpoints/step-00000004" if "step" in copy else "eval-mmlu-1234abcd"), out / copy)
+    (out / ".notes.tmp-old").mkdir()
+    (out / ".plan.old-1").write_text("mine")
+    assert foreign_entries(out) == [".eval-x.tmp-1-0123abcd/", ".notes.tmp-old/", ".plan.old-1", "eval-mine/",
+                                    "checkpoints/.step-best", "checkpoints/step-00000001"]
+    with pytest.raises(FittuneError, match=r"also holds .*checkpoints/step-00000001, which fittune did not write"):
+        _claim(out, overwrite=True)
+    assert (out / "checkpoints/step-00000001").is_dir() and (out / ".plan.old-1").read_text() == "mine"
+    for copy in ("checkpoints/step-00000001", "checkpoints/.step-best", "eval-mine", ".eval-x.tmp-1-0123abcd",
+                 ".notes.tmp-old", ".plan.old-1"):
+        shutil.rmtree(out / copy) if (out / copy).is_dir() else (out / copy).unlink()
+    assert foreign_entries(out) == []
     (out / "notes.txt").write_text("mine")
     (out / "data").mkdir()
     with pytest.raises(FittuneError, match=r"also holds data/, notes.txt, which fittune did not write: move them out"):
@@ -492,3 +508,107 @@ def test_rename_noreplace_never_replaces_what_appeared(tmp_path):
     assert list((tmp_path / "appeared").iterdir()) == [] and (tmp_path / "built" / "model.safetensors").is_file()
     assert rename_noreplace(tmp_path / "built", tmp_path / "new")  # renameat2 is there on Linux
     assert (tmp_path / "new" / "model.safetensors").read_text() == "weights" and not (tmp_path / "built").exists()
+
+
+def test_the_current_directory_and_names_too_long_to_build_beside_are_refused_at_once(tmp_path, monkeypatch):
+    """Found by a review: `--output_dir .` was a ValueError traceback (a path with no name to build beside), and
+    a 220-byte run name trained, then failed on --overwrite or evaluate.py ("free disk space"). Only what is
+    built beside itself is refused: a new run in the current directory, or a resume there, goes on."""
+    from fittune.evaldir import check_eval_dir
+
+    monkeypatch.chdir(tmp_path)
+    for check in (lambda p: inspect_output_dir(p, None, True), check_eval_dir):
+        with pytest.raises(FittuneError, match=r" \. is the current directory, which this would replace"):
+            check(Path("."))
+        with pytest.raises(FittuneError, match=r"its name is 220 bytes long; .* at most 207 bytes"):
+            check(tmp_path / ("r" * 220))
+    assert list(tmp_path.iterdir()) == []
+    assert inspect_output_dir(Path("."), None, False).path == Path(".")  # a new run here
+    long = claim_dir(tmp_path / ("r" * 220), "train")  # a run of an earlier fittune with such a name resumes
+    assert inspect_output_dir(long, "auto", False).path == long
+
+
+def test_a_replaced_directory_keeps_its_permissions_and_group(tmp_path):
+    """Found by a review: a user's empty `chmod 2750` directory, replaced by the results, came back 0755."""
+    import stat
+
+    final = tmp_path / "ev"
+    final.mkdir()
+    final.chmod(0o2750)
+    build = claim_dir(tmp_path / ".ev.tmp-1-0123abcd", "eval")
+    (build / "metrics.json").write_text("{}")
+    publish_dir(build, final)
+    assert stat.S_IMODE(final.stat().st_mode) == 0o2750 and (final / "metrics.json").is_file()
+    out = claim_dir(tmp_path / "run", "train")
+    atomic_write_text(out / "config.yaml", "old\n")
+    out.chmod(0o700)
+    _claim(out, overwrite=True)  # the old run moved aside, a new directory in its place
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+
+
+def test_a_checkpoint_removal_cut_short_leaves_no_complete_checkpoint(tmp_path, monkeypatch):
+    """Found by a review: a kill during rotation's removal could leave a step-N/ with its trainer_state.json and
+    without its weights, listed as complete (resumable). Its state file goes first now."""
+    from fittune.rundir import complete_checkpoints, remove_partial_checkpoints, remove_tree
+
+    out = claim_dir(tmp_path / "run", "train")
+    step = claim_dir(out / "checkpoints" / "step-00000002", "checkpoint")
+    for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "config.yaml",
+                 "adapter_optimizer.safetensors", "a.bin", "b.bin", "trainer_state.json"):
+        (step / name).write_bytes(b"x")
+    assert complete_checkpoints(out) == [step]
+    real_unlink = Path.unlink
+
+    def killed_after_the_state_file(self, *args, **kwargs):
+        if self.name != "trainer_state.json":
+            raise KeyboardInterrupt  # the kill, at the first weights file
+        real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", killed_after_the_state_file)
+    with pytest.raises(KeyboardInterrupt):
+        remove_tree(step)
+    monkeypatch.undo()
+    assert complete_checkpoints(out) == [] and (step / "model.safetensors").is_file()
+    assert remove_partial_checkpoints(out) == [step] and not step.exists()  # the next run's start removes it
+
+
+def test_a_run_copied_whole_is_still_fittunes_to_replace(tmp_path):
+    """From a review of the copy rule: a run copied or moved whole (cp -r, rsync to another disk) has a new
+    identity in every directory; its checkpoints and evaluations are still fittune's (--overwrite replaces the
+    copy), and a copy made inside it is still told apart (it shares the original's marker)."""
+    out = claim_dir(tmp_path / "run", "train")
+    atomic_write_text(out / "config.yaml", "x\n")
+    claim_dir(out / "eval-heldout", "eval")
+    claim_dir(out / "checkpoints" / "step-00000004", "checkpoint")
+    copy = shutil.copytree(out, tmp_path / "run2")
+    assert foreign_entries(copy) == []
+    shutil.copytree(copy / "checkpoints/step-00000004", copy / "checkpoints/step-00000001")
+    assert foreign_entries(copy) == ["checkpoints/step-00000001", "checkpoints/step-00000004"]
+    shutil.rmtree(copy / "checkpoints/step-00000001")
+    assert _claim(copy, overwrite=True).aside is not None
+
+
+def test_an_overwrite_that_fails_puts_the_old_run_back(tmp_path, monkeypatch):
+    """From a review: a failure between moving the old run aside and recording it left it at
+    <dir>.replaced-* with nothing pointing to it; a read-only run's mode made the new directory unwritable."""
+    import stat
+
+    from fittune import rundir
+
+    out = claim_dir(tmp_path / "run", "train")
+    atomic_write_text(out / "config.yaml", "old\n")
+    out.chmod(0o555)  # a run made read-only: the new one keeps its group and other bits, and the owner's rwx
+    real_claim = rundir.claim_dir
+
+    def full_disk(path, kind):
+        real_claim(path, kind)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rundir, "claim_dir", full_disk)
+    check = inspect_output_dir(out, None, True)
+    with pytest.raises(OSError):
+        RunDir.claim(check, RunDir.lock_existing(out, "test"), True, "test")
+    monkeypatch.undo()
+    assert (out / "config.yaml").read_text() == "old\n" and not list(tmp_path.glob("run.replaced-*"))
+    run = _claim(out, overwrite=True)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755 and run.aside is not None

@@ -6,6 +6,8 @@ import ast
 import dataclasses
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,9 +108,12 @@ def test_unsharded_resume_reads_tensors_only(tmp_path):
     assert load_checkpoint(t, received, read_state(received), trusted=False) == "exact"
     evidence = tmp_path / "pickle-ran"
     torch.save({"state": payload(evidence)}, received / "optimizer.bin")
-    with pytest.raises(FittuneError, match="optimizer.bin cannot be read"):
+    with pytest.raises(FittuneError, match="optimizer.bin cannot be read") as refused:
         load_checkpoint(t, received, read_state(received), trusted=False)
     assert not evidence.exists()
+    # what it holds, said; never torch's advice to load it again with weights_only=False (which runs the code)
+    assert "a pickled object other than tensors (posix.mkdir), which fittune never unpickles" in str(refused.value)
+    assert "weights_only" not in str(refused.value)
 
 
 def fake_zero_checkpoint(root: Path, model_dir: Path, evidence: Path) -> Path:
@@ -239,3 +244,22 @@ def test_flash_attention_without_its_package_never_fetches_a_hub_kernel(tmp_path
 
     assert hub_kernel_fallback("flash_attention_2", OwnKernel) == "kernels-community/vllm-flash-attn3"
     assert hub_kernel_fallback("sdpa", OwnKernel) is None
+
+
+def test_the_commands_run_no_code_from_the_current_directory(tmp_path):
+    """Found by a review: `python -m fittune.export`, run from inside a received model directory, imported its
+    yaml.py (python -m puts the current directory first on the import path) before any check could run. The
+    installed commands (pyproject's [project.scripts], what the README shows) do not look there."""
+    evidence = tmp_path / "code-ran"
+    received = tmp_path / "received"
+    received.mkdir()
+    (received / "yaml.py").write_text(f"import pathlib\npathlib.Path({str(evidence)!r}).write_text('ran')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for command in ("fittune-export", "fittune-plan"):
+        path = shutil.which(command)
+        assert path is not None, f"{command} is not installed: pip install -e . (make install-test) installs it"
+        proc = subprocess.run([path, "--help"], cwd=received, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0 and command in proc.stdout and not evidence.exists(), proc.stderr[-2000:]
+    # what they avoid: the same program as `python -m` runs the directory's code
+    subprocess.run([sys.executable, "-m", "fittune.export", "--help"], cwd=received, env=env, capture_output=True)
+    assert evidence.read_text() == "ran"
