@@ -155,7 +155,8 @@ def materialise(target: Path, stamp: dict, write: Callable[[Path], None],
                                f"another directory")
         if added := _not_cached_there(target):  # a file of someone's in fittune's build: never deleted with it
             raise FittuneError(f"{target} (fittune's cached model) also holds {', '.join(added[:5])}, which fittune "
-                               f"did not write there: move them out, and fittune rebuilds the model")
+                               f"did not write there: move them out (fittune then checks the model again, and rebuilds it "
+                               f"if it differs from what it cached)")
         if target.exists() and say is not None:
             say(f"fittune: the cached model {target} is damaged or incomplete (a file differs from its recorded "
                 f"SHA-256): rebuilding it")

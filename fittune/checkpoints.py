@@ -549,6 +549,10 @@ def _exact_restore(target: CheckpointTarget, path: Path, trusted: bool) -> None:
         if not rng.is_file():  # accelerate skips a missing RNG file silently: the resume would not be exact
             raise FittuneError(f"checkpoint {path} is incomplete: {rng.name} is missing; resume from an older "
                                f"checkpoint or start a new output_dir")
+        try:  # read here as accelerate reads it: it only logs a file it cannot load, and goes on inexactly
+            _load_fully(rng)
+        except Exception as e:  # UnpicklingError (a foreign pickle), RuntimeError (a cut zip)
+            raise _corrupt(path, rng, _why_unreadable(e)) from None
     except FittuneError as e:
         failure = e
     raise_if_any_failed(acc, failure)  # before any collective inside load_state

@@ -223,11 +223,15 @@ def keep_access(old: os.stat_result, new: Path) -> None:
     user's `chmod 750` (or a setgid group) on a directory is kept when fittune replaces it with its results.
     The owner keeps rwx: fittune writes into it, and replaces or removes it later."""
     os.chmod(new, stat.S_IMODE(old.st_mode) | stat.S_IRWXU)
-    if new.stat().st_gid != old.st_gid:
+    if new.stat().st_gid == old.st_gid:
+        return
+    # the files built in it too: they were made beside it, where a setgid directory's group did not reach them
+    for path in [new, *new.rglob("*")]:
         try:
-            os.chown(new, -1, old.st_gid)
+            if not path.is_symlink():
+                os.chown(path, -1, old.st_gid)
         except OSError:  # a group this account is not in, or a filesystem without groups: the mode alone is kept
-            pass
+            return
 
 
 def publish_dir(tmp: Path, final: Path) -> None:

@@ -535,10 +535,14 @@ def test_a_replaced_directory_keeps_its_permissions_and_group(tmp_path):
     final = tmp_path / "ev"
     final.mkdir()
     final.chmod(0o2750)
+    group = next(g for g in (100, 1, 2, 3) if g != final.stat().st_gid)
+    os.chown(final, -1, group)  # a shared group's setgid directory (as root here: any group)
     build = claim_dir(tmp_path / ".ev.tmp-1-0123abcd", "eval")
     (build / "metrics.json").write_text("{}")
     publish_dir(build, final)
     assert stat.S_IMODE(final.stat().st_mode) == 0o2750 and (final / "metrics.json").is_file()
+    # its files are the group's too, as files made in it would be (was: the build's group, beside it)
+    assert {p.stat().st_gid for p in [final, *final.iterdir()]} == {group}
     out = claim_dir(tmp_path / "run", "train")
     atomic_write_text(out / "config.yaml", "old\n")
     out.chmod(0o700)

@@ -113,6 +113,12 @@ def test_unsharded_resume_reads_tensors_only(tmp_path):
     assert not evidence.exists()
     # what it holds, said; never torch's advice to load it again with weights_only=False (which runs the code)
     assert "a pickled object other than tensors (posix.mkdir), which fittune never unpickles" in str(refused.value)
+    # the RNG state too, which accelerate only logs when it cannot load it (was: "exact" restore, RNG not restored)
+    shutil.copy(received.parent.parent / "run" / "checkpoints" / "step-00000001" / "optimizer.bin", received)
+    torch.save({"state": payload(evidence)}, received / "random_states_0.pkl")
+    with pytest.raises(FittuneError, match=r"random_states_0.pkl cannot be read \(it holds a pickled object other "):
+        load_checkpoint(t, received, read_state(received), trusted=False)
+    assert not evidence.exists()
     assert "weights_only" not in str(refused.value)
 
 
