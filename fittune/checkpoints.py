@@ -443,7 +443,7 @@ def _prepare_tmp(target: CheckpointTarget, output_dir: Path, tmp: Path, intact: 
         checkpoint_root(output_dir).mkdir(parents=True, exist_ok=True)
         final = tmp.with_name(tmp.name[:-4])
         # it would be replaced: only fittune's own, made here (a copied one is the user's, like rotation's rule)
-        if final.is_symlink() or (final.exists() and not (owned(final, "checkpoint") and fittunes_own(final))):
+        if final.is_symlink() or (final.exists() and not fittunes_own(final, "checkpoint")):
             raise FittuneError(f"could not write checkpoint {final}: it already exists and is not a checkpoint "
                                f"fittune made here; move it out of {final.parent}; {intact}")
         claim_build_dir(tmp, "checkpoint", f"could not write checkpoint {tmp}: it already exists and is not a "

@@ -696,8 +696,7 @@ def recipe_data_path(config_file: str) -> str:
     return str(data.get("path", BUILTIN_DATA)) if isinstance(data, dict) else BUILTIN_DATA
 
 
-_COLUMN_KEYS = ("id_column", "question_column", "answer_column", "choices_column", "label_column",
-                "messages_column", "group_column")
+_COLUMN_KEYS = tuple(k for k in DATA_MAPPING_KEYS if k.endswith("_column"))  # the keys that name a column
 
 
 def recipe_columns(config_file: str) -> set[str]:

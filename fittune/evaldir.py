@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,13 +16,10 @@ from fittune.rundir import (
     MARKER,
     RUN_NAMES,
     DirLock,
-    builds_beside,
     check_name_room,
     check_not_cwd,
     check_not_inside_fittune_dir,
     check_writable_dir,
-    claim_locked_build,
-    clear_killed_builds,
     foreign_names,
     interrupted_claim,
     marker_kind,
@@ -32,6 +28,7 @@ from fittune.rundir import (
     owning_run,
     remove_if_empty,
     remove_owned,
+    reserve_build,
     resolved,
     write_guard,
 )
@@ -112,37 +109,19 @@ class EvalDir:
             self.lock.release()
 
 
-def _clear_builds(out: Path, program: str, mine: Path | None = None) -> None:
-    """Refuse if another evaluation is writing `out` (its build directory is locked); remove a killed one's
-    build (its lock is free)."""
-    clear_killed_builds(builds_beside(out, ".tmp-", "eval"), "eval", program, mine=mine, busy=lambda holder: (
-        f"{out} is being written by {holder}: wait for it to finish, or pass another --output_dir"))
-
-
 def reserve_eval_dir(out_dir: str | os.PathLike, program: str) -> EvalDir:
     """Check the evaluation output directory (`check_eval_dir`) and reserve it (`EvalDir`); a killed
     evaluation's build directory is removed (its lock is free)."""
     out = check_eval_dir(out_dir)
-    _clear_builds(out, program)  # refused here, before anything is created, in the common case
     made = missing_parents(out)
-    build = out.with_name(f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     try:
         with write_guard(f"the evaluation's build directory beside {out}", "nothing was written"):
-            lock = claim_locked_build(build, "eval", program)
+            build = reserve_build(out, ".tmp-", "eval", program, busy=lambda holder: (
+                f"{out} is being written by {holder}: wait for it to finish, or pass another --output_dir"))
     except BaseException:
-        if build.is_dir():
-            shutil.rmtree(build, ignore_errors=True)  # ours (the unique name above), marked or not yet
         remove_if_empty(made)
         raise
-    reserved = EvalDir(out, build, lock, made)
-    try:
-        # a second look once ours is locked: of two evaluations started at the same instant, the later to
-        # lock sees the other's locked build, so they never both write (both may be refused, nothing lost)
-        _clear_builds(out, program, mine=build)
-    except BaseException:
-        reserved.release()
-        raise
-    return reserved
+    return EvalDir(out, build.path, build.lock, made)
 
 
 def check_in_own_run(out: Path, weights: Path, weights_run: Path | None, flag: str) -> None:

@@ -30,7 +30,6 @@ import os
 import pickle
 import shutil
 import sys
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,12 +49,9 @@ from fittune.rundir import (
     OWN_HELDOUT_IDS,
     DirLock,
     RunLayout,
-    builds_beside,
     check_name_room,
     check_not_cwd,
     check_not_inside_fittune_dir,
-    claim_locked_build,
-    clear_killed_builds,
     complete_checkpoints,
     fsync_dir,
     fsync_tree,
@@ -67,6 +63,7 @@ from fittune.rundir import (
     readable_like_umask,
     remove_if_empty,
     rename_noreplace,
+    reserve_build,
     resolved,
     write_guard,
 )
@@ -326,15 +323,9 @@ def _build_and_publish(src: Path, out: Path, merge: bool, trust: ExportTrust, em
     try:
         with write_guard(f"the export {out}", f"nothing was written to {out}"):
             out.parent.mkdir(parents=True, exist_ok=True)
-            clear_killed_builds(builds_beside(out, ".export-", "export"), "export", "export", busy=lambda holder: (
-                f"{out} is being exported to by {holder}: wait for it to finish, or choose another --output"))
             # a name of our own next to OUT (same filesystem, so the final rename is atomic); never a user's path
-            tmp = out.with_name(f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            lock = claim_locked_build(tmp, "export", "export")
-            # a second look once ours is locked: of two exports to OUT started at once, never both write
-            clear_killed_builds(builds_beside(out, ".export-", "export"), "export", "export", mine=tmp,
-                                busy=lambda holder: f"{out} is being exported to by {holder}: wait for it to finish, "
-                                                    f"or choose another --output")
+            tmp, lock = reserve_build(out, ".export-", "export", "export", busy=lambda holder: (
+                f"{out} is being exported to by {holder}: wait for it to finish, or choose another --output"))
             _write_export(src, tmp, merge, trust)
             readable_like_umask(tmp)
             if empty_dir:  # the user's empty directory is replaced: its permissions and group are kept

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from glob import escape as glob_escape
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from fittune.errors import FittuneError, first_line
 
@@ -537,25 +537,30 @@ def made_here(path: Path) -> bool:
         return False
     if isinstance(marker.get("identity"), dict):
         saved, now = marker["identity"], _identity(path)
+        if saved.get("inode") != now["inode"]:
+            return False
         # birth times only where both have one: NFSv3 reports none, NFSv4.2 does, for the same directory
-        return saved.get("inode") == now["inode"] and None in (saved.get("born"), now["born"]) or saved == now
+        return None in (saved.get("born"), now["born"]) or saved.get("born") == now["born"]
     if "seal" in marker:  # an earlier fittune's marker: its seal covers the identity
         return sealed(path)
     return True  # an earlier fittune's unsealed marker: nothing tells a copy from the original
 
 
-def fittunes_own(entry: Path) -> bool:
-    """Whether `entry`, a directory fittune marked inside a run (a checkpoint, an evaluation, a build), is
-    fittune's own to replace or remove: the very directory it marked; or, in a run copied or moved whole (the
-    run has a new identity, and so has every directory in it), one whose marker no other directory of the run
-    shares (a `cp -r` of one inside the run duplicates its marker). Outside a run: the directory it marked."""
+def fittunes_own(entry: Path, kind: DirKind | None) -> bool:
+    """Whether `entry` is a directory fittune made as `kind` (None: as anything) and may replace or remove as its own: the very
+    directory it marked; or, in a run copied or moved whole (the run has a new identity, and so has every
+    directory in it), one whose marker no other directory of the run shares (a `cp -r` of one inside the run
+    duplicates its marker). Never a user's copy made beside it, though the copy carries the marker."""
+    if not owned(entry, kind):
+        return False
     if made_here(entry):
         return True
     run = owning_run(entry.parent)
     nonce = (_marker(entry) or {}).get("nonce")
     if run is None or made_here(run) or nonce is None:
         return False
-    inside = [*run.iterdir(), *(run / "checkpoints").iterdir()] if (run / "checkpoints").is_dir() else run.iterdir()
+    saves = RunLayout(run).checkpoints
+    inside = [*run.iterdir(), *(saves.iterdir() if saves.is_dir() and not saves.is_symlink() else [])]
     return sum((_marker(d) or {}).get("nonce") == nonce for d in inside if d.is_dir()) == 1
 
 
@@ -616,26 +621,57 @@ def claim_build_dir(tmp: Path, kind: DirKind, refusal: str) -> Path:
     """An empty, marked `tmp` to build a directory in before it is published: fittune's leftover of a crashed
     attempt (the same kind) is removed, a claim cut short is adopted, anything else there is refused with
     `refusal`."""
-    if tmp.is_dir() and not tmp.is_symlink() and owned(tmp, kind) and fittunes_own(tmp):  # not a user's copy
+    if tmp.is_dir() and fittunes_own(tmp, kind):  # not a user's copy
         remove_tree(tmp)
     elif (tmp.exists() or tmp.is_symlink()) and not interrupted_claim(tmp):
         raise FittuneError(refusal)
     return claim_dir(tmp, kind)
 
 
-def builds_beside(out: Path, infix: str, kind: DirKind) -> list[Path]:
+def _builds_beside(out: Path, infix: str, kind: DirKind) -> list[Path]:
     """The build directories fittune made here for `out` (`.<name><infix><pid>-<hex>`, marked `kind`): live ones,
     or a killed command's leftovers."""
     if not out.parent.is_dir():
         return []
     found = out.parent.glob(f".{glob_escape(out.name)}{infix}*")
-    return [d for d in found if d.is_dir() and owned(d, kind) and fittunes_own(d)]
+    return [d for d in found if d.is_dir() and fittunes_own(d, kind)]
 
 
-def claim_locked_build(path: Path, kind: DirKind, program: str) -> DirLock:
+class Build(NamedTuple):
+    """A build directory reserved beside its output, and the lock its writer holds on it."""
+
+    path: Path
+    lock: DirLock
+
+
+def reserve_build(out: Path, infix: str, kind: DirKind, program: str, busy: Callable[[str], str]) -> Build:
+    """A new build directory for `out` beside it (`.<name><infix><pid>-<hex>`), locked then marked. A killed
+    command's build for `out` is removed; a live one's refuses this one with `busy(holder)`, also when both
+    started at the same instant (each looks again once its own is locked, so they never both write)."""
+    def others(mine: Path | None = None) -> None:
+        _clear_killed_builds(_builds_beside(out, infix, kind), kind, program, busy, mine)
+
+    others()  # refused here, before anything is created, in the common case
+    path = out.with_name(f".{out.name}{infix}{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        lock = _claim_locked_build(path, kind, program)
+    except BaseException:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)  # ours (the unique name above), marked or not yet
+        raise
+    try:
+        others(mine=path)
+    except BaseException:
+        remove_owned(path, kind)
+        lock.release()
+        raise
+    return Build(path, lock)
+
+
+def _claim_locked_build(path: Path, kind: DirKind, program: str) -> DirLock:
     """A new build directory at `path` (a name of its own), locked before it is marked: a marked build is
     always locked by the process writing it, or was by one that was killed (whose free lock lets the next
-    command remove it: `clear_killed_builds`), never free while it is being written."""
+    command remove it: `_clear_killed_builds`), never free while it is being written."""
     path.mkdir(parents=True)
     lock = DirLock(path).acquire(program)
     try:
@@ -646,7 +682,7 @@ def claim_locked_build(path: Path, kind: DirKind, program: str) -> DirLock:
     return lock
 
 
-def clear_killed_builds(builds: list[Path], kind: DirKind, program: str, busy: Callable[[str], str],
+def _clear_killed_builds(builds: list[Path], kind: DirKind, program: str, busy: Callable[[str], str],
                         mine: Path | None = None) -> None:
     """Remove the build directories in `builds` whose lock is free (a killed command's); one locked is another
     command's, writing now: refused with `busy(holder)`. One with no lock file yet is starting now: left alone
@@ -801,7 +837,7 @@ def _temporary(entry: Path, ours: frozenset[str] | set[str]) -> bool:
     found = _TEMPORARY.fullmatch(entry.name)
     if found is None or entry.is_symlink():
         return False
-    return fittunes_own(entry) or interrupted_claim(entry) if entry.is_dir() else found["name"] in ours
+    return fittunes_own(entry, None) or interrupted_claim(entry) if entry.is_dir() else found["name"] in ours
 
 
 def foreign_names(path: Path, ours: frozenset[str] | set[str],
@@ -822,14 +858,14 @@ def foreign_entries(run: Path) -> list[str]:
     fittune's), which --overwrite would delete with the run, or through which fittune would write."""
     def evaluation(entry: Path) -> bool:  # evaluate.py's RUN/eval-NAME (or its build, also one killed unmarked),
         # not a user's copy of one (cp -r eval-heldout eval-mine: the marker, not the directory, is fittune's)
-        return entry.name.startswith("eval") and (owned(entry, "eval") and fittunes_own(entry) or interrupted_claim(entry))
+        return entry.name.startswith("eval") and (fittunes_own(entry, "eval") or interrupted_claim(entry))
 
     foreign = foreign_names(run, RUN_NAMES | {MARKER, LOCK_INFO, REPLACED}, evaluation)
     saves = RunLayout(run).checkpoints
     if saves.is_dir() and not saves.is_symlink():  # e.g. a step-best/ copied aside there is the user's
         foreign += [f"checkpoints/{c.name}" for c in sorted(saves.iterdir()) if not (
             (STEP_NAME.fullmatch(c.name.removesuffix(".tmp")) or c.name.startswith(".step-"))  # publish_dir's too
-            and (owned(c, "checkpoint") and fittunes_own(c) or interrupted_claim(c)))]  # a copy is the user's
+            and (fittunes_own(c, "checkpoint") or interrupted_claim(c)))]  # a copy is the user's
     return foreign
 
 
@@ -857,7 +893,7 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 def own_checkpoints(output_dir: str | Path) -> list[Path]:
     """The complete checkpoints fittune saved in this run (`fittunes_own`), oldest first: what --resume auto
     continues from and what rotation keeps and removes; a user's copy under a step-N name is neither."""
-    return [c for c in complete_checkpoints(output_dir) if owned(c, "checkpoint") and fittunes_own(c)]
+    return [c for c in complete_checkpoints(output_dir) if fittunes_own(c, "checkpoint")]
 
 
 def partial_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -873,7 +909,7 @@ def partial_checkpoints(output_dir: str | Path) -> list[Path]:
 def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
     """Remove the partial checkpoints fittune wrote (its marker inside); returns them. Anything else that
     merely looks like one is left alone."""
-    removed = [d for d in partial_checkpoints(output_dir) if owned(d, "checkpoint") and fittunes_own(d)]
+    removed = [d for d in partial_checkpoints(output_dir) if fittunes_own(d, "checkpoint")]
     for d in removed:
         remove_owned(d, "checkpoint")
     return removed

@@ -473,10 +473,10 @@ def test_two_evaluations_started_at_one_instant_never_both_write(tmp_path, monke
     """Each evaluation looks for another's build again once its own is locked: of two that reserve one output
     at the same instant, the later to lock is refused and removes its build (they both wrote, the last
     results winning)."""
-    from fittune import evaldir
+    from fittune import evaldir, rundir
     from fittune.errors import FittuneError
 
-    out, real_claim, other = tmp_path / "ev", evaldir.claim_locked_build, {}
+    out, real_claim, other = tmp_path / "ev", rundir._claim_locked_build, {}
 
     def claim_then_other_starts(path, kind, program):
         mine = real_claim(path, kind, program)
@@ -485,21 +485,18 @@ def test_two_evaluations_started_at_one_instant_never_both_write(tmp_path, monke
         return mine
 
     # the other locks first: this one is refused at its second look and leaves nothing
-    monkeypatch.setattr(evaldir, "claim_locked_build", claim_then_other_starts)
+    monkeypatch.setattr(rundir, "_claim_locked_build", claim_then_other_starts)
     with pytest.raises(FittuneError, match=r"ev is being written by evaluate.py \(pid"):
         evaldir.reserve_eval_dir(out, "evaluate.py")
     assert [p.name for p in tmp_path.iterdir()] == [".ev.tmp-99-other"]
-    other["lock"].release()
-    shutil.rmtree(other["build"])
+    other["lock"].release()  # then killed: its build, lock free, is removed by the next evaluation
     monkeypatch.undo()
-    # this one locks first: it goes on, and the other's second look refuses it
     mine = evaldir.reserve_eval_dir(out, "evaluate.py")
-    lock = evaldir.claim_locked_build(out.with_name(".ev.tmp-99-other"), "eval", "evaluate.py")
-    with pytest.raises(FittuneError, match="ev is being written by evaluate.py"):
-        evaldir._clear_builds(out, "evaluate.py", mine=out.with_name(".ev.tmp-99-other"))
-    lock.release()
+    assert [p.name for p in tmp_path.iterdir()] == [mine.build.name]
+    with pytest.raises(FittuneError, match="ev is being written by evaluate.py"):  # a second one while it writes
+        evaldir.reserve_eval_dir(out, "evaluate.py")
     mine.release()
-    assert [p.name for p in tmp_path.iterdir()] == [".ev.tmp-99-other"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_evaluations_of_one_run_go_on_at_once_but_never_into_one_directory(tmp_path, tiny_model_dir, capsys):
