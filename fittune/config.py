@@ -375,8 +375,9 @@ class TrainConfig(_Section):
     size (an out-of-memory inside backward stops the run); refused under ZeRO-3 and FSDP2."""
     compile: bool = False
     """`torch.compile` each decoder layer (regional compilation: one graph, reused by every layer, fusing
-    the norm / activation / rotary element-wise work). Opt-in: the first steps are slower while it compiles,
-    and new sequence lengths may recompile. One process, DDP or the device map; not under DeepSpeed/FSDP2."""
+    the norm / activation / rotary element-wise work). Opt-in: the first steps are slower while it compiles
+    (a few graphs: training with and without padding, evaluation; compiled with dynamic shapes, so a new
+    sequence length reuses them). One process, DDP or the device map; not under DeepSpeed/FSDP2."""
     kernels: Literal["auto", "liger", "torch"] = "auto"
     """Fused GPU kernels for Qwen2: `liger` uses Liger Kernel (RMSNorm, SwiGLU, RoPE, and a fused output
     head + cross-entropy that computes its gradient in the forward pass instead of recomputing it); `auto`

@@ -241,8 +241,18 @@ def compile_layers(model) -> int:
     """`torch.compile` every decoder layer in place (regional compilation); returns how many."""
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile()
+        # dynamic: one graph for every sequence length. Without it each new length compiled a graph of its own
+        # (the layers' inputs change shape with the batch's padded length), and past torch's recompile limit
+        # (8) the layers ran uncompiled for the rest of the run
+        layer.compile(dynamic=True)
     return len(layers)
+
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has built in this process (all compiled layers share them)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 class ParameterCount(NamedTuple):

@@ -64,6 +64,7 @@ from fittune.metrics import majority_note, majority_of
 from fittune.model import (
     build_model,
     compile_layers,
+    compiled_graphs,
     count_parameters,
     load_tokenizer,
     prepare_builtin_model,
@@ -746,6 +747,8 @@ class FineTuneRecipe:
         self._remove_replaced(self.run_dir)  # first: final/ and eval/ are there, the plot may fail
         plot_loss_curve(self.layout.log, self.layout.loss_curve)
         self._log(f"padding: {c.padding:.1%} of micro-batch slots were padding")
+        if self.cfg.train.compile:  # a count growing with the run's lengths would mean compiling every step
+            self._log(f"torch.compile: {compiled_graphs()} graphs built (training, evaluation; any sequence length)")
         left_out = f" of {self.fit.heldout_total}: {len(self.fit.heldout_dropped)} do not fit data.max_length" \
             if self.fit.heldout_dropped else ""
         self._log(f"held-out metrics ({count_rows(len(self.test_set))}{left_out})\n"

@@ -3,6 +3,7 @@ process-count equivalence, bad input."""
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -221,8 +222,11 @@ def test_bf16_lora_keeps_adapters_fp32(tmp_path, tiny_config):
 def test_compiled_layers_train_like_eager(tiny_config, tmp_path):
     """train.compile (torch.compile of each decoder layer, here with LoRA and gradient checkpointing) gives
     the eager run's losses: compilation fuses kernels, it must not change the numbers beyond fp32 rounding.
-    (LoRA dropout 0: compiled code draws its dropout masks from another random stream.)"""
-    base = {"max_steps": 3, "gradient_checkpointing": True}
+    (LoRA dropout 0: compiled code draws its dropout masks from another random stream.) The layers compile
+    with dynamic shapes: 6 steps of batches padded to different lengths, and the held-out scoring, build 4
+    graphs (with and without padding, evaluation, the checkpointed recompute), where one graph per length
+    built 6 and grew with every new length."""
+    base = {"max_steps": 6, "gradient_checkpointing": True}
     eager = tiny_config("eager.yaml", output_dir=str(tmp_path / "eager"), train=base,
                         lora={"enabled": True, "dropout": 0.0})
     launch("train.py", ["--config", eager])
@@ -230,8 +234,10 @@ def test_compiled_layers_train_like_eager(tiny_config, tmp_path):
                        lora={"enabled": True, "dropout": 0.0})
     proc = launch("train.py", ["--config", comp])
     assert "torch.compile: 2 decoder layers" in proc.stdout
+    graphs = int(re.search(r"torch.compile: (\d+) graphs built", proc.stdout)[1])
+    assert graphs <= 4, proc.stdout
     a, b = [r["loss"] for r in read_log(tmp_path / "eager")], [r["loss"] for r in read_log(tmp_path / "comp")]
-    assert len(a) == 3 and a == pytest.approx(b, rel=1e-5, abs=1e-5)
+    assert len(a) == 6 and a == pytest.approx(b, rel=1e-5, abs=1e-5)
 
 
 @pytest.mark.parametrize("micro, accum, steps", [(4, 3, 5), (2, 2, 6)], ids=["whole-file", "two-epochs"])
