@@ -596,6 +596,17 @@ def _portable_restore(target: CheckpointTarget, path: Path, state: dict) -> None
         }
 
 
+def _removed_while_loading(path: Path) -> FittuneError | None:
+    """The error for a checkpoint that lost its state file while it loaded: a removal (which takes that file
+    first) by the run that holds it, rotating its checkpoints; met by a branch (`--resume OTHER_RUN/...`) from a
+    run still training, which takes no lock on that run so that branching from it stays possible."""
+    if (path / STATE_FILE).is_file():
+        return None
+    return FittuneError(f"checkpoint {path} was removed while it was loading: the run that holds it rotates its "
+                        f"checkpoints (train.keep_checkpoints) and may still be training; copy the checkpoint "
+                        f"elsewhere first (cp -r) and resume from the copy, or resume from a newer checkpoint")
+
+
 def load_checkpoint(target: CheckpointTarget, path: Path, state: dict, trusted: bool) -> str:
     """Restore a checkpoint into the prepared model/optimizer/scheduler. Returns how ("exact" or "portable").
 
@@ -606,12 +617,16 @@ def load_checkpoint(target: CheckpointTarget, path: Path, state: dict, trusted: 
     full fine-tuning refuses, naming what to change.
     """
     strategy = target.strategy
-    if state["world_size"] == strategy.world_size and state["strategy"] == strategy.name:
-        _exact_restore(target, path, trusted)
-        how = "exact"
-    elif target.lora and (path / "adapter_optimizer.safetensors").is_file():
-        _portable_restore(target, path, state)
-        how = "portable"
+    exact = state["world_size"] == strategy.world_size and state["strategy"] == strategy.name
+    if exact or (target.lora and (path / "adapter_optimizer.safetensors").is_file()):
+        try:
+            if exact:
+                _exact_restore(target, path, trusted)
+            else:
+                _portable_restore(target, path, state)
+        except FittuneError as e:  # a file gone or cut: say why, where the whole checkpoint is going
+            raise _removed_while_loading(path) or e from None
+        how = "exact" if exact else "portable"
     else:
         raise FittuneError(f"{path} was written with {state['world_size']} process(es) under {state['strategy']}, "
                            f"this run has {strategy.world_size} under {strategy.name}: full fine-tuning resumes "

@@ -432,6 +432,22 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
     assert torch.equal(torch.rand(3), after_save)  # the RNG continues where the save left it
 
 
+def test_a_checkpoint_removed_while_it_loads_is_named_as_such(tmp_path):
+    """A branch (`--resume OTHER_RUN/checkpoints/step-N`) from a run still training can meet that run's rotation
+    removing the checkpoint mid-load (state file first, then the rest). Was: "incomplete: random_states_0.pkl is
+    missing; resume from an older checkpoint", which misled; now it says what happened and what to do."""
+    from fittune.checkpoints import load_checkpoint, read_state
+    from fittune.errors import FittuneError
+
+    t, out = small_target(), run_dir(tmp_path)
+    path = save(t, out, 1)
+    state = read_state(path)  # read before the removal starts, as a resume reads it
+    for name in ("trainer_state.json", "random_states_0.pkl"):  # remove_tree's first two steps
+        (path / name).unlink()
+    with pytest.raises(FittuneError, match=r"was removed while it was loading.*copy the checkpoint elsewhere"):
+        load_checkpoint(t, path, state, trusted=False)
+
+
 def test_checkpoint_size_known_before_the_save(tmp_path):
     """The free-space check needs this rank's bytes: parameters + AdamW's two moments (+ a 4-byte step
     counter per parameter tensor), all float32 here."""
