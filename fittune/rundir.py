@@ -646,10 +646,12 @@ class Build(NamedTuple):
 
 def reserve_build(out: Path, infix: str, kind: DirKind, program: str, busy: Callable[[str], str]) -> Build:
     """A new build directory for `out` beside it (`.<name><infix><pid>-<hex>`), locked then marked. A killed
-    command's build for `out` is removed; a live one's refuses this one with `busy(holder)`, also when both
-    started at the same instant (each looks again once its own is locked, so they never both write)."""
+    command's build for `out` is removed (also one killed before it was marked); a live one's refuses this one
+    with `busy(holder)`, also when both started at the same instant (each looks again once its own is locked,
+    so they never both write)."""
     def others(mine: Path | None = None) -> None:
         _clear_killed_builds(_builds_beside(out, infix, kind), kind, program, busy, mine)
+        _clear_cut_claims(out, infix, program)
 
     others()  # refused here, before anything is created, in the common case
     path = out.with_name(f".{out.name}{infix}{os.getpid()}-{os.urandom(4).hex()}")
@@ -666,6 +668,43 @@ def reserve_build(out: Path, infix: str, kind: DirKind, program: str, busy: Call
         lock.release()
         raise
     return Build(path, lock)
+
+
+# a build is locked and marked within a moment of its mkdir: an unmarked one this old was killed in between
+CUT_CLAIM_AGE_S = 60
+
+
+def _cut_claims(out: Path, infix: str) -> list[Path]:
+    """Build directories for `out` whose claim was cut short (a command killed between their mkdir and their
+    marker): fittune's exact build name, unmarked, holding at most the lock file and the marker's temporary
+    file, last changed over CUT_CLAIM_AGE_S ago. Anything else of a similar name is not fittune's to remove."""
+    if not out.parent.is_dir():
+        return []
+    name = re.compile(re.escape(f".{out.name}{infix}") + r"\d+-[0-9a-f]{8}")
+    cut = []
+    for d in out.parent.glob(f".{glob_escape(out.name)}{infix}*"):
+        if not name.fullmatch(d.name) or d.is_symlink() or not d.is_dir() or owned(d):
+            continue
+        if all(c.is_file() and not c.is_symlink() and (c.name == LOCK_INFO or c.name.startswith(f".{MARKER}.tmp-"))
+               for c in d.iterdir()) and d.stat().st_mtime < time.time() - CUT_CLAIM_AGE_S:
+            cut.append(d)
+    return cut
+
+
+def _clear_cut_claims(out: Path, infix: str, program: str) -> None:
+    """Remove the cut-short build claims for `out` (`_cut_claims`) whose lock is free; they hold nothing."""
+    for d in _cut_claims(out, infix):
+        try:
+            lock = DirLock(d).acquire(program, record=False, create=False)
+        except DirInUse:
+            continue  # held: not a killed command's, whatever its age
+        try:
+            for child in d.iterdir():
+                child.unlink()
+            d.rmdir()
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def _claim_locked_build(path: Path, kind: DirKind, program: str) -> DirLock:

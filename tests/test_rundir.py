@@ -616,3 +616,42 @@ def test_an_overwrite_that_fails_puts_the_old_run_back(tmp_path, monkeypatch):
     assert (out / "config.yaml").read_text() == "old\n" and not list(tmp_path.glob("run.replaced-*"))
     run = _claim(out, overwrite=True)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755 and run.aside is not None
+
+
+def test_a_build_claim_cut_before_its_marker_is_cleared_by_the_next_build(tmp_path):
+    """A command killed between its build directory's mkdir and its marker left `.<out>.tmp-PID-HEX/` holding
+    only a lock file, unmarked, so no later command removed it (was: litter, kept for good). The next build
+    for the same output removes it once it is older than any live claim can be; a fresh one, a held one, and
+    a directory of a similar name with anything else in it stay."""
+    import os
+    import time
+
+    from fittune.rundir import CUT_CLAIM_AGE_S, LOCK_INFO, MARKER, DirLock, remove_owned, reserve_build
+
+    out = tmp_path / "eval-x"
+    old = time.time() - CUT_CLAIM_AGE_S - 5
+
+    def leftover(name: str, files=(LOCK_INFO,), age=old) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        for f in files:
+            (d / f).write_text("")
+        os.utime(d, (age, age))
+        return d
+
+    cut = leftover(".eval-x.tmp-4242-0123abcd", files=(LOCK_INFO, f".{MARKER}.tmp-77"))
+    empty = leftover(".eval-x.tmp-4243-0123abce", files=())
+    fresh = leftover(".eval-x.tmp-4244-0123abcf", age=time.time())
+    held = leftover(".eval-x.tmp-4245-0123abd0")
+    holder = DirLock(held).acquire("evaluate.py", record=False)
+    os.utime(held, (old, old))
+    users = [leftover(".eval-x.tmp-4246-0123abd1", files=(LOCK_INFO, "notes.txt")),
+             leftover(".eval-x.tmp-mine", files=(LOCK_INFO,))]
+    build = reserve_build(out, ".tmp-", "eval", "evaluate.py", busy=lambda h: f"busy: {h}")
+    try:
+        assert not cut.exists() and not empty.exists()
+        assert fresh.is_dir() and held.is_dir() and all(u.is_dir() for u in users)
+    finally:
+        remove_owned(build.path, "eval")
+        build.lock.release()
+        holder.release()
