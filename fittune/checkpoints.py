@@ -619,13 +619,16 @@ def load_checkpoint(target: CheckpointTarget, path: Path, state: dict, trusted: 
     strategy = target.strategy
     exact = state["world_size"] == strategy.world_size and state["strategy"] == strategy.name
     if exact or (target.lora and (path / "adapter_optimizer.safetensors").is_file()):
+        failure = None
         try:
             if exact:
                 _exact_restore(target, path, trusted)
             else:
                 _portable_restore(target, path, state)
         except FittuneError as e:  # a file gone or cut: say why, where the whole checkpoint is going
-            raise _removed_while_loading(path) or e from None
+            failure = _removed_while_loading(path) or e
+        # every rank, also where one read its files before they went: all stop, and the main one says why
+        raise_if_any_failed(target.accelerator, failure)
         how = "exact" if exact else "portable"
     else:
         raise FittuneError(f"{path} was written with {state['world_size']} process(es) under {state['strategy']}, "

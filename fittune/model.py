@@ -249,7 +249,8 @@ def compile_layers(model) -> int:
 
 
 def compiled_graphs() -> int:
-    """How many graphs torch.compile has built in this process (all compiled layers share them)."""
+    """How many graphs torch.compile has built in this process: the compiled layers' (which they share) and
+    any other compiled code's, e.g. torchao's low-bit optimizer step (one graph per parameter shape)."""
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])

@@ -748,7 +748,9 @@ class FineTuneRecipe:
         plot_loss_curve(self.layout.log, self.layout.loss_curve)
         self._log(f"padding: {c.padding:.1%} of micro-batch slots were padding")
         if self.cfg.train.compile:  # a count growing with the run's lengths would mean compiling every step
-            self._log(f"torch.compile: {compiled_graphs()} graphs built (training, evaluation; any sequence length)")
+            self._log(f"torch.compile: {compiled_graphs()} graphs built in this process (the decoder layers' for "
+                      f"training and evaluation, any sequence length; plus a torchao optimizer's, one per "
+                      f"parameter shape)")
         left_out = f" of {self.fit.heldout_total}: {len(self.fit.heldout_dropped)} do not fit data.max_length" \
             if self.fit.heldout_dropped else ""
         self._log(f"held-out metrics ({count_rows(len(self.test_set))}{left_out})\n"

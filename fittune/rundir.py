@@ -675,36 +675,48 @@ CUT_CLAIM_AGE_S = 60
 
 
 def _cut_claims(out: Path, infix: str) -> list[Path]:
-    """Build directories for `out` whose claim was cut short (a command killed between their mkdir and their
-    marker): fittune's exact build name, unmarked, holding at most the lock file and the marker's temporary
-    file, last changed over CUT_CLAIM_AGE_S ago. Anything else of a similar name is not fittune's to remove."""
+    """Build directories for `out` whose claim was cut short (a command killed between their lock and their
+    marker): fittune's exact build name, this account's, unmarked, holding the lock file and at most the
+    marker's temporary file besides, last changed over CUT_CLAIM_AGE_S ago. Anything else of a similar name is
+    not fittune's to remove."""
     if not out.parent.is_dir():
         return []
-    name = re.compile(re.escape(f".{out.name}{infix}") + r"\d+-[0-9a-f]{8}")
+    name = re.compile(re.escape(f".{out.name}{infix}") + r"[0-9]+-[0-9a-f]{8}")
     cut = []
     for d in out.parent.glob(f".{glob_escape(out.name)}{infix}*"):
-        if not name.fullmatch(d.name) or d.is_symlink() or not d.is_dir() or owned(d):
+        try:  # a directory may go meanwhile (another command clearing it too): not ours to look at then
+            if not name.fullmatch(d.name) or d.is_symlink() or not d.is_dir() or owned(d):
+                continue
+            info = d.stat()
+            children = [c for c in d.iterdir() if c.is_file() and not c.is_symlink()]
+            if (info.st_uid == os.geteuid() and info.st_mtime < time.time() - CUT_CLAIM_AGE_S
+                    and (d / LOCK_INFO) in children and len(children) == len(list(d.iterdir()))
+                    and all(c.name == LOCK_INFO or c.name.startswith(f".{MARKER}.tmp-") for c in children)):
+                cut.append(d)
+        except OSError:
             continue
-        if all(c.is_file() and not c.is_symlink() and (c.name == LOCK_INFO or c.name.startswith(f".{MARKER}.tmp-"))
-               for c in d.iterdir()) and d.stat().st_mtime < time.time() - CUT_CLAIM_AGE_S:
-            cut.append(d)
     return cut
 
 
 def _clear_cut_claims(out: Path, infix: str, program: str) -> None:
-    """Remove the cut-short build claims for `out` (`_cut_claims`) whose lock is free; they hold nothing."""
+    """Remove the cut-short build claims for `out` (`_cut_claims`) whose lock is free; they hold nothing. Best
+    effort: one held, gone meanwhile or not removable is left as it is (it never stops this command)."""
     for d in _cut_claims(out, infix):
         try:
             lock = DirLock(d).acquire(program, record=False, create=False)
-        except DirInUse:
-            continue  # held: not a killed command's, whatever its age
+        except (DirInUse, FittuneError):
+            continue  # held (not a killed command's, whatever its age), or not ours to open
+        if lock is None:
+            continue  # its lock file went meanwhile: another command is clearing it
         try:
             for child in d.iterdir():
-                child.unlink()
+                if child.name == LOCK_INFO or child.name.startswith(f".{MARKER}.tmp-"):
+                    child.unlink(missing_ok=True)
             d.rmdir()
+        except OSError:
+            pass  # something new in it, or gone: left as it is
         finally:
-            if lock is not None:
-                lock.release()
+            lock.release()
 
 
 def _claim_locked_build(path: Path, kind: DirKind, program: str) -> DirLock:

@@ -618,11 +618,12 @@ def test_an_overwrite_that_fails_puts_the_old_run_back(tmp_path, monkeypatch):
     assert stat.S_IMODE(out.stat().st_mode) == 0o755 and run.aside is not None
 
 
-def test_a_build_claim_cut_before_its_marker_is_cleared_by_the_next_build(tmp_path):
+def test_a_build_claim_cut_before_its_marker_is_cleared_by_the_next_build(tmp_path, monkeypatch):
     """A command killed between its build directory's mkdir and its marker left `.<out>.tmp-PID-HEX/` holding
     only a lock file, unmarked, so no later command removed it (was: litter, kept for good). The next build
-    for the same output removes it once it is older than any live claim can be; a fresh one, a held one, and
-    a directory of a similar name with anything else in it stay."""
+    for the same output removes it once it is older than any live claim can be; a fresh one, a held one, one
+    without a lock file (nothing says a command is done with it), one it cannot open, and a directory of a
+    similar name with anything else in it stay, and none of them stops the build."""
     import os
     import time
 
@@ -647,10 +648,16 @@ def test_a_build_claim_cut_before_its_marker_is_cleared_by_the_next_build(tmp_pa
     os.utime(held, (old, old))
     users = [leftover(".eval-x.tmp-4246-0123abd1", files=(LOCK_INFO, "notes.txt")),
              leftover(".eval-x.tmp-mine", files=(LOCK_INFO,))]
+    closed = leftover(".eval-x.tmp-4247-0123abd2")
+    (closed / LOCK_INFO).chmod(0o000)
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda f, *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied"))
+                        if str(f) == str(closed / LOCK_INFO) else real_open(f, *a, **k))  # root opens anything
     build = reserve_build(out, ".tmp-", "eval", "evaluate.py", busy=lambda h: f"busy: {h}")
+    monkeypatch.undo()
     try:
-        assert not cut.exists() and not empty.exists()
-        assert fresh.is_dir() and held.is_dir() and all(u.is_dir() for u in users)
+        assert not cut.exists()
+        assert all(d.is_dir() for d in (empty, fresh, held, closed, *users))
     finally:
         remove_owned(build.path, "eval")
         build.lock.release()
