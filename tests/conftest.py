@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,11 +30,10 @@ TINY_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_
 # seconds each slow file took in `make test` on 2 CPU cores (its tests' times in pytest's --junitxml, a shared
 # run counted where it is first built): pytest-xdist hands the files out longest first, so the two workers finish
 # together; a file not listed comes after these
-FILE_SECONDS = {"test_checkpoints.py": 473, "test_train.py": 298, "test_evaluate.py": 235, "test_real_model.py": 231,
-                "test_deepspeed.py": 193, "test_oom.py": 140, "test_run_safety.py": 104, "test_export.py": 100,
-                "test_signals.py": 58, "test_multinode.py": 57, "test_optim.py": 56, "test_plan.py": 39,
-                "test_evaluate_safety.py": 27, "test_placement.py": 26, "test_qwen_tokenizer.py": 21,
-                "test_fsdp.py": 17, "test_layout.py": 15}
+FILE_SECONDS = {"test_checkpoints.py": 323, "test_train.py": 270, "test_real_model.py": 264, "test_evaluate.py": 179,
+                "test_deepspeed.py": 164, "test_oom.py": 112, "test_run_safety.py": 96, "test_export.py": 91,
+                "test_signals.py": 64, "test_multinode.py": 64, "test_optim.py": 52, "test_plan.py": 41,
+                "test_qwen_tokenizer.py": 23, "test_evaluate_safety.py": 18, "test_layout.py": 17, "test_fsdp.py": 15}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -86,7 +86,8 @@ def launch(script: str, args: list[str], nproc: int = 1, config_file: str | None
 def _run(cmd: list[str], threads: int, check: bool, timeout: int, extra_env: dict | None) -> subprocess.CompletedProcess:
     env = child_env(threads)
     env.update(extra_env or {})
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = WARM.run(cmd, env, timeout) or subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                                                         timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode})\nSTDOUT:\n{proc.stdout[-4000:]}\n"
                              f"STDERR:\n{proc.stderr[-6000:]}")
@@ -95,8 +96,106 @@ def _run(cmd: list[str], threads: int, check: bool, timeout: int, extra_env: dic
 
 def run_python(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """`python script args` (no launcher), for the quick bad-input checks."""
-    return subprocess.run([sys.executable, str(ROOT / script)] + [str(a) for a in args], cwd=ROOT,
-                          env=child_env(2), capture_output=True, text=True, timeout=timeout)
+    return _run([sys.executable, str(ROOT / script)] + [str(a) for a in args], 2, False, timeout, None)
+
+
+class WarmStart:
+    """One-process commands (`python script args`) forked from tests/warm_start.py, a process of this pytest
+    worker that has imported torch, transformers, PEFT, accelerate, scikit-learn and matplotlib once: each
+    run is still a new process running the script as `__main__` (see there), without ~4 s of imports (a tiny
+    run's own work is well under a second). The 60-odd such runs took about a fifth of the suite's CPU time.
+
+    A command runs as a plain subprocess instead (`run` returns None) when its environment differs from the
+    warm process's in more than fittune's own variables (FITTUNE_*; pytest's) -- libraries read theirs at
+    import --, while another command of this worker is in flight (a test's own threads), or when the warm
+    process could not start. FITTUNE_TESTS_COLD=1 runs every command as a plain subprocess."""
+
+    SAME_ENV_EXCEPT = ("FITTUNE_", "PYTEST_")
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.env: dict = {}
+        self.lock = threading.Lock()
+        self.failed = os.environ.get("FITTUNE_TESTS_COLD") == "1"
+        self.pending = b""
+
+    def run(self, cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess | None:
+        if len(cmd) < 2 or cmd[0] != sys.executable or not cmd[1].endswith(".py") or not self.lock.acquire(False):
+            return None
+        try:
+            if not self._started() or self._differs(env):
+                return None
+            return self._fork(cmd, env, timeout)
+        finally:
+            self.lock.release()
+
+    def _differs(self, env: dict) -> bool:
+        keys = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)}
+        return any(not k.startswith(self.SAME_ENV_EXCEPT) for k in keys)
+
+    def _started(self) -> bool:
+        if self.proc is None and not self.failed:
+            self.env = {k: v for k, v in child_env(2).items() if not k.startswith(self.SAME_ENV_EXCEPT)}
+            self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests/warm_start.py")], cwd=ROOT,
+                                         env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, bufsize=0)
+            try:
+                self.failed = self._lines(1, 300) != ["ready"]
+            except (OSError, subprocess.TimeoutExpired):
+                self.failed = True
+            if self.failed:
+                self.stop()
+        return not self.failed
+
+    def _fork(self, cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="warm-run-") as out:
+            request = {"argv": cmd[1:], "env": env, "cwd": str(ROOT), "stdout": f"{out}/stdout",
+                       "stderr": f"{out}/stderr"}
+            for name in ("stdout", "stderr"):
+                Path(request[name]).touch()
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            pid = int(self._lines(1, 60)[0])
+            try:
+                code = int(self._lines(1, timeout)[0])
+            except subprocess.TimeoutExpired:
+                os.kill(pid, 9)  # as subprocess.run does on a timeout
+                self._lines(1, 60)
+                raise subprocess.TimeoutExpired(cmd, timeout) from None
+            text = {name: Path(request[name]).read_text(errors="replace") for name in ("stdout", "stderr")}
+        return subprocess.CompletedProcess(cmd, code, text["stdout"], text["stderr"])
+
+    def _lines(self, n: int, timeout: float) -> list[str]:
+        """The next `n` lines the warm process answers, waiting at most `timeout` seconds."""
+        import select
+        import time
+
+        deadline, fd = time.monotonic() + timeout, self.proc.stdout.fileno()
+        while self.pending.count(b"\n") < n:
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise subprocess.TimeoutExpired("tests/warm_start.py", timeout)
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise OSError("tests/warm_start.py exited")
+            self.pending += chunk
+        *lines, self.pending = self.pending.split(b"\n", n)
+        return [x.decode() for x in lines]
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stdin.close()  # at EOF it exits
+            self.proc.wait(timeout=60)
+            self.proc = None
+
+
+WARM = WarmStart()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_warm_start():
+    yield
+    WARM.stop()
 
 
 def read_log(run_dir: Path) -> list[dict]:
