@@ -108,7 +108,9 @@ class WarmStart:
     A command runs as a plain subprocess instead (`run` returns None) when its environment differs from the
     warm process's in more than fittune's own variables (FITTUNE_*; pytest's) -- libraries read theirs at
     import --, while another command of this worker is in flight (a test's own threads), or when the warm
-    process could not start. FITTUNE_TESTS_COLD=1 runs every command as a plain subprocess."""
+    process could not start. Where this worker's own environment has changed since the warm process started
+    (an in-process test ran code that sets a variable, e.g. HF_HUB_DISABLE_PROGRESS_BARS), a new one is
+    started under it. FITTUNE_TESTS_COLD=1 runs every command as a plain subprocess."""
 
     SAME_ENV_EXCEPT = ("FITTUNE_", "PYTEST_")
 
@@ -134,8 +136,11 @@ class WarmStart:
         return any(not k.startswith(self.SAME_ENV_EXCEPT) for k in keys)
 
     def _started(self) -> bool:
+        now = {k: v for k, v in child_env(2).items() if not k.startswith(self.SAME_ENV_EXCEPT)}
+        if self.proc is not None and now != self.env:  # its libraries were imported under another environment
+            self.stop()
         if self.proc is None and not self.failed:
-            self.env = {k: v for k, v in child_env(2).items() if not k.startswith(self.SAME_ENV_EXCEPT)}
+            self.env = now
             self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests/warm_start.py")], cwd=ROOT,
                                          env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.DEVNULL, bufsize=0)

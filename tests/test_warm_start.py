@@ -1,6 +1,7 @@
 """The tests' warm start (tests/warm_start.py through conftest's WARM) behaves as `python script args` would:
 the same output, exit code, arguments, environment, stdin and exit steps, compared with a cold subprocess."""
 
+import os
 import subprocess
 import sys
 
@@ -34,10 +35,21 @@ def script(tmp_path_factory):
     return path
 
 
+COLD = os.environ.get("FITTUNE_TESTS_COLD") == "1"
+
+
+def _warm(cmd: list[str], env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    if COLD:
+        pytest.skip("FITTUNE_TESTS_COLD=1: every command starts cold")
+    warm = WARM.run(cmd, env, timeout)
+    assert warm is not None, "the warm start did not run this command (tests/warm_start.py did not start?)"
+    return warm
+
+
 def _both(cmd: list[str]) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
     env = child_env(2)
     env["FITTUNE_WARM_PROBE"] = "set"
-    warm = WARM.run(cmd, env, timeout=60)
+    warm = _warm(cmd, env)
     cold = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     return warm, cold
 
@@ -46,8 +58,6 @@ def _both(cmd: list[str]) -> tuple[subprocess.CompletedProcess, subprocess.Compl
 def test_a_warm_run_is_what_a_cold_one_would_be(script, mode):
     cmd = [sys.executable, str(script), mode, "two words"]
     warm, cold = _both(cmd)
-    if warm is None:
-        pytest.skip("the warm start is off (FITTUNE_TESTS_COLD=1) or could not start")
     assert warm.returncode == cold.returncode == {"ok": 0, "code": 3, "message": 1, "raise": 1}[mode]
     assert warm.stdout == cold.stdout
     assert "fittune imported False" in warm.stdout and "atexit ran" in warm.stdout
@@ -59,11 +69,21 @@ def test_a_warm_run_is_what_a_cold_one_would_be(script, mode):
 
 def test_a_warm_run_past_its_timeout_is_killed_and_the_next_one_runs(script):
     env = child_env(2)
-    if WARM.run([sys.executable, str(script), "ok"], env, timeout=60) is None:
-        pytest.skip("the warm start is off (FITTUNE_TESTS_COLD=1) or could not start")
+    _warm([sys.executable, str(script), "ok"], env)
     with pytest.raises(subprocess.TimeoutExpired):
-        WARM.run([sys.executable, str(script), "sleep"], env, timeout=2)
-    assert WARM.run([sys.executable, str(script), "code"], env, timeout=60).returncode == 3
+        _warm([sys.executable, str(script), "sleep"], env, timeout=2)
+    assert _warm([sys.executable, str(script), "code"], env).returncode == 3
+
+
+def test_a_change_to_this_workers_environment_starts_a_new_warm_process(script, monkeypatch):
+    """An in-process test may run code that sets a variable for good (fittune's progress bars set
+    HF_HUB_DISABLE_PROGRESS_BARS, DeepSpeed's import DS_ACCELERATOR): later commands still start warm, from a
+    process started under it (was: every later command of that pytest worker started cold)."""
+    _warm([sys.executable, str(script), "ok"], child_env(2))
+    before = WARM.proc.pid
+    monkeypatch.setenv("WARM_START_PROBE", os.urandom(4).hex())  # as a library's setting would, e.g. DS_ACCELERATOR
+    out = _warm([sys.executable, str(script), "ok"], child_env(2))
+    assert out.returncode == 0 and WARM.proc.pid != before
 
 
 def test_a_command_with_other_library_settings_starts_cold(script):
