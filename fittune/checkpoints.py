@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fittune.distributed import agree_on_failure, raise_if_any_failed
 from fittune.errors import FittuneError, first_line
@@ -19,6 +20,7 @@ from fittune.rundir import (
     RUN_FILES,
     STATE_FILE,
     STEP_NAME,
+    MarkerBusy,
     RunLayout,
     atomic_write_text,
     check_free_space,
@@ -27,10 +29,12 @@ from fittune.rundir import (
     complete_checkpoints,
     fittunes_own,
     hold_for_reading,
+    lock_marker,
     own_checkpoints,
     owned,
     owning_run,
     publish_dir,
+    remove_checkpoint,
     remove_owned,
     run_finished,
     seal_problem,
@@ -490,33 +494,41 @@ def _write_tmp(target: CheckpointTarget, tmp: Path, state: dict, config_yaml: st
                                                     "format_version": FORMAT_VERSION}, indent=1))
 
 
-def _publish(target: CheckpointTarget, output_dir: Path, tmp: Path, final: Path, keep: int) -> None:
+def _publish(target: CheckpointTarget, output_dir: Path, tmp: Path, final: Path, keep: int, kept: list[Path]) -> None:
     """The main process durably puts step-N in place (fsync every file, rename, fsync checkpoints/), then
-    drops the oldest."""
+    drops the oldest, except those a resume is loading now (added to `kept`)."""
     if not target.accelerator.is_main_process:
         return
     publish_dir(tmp, final)
     # only fittune's own count and go: a user's copy under a step-N name (the marker, not the directory, is
     # fittune's) is neither kept in place of one nor removed
-    for old in own_checkpoints(output_dir)[:-keep]:
-        remove_owned(old, "checkpoint")
+    kept += [old for old in own_checkpoints(output_dir)[:-keep] if not remove_checkpoint(old)]
+
+
+class SavedCheckpoint(NamedTuple):
+    """What `save_checkpoint` did: the new checkpoint, and the old ones rotation would have removed but kept
+    because a resume was loading them (a branch from this run: `hold_checkpoint`; a later save removes them)."""
+
+    path: Path
+    kept: list[Path]
 
 
 def save_checkpoint(target: CheckpointTarget, output_dir: str | Path, step: int, state: dict, config_yaml: str,
-                    keep: int) -> Path:
+                    keep: int) -> SavedCheckpoint:
     """Write checkpoints/step-N whole or not at all: accelerate's full state (weights, optimizer, scaler,
     every rank's RNG) plus trainer_state.json; LoRA runs add an unsharded adapter + optimizer moments
     (portable across process counts and strategies). Built in step-N.tmp, fsynced and renamed once every
-    rank has finished; then only the newest `keep` stay. A failed write (full disk, permissions) on any
-    rank is one FittuneError on every rank, and the previous checkpoint is left intact."""
+    rank has finished; then only the newest `keep` stay (and any older one another run is loading now). A
+    failed write (full disk, permissions) on any rank is one FittuneError on every rank, and the previous
+    checkpoint is left intact."""
     acc, output_dir = target.accelerator, Path(output_dir)
     final = checkpoint_root(output_dir) / f"step-{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     previous = complete_checkpoints(output_dir)
     intact = f"the previous checkpoint is intact: {previous[-1] if previous else 'none was written yet'}"
-    what = f"checkpoint {tmp}"
+    what, kept = f"checkpoint {tmp}", []
     phases = (lambda: _prepare_tmp(target, output_dir, tmp, intact), lambda: _write_tmp(target, tmp, state, config_yaml),
-              lambda: _publish(target, output_dir, tmp, final, keep))
+              lambda: _publish(target, output_dir, tmp, final, keep, kept))
     for phase in phases:  # the ranks agree after each phase, so a failure on one stops all before the next
         failure = None
         try:
@@ -529,7 +541,7 @@ def save_checkpoint(target: CheckpointTarget, output_dir: str | Path, step: int,
             if acc.is_main_process and tmp.is_dir() and owned(tmp, "checkpoint"):
                 remove_owned(tmp, "checkpoint")  # the half-written step-N.tmp (ours); never the previous one
             raise agreed
-    return final
+    return SavedCheckpoint(final, kept)
 
 
 # ---- load --------------------------------------------------------------------------------------------------
@@ -596,15 +608,45 @@ def _portable_restore(target: CheckpointTarget, path: Path, state: dict) -> None
         }
 
 
+class CheckpointHold:
+    """A resume's hold on the checkpoint it loads (`hold_checkpoint`); `release` (idempotent) lets the run that
+    wrote it remove it again."""
+
+    def __init__(self, fd: int | None):
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def hold_checkpoint(path: Path) -> CheckpointHold:
+    """Hold the checkpoint `path` while it loads (each rank, from before its first read to after its last): the
+    run that wrote it skips it when it rotates (`rundir.remove_checkpoint`), so a branch (`--resume
+    OTHER_RUN/checkpoints/step-N`) from a run still training is not cut off mid-load; any number of resumes
+    hold one at once, and the run's own lock is not taken, so branching from a run in training stays possible.
+    Raises `_removed` where that run is removing the checkpoint now, or has removed it."""
+    try:
+        hold = CheckpointHold(lock_marker(path, exclusive=False))
+    except MarkerBusy:
+        raise _removed(path) from None
+    if not (path / STATE_FILE).is_file():  # its removal (which takes the state file first) came before the hold
+        hold.release()
+        raise _removed(path)
+    return hold
+
+
+def _removed(path: Path) -> FittuneError:
+    return FittuneError(f"checkpoint {path} was removed by the run that holds it: it rotates its checkpoints "
+                        f"(train.keep_checkpoints) and may still be training; resume from a newer checkpoint, or "
+                        f"copy one elsewhere first (cp -r) and resume from the copy")
+
+
 def _removed_while_loading(path: Path) -> FittuneError | None:
     """The error for a checkpoint that lost its state file while it loaded: a removal (which takes that file
-    first) by the run that holds it, rotating its checkpoints; met by a branch (`--resume OTHER_RUN/...`) from a
-    run still training, which takes no lock on that run so that branching from it stays possible."""
-    if (path / STATE_FILE).is_file():
-        return None
-    return FittuneError(f"checkpoint {path} was removed while it was loading: the run that holds it rotates its "
-                        f"checkpoints (train.keep_checkpoints) and may still be training; copy the checkpoint "
-                        f"elsewhere first (cp -r) and resume from the copy, or resume from a newer checkpoint")
+    first) that no hold stopped (`hold_checkpoint`: a filesystem without locks)."""
+    return None if (path / STATE_FILE).is_file() else _removed(path)
 
 
 def load_checkpoint(target: CheckpointTarget, path: Path, state: dict, trusted: bool) -> str:

@@ -30,9 +30,11 @@ from fittune.batches import (
     tokenize_examples,
 )
 from fittune.checkpoints import (
+    CheckpointHold,
     CheckpointTarget,
     check_compatible,
     find_resume_checkpoint,
+    hold_checkpoint,
     load_checkpoint,
     read_state,
     save_checkpoint,
@@ -202,6 +204,7 @@ class FineTuneRecipe:
     dir_check: OutputDirCheck
     finished: bool  # --resume auto of a run that has finished: nothing to train
     resume_from: Path | None
+    resume_hold: CheckpointHold | None  # held from _check_output_dir until the run is set up from it
     # _setup_data: the rows, tokenised, and the step count they give
     class_task: bool
     model_path: str
@@ -240,7 +243,7 @@ class FineTuneRecipe:
         self.cfg, self.program, self.out = cfg, program, Path(cfg.output_dir)
         self.layout = RunLayout(self.out)
         self.counters, self.bad_in_a_row, self.run_dir, self.resumed_at = RunCounters(), 0, None, None
-        self.lock, self.progress, self.done = None, None, None
+        self.lock, self.progress, self.done, self.resume_hold = None, None, None, None
         self._plan, self._plan_epoch = [], -1  # the epoch's global batches, made when an epoch starts
 
     @property
@@ -271,6 +274,8 @@ class FineTuneRecipe:
         if self.done is not None:  # --resume auto of a run that has finished with this recipe: nothing to write
             return
         self._commit_output_dir()
+        if self.resume_hold is not None:  # loaded and its recipe read (`_facts`): its run may rotate it now
+            self.resume_hold.release()
         self._setup_baselines()
 
     def _setup_accelerator(self) -> None:
@@ -312,11 +317,24 @@ class FineTuneRecipe:
         on_main_then_agree(self.accelerator, check)
         # every rank learns it (a sum): each then stops after the resume checks, before anything is written
         self.finished = cfg.resume == "auto" and bool(sum_across_ranks(self.accelerator, [complete])[0])
-        self.resume_from = find_resume_checkpoint(self.out, cfg.resume) if cfg.resume else None
+        self._find_resume_checkpoint()
         if self.resume_from is not None and not self.finished and self.layout.log.is_file():
             runlog.read_rows(self.layout.log)  # a damaged log is refused now, before config.yaml is rewritten
         if self.finished and self.resume_from is None:  # train.save_steps 0: no state to check the recipe against
             self._nothing_to_resume("")
+
+    def _find_resume_checkpoint(self) -> None:
+        """The checkpoint to resume from (`--resume`; None: a fresh run), held by every rank until the run is set
+        up from it (`hold_checkpoint`): a branch from a run still training is not cut off by that run's rotation.
+        The ranks agree: one that sees it removed (each looks for itself) stops them all."""
+        failure, self.resume_from = None, None
+        try:
+            self.resume_from = find_resume_checkpoint(self.out, self.cfg.resume) if self.cfg.resume else None
+            if self.resume_from is not None:
+                self.resume_hold = hold_checkpoint(self.resume_from)
+        except FittuneError as e:
+            failure = e
+        raise_if_any_failed(self.accelerator, failure)
 
     def _lock_run(self) -> DirLock | None:
         """The run's lock (None: no run there yet). A --resume auto of a finished run writes nothing, so while
@@ -712,9 +730,13 @@ class FineTuneRecipe:
                  "grad_accum": self.split.grad_accum, "world_size": self.world,
                  "epoch": step // self.steps_per_epoch, "step_in_epoch": step % self.steps_per_epoch,
                  "fingerprint": self.fingerprint()}
-        path = save_checkpoint(self.target, self.out, step, state, self.config_yaml, self.cfg.train.keep_checkpoints)
-        self._log(f"saved checkpoint {path}")
-        return path
+        saved = save_checkpoint(self.target, self.out, step, state, self.config_yaml, self.cfg.train.keep_checkpoints)
+        self._log(f"saved checkpoint {saved.path}")
+        for old in saved.kept:
+            self._log(f"kept {old} beyond train.keep_checkpoints for now: another run is loading it (a --resume "
+                      f"from it, e.g. a branch); this run's next save removes it, or remove it yourself once that "
+                      f"run has started training")
+        return saved.path
 
     # ---- the end: final/, evaluation, reports ------------------------------------------------------------
 
@@ -805,7 +827,7 @@ class FineTuneRecipe:
         (the process ending does the same)."""
         if self.progress is not None:
             self.progress.close()
-        for holder in (self.run_dir, self.lock):
+        for holder in (self.resume_hold, self.run_dir, self.lock):
             if holder is not None:
                 holder.release()
 

@@ -766,6 +766,53 @@ def remove_owned(path: Path, kind: DirKind) -> None:
     remove_tree(path)
 
 
+class MarkerBusy(Exception):
+    """The other kind of `lock_marker` lock is held on that directory now."""
+
+
+def lock_marker(path: Path, exclusive: bool) -> int | None:
+    """An `flock` on the marker of fittune's directory `path`, taken at once: the open descriptor that holds
+    it (close it to let go); None where there is nothing to lock (no marker) or the filesystem has no locks.
+    Raises MarkerBusy where the other kind is held: shared ones (readers of the directory) exclude an
+    exclusive one (its removal) and the other way round. The marker is only opened, never written."""
+    fd = None
+    # on NFS flock is emulated with POSIX locks, whose exclusive kind needs a descriptor open for writing
+    for flags in (os.O_RDWR, os.O_RDONLY) if exclusive else (os.O_RDONLY,):
+        try:
+            fd = os.open(path / MARKER, flags | os.O_NOFOLLOW)
+            break
+        except PermissionError:  # (a reader of another account's run) unheld, as without locks
+            continue
+        except OSError:  # gone, or a link (which no fittune directory holds): nothing of fittune's to lock
+            return None
+    if fd is None:
+        return None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise MarkerBusy(str(path)) from None
+    except OSError:  # e.g. ENOLCK: no lock service, so no reader can hold one either
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_checkpoint(path: Path) -> bool:
+    """Remove the checkpoint `path` (fittune's: `remove_owned`) unless a resume is loading it now (its shared
+    `lock_marker` lock: a branch from this run, `checkpoints.hold_checkpoint`). False: kept, for now."""
+    try:
+        fd = lock_marker(path, exclusive=True)
+    except MarkerBusy:
+        return False
+    try:
+        remove_owned(path, "checkpoint")
+    finally:
+        if fd is not None:  # held until the marker, removed last, is gone: a later reader finds nothing to load
+            os.close(fd)
+    return True
+
+
 # ---- one run per directory ----------------------------------------------------------------------------------
 
 

@@ -209,10 +209,45 @@ def test_partial_checkpoint_is_skipped(tmp_path, tiny_model_dir):
     proc = launch("train.py", ["--config", cfg, "--output_dir", done, "--resume", "auto"])
     assert f"resumed from {done / 'checkpoints' / 'step-00000008'}" in proc.stdout and (done / "final").is_dir()
     assert digest(done / "checkpoints" / "step-00000008") == copied
+    # a branch from a checkpoint its run is removing now (rotation holds the marker's exclusive lock) is refused
+    # before anything is written (was: met mid-load, or not at all where the removal came first)
+    from fittune.rundir import lock_marker
+
+    branch, source = tmp_path / "branch", ref / "checkpoints" / "step-00000008"
+    removing = lock_marker(source, exclusive=True)
+    try:
+        refused = launch("train.py", ["--config", cfg, "--output_dir", branch, "--resume", source], check=False)
+    finally:
+        os.close(removing)
+    assert refused.returncode == 2 and f"checkpoint {source} was removed by the run that holds it" in refused.stderr
+    assert not branch.exists()
     # a branch from another run's last checkpoint still saves its own (the skip is for the run's own only)
-    branch = tmp_path / "branch"
-    launch("train.py", ["--config", cfg, "--output_dir", branch, "--resume", ref / "checkpoints" / "step-00000008"])
+    launch("train.py", ["--config", cfg, "--output_dir", branch, "--resume", source])
     assert (branch / "checkpoints" / "step-00000008" / "trainer_state.json").is_file()
+
+
+def test_a_run_rotating_keeps_the_checkpoint_a_branch_is_loading(tmp_path, tiny_model_dir):
+    """A run's rotation skips a checkpoint that a resume elsewhere holds while it loads (a branch from this run,
+    `--resume RUN/checkpoints/step-N`, whose hold the test takes here) and says so; a later save removes it.
+    The run's own resume lets go of its checkpoint once loaded, so its rotation still removes that one."""
+    from fittune.checkpoints import hold_checkpoint
+
+    cfg = recipe(tmp_path, tiny_model_dir, max_steps=8, save_steps=2, keep_checkpoints=4)
+    run = tmp_path / "run"
+    launch("train.py", ["--config", cfg, "--output_dir", run])
+    ckpts = run / "checkpoints"
+    for d in (ckpts / "step-00000008", run / "final", run / "eval"):  # as if killed after step 6's checkpoint
+        shutil.rmtree(d)
+    branch = hold_checkpoint(ckpts / "step-00000002")
+    try:
+        proc = launch("train.py", ["--config", cfg, "--output_dir", run, "--resume", "auto",
+                                   "--train.keep_checkpoints", "1"])
+    finally:
+        branch.release()
+    assert f"resumed from {ckpts / 'step-00000006'}" in proc.stdout
+    assert f"kept {ckpts / 'step-00000002'} beyond train.keep_checkpoints for now" in proc.stdout
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002", "step-00000008"]
+    assert (ckpts / "step-00000002" / "trainer_state.json").is_file()
 
 
 def test_incompatible_checkpoint_refused(tmp_path, tiny_model_dir):
@@ -380,7 +415,8 @@ def train_step(t):
 def save(t, out: Path, step: int, keep: int = 2) -> Path:
     from fittune.checkpoints import save_checkpoint
 
-    return save_checkpoint(t, out, step, {"step": step, "world_size": 1, "optimizer_steps": step}, "seed: 0\n", keep)
+    return save_checkpoint(t, out, step, {"step": step, "world_size": 1, "optimizer_steps": step}, "seed: 0\n",
+                           keep).path
 
 
 def run_dir(parent: Path) -> Path:
@@ -433,9 +469,10 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
 
 
 def test_a_checkpoint_removed_while_it_loads_is_named_as_such(tmp_path):
-    """A branch (`--resume OTHER_RUN/checkpoints/step-N`) from a run still training can meet that run's rotation
-    removing the checkpoint mid-load (state file first, then the rest). Was: "incomplete: random_states_0.pkl is
-    missing; resume from an older checkpoint", which misled; now it says what happened and what to do."""
+    """A branch (`--resume OTHER_RUN/checkpoints/step-N`) from a run still training holds its checkpoint while
+    it loads, so that run's rotation leaves it (below); where the filesystem has no locks the rotation can still
+    remove it mid-load (state file first, then the rest). Was: "incomplete: random_states_0.pkl is missing;
+    resume from an older checkpoint", which misled; now it says what happened and what to do."""
     from fittune.checkpoints import load_checkpoint, read_state
     from fittune.errors import FittuneError
 
@@ -444,8 +481,48 @@ def test_a_checkpoint_removed_while_it_loads_is_named_as_such(tmp_path):
     state = read_state(path)  # read before the removal starts, as a resume reads it
     for name in ("trainer_state.json", "random_states_0.pkl"):  # remove_tree's first two steps
         (path / name).unlink()
-    with pytest.raises(FittuneError, match=r"was removed while it was loading.*copy the checkpoint elsewhere"):
+    with pytest.raises(FittuneError, match=r"was removed by the run that holds it.*resume from a newer checkpoint"):
         load_checkpoint(t, path, state, trusted=False)
+
+
+def test_rotation_keeps_a_checkpoint_a_resume_is_loading(tmp_path):
+    """A resume holds its checkpoint from before its first read to after its last (`hold_checkpoint`, taken
+    by every rank): the rotation of the run that wrote it skips it, and a later save removes it once let go.
+    Was: a branch from a run still training could lose its checkpoint to that run's rotation mid-load."""
+    from fittune.checkpoints import hold_checkpoint, save_checkpoint
+
+    t, out = small_target(), run_dir(tmp_path)
+    first = save(t, out, 1, keep=1)
+    hold, other = hold_checkpoint(first), hold_checkpoint(first)  # any number of resumes at once
+    state = {"step": 2, "world_size": 1, "optimizer_steps": 2}
+    saved = save_checkpoint(t, out, 2, state, "seed: 0\n", keep=1)
+    assert saved.kept == [first] and (first / "trainer_state.json").is_file()
+    hold.release()
+    assert save_checkpoint(t, out, 3, {**state, "step": 3}, "seed: 0\n", keep=1).kept == [first]  # still one
+    other.release()
+    saved = save_checkpoint(t, out, 4, {**state, "step": 4}, "seed: 0\n", keep=1)
+    assert saved.kept == [] and sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004"]
+
+
+def test_a_resume_refuses_a_checkpoint_being_removed(tmp_path):
+    """The hold is refused where the run that wrote the checkpoint is removing it now (it holds the marker's
+    exclusive lock) or has removed its state file: the same one-line error as a removal met mid-load."""
+    import os
+
+    from fittune.checkpoints import hold_checkpoint
+    from fittune.errors import FittuneError
+    from fittune.rundir import lock_marker
+
+    t, out = small_target(), run_dir(tmp_path)
+    path = save(t, out, 1)
+    removing = lock_marker(path, exclusive=True)
+    with pytest.raises(FittuneError, match=r"was removed by the run that holds it"):
+        hold_checkpoint(path)
+    os.close(removing)
+    hold_checkpoint(path).release()  # let go: held again at once
+    (path / "trainer_state.json").unlink()  # remove_tree's first step
+    with pytest.raises(FittuneError, match=r"was removed by the run that holds it"):
+        hold_checkpoint(path)
 
 
 def test_checkpoint_size_known_before_the_save(tmp_path):
