@@ -500,14 +500,21 @@ def _publish(target: CheckpointTarget, output_dir: Path, tmp: Path, final: Path,
     if not target.accelerator.is_main_process:
         return
     publish_dir(tmp, final)
+    kept += rotate_checkpoints(output_dir, keep)
+
+
+def rotate_checkpoints(output_dir: Path, keep: int) -> list[Path]:
+    """Remove all but the newest `keep` of the run's checkpoints (main process), except those a resume is
+    loading now (`hold_checkpoint`): returns these, kept."""
     # only fittune's own count and go: a user's copy under a step-N name (the marker, not the directory, is
     # fittune's) is neither kept in place of one nor removed
-    kept += [old for old in own_checkpoints(output_dir)[:-keep] if not remove_checkpoint(old)]
+    return [old for old in own_checkpoints(output_dir)[:-keep] if not remove_checkpoint(old)]
 
 
 class SavedCheckpoint(NamedTuple):
     """What `save_checkpoint` did: the new checkpoint, and the old ones rotation would have removed but kept
-    because a resume was loading them (a branch from this run: `hold_checkpoint`; a later save removes them)."""
+    because a resume was loading them (a branch from this run: `hold_checkpoint`; a later save or the run's
+    end removes them)."""
 
     path: Path
     kept: list[Path]

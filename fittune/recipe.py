@@ -37,6 +37,7 @@ from fittune.checkpoints import (
     hold_checkpoint,
     load_checkpoint,
     read_state,
+    rotate_checkpoints,
     save_checkpoint,
 )
 from fittune.columns import (
@@ -734,8 +735,7 @@ class FineTuneRecipe:
         self._log(f"saved checkpoint {saved.path}")
         for old in saved.kept:
             self._log(f"kept {old} beyond train.keep_checkpoints for now: another run is loading it (a --resume "
-                      f"from it, e.g. a branch); this run's next save removes it, or remove it yourself once that "
-                      f"run has started training")
+                      f"from it, e.g. a branch); this run's next save or its end removes it")
         return saved.path
 
     # ---- the end: final/, evaluation, reports ------------------------------------------------------------
@@ -767,6 +767,7 @@ class FineTuneRecipe:
         """The replaced run goes; the loss curve, the summary lines and the metrics table (main process)."""
         c = self.counters
         self._remove_replaced(self.run_dir)  # first: final/ and eval/ are there, the plot may fail
+        self._rotate_kept()
         plot_loss_curve(self.layout.log, self.layout.loss_curve)
         self._log(f"padding: {c.padding:.1%} of micro-batch slots were padding")
         if self.cfg.train.compile:  # a count growing with the run's lengths would mean compiling every step
@@ -778,6 +779,20 @@ class FineTuneRecipe:
         self._log(f"held-out metrics ({count_rows(len(self.test_set))}{left_out})\n"
                   + metrics_table({**self.compare, "fine-tuned": metrics}))
         self._log(f"outputs in {self.out}/ (final/, eval/, config.yaml, train_log.jsonl, loss_curve.png)")
+
+    def _rotate_kept(self) -> None:
+        """The checkpoints a save kept for a resume elsewhere (`checkpoint`) go now if that resume has let go:
+        no save comes after the last one to remove them. One still held stays, and the run says so."""
+        if not self.cfg.train.save_steps:
+            return
+        try:
+            kept = rotate_checkpoints(self.out, self.cfg.train.keep_checkpoints)
+        except (OSError, FittuneError) as e:  # the run's outputs are all written: an extra checkpoint fails nothing
+            self._log(f"could not remove the checkpoints beyond train.keep_checkpoints: {e}")
+            return
+        for old in kept:
+            self._log(f"kept {old} beyond train.keep_checkpoints: another run is still loading it (a --resume "
+                      f"from it, e.g. a branch); remove it yourself once that run has started training")
 
     def _remove_replaced(self, run_dir: RunDir) -> None:
         """Remove the runs an --overwrite replaced (the main process), and say what was removed or kept."""

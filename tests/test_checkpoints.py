@@ -228,8 +228,9 @@ def test_partial_checkpoint_is_skipped(tmp_path, tiny_model_dir):
 
 def test_a_run_rotating_keeps_the_checkpoint_a_branch_is_loading(tmp_path, tiny_model_dir):
     """A run's rotation skips a checkpoint that a resume elsewhere holds while it loads (a branch from this run,
-    `--resume RUN/checkpoints/step-N`, whose hold the test takes here) and says so; a later save removes it.
-    The run's own resume lets go of its checkpoint once loaded, so its rotation still removes that one."""
+    `--resume RUN/checkpoints/step-N`, whose hold the test takes here) and says so, at the save and again at
+    its end (a later save or the end removes it once let go). The run's own resume lets go of its checkpoint
+    once loaded, so its rotation still removes that one."""
     from fittune.checkpoints import hold_checkpoint
 
     cfg = recipe(tmp_path, tiny_model_dir, max_steps=8, save_steps=2, keep_checkpoints=4)
@@ -246,6 +247,7 @@ def test_a_run_rotating_keeps_the_checkpoint_a_branch_is_loading(tmp_path, tiny_
         branch.release()
     assert f"resumed from {ckpts / 'step-00000006'}" in proc.stdout
     assert f"kept {ckpts / 'step-00000002'} beyond train.keep_checkpoints for now" in proc.stdout
+    assert f"kept {ckpts / 'step-00000002'} beyond train.keep_checkpoints: another run is still" in proc.stdout
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002", "step-00000008"]
     assert (ckpts / "step-00000002" / "trainer_state.json").is_file()
 
@@ -487,9 +489,9 @@ def test_a_checkpoint_removed_while_it_loads_is_named_as_such(tmp_path):
 
 def test_rotation_keeps_a_checkpoint_a_resume_is_loading(tmp_path):
     """A resume holds its checkpoint from before its first read to after its last (`hold_checkpoint`, taken
-    by every rank): the rotation of the run that wrote it skips it, and a later save removes it once let go.
-    Was: a branch from a run still training could lose its checkpoint to that run's rotation mid-load."""
-    from fittune.checkpoints import hold_checkpoint, save_checkpoint
+    by every rank): the rotation of the run that wrote it skips it, and a later save (or the run's end:
+    `rotate_checkpoints`) removes it once let go. Was: a branch from a run still training could lose its checkpoint to that run's rotation mid-load."""
+    from fittune.checkpoints import hold_checkpoint, rotate_checkpoints, save_checkpoint
 
     t, out = small_target(), run_dir(tmp_path)
     first = save(t, out, 1, keep=1)
@@ -500,8 +502,8 @@ def test_rotation_keeps_a_checkpoint_a_resume_is_loading(tmp_path):
     hold.release()
     assert save_checkpoint(t, out, 3, {**state, "step": 3}, "seed: 0\n", keep=1).kept == [first]  # still one
     other.release()
-    saved = save_checkpoint(t, out, 4, {**state, "step": 4}, "seed: 0\n", keep=1)
-    assert saved.kept == [] and sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004"]
+    assert rotate_checkpoints(out, 1) == []  # what the run's end does: no save comes after its last
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"]
 
 
 def test_a_resume_refuses_a_checkpoint_being_removed(tmp_path):
